@@ -1,0 +1,289 @@
+"""`rma bridge` (and `python -m dht_bridge`): a coordinator DHT node kept in sync with Redis."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dht_bridge.bridge import (
+    DEFAULT_PROBE_INTERVAL,
+    DEFAULT_STALE_SHARE,
+    DEFAULT_SYNC_INTERVAL,
+    Bridge,
+    BridgeSettings,
+)
+from dht_bridge.bridge_metrics import MetricsServer
+from dht_bridge.dht import DHTNode
+from dht_bridge.errors import ConfigError
+from dht_bridge.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, Journal
+from dht_bridge.process import parse_hostport, run_service
+from dht_bridge.records import SERVICE_RE
+from dht_bridge.registry import open_registry
+from dht_bridge.settings import DHTSettings, Env, RegistrySettings, tunnel_policy_from_env
+from dht_bridge.tunnels import TunnelPolicy
+
+logger = logging.getLogger(__name__)
+
+EXIT_START_FAILED = 3
+DEFAULT_JOURNAL = "rma-bridge-journal.jsonl"
+DEFAULT_METRICS_HOST = "127.0.0.1"
+DEFAULT_METRICS_PORT = 9464
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """Everything `rma bridge` needs, read once from options and `RMA_*` variables."""
+
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    dht: DHTSettings = field(default_factory=DHTSettings)
+    policy: TunnelPolicy = field(default_factory=TunnelPolicy)
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    journal: Path = Path(DEFAULT_JOURNAL)
+    journal_max_bytes: int = DEFAULT_MAX_BYTES
+    state_file: Path | None = None
+    services: tuple[str, ...] = ()
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+    stale_share: float = DEFAULT_STALE_SHARE
+    metrics_host: str = DEFAULT_METRICS_HOST
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+
+    @classmethod
+    def build(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> BridgeConfig:
+        """Options win over variables, variables over defaults."""
+        env = Env(environ)
+        opts = vars(args) if args is not None else {}
+
+        def pick(option: str, value: Any) -> Any:
+            given = opts.get(option)
+            return value if given is None else given
+
+        dht = DHTSettings.from_env(env)
+        dht = replace(dht, host=pick("dht_host", dht.host), port=pick("dht_port", dht.port))
+        registry = RegistrySettings.from_env(env)
+        registry = replace(registry, redis_url=pick("redis_url", registry.redis_url))
+        peers = opts.get("bootstrap") or list(env.get_list("BOOTSTRAP", ()))
+        try:
+            bootstrap = tuple(parse_hostport(p) for p in peers)
+        except ValueError as exc:
+            raise ConfigError(f"--bootstrap / RMA_BOOTSTRAP: {exc}") from None
+        services = tuple(opts.get("service") or env.get_list("BRIDGE_SERVICES", ()))
+        state = pick("state_file", env.raw("STATE_FILE"))
+        metrics_port = pick(
+            "metrics_port", env.get_int("BRIDGE_METRICS_PORT", DEFAULT_METRICS_PORT)
+        )
+        config = cls(
+            registry=registry,
+            dht=dht,
+            policy=tunnel_policy_from_env(env),
+            bootstrap=bootstrap,
+            journal=Path(pick("journal", env.get_str("JOURNAL_PATH", DEFAULT_JOURNAL))),
+            journal_max_bytes=pick(
+                "journal_max_bytes", env.get_int("JOURNAL_MAX_BYTES", DEFAULT_MAX_BYTES)
+            ),
+            state_file=Path(state) if state else None,
+            services=services,
+            sync_interval=pick(
+                "sync_interval", env.get_float("SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL)
+            ),
+            probe_interval=pick(
+                "probe_interval", env.get_float("DHT_PROBE_INTERVAL", DEFAULT_PROBE_INTERVAL)
+            ),
+            stale_share=pick("stale_share", env.get_float("STALE_SHARE", DEFAULT_STALE_SHARE)),
+            metrics_host=pick(
+                "metrics_host", env.get_str("BRIDGE_METRICS_HOST", DEFAULT_METRICS_HOST)
+            ),
+            metrics_port=None if metrics_port < 0 else metrics_port,
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming them."""
+        bad = [s for s in self.services if not SERVICE_RE.fullmatch(s)]
+        if bad:
+            raise ConfigError(f"service names must match [a-z0-9-]{{1,32}}: {', '.join(bad)}")
+        if self.journal_max_bytes < MIN_MAX_BYTES:
+            raise ConfigError(f"RMA_JOURNAL_MAX_BYTES must be at least {MIN_MAX_BYTES}")
+        if self.metrics_port is not None and self.metrics_port > 65535:
+            raise ConfigError(f"metrics port {self.metrics_port} is not 0..65535")
+        try:
+            self.settings()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def settings(self) -> BridgeSettings:
+        """The bridge's own settings."""
+        return BridgeSettings(
+            sync_interval=self.sync_interval,
+            probe_interval=self.probe_interval,
+            stale_share=self.stale_share,
+        )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `rma bridge`; each also has an RMA_* variable."""
+    parser.add_argument("--redis-url", help="registry URL (RMA_REDIS_URL; none: embedded)")
+    parser.add_argument("--dht-host", help="UDP address of the bridge's DHT node (RMA_DHT_HOST)")
+    parser.add_argument("--dht-port", type=int, help="UDP port, 0 for any (RMA_DHT_PORT)")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="DHT peer to join through and retry when cut off; repeatable (RMA_BOOTSTRAP)",
+    )
+    parser.add_argument(
+        "--journal", help=f"journal file (RMA_JOURNAL_PATH, default {DEFAULT_JOURNAL})"
+    )
+    parser.add_argument(
+        "--journal-max-bytes",
+        type=int,
+        help=f"journal size limit (RMA_JOURNAL_MAX_BYTES, default {DEFAULT_MAX_BYTES})",
+    )
+    parser.add_argument(
+        "--state-file", help="JSON file: node id, contacts, known services (RMA_STATE_FILE)"
+    )
+    parser.add_argument(
+        "--service",
+        action="append",
+        metavar="NAME",
+        help="a service to poll from the start; repeatable (RMA_BRIDGE_SERVICES)",
+    )
+    parser.add_argument(
+        "--sync-interval",
+        type=float,
+        help=f"seconds between full syncs (RMA_SYNC_INTERVAL, default {DEFAULT_SYNC_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        help="seconds between DHT and Redis health probes "
+        f"(RMA_DHT_PROBE_INTERVAL, default {DEFAULT_PROBE_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--stale-share",
+        type=float,
+        help="self-preservation: share of leases lapsing within one sync interval, with the "
+        f"DHT lost, above which they are held (RMA_STALE_SHARE, default {DEFAULT_STALE_SHARE})",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help=f"address of /metrics (RMA_BRIDGE_METRICS_HOST, default {DEFAULT_METRICS_HOST})",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of /metrics, 0 for any, -1 for none "
+        f"(RMA_BRIDGE_METRICS_PORT, default {DEFAULT_METRICS_PORT})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bridge until SIGTERM/SIGINT."""
+    config = BridgeConfig.build(args)
+    return run_service(lambda stop: serve(config, stop))
+
+
+async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
+    """Open the registry, the DHT node, the journal and /metrics; sync until `stop`."""
+    saved = _load_state(config.state_file)
+    node_id = bytes.fromhex(saved["node_id"]) if saved else None
+    node = DHTNode(config.dht, policy=config.policy, node_id=node_id)
+    registry = open_registry(config.registry, policy=config.policy)
+    journal = Journal(config.journal, max_bytes=config.journal_max_bytes)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(registry.aclose)
+        try:
+            await node.listen()
+        except OSError as exc:
+            logger.error("cannot bind %s:%s: %s", config.dht.host, config.dht.port, exc)
+            return EXIT_START_FAILED
+        stack.push_async_callback(node.aclose)
+        try:
+            await asyncio.to_thread(journal.open)
+        except OSError as exc:
+            logger.error("cannot open the journal %s: %s", config.journal, exc)
+            return EXIT_START_FAILED
+        stack.callback(journal.close)
+        if saved:
+            node.restore_levels(saved.get("levels"))
+        remembered = [(str(h), int(p)) for h, p in (saved or {}).get("neighbors", [])]
+        services = list(config.services) + [str(s) for s in (saved or {}).get("services", [])]
+        bridge = Bridge(
+            node,
+            registry,
+            journal,
+            settings=config.settings(),
+            bootstrap=list(config.bootstrap) + remembered,
+            services=services,
+        )
+        metrics = await _start_metrics(config, bridge)
+        if metrics is False:
+            return EXIT_START_FAILED
+        if isinstance(metrics, MetricsServer):
+            stack.push_async_callback(metrics.aclose)
+        if config.state_file is not None:
+            stack.callback(_save_state, config.state_file, node, bridge)
+        host, port = node.address
+        where = "off"
+        if isinstance(metrics, MetricsServer):
+            where = "{}:{}".format(*metrics.address)
+        logger.info(
+            "bridge ready: DHT node %s on %s:%d, journal %s, metrics %s",
+            node.node.id.hex()[:12],
+            host,
+            port,
+            config.journal,
+            where,
+        )
+        await bridge.run(stop)
+    logger.info("bridge exited cleanly")
+    return 0
+
+
+async def _start_metrics(config: BridgeConfig, bridge: Bridge) -> MetricsServer | bool:
+    if config.metrics_port is None:
+        return True
+    server = MetricsServer(bridge.figures, host=config.metrics_host, port=config.metrics_port)
+    try:
+        await server.start()
+    except OSError as exc:
+        logger.error(
+            "cannot serve /metrics on %s:%s: %s", config.metrics_host, config.metrics_port, exc
+        )
+        return False
+    return server
+
+
+def _load_state(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        return DHTNode.read_state(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"state file {path}: {exc}") from None
+
+
+def _save_state(path: Path, node: DHTNode, bridge: Bridge) -> None:
+    """The node's state (id, contacts, shard levels) plus the services the bridge polls."""
+    if node.transport is None:
+        return
+    state = node.state()
+    state["services"] = bridge.services
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot save the state file %s: %s", path, exc)

@@ -1,0 +1,615 @@
+"""Our DHT node: kademlia's Server, extended for signed, merged, sharded, expiring record sets.
+
+Subclasses the library's Server, protocol, routing table and storage; nothing is forked. See
+KADEMLIA_NOTES.md for the defects each part fixes. A stock `kademlia.network.Server` can
+join a network of these nodes and `get` a key: the wire protocol is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kademlia.network import Server
+from kademlia.node import Node
+
+from dht_bridge import shards
+from dht_bridge.dht_crawl import Crawl, CrawlResult
+from dht_bridge.dht_protocol import RMAProtocol
+from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
+from dht_bridge.dht_values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.errors import BootstrapError, PublishError
+from dht_bridge.records import WorkerRecord, merge_into, validate
+from dht_bridge.settings import DHTSettings
+from dht_bridge.tunnels import TunnelPolicy
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Every this many publishes, a worker placed below the root tries one level up, so that
+# shards drain back towards the root when a service shrinks.
+RISE_EVERY = 8
+RECEIVE_BUFFER = 1 << 20
+MAX_CACHED_HOLDER_SETS = 4096
+
+
+@dataclass
+class KeyPublish:
+    """How one key of a publish went: other nodes that stored it, how the rest answered,
+    and whether this node kept a copy of its own."""
+
+    key: str
+    stored: int = 0
+    full: int = 0
+    refused: int = 0
+    unreachable: int = 0
+    asked: int = 0
+    local: bool = False
+
+    @property
+    def landed(self) -> bool:
+        """Did the key reach the network? Another node must hold it; our own copy counts only
+        when there was no other node to ask (a lone node), never for a node cut off from
+        every holder it knows."""
+        return self.stored > 0 or (self.local and self.asked == 0)
+
+
+@dataclass
+class PublishReport:
+    """The outcome of `publish`: every key tried, the shard level per service, and per target
+    (the worker key, each service) the key it finally landed on."""
+
+    keys: list[KeyPublish] = field(default_factory=list)
+    levels: dict[str, int] = field(default_factory=dict)
+    final: dict[str, KeyPublish] = field(default_factory=dict)
+
+    @property
+    def stored(self) -> bool:
+        """True when the worker key and every service reached at least one holder.
+
+        A shard that turned the record away before it was filed one level down does not count
+        against it: only where each target finally landed does.
+        """
+        return bool(self.final) and all(k.landed for k in self.final.values())
+
+
+@dataclass
+class LookupReport:
+    """What `lookup_report` found, and what it cost."""
+
+    providers: list[WorkerRecord]
+    shards_read: int
+    hops: int
+    seconds: float
+
+
+class DHTNode(Server):  # type: ignore[misc]
+    """A Kademlia node that stores and serves signed worker records.
+
+    Inject `clock` (wall time, for leases) in tests; `settings` holds timeouts and sizes.
+    """
+
+    protocol_class = RMAProtocol
+
+    def __init__(
+        self,
+        settings: DHTSettings,
+        *,
+        policy: TunnelPolicy,
+        clock: Callable[[], float] = time.time,
+        node_id: bytes | None = None,
+        storage: RecordStorage | None = None,
+    ) -> None:
+        super().__init__(
+            ksize=settings.ksize,
+            alpha=settings.alpha,
+            node_id=node_id or os.urandom(20),
+        )
+        # Not `storage or ...`: an empty RecordStorage is falsy, as the library's test would find.
+        if storage is None:
+            storage = RecordStorage(policy, clock=clock, verifier=RecordVerifier(policy))
+        self.storage = storage
+        self.verifier: RecordVerifier = storage.verifier
+        self.settings = settings
+        self.policy = policy
+        self.clock = clock
+        self.transport: asyncio.DatagramTransport | None = None
+        self.protocol: RMAProtocol | None = None
+        # Shard level and publish count per (service, worker): a bridge publishes for many
+        # workers, and each worker's place in the trie is its own.
+        self._levels: dict[tuple[str, str], int] = {}
+        self._publishes: dict[tuple[str, str], int] = {}
+        self._depth_hint: dict[str, int] = {}
+        self._maintenance: asyncio.Task[None] | None = None
+        # Heartbeats re-store to the holders the last crawl found instead of crawling again.
+        self._holder_cache: OrderedDict[bytes, tuple[float, list[Node]]] = OrderedDict()
+
+    # Life cycle.
+
+    def _create_protocol(self) -> RMAProtocol:
+        return RMAProtocol(
+            self.node,
+            self.storage,
+            self.ksize,
+            rpc_timeout=self.settings.rpc_timeout,
+            max_failures=self.settings.max_failures,
+        )
+
+    async def listen(self, port: int | None = None, interface: str | None = None) -> None:
+        """Bind the UDP socket (port 0: the OS picks) and start maintenance."""
+        loop = asyncio.get_running_loop()
+        host = interface or self.settings.host
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol,
+            local_addr=(host, self.settings.port if port is None else port),
+        )
+        self._widen_receive_buffer()
+        self._maintenance = loop.create_task(self._maintain(), name="dht-maintenance")
+        logger.info("DHT node %s listening on %s:%d", self.node.id.hex()[:12], *self.address)
+
+    def _widen_receive_buffer(self) -> None:
+        # Bursts (a lookup storm, a mass rejoin) overflow the default ~200 KB buffer and the
+        # kernel drops datagrams, which the sender sees as timeouts; the kernel caps this value.
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            except OSError as exc:
+                logger.debug("could not widen the receive buffer: %s", exc)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) this node is bound to."""
+        if self.transport is None:
+            raise RuntimeError("node is not listening")
+        sockname = self.transport.get_extra_info("sockname")
+        return sockname[0], sockname[1]
+
+    @property
+    def rpc(self) -> RMAProtocol:
+        """The protocol, once listening."""
+        if self.protocol is None:
+            raise RuntimeError("node is not listening")
+        return self.protocol
+
+    def stop(self) -> None:
+        """Synchronous close, for the library's callers; prefer `aclose`."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def aclose(self) -> None:
+        """Stop maintenance, cancel owned tasks and pending requests, close the socket."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+            self._maintenance = None
+        if self.protocol is not None:
+            await self.protocol.aclose()
+
+    async def __aenter__(self) -> DHTNode:
+        if self.transport is None:
+            await self.listen()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _maintain(self) -> None:
+        interval = self.settings.refresh_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                dropped = self.storage.cull()
+                if dropped:
+                    logger.debug("culled %d expired keys", dropped)
+                for node_id in self._refresh_ids():
+                    await self._crawl(node_id)
+            except Exception:
+                logger.exception("DHT maintenance round failed")
+
+    def _refresh_ids(self) -> list[bytes]:
+        """A random id in each bucket not used for a refresh interval (the library: one hour)."""
+        stale = time.monotonic() - self.settings.refresh_interval
+        return [
+            random.randint(*bucket.range).to_bytes(20, "big")
+            for bucket in self.rpc.router.buckets
+            if bucket.last_updated < stale
+        ]
+
+    # Joining.
+
+    async def bootstrap(self, addrs: Iterable[tuple[str, int]]) -> list[Node]:
+        """Join through `addrs` (host names allowed); raises BootstrapError if none answers."""
+        wanted = list(addrs)
+        resolved = await self._resolve(wanted)
+        replies = await asyncio.gather(
+            *(self.rpc.request(addr, "ping", self.node.id) for addr in resolved)
+        )
+        seeds = [
+            Node(reply, addr[0], addr[1])
+            for (ok, reply), addr in zip(replies, resolved, strict=True)
+            if ok and isinstance(reply, bytes) and len(reply) == 20 and reply != self.node.id
+        ]
+        if not seeds:
+            tried = ", ".join(f"{h}:{p}" for h, p in wanted) or "(no peers given)"
+            raise BootstrapError(
+                f"no bootstrap peer answered within {self.settings.rpc_timeout}s: {tried}"
+            )
+        for seed in seeds:
+            self.rpc.welcome_if_new(seed)
+        result = await Crawl(
+            self.rpc,
+            self.node.id,
+            seeds,
+            ksize=self.ksize,
+            alpha=self.alpha,
+            stall=self._stall,
+        ).run()
+        logger.info(
+            "joined through %d of %d peers; %d contacts",
+            len(seeds),
+            len(wanted),
+            len(self.rpc.router),
+        )
+        return result.closest
+
+    async def _resolve(self, addrs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        family = self.transport.get_extra_info("socket").family if self.transport else 0
+        out: list[tuple[str, int]] = []
+        for host, port in addrs:
+            try:
+                infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                logger.warning("cannot resolve bootstrap peer %s:%s: %s", host, port, exc)
+                continue
+            if infos:
+                out.append((str(infos[0][4][0]), int(infos[0][4][1])))
+        return out
+
+    def bootstrappable_neighbors(self) -> list[tuple[str, int]]:
+        """Up to k known contacts, closest to us first, for saving and rejoining."""
+        return [(n.ip, n.port) for n in self.rpc.router.find_neighbors(self.node)]
+
+    # Publishing.
+
+    async def publish(self, record: WorkerRecord) -> PublishReport:
+        """Store `record` under `worker:<id>` and in one shard per service it offers.
+
+        Raises RecordError if the record is invalid, PublishError if no node stored it.
+        """
+        validate(record, self.policy, now=self.clock())
+        report = PublishReport()
+        own, per_service = await asyncio.gather(
+            self._store_key(shards.worker_key(record.worker_id), record),
+            asyncio.gather(*(self._publish_service(s, record, report) for s in record.services)),
+        )
+        report.keys.append(own)
+        report.final["worker"] = own
+        for service, outcomes in zip(record.services, per_service, strict=True):
+            report.keys.extend(outcomes)
+            report.final[service] = outcomes[-1]
+        if not any(k.landed for k in report.keys):
+            raise PublishError(f"no node stored worker {record.worker_id}: {report.keys}")
+        return report
+
+    async def _publish_service(
+        self, service: str, record: WorkerRecord, report: PublishReport
+    ) -> list[KeyPublish]:
+        slot = (service, record.worker_id)
+        level = self._levels.get(slot, 0)
+        count = self._publishes[slot] = self._publishes.get(slot, 0) + 1
+        outcomes: list[KeyPublish] = []
+        if level > 0 and count % RISE_EVERY == 0:
+            upper = await self._store_key(self._shard_key(service, record, level - 1), record)
+            outcomes.append(upper)
+            if upper.landed and not upper.full:
+                self._levels[slot] = report.levels[service] = level - 1
+                return outcomes
+            if upper.full:
+                await self._mark_overflow(upper.key)
+        while True:
+            outcome = await self._store_key(self._shard_key(service, record, level), record)
+            outcomes.append(outcome)
+            if not outcome.full or level >= shards.MAX_LEVEL:
+                break
+            await self._mark_overflow(outcome.key)
+            level += 1  # some holder had no room: also file it one level down
+        self._levels[slot] = report.levels[service] = level
+        return outcomes
+
+    async def _mark_overflow(self, key: str) -> None:
+        """Tell every holder of `key` that it overflowed, not only the ones that refused:
+        holders fill in different orders, and a reader asking an unmarked one would not look
+        one level down, where the refused record went."""
+        digest = key_digest(key)
+        mark = encode_value(key, [], self.clock() + OVERFLOW_MEMORY)
+        holders, _ = await self._holders(digest)
+        await asyncio.gather(*(self.rpc.call_store(node, digest, mark) for node in holders))
+        if self._stores_locally(digest, holders):
+            self.storage.merge(digest, mark)
+
+    def _shard_key(self, service: str, record: WorkerRecord, level: int) -> str:
+        return shards.service_key(service, shards.shard_for(record.worker_id, level))
+
+    async def _store_key(self, key: str, record: WorkerRecord) -> KeyPublish:
+        digest = key_digest(key)
+        value = encode_value(key, [record])
+        outcome = KeyPublish(key)
+        holders, cached = await self._holders(digest, outcome)
+        missed = await self._store_on(holders, digest, value, outcome)
+        if missed and cached:
+            # A cached holder is gone: find the current closest and fill in the ones not asked.
+            self._holder_cache.pop(digest, None)
+            fresh, _ = await self._holders(digest, outcome)
+            asked = {node.id for node in holders}
+            await self._store_on([n for n in fresh if n.id not in asked], digest, value, outcome)
+            holders = fresh
+        if self._stores_locally(digest, holders):
+            local = self.storage.merge(digest, value)
+            if local is StoreResult.FULL:
+                outcome.full += 1
+            elif local is not StoreResult.INVALID:
+                outcome.local = True
+        logger.debug("stored %s: %s", key, outcome)
+        return outcome
+
+    async def _store_on(
+        self, holders: list[Node], digest: bytes, value: bytes, outcome: KeyPublish
+    ) -> int:
+        """STORE on each holder, tallying answers into `outcome`; returns how many missed."""
+        outcome.asked += len(holders)
+        replies = await asyncio.gather(
+            *(self.rpc.call_store(node, digest, value) for node in holders)
+        )
+        missed = 0
+        for ok, answer in replies:
+            if not ok:
+                missed += 1
+                outcome.unreachable += 1
+            elif answer == StoreResult.FULL.value:
+                outcome.full += 1
+            elif answer == StoreResult.INVALID.value:
+                outcome.refused += 1
+            else:
+                outcome.stored += 1
+        return missed
+
+    async def _holders(
+        self, digest: bytes, outcome: KeyPublish | None = None
+    ) -> tuple[list[Node], bool]:
+        """The `replicas` closest nodes that answer, and whether they came from the cache.
+
+        When the crawl asked contacts and none answered, they count in `outcome` as asked and
+        unreachable: a node cut off from everyone it knows is not a lone node.
+        """
+        now = time.monotonic()
+        cached = self._holder_cache.get(digest)
+        if cached is not None and cached[0] > now and cached[1]:
+            return cached[1], True
+        crawl = await self._crawl(digest)
+        holders = crawl.closest[: self.settings.replicas]
+        if not holders and crawl.queried and outcome is not None:
+            outcome.asked += crawl.queried
+            outcome.unreachable += crawl.failed
+        self._holder_cache[digest] = (now + self.settings.holder_cache_ttl, holders)
+        self._holder_cache.move_to_end(digest)
+        while len(self._holder_cache) > MAX_CACHED_HOLDER_SETS:
+            self._holder_cache.popitem(last=False)
+        return holders, False
+
+    def _stores_locally(self, digest: bytes, holders: list[Node]) -> bool:
+        if len(holders) < self.settings.replicas:
+            return True
+        target = int.from_bytes(digest, "big")
+        ours: int = self.node.long_id ^ target
+        furthest: int = holders[-1].long_id ^ target
+        return ours < furthest
+
+    # Reading.
+
+    async def lookup(self, service: str, limit: int = 10) -> list[WorkerRecord]:
+        """Up to `limit` live providers of `service`, least loaded first."""
+        return (await self.lookup_report(service, limit)).providers
+
+    async def lookup_report(self, service: str, limit: int = 10) -> LookupReport:
+        """`lookup`, with the number of shards read, hops, and time taken.
+
+        Reads one random root-to-leaf path of the shard trie: a level whose holders marked it
+        overflowed sends the reader one level down. Levels known to be needed (from the last
+        lookup) are read in parallel.
+        """
+        started = time.monotonic()
+        leaf = random.getrandbits(shards.MAX_LEVEL)
+        path = [
+            shards.shard_id(level, leaf & ((1 << level) - 1))
+            for level in range(shards.MAX_LEVEL + 1)
+        ]
+        versions: list[WorkerRecord] = []
+        depth = min(self._depth_hint.get(service, 0), shards.MAX_LEVEL)
+        read, hops, level = 0, 0, 0
+        while level <= shards.MAX_LEVEL:
+            batch = path[level : depth + 1] or [path[level]]
+            results = await asyncio.gather(
+                *(self._read_key(shards.service_key(service, s), lazy=True) for s in batch)
+            )
+            read += len(batch)
+            stop_at = None
+            for offset, (records, overflowed, crawl_hops) in enumerate(results):
+                versions.extend(records)
+                hops = max(hops, crawl_hops)
+                if stop_at is None and not overflowed:
+                    stop_at = level + offset
+            if stop_at is not None:
+                self._depth_hint[service] = stop_at
+                break
+            level += len(batch)
+            depth = level
+        chosen = self._select(versions, limit)
+        return LookupReport(chosen, read, hops, time.monotonic() - started)
+
+    async def service_records(self, service: str) -> list[WorkerRecord]:
+        """Every record (live or tombstone) of a service: walks the shard trie, level by level,
+        into the children of overflowed shards only. For the bridge and audits, not lookups."""
+        found: dict[str, WorkerRecord] = {}
+        frontier = [0]
+        while frontier:
+            # Completeness over speed: merge what every reachable holder has, not the first two.
+            results = await asyncio.gather(
+                *(
+                    self._read_key(shards.service_key(service, s), want=self.settings.replicas)
+                    for s in frontier
+                )
+            )
+            descend: list[int] = []
+            for shard, (records, overflowed, _) in zip(frontier, results, strict=True):
+                merge_into(found, records, now=self.clock())
+                if overflowed and shards.level_of(shard) < shards.MAX_LEVEL:
+                    descend.extend(shards.children(shard))
+            frontier = descend
+        return sorted(found.values(), key=lambda r: (r.load, r.worker_id))
+
+    async def get_record(self, worker_id: str) -> WorkerRecord | None:
+        """The newest record (live or tombstone) of one worker, or None."""
+        return (await self.get_record_report(worker_id))[0]
+
+    async def get_record_report(self, worker_id: str) -> tuple[WorkerRecord | None, int]:
+        """`get_record`, and the hops its lookup took."""
+        records, _, hops = await self._read_key(shards.worker_key(worker_id))
+        return next((r for r in records if r.worker_id == worker_id), None), hops
+
+    async def get_records(self, key: str) -> list[WorkerRecord]:
+        """Every valid record under a key name, merged across the holders that answered."""
+        records, _, _ = await self._read_key(key)
+        return records
+
+    async def _read_key(
+        self, key: str, *, lazy: bool = False, want: int = 2
+    ) -> tuple[list[WorkerRecord], bool, int]:
+        """Records under `key` from the holders, whether any marked it overflowed, hops.
+
+        Verified and merged by the merge rule; with `lazy`, every version as read, unverified
+        (pass them to `_select`, which verifies only what it returns).
+        """
+        digest = key_digest(key)
+        merged: dict[str, WorkerRecord] = {}
+        versions: list[WorkerRecord] = []
+        now = self.clock()
+        overflowed = False
+        local = self.storage.value(digest)
+        result = await self._crawl(digest, find_value=True, want_values=want)
+        # Replicas usually hold byte-identical values: decode each distinct one once.
+        values = {value for _, value in result.values}
+        if local is not None:
+            values.add(local)
+        for value in values:
+            try:
+                decoded = decode_value(
+                    value, digest=digest, verifier=self.verifier, now=now, lazy=lazy
+                )
+            except ValueError as exc:
+                logger.debug("ignored a bad value for %s: %s", key, exc)
+                continue
+            overflowed = overflowed or decoded.overflowed(now)
+            if lazy:
+                versions.extend(decoded.records)
+            else:
+                merge_into(merged, decoded.records, now=now)
+        return (versions if lazy else list(merged.values())), overflowed, result.hops
+
+    def _select(self, versions: list[WorkerRecord], limit: int) -> list[WorkerRecord]:
+        """The `limit` least loaded live providers among unverified versions, verifying only
+        those on the way: a version that fails gives way to that worker's next best one, so a
+        forged high-seq copy cannot hide a real record; a valid tombstone removes its worker."""
+        now = self.clock()
+        by_worker: dict[str, dict[str, WorkerRecord]] = {}
+        for record in versions:
+            by_worker.setdefault(record.worker_id, {})[record.signature] = record
+        ranked = {
+            wid: sorted(
+                group.values(), key=lambda r: (r.seq, r.tombstone, r.signature), reverse=True
+            )
+            for wid, group in by_worker.items()
+        }
+        heap = [(group[0].load, wid, 0) for wid, group in ranked.items()]
+        heapq.heapify(heap)
+        chosen: list[WorkerRecord] = []
+        while heap and len(chosen) < limit:
+            _, wid, index = heapq.heappop(heap)
+            record = ranked[wid][index]
+            if not self.verifier.confirm(record):
+                logger.debug("a holder served a forged record of %s; trying an older one", wid)
+                if index + 1 < len(ranked[wid]):
+                    nxt = ranked[wid][index + 1]
+                    heapq.heappush(heap, (nxt.load, wid, index + 1))
+                continue
+            if record.live and not record.is_expired(now):
+                chosen.append(record)
+        return chosen
+
+    @property
+    def _stall(self) -> float:
+        return self.settings.stall
+
+    async def _crawl(
+        self, target: bytes, *, find_value: bool = False, want_values: int = 1
+    ) -> CrawlResult:
+        seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
+        return await Crawl(
+            self.rpc,
+            target,
+            seeds,
+            ksize=self.ksize,
+            alpha=self.alpha,
+            find_value=find_value,
+            want_values=want_values,
+            stall=self._stall,
+        ).run()
+
+    # State, as JSON (the library pickles, which runs code on load).
+
+    def state(self) -> dict[str, Any]:
+        """What a restart needs: our id, known contacts, shard levels."""
+        return {
+            "version": STATE_VERSION,
+            "node_id": self.node.id.hex(),
+            "neighbors": [list(addr) for addr in self.bootstrappable_neighbors()],
+            "levels": [[s, w, level] for (s, w), level in self._levels.items()],
+        }
+
+    def save_state(self, fname: str | os.PathLike[str]) -> None:
+        """Write `state()` as JSON, atomically."""
+        path = Path(fname)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read_state(fname: str | os.PathLike[str]) -> dict[str, Any]:
+        """Read a state file written by `save_state`; ValueError if it is not one."""
+        data = json.loads(Path(fname).read_text())
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError(f"{fname} is not a version {STATE_VERSION} DHT state file")
+        return data
+
+    def restore_levels(self, levels: Any) -> None:
+        """Reuse shard levels saved by `state()` (saves descents on the first publish)."""
+        for entry in levels if isinstance(levels, list) else []:
+            if not (isinstance(entry, list) and len(entry) == 3):
+                continue
+            service, worker_id, level = entry
+            if isinstance(level, int) and 0 <= level <= shards.MAX_LEVEL:
+                self._levels[(str(service), str(worker_id))] = level

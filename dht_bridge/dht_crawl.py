@@ -1,0 +1,182 @@
+"""The iterative Kademlia lookup, done so that dead contacts do not set its pace.
+
+The library's crawl sends alpha requests and waits for all of them, so one dead contact costs
+a full timeout per round. Here up to alpha requests are in flight at any time; a new one goes
+out as soon as any answers, and a request unanswered after `stall` seconds stops counting
+against alpha (it may still answer), so the lookup moves on without waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from kademlia.node import Node
+
+from dht_bridge.dht_protocol import RMAProtocol
+
+logger = logging.getLogger(__name__)
+
+
+class _State(Enum):
+    WAITING = 0
+    ASKED = 1
+    ANSWERED = 2
+    FAILED = 3
+
+
+@dataclass
+class CrawlResult:
+    """What a lookup found: the closest responsive nodes, and any values with their holders."""
+
+    closest: list[Node] = field(default_factory=list)
+    values: list[tuple[Node, bytes]] = field(default_factory=list)
+    queried: int = 0
+    failed: int = 0
+    hops: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Candidate:
+    node: Node
+    hop: int
+    state: _State = _State.WAITING
+    asked_at: float = 0.0
+
+
+class Crawl:
+    """One lookup of `target`: FIND_NODE, or FIND_VALUE stopping once `want_values` answered."""
+
+    def __init__(
+        self,
+        protocol: RMAProtocol,
+        target: bytes,
+        seeds: list[Node],
+        *,
+        ksize: int,
+        alpha: int,
+        find_value: bool = False,
+        want_values: int = 1,
+        stall: float = 0.1,
+    ) -> None:
+        self.protocol = protocol
+        self.target = Node(target)
+        self.ksize = ksize
+        self.alpha = alpha
+        self.find_value = find_value
+        self.want_values = want_values
+        self.stall = stall
+        self._me = protocol.source_node.id
+        self._candidates: dict[bytes, _Candidate] = {}
+        self._pending: dict[asyncio.Task[Any], _Candidate] = {}
+        self.result = CrawlResult()
+        for seed in seeds:
+            self._learn(seed, hop=1)
+
+    def _learn(self, node: Node, hop: int) -> None:
+        if node.id != self._me and node.id not in self._candidates:
+            self._candidates[node.id] = _Candidate(node, hop)
+
+    def _shortlist(self, now: float | None = None) -> list[_Candidate]:
+        """The k closest candidates that have not failed (nor stalled, when `now` is given)."""
+        alive = [
+            c
+            for c in self._candidates.values()
+            if c.state is not _State.FAILED and (now is None or not self._stalled(c, now))
+        ]
+        alive.sort(key=lambda c: c.node.long_id ^ self.target.long_id)
+        return alive[: self.ksize]
+
+    def _active(self, now: float) -> int:
+        return sum(1 for c in self._pending.values() if now - c.asked_at < self.stall)
+
+    async def run(self) -> CrawlResult:
+        """Crawl until the k closest live nodes have answered (or enough values are in)."""
+        started = time.monotonic()
+        try:
+            while not self._done():
+                now = time.monotonic()
+                for candidate in self._shortlist(now):
+                    if self._active(now) >= self.alpha:
+                        break
+                    if candidate.state is _State.WAITING:
+                        self._ask(candidate, now)
+                if not self._pending:
+                    break
+                done, _ = await asyncio.wait(
+                    self._pending, timeout=self.stall, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    self._handle(self._pending.pop(task), task.result())
+        finally:
+            # Unanswered requests run on to their timeout under the protocol, so that a dead
+            # contact is still counted as a miss (and dropped after several) once we are done.
+            for task in self._pending:
+                self.protocol.adopt(task)
+        shortlist = self._shortlist()
+        self.result.closest = [c.node for c in shortlist if c.state is _State.ANSWERED]
+        self.result.seconds = time.monotonic() - started
+        if not self.result.hops:
+            self.result.hops = max(
+                (c.hop for c in shortlist if c.state is _State.ANSWERED), default=0
+            )
+        return self.result
+
+    def _done(self) -> bool:
+        if self.find_value and len(self.result.values) >= self.want_values:
+            return True
+        # A contact silent for `stall` seconds no longer holds the lookup open: on loopback or
+        # a LAN that is a dead node, and waiting for its timeout is what made the library slow.
+        settled = self._shortlist(time.monotonic())
+        return bool(settled) and all(c.state is _State.ANSWERED for c in settled)
+
+    def _stalled(self, candidate: _Candidate, now: float) -> bool:
+        return candidate.state is _State.ASKED and now - candidate.asked_at >= self.stall
+
+    def _ask(self, candidate: _Candidate, now: float) -> None:
+        candidate.state = _State.ASKED
+        candidate.asked_at = now
+        self.result.queried += 1
+        call = self.protocol.call_find_value if self.find_value else self.protocol.call_find_node
+        task = asyncio.get_running_loop().create_task(call(candidate.node, self.target))
+        self._pending[task] = candidate
+
+    def _handle(self, candidate: _Candidate, reply: tuple[bool, Any]) -> None:
+        ok, payload = reply
+        if not ok:
+            candidate.state = _State.FAILED
+            self.result.failed += 1
+            return
+        candidate.state = _State.ANSWERED
+        if isinstance(payload, dict):
+            value = payload.get("value")
+            if isinstance(value, bytes):
+                self.result.values.append((candidate.node, value))
+                self.result.hops = max(self.result.hops, candidate.hop)
+            return
+        for node in _parse_contacts(payload):
+            self._learn(node, candidate.hop + 1)
+
+
+def _parse_contacts(payload: Any) -> list[Node]:
+    """Contacts from a FIND_NODE reply; entries not shaped (20-byte id, host, port) are skipped."""
+    nodes: list[Node] = []
+    if not isinstance(payload, list):
+        return nodes
+    for item in payload[:64]:
+        if (
+            isinstance(item, list | tuple)
+            and len(item) == 3
+            and isinstance(item[0], bytes)
+            and len(item[0]) == 20
+            and isinstance(item[1], str)
+            and isinstance(item[2], int)
+            and 0 < item[2] < 65536
+        ):
+            nodes.append(Node(item[0], item[1], item[2]))
+    return nodes

@@ -1,0 +1,309 @@
+"""Our Kademlia protocol: the library's wire format, with safe parsing, short timeouts,
+honest failure accounting, merged stores, and replication that reaches the right nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from rpcudp.protocol import RPCProtocol
+
+from dht_bridge.dht_routing import RMARoutingTable
+from dht_bridge.dht_storage import RecordStorage
+from dht_bridge.dht_values import MAX_DATAGRAM_BODY
+
+logger = logging.getLogger(__name__)
+
+REQUEST, RESPONSE = b"\x00", b"\x01"
+MSG_ID_BYTES = 20
+NODE_ID_BYTES = 20
+RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
+MAX_PUSH_TASKS = 64
+
+Address = tuple[str, int]
+Reply = tuple[bool, Any]
+
+
+@dataclass
+class TrafficStats:
+    """Datagrams and bytes through this node's socket, and what went wrong."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    requests_in: int = 0
+    timeouts: int = 0
+    malformed: int = 0
+    stores_pushed: int = 0
+
+
+class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
+    """The library's protocol, with what our network needs and nothing fire-and-forget."""
+
+    def __init__(
+        self,
+        source_node: Node,
+        storage: RecordStorage,
+        ksize: int,
+        *,
+        rpc_timeout: float,
+        max_failures: int,
+    ) -> None:
+        RPCProtocol.__init__(self, wait_timeout=rpc_timeout)
+        self.router = RMARoutingTable(self, ksize, source_node, max_failures=max_failures)
+        self.storage = storage
+        self.source_node = source_node
+        self.stats = TrafficStats()
+        self._outstanding: dict[bytes, tuple[asyncio.Future[Reply], asyncio.TimerHandle, Address]]
+        self._outstanding = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        # The library turns any unknown attribute into a remote call; a typo should be an error.
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # Tasks: every background coroutine is owned here and cancelled on close.
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any] | None:
+        """Run `coro` as a task this protocol owns; errors are logged, never lost."""
+        if self.transport is None or self.transport.is_closing():
+            coro.close()
+            return None
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Take ownership of a running task (a request its caller no longer waits for)."""
+        if task.done():
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def aclose(self) -> None:
+        """Cancel owned tasks and pending requests, then close the socket."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for future, timer, _ in self._outstanding.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    # Inbound datagrams, parsed defensively: a malformed packet is counted and dropped.
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        """Parse and answer a datagram inline; requests are handled synchronously."""
+        self.stats.packets_in += 1
+        self.stats.bytes_in += len(data)
+        try:
+            self._dispatch(data, (addr[0], addr[1]))
+        except Exception as exc:  # anything a hostile packet can provoke
+            self.stats.malformed += 1
+            logger.debug("dropped malformed datagram from %s: %r", addr, exc)
+
+    def error_received(self, exc: Exception) -> None:
+        """ICMP errors (port unreachable) show up here; the request timeout handles them."""
+        logger.debug("socket error: %s", exc)
+
+    def _dispatch(self, data: bytes, addr: Address) -> None:
+        if len(data) < 1 + MSG_ID_BYTES + 1:
+            raise ValueError("datagram too short")
+        kind, msg_id = data[:1], data[1 : 1 + MSG_ID_BYTES]
+        payload = msgpack.unpackb(data[1 + MSG_ID_BYTES :])
+        if kind == REQUEST:
+            self._answer(msg_id, payload, addr)
+        elif kind == RESPONSE:
+            self._accept_reply(msg_id, payload, addr)
+        else:
+            raise ValueError(f"unknown message kind {kind!r}")
+
+    def _answer(self, msg_id: bytes, payload: Any, addr: Address) -> None:
+        if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[1], list)):
+            raise ValueError("request is not [name, args]")
+        name, args = payload
+        if name not in RPC_NAMES:
+            raise ValueError(f"unknown rpc {name!r}")
+        self.stats.requests_in += 1
+        response = getattr(self, f"rpc_{name}")(addr, *args)
+        self._send(RESPONSE + msg_id + msgpack.packb(response), addr)
+
+    def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address) -> None:
+        pending = self._outstanding.get(msg_id)
+        if pending is None:
+            logger.debug("reply from %s to no outstanding request", addr)
+            return
+        future, timer, expected = pending
+        if addr != expected:
+            # Someone else answered in the callee's name; ignore it and keep waiting.
+            raise ValueError(f"reply for {expected} came from {addr}")
+        del self._outstanding[msg_id]
+        timer.cancel()
+        if not future.done():
+            future.set_result((True, payload))
+
+    def _send(self, datagram: bytes, addr: Address) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.stats.packets_out += 1
+        self.stats.bytes_out += len(datagram)
+        self.transport.sendto(datagram, addr)
+
+    # Outbound requests.
+
+    async def request(
+        self, address: Address, name: str, *args: Any, wait: float | None = None
+    ) -> Reply:
+        """Send one RPC; `(True, reply)` or `(False, None)` after the timeout, never raises."""
+        body = msgpack.packb([name, list(args)])
+        if len(body) > MAX_DATAGRAM_BODY:
+            raise ValueError(f"{name} request of {len(body)} bytes exceeds {MAX_DATAGRAM_BODY}")
+        loop = asyncio.get_running_loop()
+        msg_id = os.urandom(MSG_ID_BYTES)
+        future: asyncio.Future[Reply] = loop.create_future()
+        timer = loop.call_later(wait or self._wait_timeout, self._expire, msg_id)
+        self._outstanding[msg_id] = (future, timer, address)
+        self._send(REQUEST + msg_id + body, address)
+        try:
+            return await future
+        finally:
+            if msg_id in self._outstanding and future.cancelled():
+                self._outstanding.pop(msg_id)[1].cancel()
+
+    def _expire(self, msg_id: bytes) -> None:
+        pending = self._outstanding.pop(msg_id, None)
+        if pending is None:
+            return
+        self.stats.timeouts += 1
+        future, _, address = pending
+        logger.debug("no reply from %s:%s within %.2fs", *address, self._wait_timeout)
+        if not future.done():
+            future.set_result((False, None))
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> Reply:
+        """FIND_NODE on a contact, with failure accounting."""
+        result = await self.request(
+            (node_to_ask.ip, node_to_ask.port), "find_node", self.source_node.id, node_to_find.id
+        )
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> Reply:
+        """FIND_VALUE on a contact, with failure accounting."""
+        result = await self.request(
+            (node_to_ask.ip, node_to_ask.port), "find_value", self.source_node.id, node_to_find.id
+        )
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_ping(self, node_to_ask: Node) -> Reply:
+        """PING a contact, with failure accounting."""
+        result = await self.request((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> Reply:
+        """STORE on a contact, with failure accounting."""
+        result = await self.request(
+            (node_to_ask.ip, node_to_ask.port), "store", self.source_node.id, key, value
+        )
+        return self.handle_call_response(result, node_to_ask)
+
+    def handle_call_response(self, result: Reply, node: Node) -> Reply:
+        """Count a missed reply (dropping the contact after several) or welcome the responder."""
+        if not result[0]:
+            self.router.record_failure(node)
+            return result
+        self.router.record_success(node)
+        self.welcome_if_new(node)
+        return result
+
+    # Inbound RPCs. Arguments come from the network: check them before use.
+
+    def rpc_stun(self, sender: Address) -> Address:
+        """The caller's address as we see it."""
+        return sender
+
+    def rpc_ping(self, sender: Address, nodeid: Any) -> bytes:
+        """Answer with our id and learn the caller."""
+        self.welcome_if_new(Node(_node_id(nodeid), sender[0], sender[1]))
+        node_id: bytes = self.source_node.id
+        return node_id
+
+    def rpc_store(self, sender: Address, nodeid: Any, key: Any, value: Any) -> str:
+        """Merge a record set; answers ok / stale / full / invalid (stock clients ignore it)."""
+        self.welcome_if_new(Node(_node_id(nodeid), sender[0], sender[1]))
+        return self.storage.merge(_node_id(key), value).value
+
+    def rpc_find_node(self, sender: Address, nodeid: Any, key: Any) -> list[tuple[bytes, str, int]]:
+        """The k contacts we know closest to `key`, never the caller."""
+        source = Node(_node_id(nodeid), sender[0], sender[1])
+        self.welcome_if_new(source)
+        neighbors = self.router.find_neighbors(Node(_node_id(key)), exclude=source)
+        return [(n.id, n.ip, n.port) for n in neighbors]
+
+    def rpc_find_value(self, sender: Address, nodeid: Any, key: Any) -> Any:
+        """The merged record set under `key`, or the closest contacts when we hold none."""
+        value = self.storage.value(_node_id(key))
+        if value is None:
+            return self.rpc_find_node(sender, nodeid, key)
+        return {"value": value}
+
+    # Replication: a newcomer gets the values it is now among the closest holders of.
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Add a contact; if it is new, push it the values it should hold (once)."""
+        if node.id == self.source_node.id:
+            return
+        if self.router.knows(node):
+            if node.id in self.router.buckets[self.router.get_bucket_for(node)].nodes:
+                self.router.add_contact(node)  # refresh its place in the LRU order
+            return
+        due = self._values_for(node)
+        self.router.add_contact(node)
+        if due and len(self._tasks) < MAX_PUSH_TASKS:
+            self.spawn(self._push(node, due), name=f"push-{node.port}")
+
+    def _values_for(self, node: Node) -> list[tuple[bytes, bytes]]:
+        due = []
+        for digest, value in self.storage:
+            # Storage keys are already digests; the library hashed them again (defect 6).
+            keynode = Node(digest)
+            neighbors = self.router.find_neighbors(keynode)
+            if neighbors:
+                newcomer_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
+                we_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
+                    keynode
+                )
+                if not (newcomer_close and we_closest):
+                    continue
+            due.append((digest, value))
+        return due
+
+    async def _push(self, node: Node, values: list[tuple[bytes, bytes]]) -> None:
+        for digest, value in values:
+            ok, _ = await self.call_store(node, digest, value)
+            if not ok:
+                return
+            self.stats.stores_pushed += 1
+
+
+def _node_id(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) != NODE_ID_BYTES:
+        raise ValueError("node ids and keys are 20 bytes")
+    return value

@@ -1,0 +1,95 @@
+"""Our routing table: a correct k-closest search and patience with contacts that miss a reply."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import Any
+
+from kademlia.node import Node
+from kademlia.routing import RoutingTable
+
+logger = logging.getLogger(__name__)
+
+
+class RMARoutingTable(RoutingTable):  # type: ignore[misc]
+    """kademlia's table, with the defects that matter at 2000 nodes fixed.
+
+    - `find_neighbors` returns the true k closest contacts; the library's traversal stops
+      early and returns a wrong set for most keys.
+    - a contact is dropped only after `max_failures` consecutive missed replies, so one lost
+      packet does not shrink the table.
+    - replacement-list contacts count as known, which ends the library's STORE storm.
+    """
+
+    def __init__(self, protocol: Any, ksize: int, node: Node, *, max_failures: int) -> None:
+        super().__init__(protocol, ksize, node)
+        self.max_failures = max_failures
+        self._failures: dict[bytes, int] = {}
+        self._pinging: set[bytes] = set()
+
+    def contacts(self) -> list[Node]:
+        """Every contact in the buckets (not the replacement lists)."""
+        return [node for bucket in self.buckets for node in bucket.nodes.values()]
+
+    def __len__(self) -> int:
+        return sum(len(bucket) for bucket in self.buckets)
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        """The k contacts closest to `node` by XOR distance, never `node` itself."""
+        k = k or self.ksize
+        target = node.long_id
+        candidates = (
+            contact
+            for bucket in self.buckets
+            for contact in bucket.nodes.values()
+            if contact.id != node.id and (exclude is None or not contact.same_home_as(exclude))
+        )
+        return heapq.nsmallest(k, candidates, key=lambda contact: contact.long_id ^ target)
+
+    def knows(self, node: Node) -> bool:
+        """Is this contact in a bucket or waiting in a replacement list?"""
+        bucket = self.buckets[self.get_bucket_for(node)]
+        return node.id in bucket.nodes or node.id in bucket.replacement_nodes
+
+    def add_contact(self, node: Node) -> None:
+        """Add or refresh a contact; a full bucket pings its oldest contact, once at a time."""
+        index = self.get_bucket_for(node)
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            return
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+            return
+        head = bucket.head()
+        if head.id not in self._pinging:
+            self._pinging.add(head.id)
+            self.protocol.spawn(self._ping_head(head), name="ping-head")
+
+    async def _ping_head(self, head: Node) -> None:
+        try:
+            await self.protocol.call_ping(head)
+        finally:
+            self._pinging.discard(head.id)
+
+    def misses(self, node_id: bytes) -> int:
+        """Consecutive replies this contact has missed (0 once it answers or is dropped)."""
+        return self._failures.get(node_id, 0)
+
+    def record_success(self, node: Node) -> None:
+        """A reply arrived: forget past misses."""
+        self._failures.pop(node.id, None)
+
+    def record_failure(self, node: Node) -> bool:
+        """A reply was missed; returns True when the contact was dropped for it."""
+        misses = self._failures.get(node.id, 0) + 1
+        if misses < self.max_failures:
+            self._failures[node.id] = misses
+            return False
+        self._failures.pop(node.id, None)
+        self.remove_contact(node)
+        logger.debug("dropped contact %s after %d missed replies", node, misses)
+        return True

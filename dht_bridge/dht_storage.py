@@ -1,0 +1,212 @@
+"""Storage for our DHT node: merged, expiring record sets instead of last-writer-wins blobs."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from kademlia.storage import IStorage
+
+from dht_bridge.dht_values import (
+    MAX_VALUE_BYTES,
+    DecodedValue,
+    RecordVerifier,
+    decode_value,
+    encode_value,
+)
+from dht_bridge.records import WorkerRecord, merge_into, supersedes
+from dht_bridge.tunnels import TunnelPolicy
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_KEYS = 50_000
+# How long a shard stays marked overflowed after turning a newcomer away. Workers filed below
+# retry one level up every few heartbeats (and renew the mark when refused again), so this is
+# several of those rounds: readers keep looking below for as long as anyone may be there.
+OVERFLOW_MEMORY = 600.0
+
+
+class StoreResult(enum.Enum):
+    """What a STORE did; the value is what our node answers on the wire."""
+
+    OK = "ok"  # merged: at least one record was new or newer
+    STALE = "stale"  # valid, but every record was already held at an equal or higher seq
+    FULL = "full"  # a new worker did not fit in the value's size limit: publish one level down
+    INVALID = "invalid"  # not an rma1 value, wrong key, or no record passed validation
+
+
+@dataclass
+class _Entry:
+    key: str
+    records: dict[str, WorkerRecord] = field(default_factory=dict)
+    encoded: bytes | None = None
+    changed_at: float = 0.0
+    overflow_until: float = 0.0
+
+
+class RecordStorage(IStorage):  # type: ignore[misc]
+    """Record sets by key digest, merged by the merge rule, each record expiring with its lease.
+
+    `clock` is wall-clock time (leases are unix times); `monotonic` orders changes.
+    """
+
+    def __init__(
+        self,
+        policy: TunnelPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        verifier: RecordVerifier | None = None,
+        on_merge: Callable[[str, list[WorkerRecord]], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        # Told of every record that changed what this node holds (the bridge listens here).
+        self.on_merge = on_merge
+        self.verifier = verifier or RecordVerifier(policy)
+        self.clock = clock
+        self.max_keys = max_keys
+        self._data: dict[bytes, _Entry] = {}
+
+    def merge(self, digest: bytes, value: object) -> StoreResult:
+        """Validate `value` and merge its records into what is held under `digest`."""
+        now = self.clock()
+        try:
+            decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now)
+        except ValueError as exc:
+            logger.debug("refused STORE under %s: %s", digest.hex(), exc)
+            return StoreResult.INVALID
+        if decoded.refused:
+            logger.debug(
+                "refused %d records under %s: %s",
+                decoded.refused,
+                decoded.key,
+                "; ".join(decoded.reasons[:3]),
+            )
+        if not decoded.records and not decoded.overflowed(now):
+            return StoreResult.INVALID
+        entry = self._data.get(digest)
+        if entry is None:
+            if len(self._data) >= self.max_keys:
+                self.cull()
+                if len(self._data) >= self.max_keys:
+                    logger.warning(
+                        "storage full (%d keys); refusing %s", self.max_keys, decoded.key
+                    )
+                    return StoreResult.FULL
+            entry = _Entry(key=decoded.key)
+        return self._merge_entry(digest, entry, decoded, now)
+
+    def _merge_entry(
+        self, digest: bytes, entry: _Entry, decoded: DecodedValue, now: float
+    ) -> StoreResult:
+        # A peer's mark is believed for at most OVERFLOW_MEMORY: no one can pin it for long.
+        incoming_mark = min(decoded.overflow_until, now + OVERFLOW_MEMORY)
+        marked = incoming_mark > entry.overflow_until
+        overflow = max(entry.overflow_until, incoming_mark)
+        candidate = dict(entry.records)
+        changed = merge_into(candidate, decoded.records, now=now)
+        if not changed and not marked:
+            return StoreResult.STALE
+        encoded = encode_value(entry.key, candidate.values(), overflow)
+        result = StoreResult.OK if changed else StoreResult.STALE
+        if len(encoded) > MAX_VALUE_BYTES:
+            # Keep updates of workers already held; refuse newcomers, and mark the value so
+            # that readers look one level down, where the refused publisher goes next.
+            overflow = max(overflow, now + OVERFLOW_MEMORY)
+            candidate = dict(entry.records)
+            updates = [r for r in changed if r.worker_id in candidate]
+            merge_into(candidate, updates, now=now)
+            encoded = encode_value(entry.key, candidate.values(), overflow)
+            result = StoreResult.FULL
+            if len(encoded) > MAX_VALUE_BYTES:
+                return StoreResult.FULL
+        entry.records, entry.encoded, entry.changed_at = candidate, encoded, time.monotonic()
+        entry.overflow_until = overflow
+        self._data[digest] = entry
+        applied = [r for r in changed if candidate.get(r.worker_id) is r]
+        if applied and self.on_merge is not None:
+            try:
+                self.on_merge(entry.key, applied)
+            except Exception:
+                logger.exception("on_merge hook failed for %s", entry.key)
+        return result
+
+    def records(self, digest: bytes) -> list[WorkerRecord]:
+        """The live and tombstone records held under `digest`, expired ones dropped."""
+        entry = self._live_entry(digest)
+        return list(entry.records.values()) if entry else []
+
+    def key_name(self, digest: bytes) -> str | None:
+        """The key name a digest was stored with, if held."""
+        entry = self._data.get(digest)
+        return entry.key if entry else None
+
+    def has_newer_or_equal(self, digest: bytes, record: WorkerRecord) -> bool:
+        """True when what is held for this worker is at least as new as `record`."""
+        entry = self._live_entry(digest)
+        held = entry.records.get(record.worker_id) if entry else None
+        return held is not None and not supersedes(record, held)
+
+    def _live_entry(self, digest: bytes) -> _Entry | None:
+        entry = self._data.get(digest)
+        if entry is None:
+            return None
+        now = self.clock()
+        if any(r.is_expired(now) for r in entry.records.values()):
+            entry.records = {k: r for k, r in entry.records.items() if not r.is_expired(now)}
+            entry.encoded = None
+        if entry.overflow_until and entry.overflow_until <= now:
+            entry.overflow_until = 0.0
+            entry.encoded = None
+        if not entry.records and not entry.overflow_until:
+            del self._data[digest]
+            return None
+        return entry
+
+    def cull(self) -> int:
+        """Drop every expired record and empty key; returns how many keys went."""
+        before = len(self._data)
+        for digest in list(self._data):
+            self._live_entry(digest)
+        return before - len(self._data)
+
+    # IStorage: what kademlia's own code paths call.
+
+    def __setitem__(self, key: bytes, value: object) -> None:
+        self.merge(key, value)
+
+    def value(self, digest: bytes) -> bytes | None:
+        """The encoded record set held under `digest`, or None."""
+        entry = self._live_entry(digest)
+        if entry is None:
+            return None
+        if entry.encoded is None:
+            entry.encoded = encode_value(entry.key, entry.records.values(), entry.overflow_until)
+        return entry.encoded
+
+    def get(self, key: bytes, default: object = None) -> object:
+        value = self.value(key)
+        return default if value is None else value
+
+    def __getitem__(self, key: bytes) -> object:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, object]]:
+        # Publishers re-store their own records every heartbeat, so holders never republish
+        # on age; replication to newcomers happens in `welcome_if_new`.
+        return []
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        for digest in list(self._data):
+            value = self.value(digest)
+            if value is not None:
+                yield digest, value
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -1,0 +1,199 @@
+"""The value codec of our DHT: a key name, a set of signed records, and an overflow mark.
+
+`["rma1", key_name, [wire record, ...]]`, or with a fourth item `overflow_until` (unix time)
+once a holder has turned a newcomer away for lack of room. Carrying the key name lets every
+node check that the value belongs to the digest it is stored under and each record to the key;
+the overflow mark tells readers that some providers of a service live one shard level down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from dht_bridge.errors import RecordError
+from dht_bridge.records import WorkerRecord, validate_parsed, verify
+from dht_bridge.shards import belongs
+from dht_bridge.tunnels import TunnelPolicy
+
+logger = logging.getLogger(__name__)
+
+MAGIC = "rma1"
+# rpcudp refuses a request whose msgpack body exceeds 8192 bytes; a STORE carries the node id,
+# the key digest and the value, so a value must leave room for that envelope.
+MAX_DATAGRAM_BODY = 8192
+STORE_ENVELOPE = 96
+MAX_VALUE_BYTES = MAX_DATAGRAM_BODY - STORE_ENVELOPE
+DEFAULT_VERIFIED_CACHE = 4096
+
+
+def key_digest(key: str) -> bytes:
+    """The 160-bit DHT key for a key name (SHA-1, as kademlia's `digest`)."""
+    return hashlib.sha1(key.encode("utf-8")).digest()
+
+
+def encode_value(key: str, records: Iterable[WorkerRecord], overflow_until: float = 0.0) -> bytes:
+    """Encode a record set for `key`, with the overflow mark when it is set."""
+    envelope: list[Any] = [MAGIC, key, [record.to_wire() for record in records]]
+    if overflow_until > 0:
+        envelope.append(round(overflow_until, 3))
+    return bytes(msgpack.packb(envelope))
+
+
+@dataclass
+class DecodedValue:
+    """A decoded value: key name, records that passed validation, how many did not, the mark."""
+
+    key: str
+    records: list[WorkerRecord] = field(default_factory=list)
+    refused: int = 0
+    reasons: list[str] = field(default_factory=list)
+    overflow_until: float = 0.0
+    unverified: set[str] = field(default_factory=set)
+
+    def overflowed(self, now: float) -> bool:
+        """Has a holder turned a newcomer away recently (so readers must look one level down)?"""
+        return self.overflow_until > now
+
+
+@dataclass
+class _Known:
+    item: list[Any]
+    record: WorkerRecord
+    verified: bool
+
+
+class RecordVerifier:
+    """Validates wire records, remembering what it already parsed and verified.
+
+    The same record reaches a node many times (one STORE per heartbeat and key, every replica
+    of every lookup). Parsing, the URL policy and above all the Ed25519 check give the same
+    answer every time, so they run once per distinct record; only the checks that depend on
+    the clock (lease) and on the key it is filed under run again.
+    """
+
+    def __init__(self, policy: TunnelPolicy, *, maxsize: int = DEFAULT_VERIFIED_CACHE) -> None:
+        self.policy = policy
+        self.maxsize = maxsize
+        self._known: OrderedDict[tuple[bytes, bytes], _Known] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def record(self, item: Any, *, key: str, now: float) -> WorkerRecord:
+        """The record of a wire item filed under `key`; raises RecordError when it is refused."""
+        known = self._known_for(item, key=key, now=now)
+        if not known.verified:
+            self.misses += 1
+            verify(known.record)
+            known.verified = True
+        else:
+            self.hits += 1
+        return known.record
+
+    def parse(self, item: Any, *, key: str, now: float) -> tuple[WorkerRecord, bool]:
+        """Parse and check everything but the signature; True when it is known to verify.
+
+        For readers that will verify only the few records they return (see `confirm`).
+        """
+        known = self._known_for(item, key=key, now=now)
+        return known.record, known.verified
+
+    def confirm(self, record: WorkerRecord) -> bool:
+        """Does the record's signature verify? Remembered once it does."""
+        ident = (bytes.fromhex(record.public_key), bytes.fromhex(record.signature))
+        known = self._known.get(ident)
+        if known is not None and known.record == record and known.verified:
+            self.hits += 1
+            return True
+        self.misses += 1
+        try:
+            verify(record)
+        except RecordError:
+            return False
+        if known is not None and known.record == record:
+            known.verified = True
+        else:
+            self._remember(ident, _Known(record.to_wire(), record, True))
+        return True
+
+    def _known_for(self, item: Any, *, key: str, now: float) -> _Known:
+        ident = _ident(item)
+        known = self._known.get(ident) if ident is not None else None
+        if known is not None and known.item == item:
+            self._known.move_to_end(ident)  # type: ignore[arg-type]
+            validate_parsed(known.record, self.policy, now=now, verified=True, url_checked=True)
+        else:
+            record = WorkerRecord.from_wire(item)
+            validate_parsed(record, self.policy, now=now, verified=True)
+            known = _Known(item, record, verified=False)
+            if ident is not None:
+                self._remember(ident, known)
+        if not belongs(key, known.record.worker_id, known.record.services):
+            raise RecordError(f"worker {known.record.worker_id} does not belong under {key}")
+        return known
+
+    def _remember(self, ident: tuple[bytes, bytes], known: _Known) -> None:
+        self._known[ident] = known
+        while len(self._known) > self.maxsize:
+            self._known.popitem(last=False)
+
+
+def _ident(item: Any) -> tuple[bytes, bytes] | None:
+    if isinstance(item, list) and len(item) >= 2:
+        key, signature = item[0], item[1]
+        if isinstance(key, bytes) and isinstance(signature, bytes):
+            return key, signature
+    return None
+
+
+def decode_value(
+    value: object,
+    *,
+    digest: bytes | None,
+    verifier: RecordVerifier,
+    now: float,
+    lazy: bool = False,
+) -> DecodedValue:
+    """Decode and validate a value; raises ValueError when the envelope itself is bad.
+
+    Records that fail validation (forged, expired, filed under the wrong key) are counted in
+    `refused`, not returned; the rest of the set survives. With `lazy`, signatures are not
+    checked: `unverified` lists the records the caller must `confirm` before trusting them.
+    """
+    if not isinstance(value, bytes) or len(value) > MAX_DATAGRAM_BODY:
+        raise ValueError("value must be bytes of at most 8 KB")
+    try:
+        envelope = msgpack.unpackb(value)
+    except (ValueError, TypeError, msgpack.ExtraData) as exc:
+        raise ValueError(f"value is not msgpack: {exc}") from exc
+    if not (isinstance(envelope, list) and len(envelope) in (3, 4) and envelope[0] == MAGIC):
+        raise ValueError("value is not an rma1 record set")
+    key, items = envelope[1], envelope[2]
+    overflow = envelope[3] if len(envelope) == 4 else 0.0
+    if not isinstance(key, str) or not isinstance(items, list):
+        raise ValueError("malformed rma1 envelope")
+    if isinstance(overflow, bool) or not isinstance(overflow, int | float):
+        raise ValueError("malformed overflow mark")
+    if digest is not None and key_digest(key) != digest:
+        raise ValueError(f"value names key {key!r}, which is not the digest it was stored under")
+    decoded = DecodedValue(key=key, overflow_until=float(overflow))
+    for item in items:
+        try:
+            if lazy:
+                record, trusted = verifier.parse(item, key=key, now=now)
+                if not trusted:
+                    decoded.unverified.add(record.signature)
+            else:
+                record = verifier.record(item, key=key, now=now)
+        except RecordError as exc:
+            decoded.refused += 1
+            decoded.reasons.append(str(exc))
+            continue
+        decoded.records.append(record)
+    return decoded

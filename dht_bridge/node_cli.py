@@ -1,0 +1,113 @@
+"""`rma node`: a plain DHT node, for a bootstrap or storage node that is not a bridge."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.errors import BootstrapError, ConfigError
+from dht_bridge.process import parse_hostport, run_service
+from dht_bridge.settings import DHTSettings, Env, tunnel_policy_from_env
+from dht_bridge.tunnels import TunnelPolicy
+
+logger = logging.getLogger(__name__)
+
+EXIT_START_FAILED = 3
+STATE_SAVE_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything `rma node` needs, read once from options and `RMA_*` variables."""
+
+    dht: DHTSettings
+    policy: TunnelPolicy
+    bootstrap: tuple[tuple[str, int], ...]
+    state_file: Path | None
+
+    @classmethod
+    def build(
+        cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None
+    ) -> NodeConfig:
+        """Options win over variables, variables over defaults."""
+        env = Env(environ)
+        dht = DHTSettings.from_env(env)
+        if args.host is not None:
+            dht = replace(dht, host=args.host)
+        if args.port is not None:
+            dht = replace(dht, port=args.port)
+        peers = args.bootstrap or list(env.get_list("BOOTSTRAP", ()))
+        try:
+            bootstrap = tuple(parse_hostport(p) for p in peers)
+        except ValueError as exc:
+            raise ConfigError(f"--bootstrap: {exc}") from None
+        state = args.state_file or env.raw("STATE_FILE")
+        return cls(dht, tunnel_policy_from_env(env), bootstrap, Path(state) if state else None)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `rma node`."""
+    parser.add_argument("--host", help="UDP address to bind (RMA_DHT_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="UDP port, 0 for any (RMA_DHT_PORT, default 0)")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="a peer to join through; repeatable (RMA_BOOTSTRAP, comma-separated)",
+    )
+    parser.add_argument("--state-file", help="JSON file for id and contacts (RMA_STATE_FILE)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a node until SIGTERM/SIGINT."""
+    config = NodeConfig.build(args)
+    return run_service(lambda stop: serve(config, stop))
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
+    """Listen, join, save state now and then, and close on `stop`."""
+    saved = _load_state(config.state_file)
+    node_id = bytes.fromhex(saved["node_id"]) if saved else None
+    node = DHTNode(config.dht, policy=config.policy, node_id=node_id)
+    try:
+        await node.listen()
+    except OSError as exc:
+        logger.error("cannot bind %s:%s: %s", config.dht.host, config.dht.port, exc)
+        return EXIT_START_FAILED
+    try:
+        known = [(str(h), int(p)) for h, p in (saved or {}).get("neighbors", [])]
+        peers = list(config.bootstrap) + known
+        if peers:
+            try:
+                await node.bootstrap(peers)
+            except BootstrapError as exc:
+                logger.warning("%s; serving alone until peers contact us", exc)
+        host, port = node.address
+        logger.info("node %s ready on %s:%d", node.node.id.hex(), host, port)
+        while not stop.is_set():
+            if config.state_file is not None:
+                node.save_state(config.state_file)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATE_SAVE_INTERVAL)
+    finally:
+        if config.state_file is not None and node.transport is not None:
+            node.save_state(config.state_file)
+        await node.aclose()
+        logger.info("node stopped")
+    return 0
+
+
+def _load_state(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        return DHTNode.read_state(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"state file {path}: {exc}") from None

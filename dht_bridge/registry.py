@@ -1,0 +1,673 @@
+"""The Redis registry: the fast, authoritative view of live workers for the edge router.
+
+Keys (DESIGN.md, "In Redis"): `rma:worker:<id>` holds the record JSON with the lease as key TTL;
+`rma:svc:<service>` is a sorted set of worker ids scored by load; changes are announced on the
+channel `rma:events`. Every update applies the merge rule inside Redis, in one Lua script, so
+concurrent writers (routers, bridges) cannot lose or reorder records.
+
+Self-preservation (the bridge's, as Eureka does): when a bridge has lost the DHT side and many
+leases are about to lapse at once, it `hold`s those records: their keys outlive the lease and
+their service-set score moves above every load (`STALE_SCORE` + load), so lookups list them after
+every fresh provider. A newer record or a tombstone replaces a held one at once (the upsert script
+rescores or removes it); `release` ends the holds once the DHT is back.
+
+One Redis (or one Sentinel-managed primary) is the target today. Redis Cluster support comes
+later: it needs hash tags so that a worker's keys share a slot, and MGET split per slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import fakeredis
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from dht_bridge import records
+from dht_bridge.errors import (
+    ConfigError,
+    RecordError,
+    RecordExpired,
+    RecordInvalid,
+    RegistryError,
+    RegistryUnavailable,
+)
+from dht_bridge.records import SERVICE_RE, WorkerRecord
+from dht_bridge.settings import DEFAULT_REDIS_TIMEOUT, RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "rma:"
+URL_SCHEMES = ("redis", "rediss", "unix")
+DEFAULT_LOOKUP_LIMIT = 10
+DEFAULT_RECORDS_LIMIT = 1000
+# A region lookup ranks this many live providers (at least) by region before cutting to `limit`.
+REGION_WINDOW_MIN = 64
+REGION_WINDOW_FACTOR = 4
+# Records per pipeline in upsert_many: each chunk is one round trip bounded by the timeout.
+UPSERT_CHUNK = 256
+SCAN_COUNT = 500
+
+_UPSERT_SCRIPT = Path(__file__).with_name("registry_upsert.lua").read_text("utf-8")
+_HOLD_SCRIPT = Path(__file__).with_name("registry_hold.lua").read_text("utf-8")
+_RELEASE_SCRIPT = Path(__file__).with_name("registry_release.lua").read_text("utf-8")
+
+# Service-set score of a held (stale) provider: above every load (0.0-1.0), so that a lookup,
+# which reads the set in score order, lists every fresh provider before any stale one.
+STALE_SCORE = 2.0
+_WORKER_ID = re.compile(r"[0-9a-f]{40}")
+
+# Removes ids whose worker key is gone. Checked and removed in one step: a worker that
+# re-registers between a lookup's read and its prune must not be dropped from the set.
+# KEYS[1] the service set, KEYS[2..n] the worker keys of the candidates, ARGV the candidates' ids.
+_PRUNE_SCRIPT = """
+local removed = 0
+for i = 2, #KEYS do
+  if redis.call("EXISTS", KEYS[i]) == 0 then
+    removed = removed + redis.call("ZREM", KEYS[1], ARGV[i - 1])
+  end
+end
+return removed
+"""
+
+# What counts as "Redis is not there": a refused or dropped connection, a socket timeout, or our
+# own deadline. Anything else from redis-py is a RegistryError.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+Event = dict[str, Any]
+EVENT_POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A provider from a lookup; `stale` when the record is only held by self-preservation."""
+
+    record: WorkerRecord
+    stale: bool = False
+
+
+class Registry:
+    """Worker records in Redis under the merge rule; every Redis failure is a RegistryError.
+
+    The client is injected (a real Redis or fakeredis); `clock` is the wall clock used to check
+    leases, since `expires_at` is unix time. Each operation is bounded by `timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        policy: TunnelPolicy,
+        clock: Callable[[], float] = time.time,
+        timeout: float = DEFAULT_REDIS_TIMEOUT,
+        prefix: str = KEY_PREFIX,
+        owns_client: bool = False,
+    ) -> None:
+        self._client = client
+        self._policy = policy
+        self._clock = clock
+        self._timeout = timeout
+        self._prefix = prefix
+        self._owns_client = owns_client
+        self._upsert_script = client.register_script(_UPSERT_SCRIPT)
+        self._prune_script = client.register_script(_PRUNE_SCRIPT)
+        self._hold_script = client.register_script(_HOLD_SCRIPT)
+        self._release_script = client.register_script(_RELEASE_SCRIPT)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client underneath (for diagnostics and tests)."""
+        return self._client
+
+    @property
+    def channel(self) -> str:
+        """The pub/sub channel that carries record changes and operator events."""
+        return f"{self._prefix}events"
+
+    def worker_key(self, worker_id: str) -> str:
+        """The key holding one worker's record."""
+        return f"{self._prefix}worker:{worker_id}"
+
+    def service_key(self, service: str) -> str:
+        """The sorted set of the workers offering `service`."""
+        return f"{self._prefix}svc:{service}"
+
+    @property
+    def held_key(self) -> str:
+        """The sorted set of workers held by self-preservation, scored by hold end (unix ms)."""
+        return f"{self._prefix}held"
+
+    async def aclose(self) -> None:
+        """Close the client if this registry opened it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> Registry:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def drop_idle_connections(self) -> None:
+        """Close the pooled connections not in use. After Redis restarts, every connection
+        opened before is dead and, with no retries, would fail its next command: a caller that
+        has just seen Redis come back calls this so that none of them is handed out."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+
+    async def ping(self) -> None:
+        """Raise RegistryUnavailable unless Redis answers within the timeout."""
+        async with self._guard("PING"):
+            await self._client.ping()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def upsert(self, record: WorkerRecord, *, origin: str | None = None) -> bool:
+        """Validate and store `record`; False when an equal or newer record is already there.
+
+        `origin`, when given, is carried in the change event (a bridge marks its own writes so
+        that no bridge copies them back into the DHT). Raises the RecordError of
+        `records.validate` unchanged, before anything is written.
+        """
+        records.validate(record, self._policy, now=self._clock())
+        keys, args = self._upsert_call(record, origin)
+        async with self._guard(f"upsert of {record.worker_id}"):
+            applied = await self._upsert_script(keys=keys, args=args)
+        return bool(applied)
+
+    async def leave(self, tombstone: WorkerRecord) -> bool:
+        """The graceful leave: store a signed tombstone, which drops the worker from lookups."""
+        if not tombstone.tombstone:
+            raise RecordInvalid("tombstone", "a leave needs a record with tombstone set")
+        return await self.upsert(tombstone)
+
+    async def upsert_many(
+        self, batch: Iterable[WorkerRecord], *, origin: str | None = None
+    ) -> list[bool]:
+        """Upsert a batch in pipelined round trips; one bool per record, in order.
+
+        A record whose lease has ended is dropped (False), as the merge rule drops expired
+        records; any other RecordError is raised before anything of the batch is written.
+        """
+        pending = list(batch)
+        now = self._clock()
+        valid = [self._check_for_batch(record, now) for record in pending]
+        results = [False] * len(pending)
+        todo = [i for i, ok in enumerate(valid) if ok]
+        for start in range(0, len(todo), UPSERT_CHUNK):
+            chunk = todo[start : start + UPSERT_CHUNK]
+            applied = await self._upsert_chunk([pending[i] for i in chunk], origin)
+            for i, flag in zip(chunk, applied, strict=True):
+                results[i] = flag
+        return results
+
+    def _check_for_batch(self, record: WorkerRecord, now: float) -> bool:
+        try:
+            records.validate(record, self._policy, now=now)
+        except RecordExpired:
+            log.debug("dropping expired record of %s from a batch", record.worker_id)
+            return False
+        return True
+
+    async def _upsert_chunk(self, chunk: Sequence[WorkerRecord], origin: str | None) -> list[bool]:
+        # `async with` resets the pipeline whatever happens: when Redis dies while the script
+        # is being loaded (before `execute` has its own cleanup), the pipeline would otherwise
+        # keep its connection and warn when collected.
+        async with (
+            self._guard(f"upsert of {len(chunk)} records"),
+            self._client.pipeline(transaction=False) as pipe,
+        ):
+            for record in chunk:
+                keys, args = self._upsert_call(record, origin)
+                await self._upsert_script(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        return [bool(reply) for reply in replies]
+
+    def _upsert_call(
+        self, record: WorkerRecord, origin: str | None = None
+    ) -> tuple[list[str], list[str | int | float]]:
+        keys = [self.worker_key(record.worker_id)]
+        keys.extend(self.service_key(name) for name in record.services)
+        args: list[str | int | float] = [
+            record.to_json(),
+            str(record.seq),
+            "1" if record.tombstone else "0",
+            record.signature,
+            str(round(record.expires_at * 1000)),
+            repr(record.load),
+            record.worker_id,
+            self.service_key(""),
+            self.channel,
+            _event_head(record, origin),
+        ]
+        return keys, args
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, worker_id: str) -> WorkerRecord | None:
+        """The stored record of a worker (a tombstone included), or None."""
+        async with self._guard(f"get of {worker_id}"):
+            raw = await self._client.get(self.worker_key(worker_id))
+        return None if raw is None else self._parse(raw, worker_id)
+
+    async def lookup(
+        self,
+        service: str,
+        *,
+        limit: int = DEFAULT_LOOKUP_LIMIT,
+        region: str | None = None,
+        stale: bool = True,
+    ) -> list[WorkerRecord]:
+        """Up to `limit` live providers of `service`, least loaded first.
+
+        With `region`, providers in that region come first (each group least loaded first),
+        ranked within a bounded window of the least loaded providers. Providers held by
+        self-preservation come after every fresh one (`stale=False` leaves them out). Ids whose
+        lease has ended are pruned from the service set on the way.
+        """
+        found = await self.lookup_marked(service, limit=limit, region=region, stale=stale)
+        return [provider.record for provider in found]
+
+    async def lookup_marked(
+        self,
+        service: str,
+        *,
+        limit: int = DEFAULT_LOOKUP_LIMIT,
+        region: str | None = None,
+        stale: bool = True,
+    ) -> list[Provider]:
+        """`lookup`, telling which providers are stale (held while their lease has ended or is
+        about to, because the bridge lost the DHT side)."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        if not SERVICE_RE.fullmatch(service):
+            return []  # no valid record can offer it, and no odd key name is touched
+        want = limit if not region else max(REGION_WINDOW_FACTOR * limit, REGION_WINDOW_MIN)
+        async with self._guard(f"lookup of {service}"):
+            found = await self._live_providers(service, want, stale)
+        if region:
+            # sorted() is stable, so each group keeps its load order; stale ones stay last.
+            found.sort(key=lambda provider: (provider.stale, provider.record.region != region))
+        return found[:limit]
+
+    async def _live_providers(self, service: str, want: int, stale: bool) -> list[Provider]:
+        key = self.service_key(service)
+        page = max(want, 16)
+        found: list[Provider] = []
+        start = 0
+        while len(found) < want:
+            reply = await self._client.zrange(key, start, start + page - 1, withscores=True)
+            scored = cast(list[tuple[bytes | str, float]], reply)
+            if not scored:
+                break
+            ids = [_text(member) for member, _ in scored]
+            values = await self._client.mget([self.worker_key(wid) for wid in ids])
+            gone = [wid for wid, raw in zip(ids, values, strict=True) if raw is None]
+            scores = [float(score) for _, score in scored]
+            found.extend(self._usable(service, ids, scores, values, want - len(found), stale))
+            pruned = await self._prune_ids(key, gone) if gone else 0
+            start += len(ids) - pruned
+            if len(ids) < page or (not stale and scores[-1] >= STALE_SCORE):
+                break
+        return found
+
+    def _usable(
+        self,
+        service: str,
+        ids: Sequence[str],
+        scores: Sequence[float],
+        values: Sequence[Any],
+        room: int,
+        stale: bool,
+    ) -> list[Provider]:
+        now = self._clock()
+        usable: list[Provider] = []
+        for wid, score, raw in zip(ids, scores, values, strict=True):
+            if raw is None or len(usable) >= room:
+                continue
+            held = score >= STALE_SCORE
+            if held and not stale:
+                continue
+            record = self._parse(raw, wid)
+            if record is None or record.tombstone or service not in record.services:
+                continue
+            # A held record outlives its lease on purpose; any other expired one is on its way
+            # out (its key's TTL and the record's lease end together).
+            if record.is_expired(now) and not held:
+                continue
+            usable.append(Provider(record, held))
+        return usable
+
+    async def _prune_ids(self, key: str, ids: Sequence[str]) -> int:
+        keys = [key, *(self.worker_key(wid) for wid in ids)]
+        removed = await self._prune_script(keys=keys, args=list(ids))
+        if removed:
+            log.debug("pruned %d expired ids from %s", removed, key)
+        return int(removed)
+
+    async def prune(self, service: str) -> int:
+        """Remove every id whose record is gone from the set of `service`; returns how many."""
+        key = self.service_key(service)
+        removed = 0
+        start = 0
+        async with self._guard(f"prune of {service}"):
+            while True:
+                ids = _texts(await self._client.zrange(key, start, start + 499))
+                if not ids:
+                    return removed
+                pruned = await self._prune_ids(key, ids)
+                removed += pruned
+                start += len(ids) - pruned
+
+    async def services(self) -> list[str]:
+        """Names of the services that have a set in Redis (some providers may have expired)."""
+        pattern = self.service_key("*")
+        names: set[str] = set()
+        async with self._guard("scan of services"):
+            async for raw in self._client.scan_iter(match=pattern, count=SCAN_COUNT):
+                names.add(_text(raw)[len(pattern) - 1 :])
+        return sorted(names)
+
+    async def count(self, service: str) -> int:
+        """Ids in the set of `service`, including any whose lease ended since the last prune."""
+        async with self._guard(f"count of {service}"):
+            return int(await self._client.zcard(self.service_key(service)))
+
+    async def records(self, *, limit: int = DEFAULT_RECORDS_LIMIT) -> list[WorkerRecord]:
+        """Up to `limit` stored records, tombstones included, in no particular order (SCAN)."""
+        async with self._guard("scan of records"):
+            keys = await self._scan_keys(self.worker_key("*"), limit)
+            values = await self._client.mget(keys) if keys else []
+        found: list[WorkerRecord] = []
+        for key, raw in zip(keys, values, strict=True):
+            record = None if raw is None else self._parse(raw, key)
+            if record is not None:
+                found.append(record)
+        return found
+
+    async def _scan_keys(self, pattern: str, limit: int) -> list[str]:
+        keys: list[str] = []
+        cursor: int = 0
+        while len(keys) < limit:
+            cursor, batch = await self._client.scan(cursor, match=pattern, count=SCAN_COUNT)
+            keys.extend(_text(raw) for raw in batch)
+            if cursor == 0:
+                break
+        # SCAN may return a key twice; the order of first sight is kept.
+        return list(dict.fromkeys(keys))[:limit]
+
+    def _parse(self, raw: bytes | str, where: str) -> WorkerRecord | None:
+        try:
+            return WorkerRecord.from_json(raw)
+        except RecordError as exc:
+            log.warning("ignoring a corrupt record in Redis (%s): %s", where, exc)
+            return None
+
+    # -- self-preservation -----------------------------------------------------------------
+
+    async def hold(self, worker_ids: Iterable[str], *, lapse_before: float, until: float) -> int:
+        """Keep the records of `worker_ids` whose lease ends before `lapse_before` (unix time)
+        in Redis until `until`, marked stale; returns how many are held.
+
+        Tombstones and records with a later lease are left alone, so a hold never outranks a
+        fresh heartbeat that arrived meanwhile. Holding again extends the hold. A hold ends at
+        `until` by itself (the key's TTL) unless renewed: a bridge that dies does not pin
+        records for ever.
+        """
+        ids = [wid for wid in dict.fromkeys(worker_ids) if _WORKER_ID.fullmatch(wid)]
+        if not ids:
+            return 0
+        held = 0
+        now_ms = round(self._clock() * 1000)
+        async with self._guard(f"hold of {len(ids)} records"):
+            for start in range(0, len(ids), UPSERT_CHUNK):
+                chunk = ids[start : start + UPSERT_CHUNK]
+                keys = [self.held_key, *(self.worker_key(wid) for wid in chunk)]
+                args: list[str | int | float] = [
+                    round(lapse_before * 1000),
+                    round(until * 1000),
+                    now_ms,
+                    self.service_key(""),
+                    repr(STALE_SCORE),
+                    *chunk,
+                ]
+                held += int(await self._hold_script(keys=keys, args=args))
+        return held
+
+    async def release(self) -> tuple[int, int]:
+        """End every hold: a record whose lease has ended is removed (with a change event, so
+        routers drop it), one still within its lease is fresh again. Returns (removed, restored).
+        """
+        now_ms = round(self._clock() * 1000)
+        async with self._guard("release of held records"):
+            reply = await self._release_script(
+                keys=[self.held_key],
+                args=[now_ms, self.worker_key(""), self.service_key(""), self.channel],
+            )
+        removed, restored = (int(value) for value in reply)
+        if removed or restored:
+            log.info("released held records: %d removed, %d fresh again", removed, restored)
+        return removed, restored
+
+    async def held_count(self) -> int:
+        """Workers currently held by self-preservation."""
+        async with self._guard("count of held records"):
+            return int(await self._client.zcard(self.held_key))
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def publish_event(self, event: Event) -> None:
+        """Publish a JSON event on the events channel (for example an operator cache flush)."""
+        payload = json.dumps(event, separators=(",", ":"), sort_keys=True)
+        async with self._guard("publish"):
+            await self._client.publish(self.channel, payload)
+
+    def subscribe_events(self) -> EventSubscription:
+        """A subscription to the events channel: `async with` it, then `async for` events."""
+        return EventSubscription(self._client.pubsub(), self.channel, timeout=self._timeout)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        """Bound an operation by the timeout and translate redis-py's errors at the boundary."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except _UNAVAILABLE as exc:
+            reason = _describe(exc, self._timeout)
+            raise RegistryUnavailable(f"Redis unavailable during {what}: {reason}") from exc
+        except RedisError as exc:
+            raise RegistryError(f"Redis failed during {what}: {exc}") from exc
+
+
+class EventSubscription:
+    """Decoded events from the events channel, as an async iterator; close it with `aclose()`.
+
+    When the connection drops, iteration raises RegistryUnavailable; iterating again reconnects
+    and resubscribes (events published meanwhile are lost, as with any pub/sub).
+    """
+
+    def __init__(self, pubsub: PubSub, channel: str, *, timeout: float) -> None:
+        self._pubsub = pubsub
+        self._channel = channel
+        self._timeout = timeout
+        self._started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        """Subscribe now, so that no event published after this returns is missed."""
+        if self._started:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pubsub.subscribe(self._channel)
+        except _UNAVAILABLE as exc:
+            reason = _describe(exc, self._timeout)
+            raise RegistryUnavailable(f"cannot subscribe to events: {reason}") from exc
+        except RedisError as exc:
+            raise RegistryError(f"cannot subscribe to events: {exc}") from exc
+        self._started = True
+
+    async def aclose(self) -> None:
+        """Unsubscribe and give the connection back."""
+        if not self._closed:
+            self._closed = True
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def __aenter__(self) -> EventSubscription:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def get(self) -> Event | None:
+        """The next event, or None when none came within the poll window (about a second).
+
+        For loops that must also watch a stop flag: cancelling a task blocked in a redis-py
+        pubsub read is not reliably delivered on Python 3.11, so such loops poll instead.
+        """
+        await self.start()
+        return _decode_event(await self._next_message())
+
+    async def __anext__(self) -> Event:
+        await self.start()
+        while not self._closed:
+            event = _decode_event(await self._next_message())
+            if event is not None:
+                return event
+        raise StopAsyncIteration
+
+    async def _next_message(self) -> Any:
+        try:
+            # A bounded read (None when nothing came) rather than an endless one: the caller's
+            # loop stays responsive to cancellation, and a hung server is noticed.
+            message = await self._pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=EVENT_POLL_SECONDS
+            )
+        except _UNAVAILABLE as exc:
+            reason = _describe(exc, self._timeout)
+            raise RegistryUnavailable(f"events connection lost: {reason}") from exc
+        except RedisError as exc:
+            raise RegistryError(f"events subscription failed: {exc}") from exc
+        return None if message is None else message.get("data")
+
+
+def open_registry(
+    settings: RegistrySettings, *, policy: TunnelPolicy, clock: Callable[[], float] = time.time
+) -> Registry:
+    """A Registry on `settings.redis_url`, or on an embedded in-process fakeredis without one."""
+    if settings.redis_url is None:
+        log.warning(
+            "registry: no RMA_REDIS_URL, using the embedded in-process fakeredis: single process, "
+            "NOT durable (everything is lost on exit)"
+        )
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    else:
+        client = _client_for_url(settings.redis_url, settings.timeout)
+    return Registry(client, policy=policy, clock=clock, timeout=settings.timeout, owns_client=True)
+
+
+MAX_CONNECTIONS = 128
+
+
+def _client_for_url(url: str, timeout: float) -> aioredis.Redis:
+    scheme = urlsplit(url).scheme
+    if scheme not in URL_SCHEMES:
+        raise ConfigError(f"RMA_REDIS_URL must be redis://, rediss:// or unix://, not {scheme!r}")
+    try:
+        # A blocking pool: a burst beyond the pool's size waits (within the timeout) for a
+        # connection instead of failing at once with "Too many connections", which turned
+        # 200 workers leaving together into 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # No retries: a Redis that is down must show as RegistryUnavailable within the
+            # timeout, and the caller (router, bridge) has its own fallback. The pool still
+            # replaces a broken connection when it is next checked out.
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+        )
+        return aioredis.Redis.from_pool(pool)
+    except ValueError as exc:
+        raise ConfigError(f"RMA_REDIS_URL is not a valid Redis URL: {exc}") from exc
+
+
+def _event_head(record: WorkerRecord, origin: str | None = None) -> str:
+    """The record event as JSON without its closing brace; the script appends `removed`."""
+    event: dict[str, Any] = {
+        "type": "record",
+        "worker_id": record.worker_id,
+        "seq": record.seq,
+        "tombstone": record.tombstone,
+        "services": list(record.services),
+    }
+    if origin is not None:
+        event["origin"] = origin
+    return json.dumps(event, separators=(",", ":"))[:-1]
+
+
+def _decode_event(data: Any) -> Event | None:
+    if not isinstance(data, bytes | str):
+        return None
+    try:
+        event = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        log.warning("ignoring an event that is not JSON: %.80r", data)
+        return None
+    if not isinstance(event, dict):
+        log.warning("ignoring an event that is not a JSON object: %.80r", data)
+        return None
+    return event
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _texts(reply: Any) -> list[str]:
+    return [_text(item) for item in reply]
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return f"no answer within {timeout:g} s"
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["STALE_SCORE", "EventSubscription", "Provider", "Registry", "open_registry"]
