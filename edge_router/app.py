@@ -1,0 +1,168 @@
+"""The router's app factory: routes, one exception handler, request accounting, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.errors import RMAError
+from dht_bridge.registry import Registry
+from edge_router import handlers, page
+from edge_router.cache import LookupCache
+from edge_router.cloudflare import ClientResolver
+from edge_router.config import RouterConfig
+from edge_router.errors import handle_error
+from edge_router.events import listen_for_events
+from edge_router.metrics import Metrics, request_class
+from edge_router.providers import ProviderSource
+from edge_router.proxy import Proxy, ProxySettings
+from edge_router.state import RouterState
+
+logger = logging.getLogger(__name__)
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# The events listener notices the stop flag within one poll window (about a second).
+LISTENER_STOP_SECONDS = 5.0
+
+
+def create_app(
+    config: RouterConfig,
+    *,
+    registry: Registry,
+    dht: DHTNode | None = None,
+    http: httpx.AsyncClient | None = None,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+    listen_events: bool = True,
+    extra_figures: Callable[[], Mapping[str, float]] | None = None,
+) -> Starlette:
+    """Build the router around backends the caller opened (and closes).
+
+    `http` is the client the proxy uses (inject one with a test transport); when omitted the
+    app creates one and closes it on shutdown.
+    """
+    owns_http = http is None
+    client = http or httpx.AsyncClient(
+        timeout=httpx.Timeout(config.proxy_read_timeout, connect=config.proxy_connect_timeout),
+        follow_redirects=False,
+        # HTTP(S)_PROXY in the environment must not reroute traffic meant for the tunnels.
+        trust_env=False,
+    )
+    state = RouterState(
+        config=config,
+        registry=registry,
+        dht=dht,
+        http=client,
+        providers=ProviderSource(registry, dht),
+        lookups=LookupCache(
+            ttl=config.cache.ttl,
+            stale=config.cache.stale,
+            maxsize=config.cache.maxsize,
+            clock=monotonic,
+        ),
+        peers=LookupCache(
+            ttl=min(config.bootstrap_ttl, 60),
+            stale=config.bootstrap_ttl * 4,
+            maxsize=256,
+            clock=monotonic,
+        ),
+        proxy=Proxy(
+            client,
+            ProxySettings(
+                connect_timeout=config.proxy_connect_timeout, read_timeout=config.proxy_read_timeout
+            ),
+            clock=monotonic,
+        ),
+        metrics=Metrics(daily_budget=config.daily_budget, clock=clock),
+        resolver=ClientResolver(config.trusted_proxies, origin_secret=config.origin_secret),
+        clock=clock,
+        extra_figures=extra_figures,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        listener = None
+        if listen_events:
+            listener = asyncio.get_running_loop().create_task(
+                listen_for_events(state, stop), name="router-events"
+            )
+        try:
+            yield
+        finally:
+            stop.set()
+            if listener is not None:
+                done, _ = await asyncio.wait({listener}, timeout=LISTENER_STOP_SECONDS)
+                if not done:
+                    listener.cancel()
+                    await asyncio.gather(listener, return_exceptions=True)
+            if owns_http:
+                await client.aclose()
+
+    routes = [
+        Route("/dht/bootstrap", handlers.bootstrap, methods=["GET"]),
+        Route("/services/{service}", handlers.lookup, methods=["GET"]),
+        Route("/workers", handlers.register, methods=["POST"]),
+        Route("/workers/{worker_id}", handlers.leave, methods=["DELETE"]),
+        Route("/route/{service}/{path:path}", handlers.route, methods=ALL_METHODS),
+        Route("/route/{service}", handlers.route, methods=ALL_METHODS),
+        Route("/admin/cache/flush", handlers.flush, methods=["POST"]),
+        Route("/topology", handlers.topology, methods=["GET"]),
+        Route("/healthz", handlers.healthz, methods=["GET"]),
+        Route("/metrics", handlers.metrics, methods=["GET"]),
+        *page.routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        # Our errors and HTTP errors are answered by the exception middleware; the catch-all
+        # Exception handler answers 500 too, but Starlette re-raises it for the server to log.
+        exception_handlers={
+            RMAError: handle_error,
+            HTTPException: handle_error,
+            Exception: handle_error,
+        },
+    )
+    app.state.rma = state
+    app.add_middleware(Accounting, metrics=state.metrics)
+    return app
+
+
+class Accounting:
+    """Counts every answered request by class and status, and logs CF-Ray with failures."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.count(request_class(scope["path"]), status)
+            if status >= 500:
+                ray = dict(scope.get("headers") or []).get(b"cf-ray", b"-").decode("latin-1")
+                logger.warning(
+                    "%s %s -> %d (cf-ray %s)", scope["method"], scope["path"], status, ray
+                )

@@ -1,0 +1,113 @@
+"""`rma router` (and `python -m edge_router`): the edge router under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import uvicorn
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.errors import BootstrapError, RegistryError
+from dht_bridge.process import wait_for_stop_signal
+from dht_bridge.registry import Registry, open_registry
+from edge_router.app import create_app
+from edge_router.config import RouterConfig
+
+logger = logging.getLogger(__name__)
+
+EXIT_START_FAILED = 3
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `rma router`; each also has an RMA_* variable."""
+    parser.add_argument("--host", help="HTTP address to bind (RMA_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (RMA_PORT, default 8080)")
+    parser.add_argument("--redis-url", help="registry URL (RMA_REDIS_URL; none: embedded)")
+    parser.add_argument("--admin-token", help="bearer token for /admin (RMA_ADMIN_TOKEN)")
+    parser.add_argument("--dht-port", type=int, help="UDP port of the router's DHT node")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="HOST:PORT",
+        help="DHT peer to join through; repeatable (RMA_BOOTSTRAP)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the configuration and serve until SIGTERM/SIGINT."""
+    config = RouterConfig.build(args)
+    return asyncio.run(serve(config, log_level=args.log_level))
+
+
+async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
+    """Open the registry and a DHT node, run the app, close everything on the way out."""
+    registry = open_registry(config.registry, policy=config.policy)
+    dht = DHTNode(config.dht, policy=config.policy)
+    try:
+        await dht.listen()
+    except OSError as exc:
+        logger.error("cannot bind the DHT node to %s:%s: %s", config.dht.host, config.dht.port, exc)
+        await registry.aclose()
+        return EXIT_START_FAILED
+    try:
+        await _join(dht, config)
+        await _check_registry(registry)
+        app = create_app(config, registry=registry, dht=dht)
+        server = QuietServer(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                log_level=log_level,
+                proxy_headers=False,
+                server_header=False,
+            )
+        )
+        watcher = asyncio.get_running_loop().create_task(_stop_on_signal(server))
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        return 0 if server.started else EXIT_START_FAILED
+    finally:
+        await dht.aclose()
+        await registry.aclose()
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn's server without its signal handling: after a graceful stop uvicorn re-raises
+    the signal it caught, which would kill the process before it closes the DHT node and the
+    registry. `serve` watches SIGTERM/SIGINT itself and asks the server to exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _stop_on_signal(server: uvicorn.Server) -> None:
+    await wait_for_stop_signal()
+    logger.info("stopping on signal")
+    server.should_exit = True
+
+
+async def _join(dht: DHTNode, config: RouterConfig) -> None:
+    peers = list(config.dht_bootstrap) + list(config.coordinators)
+    if not peers:
+        logger.info("no DHT peers configured; lookups come from Redis only until peers join")
+        return
+    try:
+        await dht.bootstrap(peers)
+    except BootstrapError as exc:
+        logger.warning("%s; the DHT fallback stays empty until a peer answers", exc)
+
+
+async def _check_registry(registry: Registry) -> None:
+    try:
+        await registry.ping()
+    except RegistryError as exc:
+        logger.warning("registry not reachable at start (%s); serving from the DHT", exc)

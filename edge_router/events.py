@@ -1,0 +1,63 @@
+"""Listening on `rma:events`: operator flushes and membership changes reach every router replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from dht_bridge.errors import RegistryError
+from edge_router.handlers import flush_local
+from edge_router.state import RouterState
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+
+
+async def listen_for_events(state: RouterState, stop: asyncio.Event) -> None:
+    """Apply events until `stop` is set, resubscribing with backoff and jitter when Redis drops.
+
+    It polls rather than blocks, and is stopped by the flag rather than by cancellation,
+    which redis-py's pubsub read does not reliably honour on Python 3.11.
+    """
+    delay = BACKOFF_START
+    while not stop.is_set():
+        try:
+            async with state.registry.subscribe_events() as events:
+                state.events_connected = True
+                delay = BACKOFF_START
+                logger.info("listening for events on %s", state.registry.channel)
+                while not stop.is_set():
+                    event = await events.get()
+                    if event is not None:
+                        state.events_received += 1
+                        apply_event(state, event)
+        except RegistryError as exc:
+            logger.warning("events connection lost (%s); retrying in %.1fs", exc, delay)
+        finally:
+            state.events_connected = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, BACKOFF_MAX)
+
+
+def apply_event(state: RouterState, event: dict[str, Any]) -> None:
+    """Flush what an event makes stale. Heartbeats (load changes) do not flush: the TTL covers
+    them, and with thousands of workers they arrive many times a second."""
+    kind = event.get("type")
+    if kind == "flush":
+        service = event.get("service")
+        flushed = flush_local(state, service if isinstance(service, str) else None)
+        logger.info("flush event (%s): %d entries dropped", service or "all", flushed)
+    elif kind == "record":
+        if event.get("tombstone"):
+            changed = event.get("services") or []
+        else:
+            changed = event.get("removed") or []
+        for service in changed:
+            if isinstance(service, str):
+                state.lookups.flush(("svc", service))

@@ -1,0 +1,385 @@
+"""The router's endpoints. Each reads what it needs from `RouterState` and raises on failure;
+the app's one exception handler turns errors into JSON."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from dht_bridge.errors import RecordInvalid, RegistryError, RegistryUnavailable
+from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
+from edge_router.bootstrap import choose_peers
+from edge_router.cache import CacheState
+from edge_router.errors import (
+    BackendUnavailable,
+    BadRequest,
+    Forbidden,
+    NoProvider,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from edge_router.state import Peer, RouterState
+
+logger = logging.getLogger(__name__)
+
+
+def state_of(request: Request) -> RouterState:
+    """The shared state the app factory put on the app."""
+    state: RouterState = request.app.state.rma
+    return state
+
+
+# Lookups.
+
+
+async def lookup(request: Request) -> Response:
+    """GET /services/{service}: providers, least loaded first, through the cache."""
+    state = state_of(request)
+    service = _service(request.path_params["service"])
+    limit = _limit(request, state)
+    region = _region(request, state)
+    providers, cache_state, age, source = await cached_providers(state, service, region)
+    body = {
+        "service": service,
+        "providers": [record.to_dict() for record in providers[:limit]],
+        "source": "cache" if cache_state is not CacheState.MISS else source,
+    }
+    return JSONResponse(body, headers=_lookup_headers(state, cache_state, age))
+
+
+async def cached_providers(
+    state: RouterState, service: str, region: str | None
+) -> tuple[list[WorkerRecord], CacheState, float, str]:
+    """Providers of `service` from the cache, or one backend read shared by concurrent misses."""
+    source = "cache"
+
+    async def fetch() -> list[WorkerRecord]:
+        nonlocal source
+        found, source = await state.providers.find(
+            service, region=region, limit=state.config.max_limit
+        )
+        return found
+
+    providers, cache_state, age = await state.lookups.get(("svc", service, region or ""), fetch)
+    now = state.clock()
+    live = [r for r in providers if not r.is_expired(now)]
+    return live, cache_state, age, source
+
+
+def _lookup_headers(state: RouterState, cache_state: CacheState, age: float) -> dict[str, str]:
+    cache = state.config.cache
+    # As the IPFS delegated routing API does: the CDN may serve a stale copy while it
+    # revalidates, and for a long while when the origin fails.
+    control = (
+        f"public, max-age={int(cache.ttl)}, "
+        f"stale-while-revalidate={int(cache.stale_while_revalidate)}, "
+        f"stale-if-error={int(cache.stale)}"
+    )
+    headers = {
+        "X-Cache": cache_state.value,
+        "Cache-Control": control,
+        "CDN-Cache-Control": control,
+        "Age": str(int(age)),
+    }
+    if cache_state is CacheState.STALE:
+        headers["Warning"] = '110 - "Response is Stale"'
+        headers["X-RMA-Warning"] = "backends unavailable; answer is stale"
+    return headers
+
+
+def _service(name: str) -> str:
+    if not SERVICE_RE.fullmatch(name):
+        raise BadRequest(f"service name {name!r} does not match [a-z0-9-]{{1,32}}")
+    return name
+
+
+def _limit(request: Request, state: RouterState) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return state.config.default_limit
+    if not raw.isdigit() or not 1 <= int(raw) <= state.config.max_limit:
+        raise BadRequest(f"limit must be an integer from 1 to {state.config.max_limit}")
+    return int(raw)
+
+
+def _region(request: Request, state: RouterState) -> str | None:
+    raw = request.query_params.get("region")
+    if raw is not None:
+        raw = raw.strip().lower()
+        if len(raw) > 32 or not all(c.isalnum() or c == "-" for c in raw):
+            raise BadRequest("region must match [a-z0-9-]{0,32}")
+        return raw or None
+    return state.resolver.country(request)
+
+
+# Bootstrap.
+
+
+async def bootstrap(request: Request) -> Response:
+    """GET /dht/bootstrap: a few live DHT peers for a joining worker."""
+    state = state_of(request)
+    region = _region(request, state)
+
+    async def fetch() -> list[Peer]:
+        return await choose_peers(
+            coordinators=state.config.coordinators,
+            registry=state.registry,
+            dht=state.dht,
+            region=region,
+            count=state.config.bootstrap_peers,
+            now=state.clock(),
+        )
+
+    peers, cache_state, age = await state.peers.get(("peers", region or ""), fetch)
+    if not peers:
+        raise NoProvider("no DHT peer is known yet; retry later")
+    ttl = state.config.bootstrap_ttl
+    return JSONResponse(
+        {"peers": peers, "ttl": ttl},
+        headers={
+            "Cache-Control": f"public, max-age={min(ttl, 60)}",
+            "CDN-Cache-Control": f"public, max-age={ttl}, stale-if-error={ttl * 4}",
+            "X-Cache": cache_state.value,
+            "Age": str(int(age)),
+        },
+    )
+
+
+# Registration fallback.
+
+
+async def register(request: Request) -> Response:
+    """POST /workers: register or heartbeat a signed record (for workers off the DHT)."""
+    state = state_of(request)
+    record = parse_and_validate(
+        await read_json(request, state), state.config.policy, now=state.clock()
+    )
+    return await _store(state, record)
+
+
+async def leave(request: Request) -> Response:
+    """DELETE /workers/{worker_id}: graceful leave with a signed tombstone."""
+    state = state_of(request)
+    record = parse_and_validate(
+        await read_json(request, state), state.config.policy, now=state.clock()
+    )
+    if record.worker_id != request.path_params["worker_id"]:
+        raise BadRequest("the tombstone's worker_id does not match the URL")
+    if not record.tombstone:
+        raise RecordInvalid("tombstone", "DELETE takes a signed record with tombstone true")
+    response = await _store(state, record)
+    for service in record.services:
+        state.lookups.flush(("svc", service))
+    return response
+
+
+async def _store(state: RouterState, record: WorkerRecord) -> Response:
+    body: dict[str, Any] = {"worker_id": record.worker_id, "seq": record.seq}
+    try:
+        applied = await state.registry.upsert(record)
+    except RegistryUnavailable as exc:
+        if state.dht is None:
+            raise
+        # Nothing is lost: the DHT holds it, and the bridge copies it into Redis later.
+        logger.warning("registry unavailable, registering %s in the DHT: %s", record.worker_id, exc)
+        await state.dht.publish(record)
+        return JSONResponse({**body, "applied": True, "stored_in": "dht"}, status_code=202)
+    if not applied:
+        return JSONResponse(
+            {
+                **body,
+                "error": "stale_record",
+                "detail": "an equal or newer record of this worker is registered",
+            },
+            status_code=409,
+        )
+    return JSONResponse({**body, "applied": True, "stored_in": "redis"})
+
+
+async def read_json(request: Request, state: RouterState) -> Any:
+    """The request body as JSON, refusing bodies over the configured limit (413)."""
+    limit = state.config.max_body
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except ValueError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+
+# Operator.
+
+
+def check_admin(request: Request, state: RouterState) -> None:
+    """Bearer token against RMA_ADMIN_TOKEN, compared in constant time."""
+    token = state.config.admin_token
+    if not token:
+        raise Forbidden("admin endpoints are disabled: RMA_ADMIN_TOKEN is not set")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("a bearer token is required")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Forbidden("wrong admin token")
+
+
+async def flush(request: Request) -> Response:
+    """POST /admin/cache/flush: `{}` flushes all, `{"service": s}` one; reaches every replica."""
+    state = state_of(request)
+    check_admin(request, state)
+    body = await read_json(request, state)
+    if body is None:
+        body = {}
+    if not isinstance(body, dict) or set(body) - {"service"}:
+        raise BadRequest('body must be {} or {"service": name}')
+    service = body.get("service")
+    if service is not None and not isinstance(service, str):
+        raise BadRequest("service must be a string")
+    if service is not None:
+        service = _service(service)
+    flushed = flush_local(state, service)
+    try:
+        await state.registry.publish_event({"type": "flush", "service": service})
+        propagated = True
+    except RegistryError as exc:
+        logger.warning("flush not propagated to other routers: %s", exc)
+        propagated = False
+    return JSONResponse({"flushed": flushed, "service": service, "propagated": propagated})
+
+
+def flush_local(state: RouterState, service: str | None) -> int:
+    """Drop this router's cached lookups (one service, or all and the bootstrap peers)."""
+    if service is None:
+        return state.lookups.flush() + state.peers.flush()
+    return state.lookups.flush(("svc", service))
+
+
+# Routing.
+
+
+async def route(request: Request) -> Response:
+    """* /route/{service}/{path}: proxy to a provider's tunnel URL."""
+    state = state_of(request)
+    service = _service(request.path_params["service"])
+    region = _region(request, state)
+    providers, _, _, _ = await cached_providers(state, service, region)
+    if not providers:
+        raise NoProvider(f"no provider of {service!r} is registered")
+    return await state.proxy.forward(
+        request,
+        service,
+        request.path_params.get("path", ""),
+        providers,
+        client_ip=state.resolver.client_ip(request),
+        cf_ray=request.headers.get("cf-ray"),
+    )
+
+
+# Introspection.
+
+
+async def topology(request: Request) -> Response:
+    """GET /topology: workers, services, regions, load, bootstrap peers, as JSON."""
+    state = state_of(request)
+    now = state.clock()
+    try:
+        records = await state.registry.records(limit=5000)
+    except RegistryError as exc:
+        raise BackendUnavailable(f"registry unavailable: {exc}") from exc
+    workers = [_worker_view(r, now) for r in records if not r.is_expired(now)]
+    services: dict[str, int] = {}
+    regions: dict[str, int] = {}
+    for worker in workers:
+        if worker["state"] == "live":
+            for service in worker["services"]:
+                services[service] = services.get(service, 0) + 1
+            regions[worker["region"] or "unknown"] = (
+                regions.get(worker["region"] or "unknown", 0) + 1
+            )
+    return JSONResponse(
+        {
+            "workers": workers,
+            "services": services,
+            "regions": regions,
+            "coordinators": [{"host": h, "port": p} for h, p in state.config.coordinators],
+            "figures": figures(state),
+        }
+    )
+
+
+def _worker_view(record: WorkerRecord, now: float) -> dict[str, Any]:
+    return {
+        "worker_id": record.worker_id,
+        "services": list(record.services),
+        "region": record.region,
+        "load": record.load,
+        "seq": record.seq,
+        "state": "left" if record.tombstone else "live",
+        "dht": f"{record.dht_host}:{record.dht_port}" if record.dht_host else None,
+        "expires_in": round(record.expires_at - now, 1),
+    }
+
+
+def figures(state: RouterState) -> dict[str, float]:
+    """The numbers an operator watches, for /topology and /metrics."""
+    stats = state.lookups.stats
+    served = stats.hits + stats.misses + stats.stale
+    extra = state.extra_figures() if state.extra_figures is not None else {}
+    return {
+        **{name.removeprefix("rma_"): float(value) for name, value in extra.items()},
+        "cache_entries": len(state.lookups),
+        "cache_hits": stats.hits,
+        "cache_misses": stats.misses,
+        "cache_stale": stats.stale,
+        "cache_hit_ratio": round(stats.hits / served, 4) if served else 0.0,
+        "backend_reads": stats.backend_reads,
+        "registry_failures": state.providers.registry_failures,
+        "dht_reads": state.providers.dht_reads,
+        "edge_requests_today": state.metrics.edge_requests_today,
+        "edge_daily_budget": state.metrics.daily_budget,
+        "events_received": state.events_received,
+        "events_connected": int(state.events_connected),
+    }
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: 200 while Redis or the DHT can answer, 503 when neither can."""
+    state = state_of(request)
+    try:
+        await state.registry.ping()
+        redis_ok = True
+    except RegistryError:
+        redis_ok = False
+    dht_ok = (
+        state.dht is not None
+        and state.dht.protocol is not None
+        and (len(state.dht.rpc.router) > 0 or not state.config.dht_bootstrap)
+    )
+    status = "ok" if redis_ok and (dht_ok or state.dht is None) else "degraded"
+    if not redis_ok and not dht_ok:
+        status = "down"
+    return JSONResponse(
+        {"status": status, "redis": redis_ok, "dht": dht_ok if state.dht else None},
+        status_code=503 if status == "down" else 200,
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text."""
+    state = state_of(request)
+    gauges = {f"rma_{name}": float(value) for name, value in figures(state).items()}
+    return PlainTextResponse(
+        state.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )

@@ -1,0 +1,55 @@
+"""Where provider lists come from: Redis first, the DHT when Redis is down or knows nobody."""
+
+from __future__ import annotations
+
+import logging
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.errors import DHTError, RegistryUnavailable
+from dht_bridge.records import WorkerRecord
+from dht_bridge.registry import Registry
+from edge_router.errors import BackendUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class ProviderSource:
+    """Reads providers of a service from the registry, falling back to our DHT node."""
+
+    def __init__(self, registry: Registry, dht: DHTNode | None) -> None:
+        self.registry = registry
+        self.dht = dht
+        self.registry_failures = 0
+        self.dht_reads = 0
+
+    async def find(
+        self, service: str, *, region: str | None, limit: int
+    ) -> tuple[list[WorkerRecord], str]:
+        """Up to `limit` live providers (region first when given) and which side answered."""
+        try:
+            found = await self.registry.lookup(service, limit=limit, region=region)
+        except RegistryUnavailable as exc:
+            self.registry_failures += 1
+            logger.warning("registry unavailable for lookup of %s: %s", service, exc)
+            return await self._from_dht(service, region, limit, reason=exc)
+        if found or self.dht is None:
+            return found, "redis"
+        # A worker that joined over the DHT seconds ago may not have reached Redis yet.
+        try:
+            return await self._from_dht(service, region, limit, reason=None)
+        except BackendUnavailable:
+            return found, "redis"
+
+    async def _from_dht(
+        self, service: str, region: str | None, limit: int, *, reason: Exception | None
+    ) -> tuple[list[WorkerRecord], str]:
+        if self.dht is None:
+            raise BackendUnavailable(f"registry unavailable ({reason}) and no DHT node configured")
+        self.dht_reads += 1
+        try:
+            found = await self.dht.lookup(service, limit=max(limit * 4, limit))
+        except (DHTError, RuntimeError, OSError) as exc:
+            raise BackendUnavailable(f"registry ({reason}) and DHT ({exc}) both failed") from exc
+        if region:
+            found.sort(key=lambda r: (r.region != region, r.load, r.worker_id))
+        return found[:limit], "dht"

@@ -1,0 +1,583 @@
+"""The routing proxy: `* /route/{service}/{path}` forwarded to a provider's tunnel URL.
+
+Providers are chosen load-aware (the less loaded of two random healthy ones). A connect failure
+is retried once on another provider; a provider that keeps failing is ejected for a while; one
+that answers 429 is skipped for its Retry-After. Bodies stream both ways: only a request body up
+to `replay_limit` bytes is held in memory, so that it can be sent again on a retry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import http.cookiejar
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from dht_bridge.records import WorkerRecord
+from edge_router.errors import BadRequest, NoProvider, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+
+WORKER_HEADER = b"x-rma-worker"
+# Our own headers (the Cloudflare Worker's origin secret among them) never reach a volunteer, and
+# a volunteer cannot make its response look as if the router had said something.
+INTERNAL_PREFIX = b"x-rma-"
+# RFC 9110 section 7.6.1, plus the older names proxies still meet.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Host is set by httpx from the tunnel URL; the X-Forwarded-* and CF-Ray are rebuilt from what
+# the app trusts; other client-address claims are unverified, and Expect: 100-continue is a
+# conversation with us, not with the provider.
+REQUEST_DROP = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"cf-ray",
+        b"cf-connecting-ip",
+        b"true-client-ip",
+        b"x-real-ip",
+        b"expect",
+    }
+)
+# Like nginx: our own server stamps Date and Server, so passing the provider's would repeat them.
+RESPONSE_DROP = frozenset({b"date", b"server"})
+# Methods that may be sent again after the exchange broke mid-way (RFC 9110 section 9.2.1).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Cloudflare's answer when the tunnel behind a hostname is not connected (error 1033 and kin):
+# the worker never saw the request, so it is a connect failure in all but name.
+TUNNEL_DOWN = 530
+# A path is quoted back from its decoded form; these stay literal (RFC 3986 pchar and "/").
+_PATH_SAFE = "/:@!$&'()*+,;="
+# ProviderHealth forgets idle entries beyond this many, so churned workers do not pile up.
+_MAX_TRACKED = 10_000
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Timeouts, ejection, busy and retry limits of the routing proxy."""
+
+    connect_timeout: float = 3.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 3.0
+    eject_after: int = 3  # consecutive connect failures before a provider is ejected
+    eject_for: float = 30.0  # seconds an ejected provider is skipped
+    busy_default: float = 5.0  # seconds a provider answering 429 without Retry-After is skipped
+    busy_max: float = 300.0  # cap on Retry-After
+    replay_limit: int = 65536  # request bodies up to this size are buffered so they can be retried
+    max_attempts: int = 2  # first try + one retry on another provider
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    ejected_until: float = -math.inf
+    busy_until: float = -math.inf
+
+
+class ProviderHealth:
+    """Per worker: consecutive failures, ejected-until and busy-until, on an injected clock."""
+
+    def __init__(self, settings: ProxySettings, *, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._entries: dict[str, _Health] = {}
+
+    def __len__(self) -> int:
+        """How many workers have something remembered (failures, an ejection, a busy mark)."""
+        return len(self._entries)
+
+    def status(self, worker_id: str) -> str:
+        """`"ejected"`, `"busy"` or `"healthy"` at the current time."""
+        entry = self._entries.get(worker_id)
+        if entry is None:
+            return "healthy"
+        now = self._clock()
+        if now < entry.ejected_until:
+            return "ejected"
+        if now < entry.busy_until:
+            return "busy"
+        return "healthy"
+
+    def available(self, worker_id: str) -> bool:
+        """True unless the worker is ejected or busy right now."""
+        return self.status(worker_id) == "healthy"
+
+    def failures(self, worker_id: str) -> int:
+        """Consecutive failures counted since the worker's last success."""
+        entry = self._entries.get(worker_id)
+        return entry.failures if entry else 0
+
+    def record_failure(self, worker_id: str) -> bool:
+        """Count a failure; True when it ejects the worker (again).
+
+        The count is kept through an ejection, so a provider still down when it returns is
+        ejected again by its first failure instead of costing `eject_after` more requests.
+        """
+        entry = self._entry(worker_id)
+        entry.failures += 1
+        if entry.failures < self._settings.eject_after:
+            return False
+        entry.ejected_until = self._clock() + self._settings.eject_for
+        return True
+
+    def record_success(self, worker_id: str) -> None:
+        """Forget the worker's failures; a busy mark stays (a 429 may race a 200)."""
+        entry = self._entries.get(worker_id)
+        if entry is None:
+            return
+        entry.failures = 0
+        entry.ejected_until = -math.inf
+        if entry.busy_until <= self._clock():
+            del self._entries[worker_id]
+
+    def mark_busy(self, worker_id: str, seconds: float) -> None:
+        """Skip the worker for `seconds` from now (never shortening an earlier mark)."""
+        entry = self._entry(worker_id)
+        entry.busy_until = max(entry.busy_until, self._clock() + seconds)
+
+    def _entry(self, worker_id: str) -> _Health:
+        entry = self._entries.get(worker_id)
+        if entry is None:
+            if len(self._entries) >= _MAX_TRACKED:
+                self._forget_idle()
+            entry = self._entries[worker_id] = _Health()
+        return entry
+
+    def _forget_idle(self) -> None:
+        now = self._clock()
+        idle = [
+            wid
+            for wid, e in self._entries.items()
+            if e.ejected_until <= now and e.busy_until <= now
+        ]
+        for wid in idle:
+            del self._entries[wid]
+
+
+class Proxy:
+    """Forwards requests to providers' tunnel URLs, with load-aware choice, retry and ejection."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        settings: ProxySettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.health = ProviderHealth(settings, clock=clock)
+        self._rng = rng or random.Random()
+        self._timeout = httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.read_timeout,
+            write=settings.write_timeout,
+            pool=settings.pool_timeout,
+        ).as_dict()
+        # httpx files every Set-Cookie of every response in the client's jar. A proxy serving
+        # every user must remember none of them (and the jar would grow with every tunnel host).
+        client.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+    def choose(
+        self, providers: Sequence[WorkerRecord], exclude: Collection[str] = ()
+    ) -> WorkerRecord | None:
+        """The less loaded of two random healthy providers; None when none is healthy.
+
+        Two random choices rather than the least loaded: loads are as old as the last heartbeat,
+        and sending everything to the one that looked idle would pile onto it.
+        """
+        candidates = [
+            p
+            for p in providers
+            if p.live and p.worker_id not in exclude and self.health.available(p.worker_id)
+        ]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        first, second = self._rng.sample(candidates, 2)
+        return first if first.load <= second.load else second
+
+    async def forward(
+        self,
+        request: Request,
+        service: str,
+        path: str,
+        providers: Sequence[WorkerRecord],
+        *,
+        client_ip: str | None,
+        cf_ray: str | None,
+    ) -> Response:
+        """Proxy `request` to `<tunnel_url>/<path>` of a chosen provider, streaming both ways.
+
+        Raises NoProvider (nothing healthy), UpstreamUnavailable (every try failed) or
+        UpstreamTimeout (the provider did not answer in time).
+        """
+        target = target_path(path, request.scope.get("query_string", b""))
+        provider = self.choose(providers)
+        if provider is None:
+            raise NoProvider(self._nothing_healthy(service, providers))
+        headers = request_headers(request, client_ip=client_ip, cf_ray=cf_ray)
+        body = await _RequestBody.read(request.stream(), self.settings.replay_limit)
+        try:
+            return await self._exchange(
+                provider, providers, request.method, service, target, headers, body
+            )
+        finally:
+            await body.aclose()
+
+    async def _exchange(
+        self,
+        provider: WorkerRecord,
+        providers: Sequence[WorkerRecord],
+        method: str,
+        service: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: _RequestBody,
+    ) -> Response:
+        tried: list[str] = []
+        reasons: list[str] = []
+        while True:
+            tried.append(provider.worker_id)
+            logger.debug(
+                "route %s %s %s -> worker %s (load %.2f, attempt %d)",
+                method,
+                service,
+                target,
+                provider.worker_id,
+                provider.load,
+                len(tried),
+            )
+            response, reason, retry = await self._attempt(
+                provider, method, target, headers, body, earlier=reasons
+            )
+            if reason is None and response is not None:
+                return relay(response, provider.worker_id)
+            reasons.append(f"worker {provider.worker_id}: {reason}")
+            following = None
+            if retry and len(tried) < self.settings.max_attempts:
+                following = self.choose(providers, exclude=tried)
+                if following is None:
+                    reasons.append("no other healthy provider")
+            if following is None:
+                if response is not None:  # a 429 that no one else can take: the client gets it
+                    return relay(response, provider.worker_id)
+                raise UpstreamUnavailable(
+                    f"no provider of {service!r} answered: {'; '.join(reasons)}"
+                )
+            if response is not None:
+                await response.aclose()
+            provider = following
+
+    async def _attempt(
+        self,
+        provider: WorkerRecord,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: _RequestBody,
+        *,
+        earlier: Sequence[str],
+    ) -> tuple[httpx.Response | None, str | None, bool]:
+        """One try: (response, why it failed or None, may another provider be tried)."""
+        wid = provider.worker_id
+        before = f" (before that: {'; '.join(earlier)})" if earlier else ""
+        try:
+            response = await self._send(provider, method, target, headers, body)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._failed(wid, exc)
+            return None, f"connection failed ({_describe(exc)})", body.resendable
+        except httpx.ReadTimeout as exc:
+            raise UpstreamTimeout(
+                f"worker {wid} did not answer within {self.settings.read_timeout:g} s{before}"
+            ) from exc
+        except httpx.WriteTimeout as exc:
+            raise UpstreamTimeout(
+                f"worker {wid} did not take the request body within "
+                f"{self.settings.write_timeout:g} s{before}"
+            ) from exc
+        except httpx.PoolTimeout as exc:
+            # Our own connection pool is full: not the provider's fault, and 503 says "later".
+            raise NoProvider(
+                f"router connection pool exhausted after {self.settings.pool_timeout:g} s "
+                f"while connecting to worker {wid}{before}"
+            ) from exc
+        except httpx.TransportError as exc:
+            # The provider took the request and then broke the exchange: it may have acted on it.
+            self._failed(wid, exc)
+            retry = method in SAFE_METHODS and body.resendable
+            return None, f"exchange broken ({_describe(exc)})", retry
+        if response.status_code == TUNNEL_DOWN:
+            await response.aclose()
+            self._failed(wid, f"HTTP {TUNNEL_DOWN}")
+            return None, f"tunnel not connected (HTTP {TUNNEL_DOWN})", body.resendable
+        if response.status_code == 429:
+            busy = retry_after_seconds(
+                response.headers.get("retry-after"),
+                now=time.time(),  # an HTTP date is wall-clock time, not the monotonic clock
+                default=self.settings.busy_default,
+                cap=self.settings.busy_max,
+            )
+            self.health.mark_busy(wid, busy)
+            logger.debug("worker %s answered 429: busy for %.1f s", wid, busy)
+            return response, f"busy (429, retry after {busy:g} s)", body.resendable
+        self.health.record_success(wid)
+        return response, None, False
+
+    async def _send(
+        self,
+        provider: WorkerRecord,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: _RequestBody,
+    ) -> httpx.Response:
+        # A bare httpx.Request, not client.build_request: the client's default headers (its
+        # Accept-Encoding above all) and cookies must not be added to a client's request.
+        upstream = httpx.Request(
+            method,
+            upstream_url(provider.tunnel_url, target),
+            headers=body.headers(headers),
+            content=body.content(),
+            extensions={"timeout": self._timeout},
+        )
+        return await self.client.send(upstream, stream=True)
+
+    def _failed(self, worker_id: str, cause: BaseException | str) -> None:
+        if self.health.record_failure(worker_id):
+            logger.warning(
+                "ejecting worker %s for %g s after %d consecutive failures (last: %s)",
+                worker_id,
+                self.settings.eject_for,
+                self.health.failures(worker_id),
+                cause if isinstance(cause, str) else _describe(cause),
+            )
+        else:
+            logger.debug("worker %s failed: %s", worker_id, cause)
+
+    def _nothing_healthy(self, service: str, providers: Sequence[WorkerRecord]) -> str:
+        if not providers:
+            return f"no provider of {service!r} is registered"
+        states = [
+            "tombstoned" if not p.live else self.health.status(p.worker_id) for p in providers
+        ]
+        counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+        return f"no healthy provider of {service!r} ({len(providers)} known: {counts})"
+
+
+class _RequestBody:
+    """The request body: whole bytes when it fits `replay_limit`, else a one-shot stream."""
+
+    def __init__(self, prefix: list[bytes], rest: AsyncGenerator[bytes, None] | None) -> None:
+        self._prefix = prefix
+        self._rest = rest
+        self.started = False  # has any byte of a streamed body been handed to httpx?
+
+    @classmethod
+    async def read(cls, stream: AsyncGenerator[bytes, None], limit: int) -> _RequestBody:
+        """Read up to `limit` bytes; stop there and keep the rest of `stream` for streaming."""
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                return cls(chunks, None)
+            chunks.append(chunk)
+            size += len(chunk)
+        return cls(chunks, stream)
+
+    @property
+    def replayable(self) -> bool:
+        """True when the whole body is in memory and can be sent again."""
+        return self._rest is None
+
+    @property
+    def resendable(self) -> bool:
+        """True when another provider can still get the whole body: buffered, or not yet read."""
+        return self._rest is None or not self.started
+
+    def headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """`headers` fit for this body: httpx sets Content-Length itself for buffered bytes."""
+        if self.replayable:
+            return [(k, v) for k, v in headers if k != b"content-length"]
+        return headers
+
+    def content(self) -> bytes | AsyncIterator[bytes]:
+        """What httpx sends: the buffered bytes, or an iterator over the stream."""
+        if self._rest is None:
+            return b"".join(self._prefix)
+        return self._stream(self._rest)
+
+    async def _stream(self, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+        self.started = True
+        for chunk in self._prefix:
+            yield chunk
+        self._prefix = []
+        async for chunk in rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        """Close the client's stream if it was not read to the end."""
+        if self._rest is not None:
+            await self._rest.aclose()
+
+
+class _UpstreamResponse(StreamingResponse):
+    """Streams a provider's raw response bytes and always closes it, even if the client leaves."""
+
+    def __init__(self, upstream: httpx.Response, headers: list[tuple[bytes, bytes]]) -> None:
+        self._body = _relay_body(upstream)
+        super().__init__(self._body, status_code=upstream.status_code)
+        self.raw_headers = headers
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Closing in `finally` rather than in a BackgroundTask: a background task does not run
+        # when the client disconnects, and the provider's connection would never go back.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._body.aclose()
+                await self._upstream.aclose()
+
+
+async def _relay_body(upstream: httpx.Response) -> AsyncGenerator[bytes, None]:
+    sent = 0
+    try:
+        async for chunk in upstream.aiter_raw():
+            sent += len(chunk)
+            yield chunk
+    except httpx.TransportError as exc:
+        # Too late for an error status: re-raising makes the server abort the connection, so
+        # the client sees a truncated response instead of one that looks complete.
+        logger.warning("provider at %s broke off after %d bytes: %s", upstream.url, sent, exc)
+        raise
+
+
+def relay(upstream: httpx.Response, worker_id: str) -> Response:
+    """The client's response: the provider's status, end-to-end headers and raw body."""
+    headers = response_headers(upstream.headers.raw)
+    headers.append((WORKER_HEADER, worker_id.encode("ascii")))
+    return _UpstreamResponse(upstream, headers)
+
+
+def request_headers(
+    request: Request, *, client_ip: str | None, cf_ray: str | None
+) -> list[tuple[bytes, bytes]]:
+    """The end-to-end headers of `request`, with X-Forwarded-* and CF-Ray set for the provider."""
+    raw = request.headers.raw
+    drop = HOP_BY_HOP | REQUEST_DROP | connection_tokens(raw)
+    out = [(k, v) for k, v in raw if k not in drop and not k.startswith(INTERNAL_PREFIX)]
+    # Only the address the router resolved (the TCP peer, or what a trusted proxy vouched for):
+    # a chain the client sent cannot be checked, and a provider must not be led to trust it.
+    if client_ip:
+        out.append((b"x-forwarded-for", client_ip.encode("latin-1")))
+    out.append((b"x-forwarded-proto", str(request.scope.get("scheme", "http")).encode("latin-1")))
+    host = request.headers.get("host")
+    if host:
+        out.append((b"x-forwarded-host", host.encode("latin-1")))
+    if cf_ray:
+        out.append((b"cf-ray", cf_ray.encode("latin-1")))
+    return out
+
+
+def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A provider's response headers without hop-by-hop, Date/Server and our internal ones."""
+    lowered = [(k.lower(), v) for k, v in raw]
+    drop = HOP_BY_HOP | RESPONSE_DROP | connection_tokens(lowered)
+    return [(k, v) for k, v in lowered if k not in drop and not k.startswith(INTERNAL_PREFIX)]
+
+
+def connection_tokens(raw: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names a Connection header lists: they are hop-by-hop too."""
+    return frozenset(
+        token.strip().lower()
+        for k, v in raw
+        if k.lower() == b"connection"
+        for token in v.split(b",")
+        if token.strip()
+    )
+
+
+def target_path(path: str, query: bytes) -> bytes:
+    """`/<path>?<query>` to append to a tunnel URL; `path` is decoded (as Starlette gives it).
+
+    Raises BadRequest for `.` and `..` segments, which would climb out of the tunnel URL's path.
+    """
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise BadRequest(f"path {path!r} contains a '.' or '..' segment")
+    target = b"/" + quote(path.lstrip("/"), safe=_PATH_SAFE).encode("ascii")
+    return target + b"?" + query if query else target
+
+
+def upstream_url(tunnel_url: str, target: bytes) -> httpx.URL:
+    """The tunnel URL with `target` (from `target_path`) appended to its own path."""
+    base = httpx.URL(tunnel_url)
+    prefix = base.raw_path.split(b"?", 1)[0].rstrip(b"/")
+    return base.copy_with(raw_path=prefix + target)
+
+
+def retry_after_seconds(value: str | None, *, now: float, default: float, cap: float) -> float:
+    """Seconds a Retry-After header asks for (delta seconds or HTTP date), within [0, cap].
+
+    `now` is wall-clock time, for dates; a missing or unreadable value gives `default`.
+    """
+    if value is None:
+        return min(default, cap)
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), cap)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return min(default, cap)
+    if when.tzinfo is None:  # "-0000": RFC 5322 for UTC; a naive datetime would mean local time
+        when = when.replace(tzinfo=datetime.UTC)
+    return min(max(when.timestamp() - now, 0.0), cap)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+__all__ = [
+    "ProviderHealth",
+    "Proxy",
+    "ProxySettings",
+    "relay",
+    "request_headers",
+    "response_headers",
+    "retry_after_seconds",
+    "target_path",
+    "upstream_url",
+]

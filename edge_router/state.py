@@ -1,0 +1,43 @@
+"""What every handler of the router shares, built once by the app factory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.records import WorkerRecord
+from dht_bridge.registry import Registry
+from edge_router.cache import LookupCache
+from edge_router.cloudflare import ClientResolver
+from edge_router.config import RouterConfig
+from edge_router.metrics import Metrics
+from edge_router.providers import ProviderSource
+from edge_router.proxy import Proxy
+
+Peer = dict[str, object]
+
+
+@dataclass
+class RouterState:
+    """The router's parts: configuration, backends, caches, proxy, counters, clocks."""
+
+    config: RouterConfig
+    registry: Registry
+    dht: DHTNode | None
+    http: httpx.AsyncClient
+    providers: ProviderSource
+    lookups: LookupCache[list[WorkerRecord]]
+    peers: LookupCache[list[Peer]]
+    proxy: Proxy
+    metrics: Metrics
+    resolver: ClientResolver
+    clock: Callable[[], float] = time.time
+    # More figures for /topology and /metrics, e.g. an in-process bridge's (the demo's).
+    extra_figures: Callable[[], Mapping[str, float]] | None = None
+    events_connected: bool = False
+    events_received: int = 0
+    notes: dict[str, float] = field(default_factory=dict)
