@@ -1,0 +1,566 @@
+"""The worker agent: join the DHT (asking the edge only when no saved peer answers), heartbeat
+there, register through the edge when the DHT is out of reach, and leave with a tombstone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.errors import BootstrapError, DHTError, PublishError, RecordError, RMAError
+from dht_bridge.identity import Identity
+from dht_bridge.process import parse_hostport
+from dht_bridge.records import WorkerRecord, sign_record
+from worker.backoff import Backoff, BackoffSettings, jittered
+from worker.config import ADVERTISE_AUTO, ADVERTISE_NONE, WorkerConfig
+from worker.discovery import Discovery, discover
+from worker.edge import (
+    BootstrapPeers,
+    EdgeClient,
+    EdgeError,
+    EdgeRefused,
+    EdgeUnavailable,
+    Registered,
+)
+from worker.load import HttpLoad, LoadSource, StaticLoad
+from worker.state import LoadStatus, StateFile, WorkerState
+
+logger = logging.getLogger(__name__)
+
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+# When the edge says our seq is stale and does not list our record, jump this far ahead:
+# more heartbeats than a worker sends in a year at the default pace.
+STALE_SEQ_JUMP = 1 << 20
+EDGE_PEERS_AT_MOST = 4
+SERVICES_LOOKUP_LIMIT = 100
+SEQ_LOOKUP_TIMEOUT = 2.0
+LEAVE_ATTEMPTS = 3
+LEAVE_RETRY = BackoffSettings(base=0.2, cap=1.0)
+
+
+class Mode(enum.Enum):
+    """Where the worker's record currently lives."""
+
+    STARTING = "starting"
+    DHT = "dht"  # published and heartbeating in the DHT
+    EDGE = "edge"  # registered through the edge's POST /workers; the DHT is retried
+    OFFLINE = "offline"  # neither side took it yet; both are retried
+    STOPPED = "stopped"
+
+
+class StartError(RMAError):
+    """The agent could not start (the DHT socket could not be bound)."""
+
+
+class WorkerAgent:
+    """One worker: identity, record, heartbeats, discovery, leave.
+
+    Use `async with WorkerAgent(config) as agent:` (or `start()` then `aclose()`). Inject the
+    edge's httpx `edge_transport`, the wall `clock`, the `load` source and `rng` in tests;
+    the DHT settings and every interval come from `config`.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        edge_transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        load: LoadSource | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.mode = Mode.STARTING
+        self.state = WorkerState()
+        self.state_status = LoadStatus.MISSING
+        self.identity: Identity | None = None
+        self.node: DHTNode | None = None
+        self.record: WorkerRecord | None = None
+        self.heartbeats = 0
+        self.edge: EdgeClient | None = None
+        if config.edge_url is not None:
+            self.edge = EdgeClient(
+                config.edge_url,
+                policy=config.policy,
+                transport=edge_transport,
+                timeout=config.edge_timeout,
+                clock=clock,
+            )
+        self.load: LoadSource = load or _default_load(config)
+        self._state_file = StateFile(config.state_file)
+        self._dht_retry = Backoff(config.retry, self.rng)
+        self._edge_retry = Backoff(config.retry, self.rng)
+        self._edge_peers: BootstrapPeers | None = None
+        self._edge_peers_until = 0.0
+        self._next_beat = 0.0
+        self._next_dht_try = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    # Life cycle.
+
+    @property
+    def worker_id(self) -> str:
+        """This worker's id (after `start`)."""
+        if self.identity is None:
+            raise RuntimeError("the agent has not started")
+        return self.identity.worker_id
+
+    @property
+    def edge_requests(self) -> dict[str, int]:
+        """Requests sent to the edge so far, by kind."""
+        return dict(self.edge.counts) if self.edge is not None else {}
+
+    async def __aenter__(self) -> WorkerAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Load state and identity, join the DHT (or register at the edge), start heartbeats.
+
+        Raises StartError when the DHT socket cannot be bound and IdentityError when the key
+        file exists but cannot be used; nothing else stops a start: whatever side is out of
+        reach is retried in the background.
+        """
+        self.state, self.state_status = self._state_file.load()
+        self.identity = self._load_identity()
+        try:
+            if not self.config.edge_only:
+                await self._open_node()
+                if await self._join(allow_edge=True):
+                    await self._recover_seq()
+                    try:
+                        await self._enter_dht()
+                    except (DHTError, RecordError) as exc:
+                        logger.warning("joined the DHT but could not publish: %s", exc)
+            if self.mode is Mode.DHT:
+                # Workers often start together (a host boots, an outage ends): spread their
+                # first renewal over half an interval so that their pulses never line up.
+                spread = self.rng.uniform(0.5, 1.0)
+                self._next_beat = _now() + self.config.heartbeat * spread
+            else:
+                why = "edge-only mode" if self.config.edge_only else "could not join the DHT"
+                await self._fall_back(why)
+        except BaseException:
+            await self._close_resources()
+            raise
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="worker-loop")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, work until `stop` is set, then leave and close."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Leave (a tombstone to the DHT, and to the edge if that path is in use), then close.
+
+        Bounded by `leave_timeout`: a worker told to stop exits within a few seconds.
+        """
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.mode is not Mode.STOPPED and self.identity is not None:
+            try:
+                async with asyncio.timeout(self.config.leave_timeout):
+                    await self._leave()
+            except TimeoutError:
+                logger.warning("leave did not finish within %gs", self.config.leave_timeout)
+            except (RMAError, OSError) as exc:
+                logger.warning("leave failed: %s", exc)
+        self.mode = Mode.STOPPED
+        await self._close_resources()
+
+    async def _close_resources(self) -> None:
+        if self.node is not None:
+            self._remember_dht()
+            await self.node.aclose()
+        if self.identity is not None:
+            with contextlib.suppress(OSError):
+                self._save()
+        if self.edge is not None:
+            await self.edge.aclose()
+        await self.load.aclose()
+
+    # Discovery.
+
+    async def discover(self, service: str, limit: int = 10) -> Discovery:
+        """Up to `limit` providers of `service`: from the DHT within the discovery deadline,
+        else from the edge; `source` says which side answered."""
+        return await discover(
+            service,
+            limit=limit,
+            node=self.node,
+            edge=self.edge,
+            deadline=self.config.discovery_deadline,
+            region=self.config.region,
+        )
+
+    # Identity and state.
+
+    def _load_identity(self) -> Identity:
+        path = self.config.key_file
+        if path is None:
+            named = self.state.key_file
+            path = Path(named) if named else self.config.state_file.with_suffix(".key")
+        if path.exists():
+            identity = Identity.load(path)  # a key that is there but unusable stops the start
+        else:
+            identity = Identity.generate()
+            identity.save(path)
+            logger.warning(
+                "no key file at %s: created a new identity, worker %s", path, identity.worker_id
+            )
+        if self.state.worker_id and self.state.worker_id != identity.worker_id:
+            logger.warning(
+                "state file %s belongs to worker %s, not %s: its seq is dropped, its peers kept",
+                self.config.state_file,
+                self.state.worker_id,
+                identity.worker_id,
+            )
+            self.state = WorkerState(peers=self.state.peers)
+        self.state.worker_id = identity.worker_id
+        self.state.key_file = str(path)
+        logger.info(
+            "worker %s (state %s: %s, seq %d, %d saved peers)",
+            identity.worker_id,
+            self.config.state_file,
+            self.state_status.value,
+            self.state.seq,
+            len(self.state.peers),
+        )
+        return identity
+
+    def _save(self) -> None:
+        self._state_file.save(self.state)
+
+    def _remember_dht(self) -> None:
+        """Copy what a restart needs from the node into the state (saved with the next seq)."""
+        if self.node is None or self.node.protocol is None:
+            return
+        peers: list[tuple[str, int]] = []
+        if self._edge_peers is not None:
+            peers.extend(self._edge_peers.peers[:EDGE_PEERS_AT_MOST])
+        peers.extend(self.config.bootstrap)
+        peers.extend(self.node.bootstrappable_neighbors())
+        if len(self.node.rpc.router) == 0:
+            peers.extend(self.state.peers)  # out of touch: keep what we knew
+        unique = list(dict.fromkeys(p for p in peers if p != self.node.address))
+        if unique:
+            self.state.peers = unique[: self.config.saved_peers]
+        self.state.levels = self.node.state()["levels"]
+
+    # Joining the DHT.
+
+    async def _open_node(self) -> None:
+        node = DHTNode(
+            self.config.dht,
+            policy=self.config.policy,
+            clock=self.clock,
+            # The edge hands out workers with their worker id as node id: keep them one.
+            node_id=bytes.fromhex(self.worker_id),
+        )
+        try:
+            await node.listen()
+        except OSError as exc:
+            await node.aclose()
+            host, port = self.config.dht.host, self.config.dht.port
+            raise StartError(f"cannot bind the DHT socket to {host}:{port}: {exc}") from exc
+        node.restore_levels(self.state.levels)
+        self.node = node
+
+    async def _join(self, *, allow_edge: bool) -> bool:
+        """Join through saved and configured peers; ask the edge only when none answers (and
+        its last answer is older than the TTL it gave)."""
+        known = list(dict.fromkeys([*self.config.bootstrap, *self.state.peers]))
+        if self._edge_peers is not None:
+            known.extend(p for p in self._edge_peers.peers if p not in known)
+        if known and await self._bootstrap(known, "saved and configured peers"):
+            return True
+        if not allow_edge or self.edge is None or _now() < self._edge_peers_until:
+            return False
+        try:
+            answer = await self.edge.bootstrap(region=self.config.region)
+        except EdgeError as exc:
+            logger.warning("cannot get DHT peers from the edge: %s", exc)
+            return False
+        self._edge_peers = answer
+        self._edge_peers_until = _now() + answer.ttl
+        fresh = [p for p in answer.peers if p not in known]
+        return bool(fresh) and await self._bootstrap(fresh, "peers from the edge")
+
+    async def _bootstrap(self, peers: list[tuple[str, int]], what: str) -> bool:
+        assert self.node is not None
+        try:
+            await self.node.bootstrap(peers)
+        except BootstrapError as exc:
+            logger.info("joining through %s failed: %s", what, exc)
+            return False
+        return len(self.node.rpc.router) > 0
+
+    async def _recover_seq(self) -> None:
+        """Continue after the newest seq the DHT holds for us: the state file may be lost,
+        or older than a record this worker published from another copy of its key."""
+        assert self.node is not None
+        try:
+            async with asyncio.timeout(SEQ_LOOKUP_TIMEOUT):
+                found = await self.node.get_record(self.worker_id)
+        except (TimeoutError, DHTError) as exc:
+            logger.info("could not read our own record from the DHT: %s", exc)
+            return
+        if found is not None and found.seq > self.state.seq:
+            logger.info(
+                "the DHT holds seq %d of this worker, beyond the saved %d: continuing from it",
+                found.seq,
+                self.state.seq,
+            )
+            self.state.seq = found.seq
+
+    # Records.
+
+    async def _sign_next(
+        self, *, ttl: float, advertise: bool, tombstone: bool = False
+    ) -> WorkerRecord:
+        """The next record, its seq saved to disk before it can leave this process."""
+        assert self.identity is not None
+        self.state.seq += 1
+        self._save()
+        host, port = self._advertised() if advertise else ("", 0)
+        return sign_record(
+            self.identity,
+            tunnel_url=self.config.tunnel_url,
+            services=self.config.services,
+            seq=self.state.seq,
+            now=self.clock(),
+            ttl=ttl,
+            dht_host=host,
+            dht_port=port,
+            capabilities=self.config.capabilities,
+            region=self.config.region,
+            load=0.0 if tombstone else await self.load(),
+            tombstone=tombstone,
+        )
+
+    def _advertised(self) -> tuple[str, int]:
+        """The DHT address our record hands out; empty in client mode."""
+        if self.node is None or self.config.advertise == ADVERTISE_NONE:
+            return "", 0
+        host, port = self.node.address
+        if self.config.advertise == ADVERTISE_AUTO:
+            return ("", 0) if host in WILDCARDS else (host, port)
+        if ":" in self.config.advertise:
+            return parse_hostport(self.config.advertise)
+        return self.config.advertise, port
+
+    # Heartbeats.
+
+    async def _enter_dht(self) -> None:
+        """Publish into the DHT; raises DHTError or RecordError when nobody stored it."""
+        assert self.node is not None
+        record = await self._sign_next(ttl=self.config.ttl, advertise=True)
+        before = _replies(self.node)
+        await self.node.publish(record)
+        if _replies(self.node) == before:
+            # publish() counts our own storage as a holder: cut off from every peer it still
+            # "succeeds", and the record would live nowhere but here.
+            raise PublishError(f"no other DHT node answered the publish of seq {record.seq}")
+        if self.mode is not Mode.DHT:
+            logger.info("worker %s is on the DHT (seq %d)", self.worker_id, record.seq)
+        self.record = record
+        self.mode = Mode.DHT
+        self.heartbeats += 1
+        self._remember_dht()
+        self._dht_retry.reset()
+        self._next_beat = _now() + jittered(self.config.heartbeat, self.config.jitter, self.rng)
+
+    async def _loop(self) -> None:
+        while True:
+            wake = self._next_beat
+            if self.mode is not Mode.DHT and not self.config.edge_only:
+                wake = min(wake, self._next_dht_try)
+            await asyncio.sleep(max(0.0, wake - _now()))
+            try:
+                if self.mode is Mode.DHT:
+                    await self._dht_beat()
+                    continue
+                due = not self.config.edge_only and _now() >= self._next_dht_try
+                if due and await self._retry_dht():
+                    continue
+                if _now() >= self._next_beat:
+                    await self._edge_beat()
+            except Exception:  # the loop is the worker's lease: it must outlive any one bug
+                logger.exception("worker heartbeat round failed")
+                self._next_beat = _now() + self._dht_retry.next_delay()
+
+    async def _dht_beat(self) -> None:
+        assert self.node is not None
+        try:
+            await self._enter_dht()
+            return
+        except (DHTError, RecordError) as exc:
+            logger.warning("heartbeat over the DHT failed: %s", exc)
+        if await self._join(allow_edge=False):
+            with contextlib.suppress(DHTError, RecordError):
+                await self._enter_dht()
+                return
+        left = (self.record.expires_at if self.record else 0.0) - self.clock()
+        # The DHT gets most of the lease to recover (a stall, a lost burst of datagrams): an
+        # edge request is spent only when half a heartbeat interval of the lease is left.
+        margin = self.config.heartbeat / 2
+        if left <= margin:
+            # Retrying the DHT longer would let the lease lapse: use the edge meanwhile.
+            await self._fall_back(f"the DHT has not taken a heartbeat, lease ends in {left:.1f}s")
+            return
+        delay = min(self._dht_retry.next_delay(), max(left - margin, 0.0))
+        logger.info("retrying the DHT in %.1fs (lease ends in %.1fs)", delay, left)
+        self._next_beat = _now() + delay
+
+    async def _fall_back(self, why: str) -> None:
+        """Off the DHT: register through the edge now, and retry the DHT with backoff."""
+        if self.edge is None:
+            logger.warning("%s and no edge is configured; retrying the DHT", why)
+        elif self.config.edge_only:
+            logger.info("%s: registering through the edge", why)
+        else:
+            logger.warning("%s; registering through the edge", why)
+        self.mode = Mode.OFFLINE
+        self._next_beat = _now()
+        self._next_dht_try = _now() + self._dht_retry.next_delay()
+        if self.edge is not None:
+            await self._edge_beat()
+
+    async def _retry_dht(self) -> bool:
+        """One attempt to get back on the DHT; True when the record is there again."""
+        if self.node is None:
+            return False
+        if await self._join(allow_edge=True):
+            await self._recover_seq()
+            try:
+                await self._enter_dht()
+                logger.info("back on the DHT; heartbeats through the edge stop")
+                return True
+            except (DHTError, RecordError) as exc:
+                logger.info("joined the DHT but could not publish: %s", exc)
+        self._next_dht_try = _now() + self._dht_retry.next_delay()
+        return False
+
+    async def _edge_beat(self) -> None:
+        if self.edge is None:
+            self._next_beat = _now() + self._edge_retry.next_delay()
+            return
+        for _ in range(2):  # a second try only after the edge said our seq was stale
+            record = await self._sign_next(ttl=self.config.fallback_ttl, advertise=False)
+            try:
+                outcome = await self.edge.register(record)
+            except EdgeRefused as exc:
+                logger.error("the edge refused our record: %s", exc)
+                break
+            except EdgeError as exc:
+                logger.warning("registration through the edge failed: %s", exc)
+                break
+            if outcome is Registered.STALE:
+                await self._recover_seq_from_edge()
+                continue
+            self.record = record
+            self.mode = Mode.EDGE
+            self.state.edge_lease_until = record.expires_at
+            self._edge_retry.reset()
+            interval = jittered(self.config.fallback_heartbeat, self.config.jitter, self.rng)
+            self._next_beat = _now() + interval
+            return
+        self._next_beat = _now() + self._edge_retry.next_delay()
+
+    async def _recover_seq_from_edge(self) -> None:
+        """The edge holds a newer record of ours (the state file was lost): find its seq."""
+        assert self.edge is not None
+        seq = 0
+        try:
+            found = await self.edge.services(
+                self.config.services[0], limit=SERVICES_LOOKUP_LIMIT, region=self.config.region
+            )
+            seq = max((r.seq for r in found if r.worker_id == self.worker_id), default=0)
+        except EdgeError as exc:
+            logger.info("could not look our record up at the edge: %s", exc)
+        if seq > self.state.seq:
+            self.state.seq = seq
+        else:
+            self.state.seq += STALE_SEQ_JUMP
+        logger.warning("the edge holds a newer record of this worker; seq now %d", self.state.seq)
+
+    # Leaving.
+
+    async def _leave(self) -> None:
+        if self.record is None:
+            return
+        now = self.clock()
+        # The tombstone must outlive every live copy: the DHT lease and the edge's.
+        ttl = max(self.record.expires_at - now, self.state.edge_lease_until - now, self.config.ttl)
+        tombstone = await self._sign_next(ttl=ttl, advertise=False, tombstone=True)
+        jobs = []
+        if self.node is not None and self.node.protocol is not None and len(self.node.rpc.router):
+            jobs.append(self._leave_dht(tombstone))
+        if self.edge is not None and (
+            self.mode is not Mode.DHT or self.state.edge_lease_until > now
+        ):
+            jobs.append(self._leave_edge(tombstone))
+        await asyncio.gather(*jobs)
+        self.record = tombstone
+        logger.info("worker %s left with tombstone seq %d", self.worker_id, tombstone.seq)
+
+    async def _leave_dht(self, tombstone: WorkerRecord) -> None:
+        assert self.node is not None
+        try:
+            await self.node.publish(tombstone)
+        except (DHTError, RecordError) as exc:
+            logger.warning("tombstone not stored in the DHT: %s", exc)
+
+    async def _leave_edge(self, tombstone: WorkerRecord) -> None:
+        assert self.edge is not None
+        backoff = Backoff(LEAVE_RETRY, self.rng)
+        failure = ""
+        for attempt in range(LEAVE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(backoff.next_delay())
+            try:
+                await self.edge.leave(tombstone)
+                self.state.edge_lease_until = 0.0
+                return
+            except EdgeUnavailable as exc:
+                # Many workers stopping at once (a host shutting down) can overload the edge
+                # for a moment; the whole leave stays bounded by leave_timeout.
+                failure = str(exc)
+            except EdgeError as exc:
+                failure = str(exc)
+                break
+        logger.warning("tombstone not delivered to the edge: %s", failure)
+
+
+def _replies(node: DHTNode) -> int:
+    """Replies to our requests received so far (every datagram in that is not a request)."""
+    stats = node.rpc.stats
+    return stats.packets_in - stats.requests_in - stats.malformed
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _default_load(config: WorkerConfig) -> LoadSource:
+    if config.load_url:
+        return HttpLoad(config.load_url, capacity=config.capacity, fallback=config.load)
+    return StaticLoad(config.load)

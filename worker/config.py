@@ -1,0 +1,253 @@
+"""The worker's configuration: one frozen object, built once from options and `RMA_*` variables."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dht_bridge.errors import ConfigError, RecordError
+from dht_bridge.identity import Identity
+from dht_bridge.process import parse_hostport
+from dht_bridge.records import MAX_LEASE, REGION_RE, SERVICE_RE, CapabilityValue, sign_record
+from dht_bridge.settings import DHTSettings, Env, tunnel_policy_from_env
+from dht_bridge.tunnels import TunnelPolicy
+from worker.backoff import BackoffSettings
+
+DEFAULT_HEARTBEAT = 30.0
+DEFAULT_TTL = 90.0
+DEFAULT_JITTER = 0.1
+DEFAULT_DISCOVERY_DEADLINE = 0.3
+# Off the DHT every heartbeat is an edge request: a longer lease and a slower pace keep that
+# path to a few hundred requests a day per worker, and it only lasts until the DHT is back.
+DEFAULT_FALLBACK_HEARTBEAT = 180.0
+DEFAULT_FALLBACK_TTL = 300.0
+DEFAULT_RETRY_BASE = 5.0
+DEFAULT_RETRY_CAP = 300.0
+DEFAULT_LEAVE_TIMEOUT = 3.0
+DEFAULT_EDGE_TIMEOUT = 10.0
+DEFAULT_SAVED_PEERS = 16
+# A worker must reach remote peers: bind every interface unless told otherwise (the core's
+# 127.0.0.1 default suits nodes on one host, not volunteers).
+DEFAULT_DHT_HOST = "0.0.0.0"
+# Heartbeats re-store to the holders found by the last crawl for this long. The core's 60 s
+# means a fresh crawl every other heartbeat, and crawls were three quarters of a worker's DHT
+# bytes (bench/worker_bench.py: 1.06 KB/s per worker at 60 s, 0.42 KB/s at 300 s). Holders
+# that vanish are noticed at once (a missed STORE re-crawls), and newcomers closer to a key
+# are handed its values by the nodes that hold it.
+DEFAULT_WORKER_HOLDER_CACHE_TTL = 300.0
+
+
+def worker_dht_settings(env: Env | None = None) -> DHTSettings:
+    """`RMA_DHT_*` settings with the worker's own defaults for the bind address and the
+    holder cache, where those variables are unset."""
+    env = env or Env({})
+    dht = DHTSettings.from_env(env)
+    if env.raw("DHT_HOST") is None:
+        dht = replace(dht, host=DEFAULT_DHT_HOST)
+    if env.raw("DHT_HOLDER_CACHE_TTL") is None:
+        dht = replace(dht, holder_cache_ttl=DEFAULT_WORKER_HOLDER_CACHE_TTL)
+    return dht
+
+
+ADVERTISE_AUTO = "auto"
+ADVERTISE_NONE = "none"
+
+
+def default_state_file(environ: Mapping[str, str]) -> Path:
+    """`$XDG_STATE_HOME/rma/worker.json`, else `~/.local/state/rma/worker.json`."""
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "~")) / ".local/state")
+    return Path(base).expanduser() / "rma" / "worker.json"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker agent needs; see `configure` for the options and variables."""
+
+    services: tuple[str, ...]
+    tunnel_url: str
+    state_file: Path
+    edge_url: str | None = None
+    key_file: Path | None = None  # None: the one the state file names, else beside it
+    region: str = ""
+    capabilities: Mapping[str, CapabilityValue] = field(default_factory=dict)
+    dht: DHTSettings = field(default_factory=worker_dht_settings)
+    advertise: str = ADVERTISE_AUTO
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    policy: TunnelPolicy = field(default_factory=TunnelPolicy)
+    heartbeat: float = DEFAULT_HEARTBEAT
+    ttl: float = DEFAULT_TTL
+    jitter: float = DEFAULT_JITTER
+    discovery_deadline: float = DEFAULT_DISCOVERY_DEADLINE
+    fallback_heartbeat: float = DEFAULT_FALLBACK_HEARTBEAT
+    fallback_ttl: float = DEFAULT_FALLBACK_TTL
+    retry: BackoffSettings = field(default_factory=BackoffSettings)
+    leave_timeout: float = DEFAULT_LEAVE_TIMEOUT
+    edge_timeout: float = DEFAULT_EDGE_TIMEOUT
+    load: float = 0.0
+    load_url: str | None = None
+    capacity: int = 1
+    edge_only: bool = False
+    saved_peers: int = DEFAULT_SAVED_PEERS
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming them."""
+        if not self.services:
+            raise ConfigError("at least one --service (RMA_SERVICES) is required")
+        for name in self.services:
+            if not SERVICE_RE.fullmatch(name):
+                raise ConfigError(f"service {name!r} does not match [a-z0-9-]{{1,32}}")
+        try:
+            self.policy.check(self.tunnel_url)
+        except RecordError as exc:
+            raise ConfigError(f"--tunnel-url (RMA_TUNNEL_URL): {exc}") from None
+        if not REGION_RE.fullmatch(self.region):
+            raise ConfigError(f"region {self.region!r} does not match [a-z0-9-]{{0,32}}")
+        if self.edge_url is not None and not self.edge_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--edge (RMA_EDGE_URL) {self.edge_url!r} is not an http(s) URL")
+        if self.edge_only and self.edge_url is None:
+            raise ConfigError("--edge-only needs --edge (RMA_EDGE_URL)")
+        _lease("heartbeat", self.heartbeat, self.ttl, self.jitter)
+        _lease("fallback heartbeat", self.fallback_heartbeat, self.fallback_ttl, self.jitter)
+        if not 0 <= self.jitter < 0.5:
+            raise ConfigError("heartbeat jitter must be from 0 to 0.5")
+        for name in ("discovery_deadline", "leave_timeout", "edge_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+        if not (math.isfinite(self.load) and 0 <= self.load <= 1):
+            raise ConfigError("load must be from 0.0 to 1.0")
+        if self.capacity < 1 or self.saved_peers < 1:
+            raise ConfigError("capacity and saved peers must be >= 1")
+        try:  # whatever a record refuses (capability shapes, overall size) fails here, at start
+            sign_record(
+                Identity.generate(),
+                tunnel_url=self.tunnel_url,
+                services=self.services,
+                seq=1,
+                now=time.time(),
+                capabilities=self.capabilities,
+                region=self.region,
+            )
+        except RecordError as exc:
+            raise ConfigError(f"the worker record would be refused: {exc}") from None
+
+    @property
+    def advertises(self) -> bool:
+        """False in client mode: the record's dht_host/dht_port stay empty."""
+        return self.advertise != ADVERTISE_NONE
+
+    @classmethod
+    def build(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> WorkerConfig:
+        """Options win over variables, variables over defaults."""
+        environ = os.environ if environ is None else environ
+        env = Env(environ)
+        opt: dict[str, Any] = dict(vars(args)) if args is not None else {}
+
+        def pick(name: str, value: Any) -> Any:
+            given = opt.get(name)
+            return value if given is None or given == [] else given
+
+        dht = worker_dht_settings(env)
+        if opt.get("dht_host") is not None:
+            dht = replace(dht, host=opt["dht_host"])
+        if opt.get("dht_port") is not None:
+            dht = replace(dht, port=opt["dht_port"])
+        services = pick("service", list(env.get_list("SERVICES", ())))
+        capabilities = pick("capability", list(env.get_list("CAPABILITIES", ())))
+        key_file = pick("key_file", env.raw("KEY_FILE"))
+        try:
+            return cls(
+                services=tuple(dict.fromkeys(services)),
+                tunnel_url=pick("tunnel_url", env.get_str("TUNNEL_URL", "")),
+                state_file=Path(
+                    pick("state_file", env.raw("STATE_FILE")) or default_state_file(environ)
+                ),
+                edge_url=pick("edge", env.raw("EDGE_URL")),
+                key_file=Path(key_file) if key_file else None,
+                region=pick("region", env.get_str("REGION", "")),
+                capabilities=parse_capabilities(capabilities),
+                dht=dht,
+                advertise=pick("dht_advertise", env.get_str("DHT_ADVERTISE", ADVERTISE_AUTO)),
+                bootstrap=_peers(pick("bootstrap", list(env.get_list("BOOTSTRAP", ())))),
+                policy=tunnel_policy_from_env(env),
+                heartbeat=pick("heartbeat", env.get_float("HEARTBEAT", DEFAULT_HEARTBEAT)),
+                ttl=pick("ttl", env.get_float("TTL", DEFAULT_TTL)),
+                jitter=pick("jitter", env.get_float("HEARTBEAT_JITTER", DEFAULT_JITTER)),
+                discovery_deadline=pick(
+                    "discovery_deadline",
+                    env.get_float("DISCOVERY_DEADLINE", DEFAULT_DISCOVERY_DEADLINE),
+                ),
+                fallback_heartbeat=pick(
+                    "fallback_heartbeat",
+                    env.get_float("FALLBACK_HEARTBEAT", DEFAULT_FALLBACK_HEARTBEAT),
+                ),
+                fallback_ttl=pick(
+                    "fallback_ttl", env.get_float("FALLBACK_TTL", DEFAULT_FALLBACK_TTL)
+                ),
+                retry=BackoffSettings(
+                    base=pick("retry_base", env.get_float("RETRY_BASE", DEFAULT_RETRY_BASE)),
+                    cap=pick("retry_cap", env.get_float("RETRY_CAP", DEFAULT_RETRY_CAP)),
+                ),
+                leave_timeout=pick(
+                    "leave_timeout", env.get_float("LEAVE_TIMEOUT", DEFAULT_LEAVE_TIMEOUT)
+                ),
+                edge_timeout=pick(
+                    "edge_timeout", env.get_float("EDGE_TIMEOUT", DEFAULT_EDGE_TIMEOUT)
+                ),
+                load=pick("load", env.get_float("LOAD", 0.0)),
+                load_url=pick("load_url", env.raw("LOAD_URL")),
+                capacity=pick("capacity", env.get_int("CAPACITY", 1)),
+                edge_only=bool(opt.get("edge_only")) or env.get_bool("EDGE_ONLY", False),
+            )
+        except ValueError as exc:  # BackoffSettings, DHTSettings
+            raise ConfigError(str(exc)) from None
+
+
+def _lease(name: str, interval: float, ttl: float, jitter: float) -> None:
+    if not 0 < ttl <= MAX_LEASE:
+        raise ConfigError(f"{name}: lease must be > 0 and at most {MAX_LEASE:.0f} s")
+    # The latest a jittered heartbeat can come must still leave a third of the lease.
+    if not 0 < interval * (1 + jitter) <= ttl * 2 / 3:
+        raise ConfigError(
+            f"{name} every {interval:g} s (jitter {jitter:g}) does not renew a {ttl:g} s lease "
+            "in time: the interval, jitter included, must be at most two thirds of the lease"
+        )
+
+
+def _peers(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    try:
+        return tuple(parse_hostport(item) for item in items)
+    except ValueError as exc:
+        raise ConfigError(f"--bootstrap (RMA_BOOTSTRAP): {exc}") from None
+
+
+def parse_capabilities(items: Sequence[str]) -> dict[str, CapabilityValue]:
+    """`key=value` items; values that read as a bool or a number become one."""
+    out: dict[str, CapabilityValue] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"capability {item!r} is not key=value")
+        out[key.strip()] = _scalar(text.strip())
+    return out
+
+
+def _scalar(text: str) -> CapabilityValue:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text

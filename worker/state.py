@@ -1,0 +1,139 @@
+"""The worker's JSON state file: key path, last seq, known DHT peers, shard levels.
+
+It is what lets a restarted worker rejoin with no request to the edge, and keeps seq strictly
+increasing across restarts: a seq is saved before any record carrying it leaves the process.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class LoadStatus(enum.Enum):
+    """How loading the state file went."""
+
+    LOADED = "loaded"
+    MISSING = "missing"
+    CORRUPT = "corrupt"
+
+
+@dataclass
+class WorkerState:
+    """What survives a restart."""
+
+    worker_id: str = ""
+    key_file: str = ""
+    seq: int = 0
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    levels: list[list[Any]] = field(default_factory=list)
+    # Until when a record this worker registered through the edge stays live there: a leave
+    # within that time also sends the tombstone to the edge.
+    edge_lease_until: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's JSON object."""
+        return {
+            "version": STATE_VERSION,
+            "worker_id": self.worker_id,
+            "key_file": self.key_file,
+            "seq": self.seq,
+            "peers": [[host, port] for host, port in self.peers],
+            "levels": self.levels,
+            "edge_lease_until": self.edge_lease_until,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> WorkerState:
+        """Parse the file's object; ValueError names what is wrong."""
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError(f"not a version {STATE_VERSION} worker state object")
+        seq = data.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError("seq must be a non-negative integer")
+        peers = data.get("peers", [])
+        if not isinstance(peers, list):
+            raise ValueError("peers must be a list")
+        parsed: list[tuple[str, int]] = []
+        for item in peers:
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], int)
+                and 0 < item[1] < 65536
+            ):
+                raise ValueError(f"peer {item!r} is not [host, port]")
+            parsed.append((item[0], item[1]))
+        worker_id, key_file = data.get("worker_id", ""), data.get("key_file", "")
+        lease = data.get("edge_lease_until", 0.0)
+        levels = data.get("levels", [])
+        if not (isinstance(worker_id, str) and isinstance(key_file, str)):
+            raise ValueError("worker_id and key_file must be strings")
+        if isinstance(lease, bool) or not isinstance(lease, int | float):
+            raise ValueError("edge_lease_until must be a number")
+        if not isinstance(levels, list):
+            raise ValueError("levels must be a list")
+        return cls(worker_id, key_file, seq, parsed, levels, float(lease))
+
+
+class StateFile:
+    """Loads and atomically saves a `WorkerState` at `path` (owner-only permissions)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> tuple[WorkerState, LoadStatus]:
+        """The saved state, or an empty one with a clear log line saying why."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            logger.info("no worker state file at %s: first start, no saved peers or seq", self.path)
+            return WorkerState(), LoadStatus.MISSING
+        except OSError as exc:
+            return self._corrupt(f"cannot read it: {exc}")
+        try:
+            return WorkerState.from_json(json.loads(text)), LoadStatus.LOADED
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return self._corrupt(str(exc))
+
+    def _corrupt(self, reason: str) -> tuple[WorkerState, LoadStatus]:
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        try:
+            os.replace(self.path, aside)
+            kept = f"moved it to {aside}"
+        except OSError as exc:
+            kept = f"could not move it aside ({exc}); it will be overwritten"
+        logger.warning(
+            "worker state file %s is corrupt (%s); %s. Starting without saved peers; "
+            "seq is recovered from the DHT",
+            self.path,
+            reason,
+            kept,
+        )
+        return WorkerState(), LoadStatus.CORRUPT
+
+    def save(self, state: WorkerState) -> None:
+        """Write `state` atomically and durably: a seq must survive a crash right after."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = json.dumps(state.to_json(), indent=2).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
