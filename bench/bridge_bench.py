@@ -1,0 +1,362 @@
+"""Benchmark of the bridge: how long Redis takes to converge after a partition heals.
+
+For each record count N, in one run on 127.0.0.1 (this process hosts the DHT network, the
+bridge and the observer; redis-server runs in its own process on a free port):
+
+  setup          M DHT nodes (M = min(N, --nodes)) publish N workers' signed records (each node
+                 on behalf of several workers); a bridge joins and fills an empty Redis
+  dht-partition  the bridge's node is cut off the network (every datagram dropped both ways);
+                 once the bridge has noticed, every worker publishes a newer record; the cut is
+                 healed and the clock starts: converged when Redis holds all N newer records
+  redis-outage   redis-server is killed; every worker publishes a newer record, which the
+                 bridge journals; Redis restarts EMPTY and the clock starts: converged when
+                 Redis holds all N newest records again (journal replay plus a full pass)
+
+Baseline, measured alongside: one pipelined `Registry.upsert_many` of the same N records into
+an empty Redis (the floor for writing them), and one sweep of every shard of the DHT by the
+bridge's node (the floor for reading them). Convergence is observed by polling Redis every
+--poll seconds, so figures carry that resolution. Prints a table and writes JSON.
+
+    .venv/bin/python bench/bridge_bench.py --records 200 2000 --out bench/results/bridge.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Run as `python bench/bridge_bench.py`, sys.path[0] is bench/: put the checkout first, so that
+# our packages (and the test helpers reused here) are this tree's.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dht_bridge.backoff import Backoff  # noqa: E402
+from dht_bridge.bridge import Bridge, BridgeSettings  # noqa: E402
+from dht_bridge.dht import DHTNode  # noqa: E402
+from dht_bridge.errors import RegistryError  # noqa: E402
+from dht_bridge.identity import Identity  # noqa: E402
+from dht_bridge.journal import Journal  # noqa: E402
+from dht_bridge.records import WorkerRecord, sign_record  # noqa: E402
+from dht_bridge.registry import Registry, open_registry  # noqa: E402
+from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
+from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
+from tests.bridge_helpers import Partition  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+logger = logging.getLogger("bridge_bench")
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "bridge.json"
+SERVICES = ("ocr", "gpu", "asr", "tts")
+LEASE = 900.0  # long: no lease may lapse during a run (self-preservation is not measured here)
+POLICY = TunnelPolicy()
+
+
+class Workers:
+    """N worker identities and the newest record each has published."""
+
+    def __init__(self, count: int, rng: random.Random) -> None:
+        self.identities = [Identity.generate() for _ in range(count)]
+        self.services = [
+            tuple(sorted(rng.sample(SERVICES, rng.choice((1, 1, 2))))) for _ in range(count)
+        ]
+        self.seq = 0
+        self.rng = rng
+        self.records: list[WorkerRecord] = []
+
+    def next_round(self) -> list[WorkerRecord]:
+        """Every worker's next record (the next seq), as a heartbeat round would produce."""
+        self.seq += 1
+        now = time.time()
+        self.records = [
+            sign_record(
+                identity,
+                tunnel_url=f"https://w-{identity.worker_id[:12]}.trycloudflare.com",
+                services=services,
+                seq=self.seq,
+                now=now,
+                ttl=LEASE,
+                load=round(self.rng.random(), 2),
+            )
+            for identity, services in zip(self.identities, self.services, strict=True)
+        ]
+        return self.records
+
+
+async def publish(nodes: list[DHTNode], records: list[WorkerRecord], concurrency: int) -> float:
+    """Publish each record from a node of the network; returns seconds taken."""
+    gate = asyncio.Semaphore(concurrency)
+    started = time.monotonic()
+
+    async def one(index: int, record: WorkerRecord) -> None:
+        async with gate:
+            await nodes[index % len(nodes)].publish(record)
+
+    await asyncio.gather(*(one(i, r) for i, r in enumerate(records)))
+    return time.monotonic() - started
+
+
+async def redis_holds(registry: Registry, records: list[WorkerRecord]) -> bool:
+    """Does Redis hold every one of these records (or newer)?"""
+    try:
+        stored = {r.worker_id: r.seq for r in await registry.records(limit=1_000_000)}
+    except RegistryError:
+        return False
+    return all(stored.get(r.worker_id, 0) >= r.seq for r in records)
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool] | bool], *, poll: float, deadline: float, what: str
+) -> float:
+    """Poll `condition`; seconds until it held. Raises TimeoutError naming `what`."""
+    started = time.monotonic()
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > deadline:
+            raise TimeoutError(f"{what}: not within {deadline:.0f} s")
+        await asyncio.sleep(poll)
+
+
+async def measure(count: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Every figure for one record count."""
+    rng = random.Random(args.seed + count)
+    settings = DHTSettings(host="127.0.0.1", port=0, rpc_timeout=args.rpc_timeout)
+    server = RedisServer(workdir / f"redis-{count}")
+    server.start()
+    registry = open_registry(
+        RegistrySettings(redis_url=server.url, timeout=args.redis_timeout), policy=POLICY
+    )
+    nodes: list[DHTNode] = []
+    row: dict[str, Any] = {"records": count}
+    try:
+        first = DHTNode(settings, policy=POLICY)
+        await first.listen()
+        nodes.append(first)
+        for _ in range(min(count, args.nodes) - 1):
+            node = DHTNode(settings, policy=POLICY)
+            await node.listen()
+            await node.bootstrap([first.address, nodes[-1].address])
+            nodes.append(node)
+        bridge_node = DHTNode(settings, policy=POLICY)
+        await bridge_node.listen()
+        nodes.append(bridge_node)
+        await bridge_node.bootstrap([first.address])
+        partition = Partition(bridge_node)
+        workers = Workers(count, rng)
+        workers_nodes = nodes[:-1]  # every node but the bridge's publishes
+        row["nodes"] = len(workers_nodes)
+        row["publish_round_s"] = round(
+            await publish(workers_nodes, workers.next_round(), args.concurrency), 3
+        )
+
+        # Baselines: one pipelined write of every record into an empty Redis, and one sweep
+        # of every shard from the bridge's node.
+        started = time.monotonic()
+        await registry.upsert_many(workers.records)
+        row["baseline_write_s"] = round(time.monotonic() - started, 4)
+        await registry.client.flushall()
+        started = time.monotonic()
+        swept = 0
+        for service in SERVICES:
+            swept += len(await bridge_node.service_records(service))
+        row["baseline_sweep_s"] = round(time.monotonic() - started, 4)
+        row["sweep_records"] = swept
+
+        journal = Journal(workdir / f"journal-{count}.jsonl")
+        bridge = Bridge(
+            bridge_node,
+            registry,
+            journal,
+            settings=BridgeSettings(
+                sync_interval=args.sync_interval,
+                probe_interval=args.probe_interval,
+                backoff=Backoff(start=0.2, maximum=args.probe_interval * 2, rng=rng),
+            ),
+            bootstrap=[first.address],
+            services=SERVICES,
+            rng=rng,
+        )
+        deadline = args.deadline
+        async with bridge.running():
+            row["initial_fill_s"] = round(
+                await until(
+                    lambda: redis_holds(registry, workers.records),
+                    poll=args.poll,
+                    deadline=deadline,
+                    what="initial fill",
+                ),
+                3,
+            )
+
+            # dht-partition
+            partition.cut = True
+            row["partition_detect_s"] = round(
+                await until(
+                    lambda: not bridge.dht_up, poll=0.05, deadline=deadline, what="cut noticed"
+                ),
+                3,
+            )
+            newer = workers.next_round()
+            await publish(workers_nodes, newer, args.concurrency)
+            passes = bridge.counters.syncs
+            partition.heal()
+            healed = time.monotonic()
+            back = await until(lambda: bridge.dht_up, poll=0.01, deadline=deadline, what="back")
+            await until(
+                lambda: redis_holds(registry, newer),
+                poll=args.poll,
+                deadline=deadline,
+                what="convergence after the DHT partition",
+            )
+            row["dht_partition"] = {
+                "converge_s": round(time.monotonic() - healed, 3),
+                "back_s": round(back, 3),
+                "passes": bridge.counters.syncs - passes,
+            }
+
+            # redis-outage
+            server.kill()
+            await until(lambda: not bridge.redis_up, poll=0.05, deadline=deadline, what="down")
+            newest = workers.next_round()
+            await publish(workers_nodes, newest, args.concurrency)
+            ids = {r.worker_id for r in newest}
+
+            def journaled() -> bool:
+                replay = journal.replay()
+                have = {r.worker_id for r in replay.records if r.seq >= workers.seq}
+                return ids <= have
+
+            await until(journaled, poll=0.2, deadline=deadline, what="outage journaled")
+            passes = bridge.counters.syncs
+            replayed = bridge.counters.replayed
+            server.start()  # empty
+            restarted = time.monotonic()
+            await until(
+                lambda: redis_holds(registry, newest),
+                poll=args.poll,
+                deadline=deadline,
+                what="convergence after the Redis outage",
+            )
+            row["redis_outage"] = {
+                "converge_s": round(time.monotonic() - restarted, 3),
+                "replayed": bridge.counters.replayed - replayed,
+                "passes": bridge.counters.syncs - passes,
+            }
+        journal.close()
+        write = max(row["baseline_write_s"], 1e-4)
+        for scenario in ("dht_partition", "redis_outage"):
+            row[scenario]["x_baseline_write"] = round(row[scenario]["converge_s"] / write, 1)
+        row["figures"] = {
+            k: v
+            for k, v in bridge.figures().items()
+            if k.endswith("_total") and not k.endswith("timestamp")
+        }
+        return row
+    finally:
+        for node in nodes:
+            await node.aclose()
+        await registry.aclose()
+        server.kill()
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures came from."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The figures as a fixed-width table."""
+    head = (
+        f"{'records':>7} {'nodes':>5} {'scenario':<14} {'converge s':>10} {'passes':>6} "
+        f"{'write s':>8} {'sweep s':>8} {'x write':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        for scenario in ("dht_partition", "redis_outage"):
+            cell = row[scenario]
+            lines.append(
+                f"{row['records']:>7} {row['nodes']:>5} {scenario:<14} "
+                f"{cell['converge_s']:>10.3f} {cell['passes']:>6} "
+                f"{row['baseline_write_s']:>8.3f} {row['baseline_sweep_s']:>8.3f} "
+                f"{cell['x_baseline_write']:>8.1f}"
+            )
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every record count, one after the other, within the time limit."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bridge-bench-") as tmp:
+        async with asyncio.timeout(args.time_limit):
+            for count in args.records:
+                logger.info("measuring %d records", count)
+                rows.append(await measure(count, args, Path(tmp)))
+    return {
+        "params": {
+            "records": args.records,
+            "nodes": args.nodes,
+            "sync_interval": args.sync_interval,
+            "probe_interval": args.probe_interval,
+            "rpc_timeout": args.rpc_timeout,
+            "poll": args.poll,
+            "seed": args.seed,
+            "method": (
+                "converge_s runs from the heal (partition) or the restart of an empty Redis "
+                "(outage) until Redis holds every worker's newest record, observed by polling "
+                "Redis every `poll` seconds; x_baseline_write is converge_s over one pipelined "
+                "upsert_many of the same records into an empty Redis"
+            ),
+        },
+        "machine": machine(),
+        "rows": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--nodes", type=int, default=60, help="DHT nodes at most")
+    parser.add_argument("--sync-interval", type=float, default=10.0)
+    parser.add_argument("--probe-interval", type=float, default=1.0)
+    parser.add_argument("--rpc-timeout", type=float, default=0.5)
+    parser.add_argument("--redis-timeout", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=32, help="publishes in flight")
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between Redis checks")
+    parser.add_argument("--deadline", type=float, default=120.0, help="per phase, seconds")
+    parser.add_argument("--time-limit", type=float, default=1200.0, help="whole run, seconds")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    results = asyncio.run(run(args))
+    print(table(results["rows"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,611 @@
+"""Benchmark of the worker agent in steady state: edge requests and DHT traffic per worker.
+
+The parent runs the edge router (real HTTP under uvicorn, embedded registry) and a few
+coordinator DHT nodes; child processes (`--procs`, one event loop each) run the worker agents,
+each with its own DHT node on 127.0.0.1. Every worker joins through the router (one
+`GET /dht/bootstrap`), then all heartbeat over the DHT for a measured window. Afterwards one
+worker per process restarts from its state file, to count the edge requests of a restart.
+
+The baseline, measured in the same run: the same workers in `--edge-only` mode, heartbeating
+through the edge every 30 s as every worker does today with the central coordinator.
+
+Intervals are scaled down by `--scale` (heartbeat, lease, bucket refresh, holder cache, retry
+delays; not the RPC timeout, which is a network property) and the figures converted back to the
+real 30 s heartbeat / 90 s lease: traffic per heartbeat is the same, so per-second and per-day
+figures are the measured ones divided by the scale.
+
+    .venv/bin/python bench/worker_bench.py --workers 20 200 --procs 4 --scale 5 \\
+        --out bench/results/worker.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from dht_bridge.dht import DHTNode
+from dht_bridge.identity import Identity
+from dht_bridge.registry import open_registry
+from dht_bridge.settings import DHTSettings, RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+from edge_router.app import create_app
+from edge_router.config import RouterConfig
+from worker.agent import Mode, WorkerAgent
+from worker.backoff import BackoffSettings
+from worker.config import WorkerConfig, worker_dht_settings
+
+logger = logging.getLogger("worker_bench")
+
+SCRIPT = Path(__file__).resolve()
+REAL_HEARTBEAT = 30.0
+REAL_TTL = 90.0
+SERVICES = ("ocr", "gpu", "asr", "tts")
+DAY = 86_400.0
+TARGET_EDGE_20_PER_DAY = 25
+TARGET_BYTES_PER_S = 1024
+JOIN_PARALLEL = 4
+CHILD_TIMEOUT = 600.0
+STREAM_LIMIT = 1 << 24
+
+
+# -- settings shared by parent and children --------------------------------------------------
+
+
+def dht_settings(scale: float, *, worker: bool, holder_cache: float | None = None) -> DHTSettings:
+    """Loopback DHT settings (the worker's or the core's defaults, `holder_cache` real seconds
+    when given) with the periodic intervals scaled down."""
+    base = worker_dht_settings() if worker else DHTSettings()
+    if holder_cache is not None:
+        base = replace(base, holder_cache_ttl=holder_cache)
+    return replace(
+        base,
+        host="127.0.0.1",
+        port=0,
+        refresh_interval=base.refresh_interval / scale,
+        holder_cache_ttl=base.holder_cache_ttl / scale,
+    )
+
+
+def agent_config(
+    workdir: Path,
+    index: int,
+    edge_url: str,
+    scale: float,
+    *,
+    edge_only: bool,
+    holder_cache: float | None = None,
+) -> WorkerConfig:
+    """Worker `index`: one service, a trycloudflare URL, every interval divided by `scale`."""
+    return WorkerConfig(
+        services=(SERVICES[index % len(SERVICES)],),
+        tunnel_url=f"https://bench-{index}.trycloudflare.com",
+        state_file=workdir / f"w{index}" / "state.json",
+        edge_url=edge_url,
+        dht=dht_settings(scale, worker=True, holder_cache=holder_cache),
+        heartbeat=REAL_HEARTBEAT / scale,
+        ttl=REAL_TTL / scale,
+        # Today's coordinator heartbeat: every 30 s through the edge (the baseline).
+        fallback_heartbeat=REAL_HEARTBEAT / scale,
+        fallback_ttl=REAL_TTL / scale,
+        retry=BackoffSettings(base=5.0 / scale, cap=300.0 / scale),
+        edge_only=edge_only,
+    )
+
+
+# -- child: a process running many agents ------------------------------------------------------
+
+
+class ChildAgents:
+    """The agents of one child process, and the counters the parent asks for."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = Path(args.workdir)
+        self.indices = list(range(args.first, args.first + args.count))
+        self.agents: list[WorkerAgent] = []
+        self.mark: dict[str, Any] = {}
+
+    def config(self, index: int) -> WorkerConfig:
+        """Worker `index`'s configuration."""
+        return agent_config(
+            self.workdir,
+            index,
+            self.args.edge,
+            self.args.scale,
+            edge_only=self.args.edge_only,
+            holder_cache=self.args.holder_cache,
+        )
+
+    async def join(self) -> dict[str, Any]:
+        """Start every agent (a few at a time); their edge requests and modes."""
+        gate = asyncio.Semaphore(JOIN_PARALLEL)
+
+        async def one(index: int) -> WorkerAgent:
+            async with gate:
+                config = self.config(index)
+                Identity.generate().save(config.state_file.with_suffix(".key"))
+                agent = WorkerAgent(config)
+                await agent.start()
+                return agent
+
+        started = time.monotonic()
+        self.agents = list(await asyncio.gather(*(one(i) for i in self.indices)))
+        return {
+            "join_s": time.monotonic() - started,
+            "join_edge": [sum(a.edge_requests.values()) for a in self.agents],
+            "modes": [a.mode.value for a in self.agents],
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters now, per agent."""
+        return {
+            "at": time.monotonic(),
+            "edge": [sum(a.edge_requests.values()) for a in self.agents],
+            "bytes": [_bytes(a) for a in self.agents],
+            "beats": [a.heartbeats for a in self.agents],
+        }
+
+    def window_start(self) -> dict[str, Any]:
+        """Mark the start of the measured window."""
+        self.mark = self.snapshot()
+        return {}
+
+    def window_end(self) -> dict[str, Any]:
+        """What each agent did since `window_start`."""
+        end = self.snapshot()
+        return {
+            "seconds": end["at"] - self.mark["at"],
+            "edge": [b - a for a, b in zip(self.mark["edge"], end["edge"], strict=True)],
+            "bytes": [b - a for a, b in zip(self.mark["bytes"], end["bytes"], strict=True)],
+            "beats": [b - a for a, b in zip(self.mark["beats"], end["beats"], strict=True)],
+            "modes": [a.mode.value for a in self.agents],
+        }
+
+    async def restart(self) -> dict[str, Any]:
+        """Stop the first agent (a tombstone) and start it again from its state file."""
+        first = self.agents[0]
+        await first.aclose()
+        again = WorkerAgent(self.config(self.indices[0]))
+        await again.start()
+        self.agents[0] = again
+        return {"restart_edge": sum(again.edge_requests.values()), "mode": again.mode.value}
+
+    async def stop(self) -> dict[str, Any]:
+        """Every agent leaves."""
+        await asyncio.gather(*(agent.aclose() for agent in self.agents))
+        return {}
+
+
+def _bytes(agent: WorkerAgent) -> int:
+    if agent.node is None or agent.node.protocol is None:
+        return 0
+    stats = agent.node.rpc.stats
+    return int(stats.bytes_in + stats.bytes_out)
+
+
+async def child_main(args: argparse.Namespace) -> int:
+    """Answer the parent's commands, one JSON line each way."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    child = ChildAgents(args)
+    ops = {
+        "join": child.join,
+        "window_start": child.window_start,
+        "window_end": child.window_end,
+        "restart": child.restart,
+        "stop": child.stop,
+    }
+    try:
+        while line := await reader.readline():
+            op = json.loads(line)["op"]
+            result = ops[op]()
+            if asyncio.iscoroutine(result):
+                result = await result
+            sys.stdout.write(json.dumps({"op": op, "result": result}) + "\n")
+            sys.stdout.flush()
+            if op == "stop":
+                return 0
+    finally:
+        with contextlib.suppress(Exception):
+            await child.stop()
+    return 0
+
+
+# -- parent ------------------------------------------------------------------------------------
+
+
+class Child:
+    """One child process and its command channel."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def spawn(cls, args: list[str], log_level: str) -> Child:
+        """Start this script with `--child`."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(SCRIPT),
+            "--child",
+            "--log-level",
+            log_level,
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=STREAM_LIMIT,
+        )
+        return cls(process)
+
+    async def call(self, op: str) -> dict[str, Any]:
+        """Send one command and wait for its answer."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"op": op}).encode() + b"\n")
+        await self.process.stdin.drain()
+        async with asyncio.timeout(CHILD_TIMEOUT):
+            line = await self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child exited during {op} (code {await self.process.wait()})")
+        answer: dict[str, Any] = json.loads(line)["result"]
+        return answer
+
+    async def close(self) -> None:
+        """Wait for the child to exit (it does after `stop`), killing it if it hangs."""
+        if self.process.returncode is None:
+            try:
+                async with asyncio.timeout(30):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers (the benchmark is stopped with the rest)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def edge_router(coordinators: list[DHTNode]) -> AsyncIterator[tuple[str, Any]]:
+    """The router app on an OS port over the embedded registry; its URL and state."""
+    config = RouterConfig(coordinators=tuple(node.address for node in coordinators))
+    registry = open_registry(RegistrySettings(), policy=TunnelPolicy())
+    app = create_app(config, registry=registry, listen_events=False)
+    server = QuietServer(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    async with app.router.lifespan_context(app):
+        task = asyncio.get_running_loop().create_task(server.serve())
+        try:
+            while not server.started:
+                if task.done():
+                    await task
+                    raise RuntimeError("the router stopped before it started")
+                await asyncio.sleep(0.05)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            yield f"http://127.0.0.1:{port}", app.state.rma
+        finally:
+            server.should_exit = True
+            await task
+            await registry.aclose()
+
+
+@contextlib.asynccontextmanager
+async def coordinator_nodes(args: argparse.Namespace) -> AsyncIterator[list[DHTNode]]:
+    """`--coordinators` DHT nodes joined to the first, closed on exit."""
+    settings = dht_settings(args.scale, worker=False)
+    nodes: list[DHTNode] = []
+    try:
+        for i in range(args.coordinators):
+            node = DHTNode(settings, policy=TunnelPolicy())
+            nodes.append(node)
+            await node.listen()
+            if i:
+                await node.bootstrap([nodes[0].address])
+        yield nodes
+    finally:
+        await asyncio.gather(*(node.aclose() for node in nodes))
+
+
+def _router_requests(state: Any) -> int:
+    return sum(n for (klass, _), n in state.metrics.requests.items() if klass != "health")
+
+
+async def measure(
+    n: int,
+    args: argparse.Namespace,
+    edge_url: str,
+    router: Any,
+    coordinators: list[DHTNode],
+    *,
+    edge_only: bool,
+) -> dict[str, Any]:
+    """Run `n` workers over the children: join, a steady window, (a restart), stop."""
+    scale = args.scale
+    window = (args.baseline_window if edge_only else args.window) / scale
+    procs = max(1, min(args.procs, n))
+    shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    kind = "edge-only baseline" if edge_only else "agent"
+    with tempfile.TemporaryDirectory(prefix="worker-bench-") as workdir:
+        children: list[Child] = []
+        first = 0
+        for share in shares:
+            child_args = [
+                *("--edge", edge_url, "--scale", str(scale), "--workdir", workdir),
+                *("--first", str(first), "--count", str(share)),
+                *(["--edge-only"] if edge_only else []),
+                *(["--holder-cache", str(args.holder_cache)] if args.holder_cache else []),
+            ]
+            children.append(await Child.spawn(child_args, args.log_level))
+            first += share
+        try:
+            joined = await asyncio.gather(*(c.call("join") for c in children))
+            logger.info("%d workers (%s) joined; steady window %.1fs", n, kind, window)
+            # Let the joins' own traffic (crawls, first stores) settle for one heartbeat.
+            await asyncio.sleep(REAL_HEARTBEAT / scale)
+            coord_before = sum(_node_bytes(node) for node in coordinators)
+            router_before = _router_requests(router)
+            await asyncio.gather(*(c.call("window_start") for c in children))
+            started = time.monotonic()
+            await asyncio.sleep(window)
+            ends = await asyncio.gather(*(c.call("window_end") for c in children))
+            elapsed = time.monotonic() - started
+            coord_bytes = sum(_node_bytes(node) for node in coordinators) - coord_before
+            router_seen = _router_requests(router) - router_before
+            restarts = []
+            if not edge_only:
+                restarts = await asyncio.gather(*(c.call("restart") for c in children))
+            await asyncio.gather(*(c.call("stop") for c in children))
+        finally:
+            for child in children:
+                await child.close()
+    return summarise(
+        n,
+        procs,
+        scale,
+        joined,
+        ends,
+        restarts,
+        elapsed,
+        coord_bytes,
+        router_seen,
+        edge_only,
+        len(coordinators),
+    )
+
+
+def _node_bytes(node: DHTNode) -> int:
+    stats = node.rpc.stats
+    return int(stats.bytes_in + stats.bytes_out)
+
+
+def summarise(
+    n: int,
+    procs: int,
+    scale: float,
+    joined: list[dict[str, Any]],
+    ends: list[dict[str, Any]],
+    restarts: list[dict[str, Any]],
+    elapsed: float,
+    coord_bytes: int,
+    router_seen: int,
+    edge_only: bool,
+    coordinators: int,
+) -> dict[str, Any]:
+    """Per-worker figures, converted from the scaled run to real intervals."""
+    edge = [x for end in ends for x in end["edge"]]
+    seconds = statistics.mean(end["seconds"] for end in ends)
+    rates = sorted(b / end["seconds"] / scale for end in ends for b in end["bytes"])
+    beats = [x for end in ends for x in end["beats"]]
+    all_bytes = [x for end in ends for x in end["bytes"]]
+    modes = [m for end in ends for m in end["modes"]]
+    per_day = sum(edge) / n / seconds * DAY / scale
+    join_edge = [x for j in joined for x in j["join_edge"]]
+    fresh = 0.0 if edge_only else statistics.mean(join_edge)
+    return {
+        "kind": "edge-only" if edge_only else "agent",
+        "workers": n,
+        "procs": procs,
+        "scale": scale,
+        "window_real_s": round(seconds * scale, 1),
+        "join_s": round(max(j["join_s"] for j in joined), 2),
+        "join_edge_per_worker": round(statistics.mean(join_edge), 3),
+        "restart_edge_per_worker": (
+            round(statistics.mean(r["restart_edge"] for r in restarts), 3) if restarts else None
+        ),
+        "steady_edge_requests": sum(edge),
+        "router_seen_requests": router_seen,
+        "edge_per_worker_day": round(per_day, 2),
+        # Pessimistic: each worker also starts fresh (no state file) once a day.
+        "edge_per_day_all_workers": round(n * (per_day + fresh), 1),
+        "edge_per_day_20_workers": round(20 * (per_day + fresh), 1),
+        "dht_bytes_per_worker_s_mean": round(statistics.mean(rates), 1),
+        "dht_bytes_per_worker_s_p95": round(rates[int(0.95 * (len(rates) - 1))], 1),
+        "dht_bytes_per_worker_s_max": round(rates[-1], 1),
+        # A loaded machine stretches the scaled intervals (a publish takes as long as ever):
+        # per heartbeat, then at exactly one heartbeat per real interval.
+        "dht_bytes_per_heartbeat": round(sum(all_bytes) / max(sum(beats), 1), 1),
+        "dht_bytes_per_worker_s_nominal": round(
+            sum(all_bytes) / max(sum(beats), 1) / REAL_HEARTBEAT, 1
+        ),
+        "coordinator_bytes_s_each": round(coord_bytes / elapsed / scale / coordinators, 1),
+        "heartbeats_per_worker_min": round(statistics.mean(beats) / seconds * 60 / scale, 2),
+        "workers_on_dht": sum(1 for m in modes if m == Mode.DHT.value),
+    }
+
+
+def print_report(rows: list[dict[str, Any]], scale: float) -> None:
+    """The table, the targets and whether they are met, and agent/baseline ratios."""
+    agents = [r for r in rows if r["kind"] == "agent"]
+    base = {r["workers"]: r for r in rows if r["kind"] == "edge-only"}
+    print(
+        f"\nWorker agent in steady state (intervals scaled down {scale:g}x in the run; figures "
+        f"converted to the real {REAL_HEARTBEAT:g} s heartbeat / {REAL_TTL:g} s lease)\n"
+    )
+    head = (
+        "| workers | procs | join edge req/worker | restart edge req/worker | steady edge req "
+        "(window) | edge req/worker/day | edge req/day, all (+1 fresh join each) | DHT B/s/worker "
+        "mean / p95 / max | heartbeats/worker/min | on DHT | baseline edge req/worker/day |"
+    )
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in agents:
+        b = base.get(r["workers"])
+        print(
+            f"| {r['workers']} | {r['procs']} | {r['join_edge_per_worker']:g} | "
+            f"{r['restart_edge_per_worker']:g} | {r['steady_edge_requests']} "
+            f"({r['window_real_s']:g} s real) | {r['edge_per_worker_day']:g} | "
+            f"{r['edge_per_day_all_workers']:g} | {r['dht_bytes_per_worker_s_mean']:g} / "
+            f"{r['dht_bytes_per_worker_s_p95']:g} / {r['dht_bytes_per_worker_s_max']:g} | "
+            f"{r['heartbeats_per_worker_min']:g} | {r['workers_on_dht']}/{r['workers']} | "
+            f"{b['edge_per_worker_day'] if b else '-'} |"
+        )
+    print("\nTargets (from the seed):")
+    for r in agents:
+        value = r["edge_per_day_20_workers"]
+        verdict = "met" if value < TARGET_EDGE_20_PER_DAY else "NOT met"
+        print(
+            f"- < {TARGET_EDGE_20_PER_DAY} edge requests a day for 20 workers, from the "
+            f"{r['workers']}-worker run: {value:g} (steady {r['edge_per_worker_day']:g} per "
+            f"worker a day, plus one fresh join each at {r['join_edge_per_worker']:g} request; "
+            f"a restart from the state file costs {r['restart_edge_per_worker']:g}): {verdict}"
+        )
+    for r in agents:
+        mean, worst = r["dht_bytes_per_worker_s_mean"], r["dht_bytes_per_worker_s_max"]
+        if worst < TARGET_BYTES_PER_S:
+            verdict = "met by every worker"
+        elif mean < TARGET_BYTES_PER_S:
+            verdict = "met on average, NOT by every worker (the busiest shard holders exceed it)"
+        else:
+            verdict = "NOT met"
+        print(
+            f"- < 1 KB/s per worker, {r['workers']} workers: mean {mean:g} B/s, "
+            f"p95 {r['dht_bytes_per_worker_s_p95']:g} B/s, max {worst:g} B/s: {verdict} "
+            f"({r['dht_bytes_per_heartbeat']:g} B per heartbeat, in and out: "
+            f"{r['dht_bytes_per_worker_s_nominal']:g} B/s at exactly one per "
+            f"{REAL_HEARTBEAT:g} s)"
+        )
+    print("\nBaseline measured alongside: the same workers with --edge-only, heartbeating")
+    print("through the edge every 30 s as today's coordinator protocol does.")
+    for r in agents:
+        b = base.get(r["workers"])
+        if b:
+            ratio = r["edge_per_day_all_workers"] / max(b["edge_per_day_all_workers"], 1e-9)
+            print(
+                f"- {r['workers']} workers: {r['edge_per_day_all_workers']:g} vs "
+                f"{b['edge_per_day_all_workers']:g} edge requests a day, agent/baseline "
+                f"{ratio:.5f}"
+            )
+
+
+async def parent_main(args: argparse.Namespace) -> int:
+    """Coordinators and the router here; workers in children; table and JSON at the end."""
+    rows: list[dict[str, Any]] = []
+    for n in args.workers:
+        for edge_only in (False, True):
+            if edge_only and args.no_baseline:
+                continue
+            # Fresh coordinators and router for every run: the last run's workers are gone,
+            # and dead contacts would tax the next run's joins.
+            async with (
+                coordinator_nodes(args) as coordinators,
+                edge_router(coordinators) as (
+                    url,
+                    router,
+                ),
+            ):
+                rows.append(await measure(n, args, url, router, coordinators, edge_only=edge_only))
+    print_report(rows, args.scale)
+    if args.out:
+        out = Path(args.out)
+        write_json(
+            out,
+            {
+                "params": {k: v for k, v in vars(args).items() if k not in ("child", "log_level")},
+                "targets": {
+                    "edge_per_day_20_workers": TARGET_EDGE_20_PER_DAY,
+                    "dht_bytes_per_worker_s": TARGET_BYTES_PER_S,
+                },
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "rows": rows,
+            },
+        )
+        print(f"\nwrote {out}")
+    return 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """The figures as JSON, creating the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of the benchmark (and of its children)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[20, 200])
+    parser.add_argument("--procs", type=int, default=4, help="child processes for the workers")
+    parser.add_argument("--scale", type=float, default=5.0, help="intervals divided by this")
+    parser.add_argument(
+        "--window", type=float, default=360.0, help="steady window, real seconds (4 leases)"
+    )
+    parser.add_argument(
+        "--baseline-window", type=float, default=120.0, help="baseline window, real seconds"
+    )
+    parser.add_argument("--coordinators", type=int, default=3)
+    parser.add_argument(
+        "--holder-cache",
+        type=float,
+        help="workers' holder cache TTL, real seconds (default: the worker's, 300)",
+    )
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--edge", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--edge-only", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> int:
+    """Entry point: the parent, or a child when `--child` is given."""
+    args = build_parser().parse_args()
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s {'child' if args.child else 'bench'} %(levelname)s %(name)s: "
+        "%(message)s",
+        stream=sys.stderr,
+    )
+    if args.scale < 1:
+        raise SystemExit("--scale must be >= 1")
+    return asyncio.run(child_main(args) if args.child else parent_main(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Shared fixtures: our own redis-server (never the one on 6379) and registries on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dht_bridge.registry import Registry, open_registry
+from dht_bridge.settings import RegistrySettings
+from tests.helpers import POLICY
+from tests.redis_server import TEST_REDIS_TIMEOUT, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session; tests must not stop it (use make_redis_server)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, emptied for this test."""
+    if not redis_server.running:
+        redis_server.start()  # a test broke the rule above: give the next ones a server
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def registry(redis_url: str) -> AsyncIterator[Registry]:
+    """A Registry on the (empty) session server, closed after the test."""
+    settings = RegistrySettings(redis_url=redis_url, timeout=TEST_REDIS_TIMEOUT)
+    opened = open_registry(settings, policy=POLICY)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.fixture
+def make_redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """A factory of private, started redis-servers for fault tests; all killed at teardown."""
+    servers: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}")
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()

@@ -1,0 +1,91 @@
+"""Smoke test of bench/dht_bench.py: a tiny run of both implementations finishes and writes
+every figure for both phases. How fast is the benchmark's business, not a test's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "dht_bench.py"
+
+# The figures every row must carry (the table's columns and what the ratios are made of).
+FIGURES = (
+    "nodes",
+    "procs",
+    "build_s",
+    "join_p50_ms",
+    "join_p99_ms",
+    "join_failures",
+    "lookups",
+    "lookup_p50_ms",
+    "lookup_p95_ms",
+    "lookup_p99_ms",
+    "lookup_max_ms",
+    "success_pct",
+    "timeouts",
+    "hops_mean",
+    "mem_per_node_kb",
+    "pkts_per_lookup",
+    "idle_bytes_per_node_s",
+    "alive_nodes",
+)
+RATIOS = (
+    "build_s",
+    "join_p50_ms",
+    "join_p99_ms",
+    "lookup_p50_ms",
+    "lookup_p95_ms",
+    "lookup_p99_ms",
+    "lookup_max_ms",
+    "success_pct",
+    "mem_per_node_kb",
+    "pkts_per_lookup",
+    "idle_bytes_per_node_s",
+)
+LOOKUPS = 20
+
+
+def run_bench(out: Path) -> subprocess.CompletedProcess[str]:
+    """A tiny run; its own deadlines bound it well inside the subprocess timeout."""
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        *("--nodes", "30", "--procs", "2", "--lookups", str(LOOKUPS), "--impl", "both"),
+        *("--deadline", "10", "--idle", "0.5", "--time-limit", "90"),
+        *("--log-level", "WARNING", "--out", str(out)),
+    ]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False
+    )
+
+
+def test_dht_bench_writes_every_figure_for_both_impls_and_phases(tmp_path: Path) -> None:
+    out = tmp_path / "dht.json"
+    result = run_bench(out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ours/raw" in result.stdout
+
+    data = json.loads(out.read_text())
+    rows = {(r["impl"], r["phase"], r["kind"]): r for r in data["rows"]}
+    wanted = [(impl, phase, "get") for impl in ("ours", "raw") for phase in ("before", "after")]
+    wanted += [("ours", phase, "service") for phase in ("before", "after")]
+    for key in wanted:
+        row = rows[key]
+        for name in FIGURES:
+            value = row[name]
+            if key[0] == "raw" and name == "hops_mean":
+                assert value is None  # the stock library does not report hops
+                continue
+            assert isinstance(value, int | float), f"{key} {name} = {value!r}"
+        expected = LOOKUPS // 4 if key[2] == "service" else LOOKUPS
+        assert row["lookups"] == expected
+        assert row["nodes"] == 30
+        assert row["procs"] == 2
+
+    for phase in ("before", "after"):
+        assert set(RATIOS) <= set(data["ratios"][phase])
+    assert data["params"]["nodes_per_proc"] == [15, 15]
+    assert {"cpu_count", "python", "kademlia"} <= set(data["machine"])

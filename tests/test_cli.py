@@ -1,0 +1,111 @@
+"""The `rma` command: subcommands, configuration precedence, and `rma node` as a real process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dht_bridge.cli import EXIT_USAGE, build_parser, main
+from dht_bridge.errors import ConfigError
+from dht_bridge.node_cli import NodeConfig
+from dht_bridge.process import parse_hostport
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("router", "bridge", "worker", "demo", "flush", "node"):
+        assert name in out
+
+
+def test_node_config_options_beat_variables_beat_defaults() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["node", "--port", "4100", "--bootstrap", "seed.example:4000"])
+    env = {"RMA_DHT_PORT": "4200", "RMA_DHT_RPC_TIMEOUT": "0.25", "RMA_BOOTSTRAP": "x:1"}
+    config = NodeConfig.build(args, env)
+    assert config.dht.port == 4100
+    assert config.dht.rpc_timeout == 0.25
+    assert config.bootstrap == (("seed.example", 4000),)
+    from_env = NodeConfig.build(parser.parse_args(["node"]), env)
+    assert from_env.dht.port == 4200
+    assert from_env.bootstrap == (("x", 1),)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RMA_DHT_PORT": "many"},
+        {"RMA_DHT_PORT": "70000"},
+        {"RMA_BOOTSTRAP": "nohost"},
+        {"RMA_TUNNEL_ALLOW_LOOPBACK": "perhaps"},
+        {"RMA_DHT_REPLICAS": "50"},
+    ],
+)
+def test_bad_configuration_is_a_config_error(env: dict[str, str]) -> None:
+    args = build_parser().parse_args(["node"])
+    with pytest.raises(ConfigError):
+        NodeConfig.build(args, env)
+
+
+def test_parse_hostport() -> None:
+    assert parse_hostport("a.b:1") == ("a.b", 1)
+    assert parse_hostport("[::1]:4000") == ("::1", 4000)
+    for bad in ("a", ":1", "a:0", "a:x", "a:70000"):
+        with pytest.raises(ValueError, match="host:port"):
+            parse_hostport(bad)
+
+
+def test_missing_subcommand_module_says_not_available(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dht_bridge import cli
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "later", ("dht_bridge.no_such_module", "not yet"))
+    with pytest.raises(SystemExit) as info:
+        main(["later"])
+    assert info.value.code == EXIT_USAGE
+    assert "not available" in capsys.readouterr().err
+
+
+def test_rma_node_runs_saves_json_state_and_stops_on_sigterm(tmp_path: Path) -> None:
+    state = tmp_path / "node.json"
+    env = {**os.environ, "RMA_DHT_PORT": "0", "RMA_STATE_FILE": str(state)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "dht_bridge.cli", "node"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            deadline = time.monotonic() + 30
+            line = ""
+            while "ready on" not in line:
+                assert time.monotonic() < deadline, "rma node did not report ready"
+                line = proc.stderr.readline()
+                assert line or proc.poll() is None, "rma node exited early"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    saved = json.loads(state.read_text())
+    assert saved["version"] == 1
+    assert len(bytes.fromhex(saved["node_id"])) == 20
+
+
+def test_bad_option_exits_with_usage_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["node", "--port", "not-a-number"])
+    assert info.value.code == 2
+    assert isinstance(build_parser(), argparse.ArgumentParser)

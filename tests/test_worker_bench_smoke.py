@@ -1,0 +1,62 @@
+"""Smoke test of bench/worker_bench.py: a tiny run finishes and writes every figure, for the
+agents and for the edge-only baseline. How good the figures are is the benchmark's business."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "worker_bench.py"
+
+FIGURES = (
+    "workers",
+    "procs",
+    "scale",
+    "window_real_s",
+    "join_s",
+    "join_edge_per_worker",
+    "steady_edge_requests",
+    "router_seen_requests",
+    "edge_per_worker_day",
+    "edge_per_day_all_workers",
+    "edge_per_day_20_workers",
+    "dht_bytes_per_worker_s_mean",
+    "dht_bytes_per_worker_s_p95",
+    "dht_bytes_per_worker_s_max",
+    "dht_bytes_per_heartbeat",
+    "dht_bytes_per_worker_s_nominal",
+    "coordinator_bytes_s_each",
+    "heartbeats_per_worker_min",
+    "workers_on_dht",
+)
+
+
+def test_worker_bench_writes_every_figure_and_the_targets(tmp_path: Path) -> None:
+    out = tmp_path / "worker.json"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        *("--workers", "4", "--procs", "2", "--scale", "30"),
+        *("--window", "90", "--baseline-window", "60", "--out", str(out)),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "< 25 edge requests a day for 20 workers" in result.stdout
+    assert "< 1 KB/s per worker" in result.stdout
+    assert "agent/baseline" in result.stdout
+
+    data = json.loads(out.read_text())
+    rows = {row["kind"]: row for row in data["rows"]}
+    assert set(rows) == {"agent", "edge-only"}
+    for row in rows.values():
+        for name in FIGURES:
+            assert isinstance(row[name], int | float), f"{row['kind']} {name} = {row[name]!r}"
+        assert row["workers"] == 4
+    assert isinstance(rows["agent"]["restart_edge_per_worker"], int | float)
+    assert rows["edge-only"]["steady_edge_requests"] > 0  # the baseline heartbeats at the edge
+    assert data["targets"] == {"edge_per_day_20_workers": 25, "dht_bytes_per_worker_s": 1024}
