@@ -15,6 +15,7 @@ from dht_bridge.dht import DHTNode
 from dht_bridge.errors import IdentityError
 from dht_bridge.registry import Registry
 from tests.dht_helpers import start_network, stop_all
+from tests.helpers import wait_for
 from tests.worker_helpers import Edge, router_config, running_edge, worker_config
 from worker.agent import Mode
 from worker.config import WorkerConfig
@@ -65,6 +66,41 @@ async def test_seq_is_saved_before_use_and_grows_across_restarts(
     assert record is not None
     assert record.tombstone
     assert record.seq == second
+
+
+async def test_a_crash_never_reuses_a_seq_although_a_heartbeat_does_not_save(
+    tmp_path: Path, edge: Edge, network: list[DHTNode]
+) -> None:
+    config = worker_config(tmp_path, "w-crash")
+    async with edge.agent(config) as agent:
+        start = agent.heartbeats
+        await wait_for(lambda: agent.heartbeats >= start + 3, timeout=10, message="heartbeats")
+        image = config.state_file.read_bytes()  # what a crash now would leave on disk
+        assert json.loads(image)["seq"] >= agent.state.seq + 1  # a ceiling: beats do not save
+        used = agent.state.seq
+    assert saved(config)["seq"] > used  # the clean stop saved the exact seq of its tombstone
+    config.state_file.write_bytes(image)  # as if it had crashed instead
+    async with edge.agent(config) as again:
+        assert again.record is not None
+        assert again.record.seq > saved_seq(image) >= used
+        listed = await network[0].get_record(again.worker_id)
+        assert listed is not None
+        assert listed.live
+        assert listed.seq == again.record.seq
+
+
+def saved_seq(image: bytes) -> int:
+    seq: int = json.loads(image)["seq"]
+    return seq
+
+
+def test_a_late_save_never_rolls_the_ceiling_back(tmp_path: Path) -> None:
+    store = StateFile(tmp_path / "s.json")
+    assert store.save(WorkerState(seq=128))
+    assert not store.save(WorkerState(seq=64))  # a slow save of an older block, finishing late
+    assert store.load()[0].seq == 128
+    assert store.save(WorkerState(seq=100), final=True)  # the closing save: the exact last seq
+    assert store.load()[0].seq == 100
 
 
 async def test_corrupt_state_file_is_logged_moved_aside_and_seq_recovered_from_the_dht(

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -39,6 +40,9 @@ WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 # When the edge says our seq is stale and does not list our record, jump this far ahead:
 # more heartbeats than a worker sends in a year at the default pace.
 STALE_SEQ_JUMP = 1 << 20
+# Seqs reserved on disk at a time: one fsync per this many heartbeats (about half an hour at the
+# default pace), and a restart after a crash skips at most this many.
+SEQ_BLOCK = 64
 EDGE_PEERS_AT_MOST = 4
 SERVICES_LOOKUP_LIMIT = 100
 SEQ_LOOKUP_TIMEOUT = 2.0
@@ -98,6 +102,7 @@ class WorkerAgent:
             )
         self.load: LoadSource = load or _default_load(config)
         self._state_file = StateFile(config.state_file)
+        self._seq_reserved = -1  # the ceiling saved in this run; none yet
         self._dht_retry = Backoff(config.retry, self.rng)
         self._edge_retry = Backoff(config.retry, self.rng)
         self._edge_peers: BootstrapPeers | None = None
@@ -247,10 +252,26 @@ class WorkerAgent:
         return identity
 
     def _save(self) -> None:
-        self._state_file.save(self.state)
+        """The closing save: the exact last seq, as nothing is signed after it."""
+        self._state_file.save(self.state, final=True)
+
+    async def _reserve(self) -> None:
+        """Put a new seq ceiling on disk, off the event loop: an fsync can take a second on a
+        busy disk, and every lease in this process would wait for it."""
+        ceiling = self.state.seq + SEQ_BLOCK - 1
+        snapshot = replace(
+            self.state,
+            seq=ceiling,
+            peers=list(self.state.peers),
+            levels=list(self.state.levels),
+        )
+        # Shielded: a heartbeat cancelled mid-save still finishes writing its ceiling.
+        await asyncio.shield(asyncio.to_thread(self._state_file.save, snapshot))
+        self._seq_reserved = ceiling  # only once it is on disk
 
     def _remember_dht(self) -> None:
-        """Copy what a restart needs from the node into the state (saved with the next seq)."""
+        """Copy what a restart needs from the node into the state (saved with the next seq
+        ceiling, and at close)."""
         if self.node is None or self.node.protocol is None:
             return
         peers: list[tuple[str, int]] = []
@@ -336,10 +357,11 @@ class WorkerAgent:
     async def _sign_next(
         self, *, ttl: float, advertise: bool, tombstone: bool = False
     ) -> WorkerRecord:
-        """The next record, its seq saved to disk before it can leave this process."""
+        """The next record, its seq covered by the ceiling on disk before it can leave."""
         assert self.identity is not None
         self.state.seq += 1
-        self._save()
+        if self.state.seq > self._seq_reserved:
+            await self._reserve()
         host, port = self._advertised() if advertise else ("", 0)
         return sign_record(
             self.identity,

@@ -1,7 +1,8 @@
 """The worker's JSON state file: key path, last seq, known DHT peers, shard levels.
 
 It is what lets a restarted worker rejoin with no request to the edge, and keeps seq strictly
-increasing across restarts: a seq is saved before any record carrying it leaves the process.
+increasing across restarts: the saved `seq` is a ceiling, reserved on disk before any record
+carrying a seq up to it leaves the process (one fsync per block of seqs, not per heartbeat).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import enum
 import json
 import logging
 import os
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,9 @@ class StateFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Saves may run in worker threads: one at a time, and never an older seq over a newer.
+        self._lock = threading.Lock()
+        self._written_seq = -1
 
     def load(self) -> tuple[WorkerState, LoadStatus]:
         """The saved state, or an empty one with a clear log line saying why."""
@@ -122,18 +128,30 @@ class StateFile:
         )
         return WorkerState(), LoadStatus.CORRUPT
 
-    def save(self, state: WorkerState) -> None:
-        """Write `state` atomically and durably: a seq must survive a crash right after."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    def save(self, state: WorkerState, *, final: bool = False) -> bool:
+        """Write `state` atomically and durably: a seq must survive a crash right after.
+
+        Thread-safe. A state whose seq is below one already written is skipped (False): a slow
+        save finishing late must not roll the reserved ceiling back. A `final` save (the
+        process signs nothing after it) may lower the ceiling to the last seq really used.
+        """
         data = json.dumps(state.to_json(), indent=2).encode()
+        with self._lock:
+            if state.seq < self._written_seq and not final:
+                return False
+            self._write(data)
+            self._written_seq = state.seq
+            return True
+
+    def _write(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
+            with os.fdopen(fd, "wb") as fh:  # mkstemp creates it 0600
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             raise
