@@ -16,8 +16,9 @@ One long-lived DHT node (a coordinator) and a Redis client, both injected. What 
   with exponential backoff and jitter, and when it is back republishes what Redis learned.
 - Self-preservation, as Eureka does. While the DHT side is lost, if more than `stale_share` of the
   live leases in Redis would lapse within one sync interval, that is a partition, not mass death:
-  those records are held in Redis, marked stale, until the DHT is back (then records whose lease
-  ended are removed). Tombstones still remove at once.
+  every lease that would lapse before the hold ends is held in Redis, marked stale, renewed each
+  interval until the DHT is back (then records whose lease ended are removed). Tombstones still
+  remove at once.
 
 Several bridges may run over one Redis and one DHT: every write goes through the merge rule, so
 they converge on the same newest records and never undo each other.
@@ -754,26 +755,37 @@ class Bridge:
         await self._hold_lapsing(stored, self.clock())
 
     async def _hold_lapsing(self, stored: list[WorkerRecord], now: float) -> None:
-        """Hold the records whose lease lapses before the next round, if they are more than
-        the stale share of the live ones (or preservation is already on)."""
+        """If the leases lapsing before the next round are more than the stale share of the
+        live ones (or preservation is already on), hold every lease that would lapse before
+        the hold ends."""
         live = [r for r in stored if r.live]
         # The next round may come up to a tenth later (jitter): look that far, and more.
         horizon = now + 1.5 * self.settings.sync_interval
         lapsing = [r.worker_id for r in live if r.expires_at < horizon]
-        if not live or not lapsing:
+        if not live:
             return
         share = len(lapsing) / len(live)
+        if not self.preserving and share <= self.settings.stale_share:
+            logger.debug(
+                "%d of %d leases lapse soon (%.0f%%): below the self-preservation share, "
+                "letting them lapse",
+                len(lapsing),
+                len(live),
+                100 * share,
+            )
+            return
+        # Hold all that would lapse before the hold itself ends, not only before the next
+        # round: a round that comes late (a busy loop, a slow Redis) must find nothing lapsed.
+        until = now + self.settings.hold_intervals * self.settings.sync_interval
+        held = [r.worker_id for r in live if r.expires_at < until]
+        try:
+            await self.registry.hold(held, lapse_before=until, until=until)
+            self.counters.held = await self.registry.held_count()
+        except RegistryError as exc:
+            self._mark_redis_down(exc)
+            return
         if not self.preserving:
-            if share <= self.settings.stale_share:
-                logger.debug(
-                    "%d of %d leases lapse soon (%.0f%%): below the self-preservation share, "
-                    "letting them lapse",
-                    len(lapsing),
-                    len(live),
-                    100 * share,
-                )
-                return
-            self.preserving = True
+            self.preserving = True  # only once the holds are in Redis
             logger.warning(
                 "self-preservation ON: the DHT side is lost and %d of %d leases (%.0f%% > "
                 "%.0f%%) would lapse within %.0f s; keeping them in Redis, marked stale, until "
@@ -784,12 +796,6 @@ class Bridge:
                 100 * self.settings.stale_share,
                 horizon - now,
             )
-        until = now + self.settings.hold_intervals * self.settings.sync_interval
-        try:
-            await self.registry.hold(lapsing, lapse_before=horizon, until=until)
-            self.counters.held = await self.registry.held_count()
-        except RegistryError as exc:
-            self._mark_redis_down(exc)
 
     def _forget(self, now: float) -> None:
         """Drop what expired from the bridge's memory, and services nobody offers any more."""

@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_path, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(
-            name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        # Each option's help names its variable and real default itself: argparse's own
+        # defaults are None, so that an unset option falls through to RMA_* in the config.
+        sub = subparsers.add_parser(name, help=help_text)
         module = _load(module_path)
         if module is None:
             sub.set_defaults(handler=None, module_path=module_path)
