@@ -585,6 +585,10 @@ class EventSubscription:
         return None if message is None else message.get("data")
 
 
+MAX_CONNECTIONS = 128
+EMBEDDED_MAX_CONNECTIONS = 1 << 16
+
+
 def open_registry(
     settings: RegistrySettings, *, policy: TunnelPolicy, clock: Callable[[], float] = time.time
 ) -> Registry:
@@ -594,13 +598,14 @@ def open_registry(
             "registry: no RMA_REDIS_URL, using the embedded in-process fakeredis: single process, "
             "NOT durable (everything is lost on exit)"
         )
-        client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        # In-process "connections" cost nothing; redis-py's default cap of 100 turned 200
+        # workers leaving at once into 503s ("Too many connections").
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(
+            server=fakeredis.FakeServer(), max_connections=EMBEDDED_MAX_CONNECTIONS
+        )
     else:
         client = _client_for_url(settings.redis_url, settings.timeout)
     return Registry(client, policy=policy, clock=clock, timeout=settings.timeout, owns_client=True)
-
-
-MAX_CONNECTIONS = 128
 
 
 def _client_for_url(url: str, timeout: float) -> aioredis.Redis:
