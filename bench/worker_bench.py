@@ -58,6 +58,7 @@ SERVICES = ("ocr", "gpu", "asr", "tts")
 DAY = 86_400.0
 TARGET_EDGE_20_PER_DAY = 25
 TARGET_BYTES_PER_S = 1024
+TARGET_BOOTSTRAP_S = 2.0
 JOIN_PARALLEL = 4
 CHILD_TIMEOUT = 600.0
 STREAM_LIMIT = 1 << 24
@@ -135,17 +136,24 @@ class ChildAgents:
         """Start every agent (a few at a time); their edge requests and modes."""
         gate = asyncio.Semaphore(JOIN_PARALLEL)
 
+        took: list[float] = []
+
         async def one(index: int) -> WorkerAgent:
             async with gate:
                 config = self.config(index)
                 Identity.generate().save(config.state_file.with_suffix(".key"))
                 agent = WorkerAgent(config)
+                # A worker's bootstrap, end to end: the HTTP request for peers, the DHT
+                # join and the first publish of its record.
+                began = time.monotonic()
                 await agent.start()
+                took.append(time.monotonic() - began)
                 return agent
 
         started = time.monotonic()
         self.agents = list(await asyncio.gather(*(one(i) for i in self.indices)))
         return {
+            "join_one_s": took,
             "join_s": time.monotonic() - started,
             "join_edge": [sum(a.edge_requests.values()) for a in self.agents],
             "modes": [a.mode.value for a in self.agents],
@@ -420,6 +428,7 @@ def summarise(
     modes = [m for end in ends for m in end["modes"]]
     per_day = sum(edge) / n / seconds * DAY / scale
     join_edge = [x for j in joined for x in j["join_edge"]]
+    join_one = sorted(x for j in joined for x in j["join_one_s"])
     fresh = 0.0 if edge_only else statistics.mean(join_edge)
     return {
         "kind": "edge-only" if edge_only else "agent",
@@ -429,6 +438,8 @@ def summarise(
         "window_real_s": round(seconds * scale, 1),
         "join_s": round(max(j["join_s"] for j in joined), 2),
         "join_edge_per_worker": round(statistics.mean(join_edge), 3),
+        "join_one_ms_p50": _quantile_ms(join_one, 0.5),
+        "join_one_ms_p99": _quantile_ms(join_one, 0.99),
         "restart_edge_per_worker": (
             round(statistics.mean(r["restart_edge"] for r in restarts), 3) if restarts else None
         ),
@@ -453,6 +464,10 @@ def summarise(
     }
 
 
+def _quantile_ms(ordered: list[float], q: float) -> float:
+    return round(1000 * ordered[int(q * (len(ordered) - 1))], 1) if ordered else 0.0
+
+
 def print_report(rows: list[dict[str, Any]], scale: float) -> None:
     """The table, the targets and whether they are met, and agent/baseline ratios."""
     agents = [r for r in rows if r["kind"] == "agent"]
@@ -462,7 +477,8 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
         f"converted to the real {REAL_HEARTBEAT:g} s heartbeat / {REAL_TTL:g} s lease)\n"
     )
     head = (
-        "| workers | procs | join edge req/worker | restart edge req/worker | steady edge req "
+        "| workers | procs | join ms p50 / p99 | join edge req/worker | restart edge req/worker "
+        "| steady edge req "
         "(window) | edge req/worker/day | edge req/day, all (+1 fresh join each) | DHT B/s/worker "
         "mean / p95 / max | heartbeats/worker/min | on DHT | baseline edge req/worker/day |"
     )
@@ -471,7 +487,8 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
     for r in agents:
         b = base.get(r["workers"])
         print(
-            f"| {r['workers']} | {r['procs']} | {r['join_edge_per_worker']:g} | "
+            f"| {r['workers']} | {r['procs']} | {r['join_one_ms_p50']:g} / "
+            f"{r['join_one_ms_p99']:g} | {r['join_edge_per_worker']:g} | "
             f"{r['restart_edge_per_worker']:g} | {r['steady_edge_requests']} "
             f"({r['window_real_s']:g} s real) | {r['edge_per_worker_day']:g} | "
             f"{r['edge_per_day_all_workers']:g} | {r['dht_bytes_per_worker_s_mean']:g} / "
@@ -503,6 +520,14 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
             f"({r['dht_bytes_per_heartbeat']:g} B per heartbeat, in and out: "
             f"{r['dht_bytes_per_worker_s_nominal']:g} B/s at exactly one per "
             f"{REAL_HEARTBEAT:g} s)"
+        )
+    for r in agents:
+        worst = r["join_one_ms_p99"] / 1000
+        verdict = "met" if worst < TARGET_BOOTSTRAP_S else "NOT met"
+        print(
+            f"- bootstrap < {TARGET_BOOTSTRAP_S:g} s, {r['workers']} workers joining "
+            f"{JOIN_PARALLEL} at a time per process (HTTP bootstrap, DHT join, first publish): "
+            f"p50 {r['join_one_ms_p50']:g} ms, p99 {r['join_one_ms_p99']:g} ms: {verdict}"
         )
     print("\nBaseline measured alongside: the same workers with --edge-only, heartbeating")
     print("through the edge every 30 s as today's coordinator protocol does.")
@@ -544,6 +569,7 @@ async def parent_main(args: argparse.Namespace) -> int:
                 "targets": {
                     "edge_per_day_20_workers": TARGET_EDGE_20_PER_DAY,
                     "dht_bytes_per_worker_s": TARGET_BYTES_PER_S,
+                    "bootstrap_s": TARGET_BOOTSTRAP_S,
                 },
                 "machine": {
                     "cpu_count": os.cpu_count(),
