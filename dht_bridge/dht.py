@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
-from dht_bridge import shards
+from dht_bridge import dht_reach, shards
 from dht_bridge.dht_crawl import Crawl, CrawlResult
 from dht_bridge.dht_protocol import RMAProtocol
 from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
@@ -42,6 +42,24 @@ STATE_VERSION = 1
 RISE_EVERY = 8
 RECEIVE_BUFFER = 1 << 20
 MAX_CACHED_HOLDER_SETS = 4096
+SERVER, CLIENT = "server", "client"
+# A `reach` answer needs the server's probe timeout plus two trips: allow this many timeouts.
+REACH_WAIT_FACTOR = 2.5
+
+# Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
+# The default binds a socket; tests put nodes behind a NAT of their own through it.
+Endpoint = Callable[
+    [Callable[[], RMAProtocol], tuple[str, int]],
+    Awaitable[tuple[asyncio.DatagramTransport, RMAProtocol]],
+]
+
+
+async def udp_endpoint(
+    factory: Callable[[], RMAProtocol], local_addr: tuple[str, int]
+) -> tuple[asyncio.DatagramTransport, RMAProtocol]:
+    """A UDP socket bound to `local_addr` (port 0: the OS picks)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_datagram_endpoint(factory, local_addr=local_addr)
 
 
 @dataclass
@@ -97,7 +115,10 @@ class LookupReport:
 class DHTNode(Server):  # type: ignore[misc]
     """A Kademlia node that stores and serves signed worker records.
 
-    Inject `clock` (wall time, for leases) in tests; `settings` holds timeouts and sizes.
+    Inject `clock` (wall time, for leases) and `endpoint` (the UDP socket) in tests;
+    `settings` holds timeouts and sizes. With `client=True` the node starts in client mode
+    (see dht_protocol): it looks up and publishes through server nodes but is nobody's
+    contact; `set_mode` switches at run time, `check_reachability` tells which mode fits.
     """
 
     protocol_class = RMAProtocol
@@ -110,6 +131,8 @@ class DHTNode(Server):  # type: ignore[misc]
         clock: Callable[[], float] = time.time,
         node_id: bytes | None = None,
         storage: RecordStorage | None = None,
+        client: bool = False,
+        endpoint: Endpoint = udp_endpoint,
     ) -> None:
         super().__init__(
             ksize=settings.ksize,
@@ -126,6 +149,8 @@ class DHTNode(Server):  # type: ignore[misc]
         self.clock = clock
         self.transport: asyncio.DatagramTransport | None = None
         self.protocol: RMAProtocol | None = None
+        self._client = client
+        self._endpoint = endpoint
         # Shard level and publish count per (service, worker): a bridge publishes for many
         # workers, and each worker's place in the trie is its own.
         self._levels: dict[tuple[str, str], int] = {}
@@ -144,19 +169,24 @@ class DHTNode(Server):  # type: ignore[misc]
             self.ksize,
             rpc_timeout=self.settings.rpc_timeout,
             max_failures=self.settings.max_failures,
+            client=self._client,
         )
 
     async def listen(self, port: int | None = None, interface: str | None = None) -> None:
         """Bind the UDP socket (port 0: the OS picks) and start maintenance."""
         loop = asyncio.get_running_loop()
         host = interface or self.settings.host
-        self.transport, self.protocol = await loop.create_datagram_endpoint(
-            self._create_protocol,
-            local_addr=(host, self.settings.port if port is None else port),
+        self.transport, self.protocol = await self._endpoint(
+            self._create_protocol, (host, self.settings.port if port is None else port)
         )
         self._widen_receive_buffer()
         self._maintenance = loop.create_task(self._maintain(), name="dht-maintenance")
-        logger.info("DHT node %s listening on %s:%d", self.node.id.hex()[:12], *self.address)
+        logger.info(
+            "DHT node %s listening on %s:%d (%s mode)",
+            self.node.id.hex()[:12],
+            *self.address,
+            self.mode,
+        )
 
     def _widen_receive_buffer(self) -> None:
         # Bursts (a lookup storm, a mass rejoin) overflow the default ~200 KB buffer and the
@@ -182,6 +212,60 @@ class DHTNode(Server):  # type: ignore[misc]
         if self.protocol is None:
             raise RuntimeError("node is not listening")
         return self.protocol
+
+    @property
+    def mode(self) -> str:
+        """ "server" or "client"."""
+        return CLIENT if self._client else SERVER
+
+    async def set_mode(self, mode: str) -> bool:
+        """Switch to `mode` ("server" or "client"); True when it changed.
+
+        A new server crawls towards its own id, untagged, so that the servers closest to it
+        add it (and hand it the values it should now hold); a new client pings its contacts,
+        tagged, so that they forget it; any other server drops it after a few missed replies.
+        """
+        if mode not in (SERVER, CLIENT):
+            raise ValueError(f"mode must be {SERVER!r} or {CLIENT!r}, not {mode!r}")
+        client = mode == CLIENT
+        if client == self._client:
+            return False
+        self._client = client
+        if self.protocol is not None:
+            self.protocol.client = client
+        self._holder_cache.clear()
+        logger.info("DHT node %s is now in %s mode", self.node.id.hex()[:12], mode)
+        if self.protocol is None or not len(self.rpc.router):
+            return True
+        if client:
+            # A tagged ping makes each contact forget us now: nothing else would tell it
+            # before one of its lookups stalls on us (the network sends no keep-alives).
+            await asyncio.gather(*(self.rpc.call_ping(n) for n in self.rpc.router.contacts()))
+        else:
+            await self._crawl(self.node.id)
+        return True
+
+    async def check_reachability(
+        self,
+        peers: Iterable[tuple[str, int]] = (),
+        *,
+        port: int = 0,
+        want: int = dht_reach.DEFAULT_REACH_PEERS,
+    ) -> dht_reach.Reachability:
+        """Ask server nodes to contact us back on `port` (0: the port they see us at).
+
+        `peers` first (coordinators), then contacts from the routing table; `reachable` is
+        None when none of them answered.
+        """
+        candidates = [*peers, *self.bootstrappable_neighbors()]
+        return await dht_reach.check(
+            self.rpc,
+            self.node.id,
+            [p for p in dict.fromkeys(candidates) if p != self.address],
+            port=port,
+            wait=self.settings.rpc_timeout * REACH_WAIT_FACTOR,
+            want=want,
+        )
 
     def stop(self) -> None:
         """Synchronous close, for the library's callers; prefer `aclose`."""
@@ -412,6 +496,8 @@ class DHTNode(Server):  # type: ignore[misc]
         return holders, False
 
     def _stores_locally(self, digest: bytes, holders: list[Node]) -> bool:
+        if self._client:
+            return False  # nobody reads from a client: a copy here would count as stored
         if len(holders) < self.settings.replicas:
             return True
         target = int.from_bytes(digest, "big")

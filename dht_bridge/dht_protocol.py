@@ -1,5 +1,13 @@
 """Our Kademlia protocol: the library's wire format, with safe parsing, short timeouts,
-honest failure accounting, merged stores, and replication that reaches the right nodes."""
+honest failure accounting, merged stores, and replication that reaches the right nodes.
+
+Server and client mode, as libp2p's kad-dht has them: a node in client mode (behind NAT, so
+nobody can start a conversation with it) marks every request it sends with `CLIENT_TAG` at the
+start of the message id, answers nothing but `stun` (the reachability probe), and is never
+added to a routing table: a server that sees the tag answers the request and forgets the
+sender. The message id is opaque to the stock library, which echoes it back unread, so the wire
+format stays the library's.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
+from dht_bridge import dht_reach
 from dht_bridge.dht_routing import RMARoutingTable
 from dht_bridge.dht_storage import RecordStorage
 from dht_bridge.dht_values import MAX_DATAGRAM_BODY
@@ -24,8 +33,15 @@ logger = logging.getLogger(__name__)
 REQUEST, RESPONSE = b"\x00", b"\x01"
 MSG_ID_BYTES = 20
 NODE_ID_BYTES = 20
-RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value"})
+RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value", dht_reach.REACH_RPC})
 MAX_PUSH_TASKS = 64
+# Requests of a node in client mode start their message id with this. Four bytes: a server's
+# random id carries it by chance once in 4 billion requests (and ours never do).
+CLIENT_TAG = b"RMAc"
+# What a node in client mode still answers: the probe that tells it whether it is reachable.
+CLIENT_ANSWERS = frozenset({"stun"})
+# Reachability probes a server runs at once; more wait for none (the asker tries elsewhere).
+MAX_PROBES = 16
 
 Address = tuple[str, int]
 Reply = tuple[bool, Any]
@@ -43,6 +59,11 @@ class TrafficStats:
     timeouts: int = 0
     malformed: int = 0
     stores_pushed: int = 0
+    # Requests left unanswered in client mode: a server that treats us as a contact.
+    ignored: int = 0
+    # Requests from client-mode nodes answered (they never enter the routing table).
+    client_requests: int = 0
+    probes: int = 0
 
 
 class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
@@ -56,8 +77,14 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         *,
         rpc_timeout: float,
         max_failures: int,
+        client: bool = False,
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=rpc_timeout)
+        # Client mode: see the module docstring. Switched at run time by the node.
+        self.client = client
+        # Set while answering a request from a client-mode node: its sender is not a contact.
+        self._from_client = False
+        self._probing = 0
         self.router = RMARoutingTable(self, ksize, source_node, max_failures=max_failures)
         self.storage = storage
         self.source_node = source_node
@@ -143,7 +170,20 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if name not in RPC_NAMES:
             raise ValueError(f"unknown rpc {name!r}")
         self.stats.requests_in += 1
-        response = getattr(self, f"rpc_{name}")(addr, *args)
+        if self.client and name not in CLIENT_ANSWERS:
+            # Not a contact: stay silent, so a stock node that took us for one drops us.
+            self.stats.ignored += 1
+            return
+        if name == dht_reach.REACH_RPC:
+            self._start_probe(msg_id, addr, args)
+            return
+        self._from_client = msg_id.startswith(CLIENT_TAG)
+        try:
+            if self._from_client:
+                self.stats.client_requests += 1
+            response = getattr(self, f"rpc_{name}")(addr, *args)
+        finally:
+            self._from_client = False
         self._send(RESPONSE + msg_id + msgpack.packb(response), addr)
 
     def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address) -> None:
@@ -177,7 +217,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if len(body) > MAX_DATAGRAM_BODY:
             raise ValueError(f"{name} request of {len(body)} bytes exceeds {MAX_DATAGRAM_BODY}")
         loop = asyncio.get_running_loop()
-        msg_id = os.urandom(MSG_ID_BYTES)
+        msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
         timer = loop.call_later(wait or self._wait_timeout, self._expire, msg_id)
         self._outstanding[msg_id] = (future, timer, address)
@@ -187,6 +227,14 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         finally:
             if msg_id in self._outstanding and future.cancelled():
                 self._outstanding.pop(msg_id)[1].cancel()
+
+    def _new_msg_id(self) -> bytes:
+        if self.client:
+            return CLIENT_TAG + os.urandom(MSG_ID_BYTES - len(CLIENT_TAG))
+        while True:
+            msg_id = os.urandom(MSG_ID_BYTES)
+            if not msg_id.startswith(CLIENT_TAG):
+                return msg_id
 
     def _expire(self, msg_id: bytes) -> None:
         pending = self._outstanding.pop(msg_id, None)
@@ -235,25 +283,64 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     # Inbound RPCs. Arguments come from the network: check them before use.
 
+    def _caller(self, nodeid: Any, sender: Address) -> Node:
+        """The caller as a contact: welcomed if it is a server, forgotten if in client mode
+        (a server that turned client must leave every table it told, at once)."""
+        node = Node(_node_id(nodeid), sender[0], sender[1])
+        if not self._from_client:
+            self.welcome_if_new(node)
+            return node
+        # Only from the address we know it at: anyone can claim an id, not its address.
+        known = self.router.buckets[self.router.get_bucket_for(node)].nodes.get(node.id)
+        if known is not None and (known.ip, known.port) == sender:
+            self.router.remove_contact(node)
+        return node
+
+    def _start_probe(self, msg_id: bytes, addr: Address, args: list[Any]) -> None:
+        """`reach(nodeid, port)`: probe the caller's IP on `port` (0: the port it wrote from)
+        from a fresh socket, then answer. Runs as a task; the reply is sent when it ends."""
+        if len(args) != 2 or not isinstance(args[1], int) or not 0 <= args[1] <= 65535:
+            raise ValueError("reach takes a node id and a port")
+        _node_id(args[0])
+        if self._probing >= MAX_PROBES:
+            logger.debug("too many reachability probes at once; %s gets no answer", addr)
+            return
+        self._probing += 1
+        self.stats.probes += 1
+        self.spawn(self._probe(msg_id, addr, args[1] or addr[1]), name=f"probe-{addr[1]}")
+
+    async def _probe(self, msg_id: bytes, addr: Address, port: int) -> None:
+        try:
+            host = self.transport.get_extra_info("sockname")[0] if self.transport else ""
+            reachable = await dht_reach.probe(
+                (addr[0], port), bind_host=host, wait=self._wait_timeout
+            )
+        except OSError as exc:
+            logger.debug("reachability probe of %s failed: %s", addr, exc)
+            reachable = False
+        finally:
+            self._probing -= 1
+        answer = {"reachable": reachable, "host": addr[0], "port": addr[1]}
+        self._send(RESPONSE + msg_id + msgpack.packb(answer), addr)
+
     def rpc_stun(self, sender: Address) -> Address:
         """The caller's address as we see it."""
         return sender
 
     def rpc_ping(self, sender: Address, nodeid: Any) -> bytes:
         """Answer with our id and learn the caller."""
-        self.welcome_if_new(Node(_node_id(nodeid), sender[0], sender[1]))
+        self._caller(nodeid, sender)
         node_id: bytes = self.source_node.id
         return node_id
 
     def rpc_store(self, sender: Address, nodeid: Any, key: Any, value: Any) -> str:
         """Merge a record set; answers ok / stale / full / invalid (stock clients ignore it)."""
-        self.welcome_if_new(Node(_node_id(nodeid), sender[0], sender[1]))
+        self._caller(nodeid, sender)
         return self.storage.merge(_node_id(key), value).value
 
     def rpc_find_node(self, sender: Address, nodeid: Any, key: Any) -> list[tuple[bytes, str, int]]:
         """The k contacts we know closest to `key`, never the caller."""
-        source = Node(_node_id(nodeid), sender[0], sender[1])
-        self.welcome_if_new(source)
+        source = self._caller(nodeid, sender)
         neighbors = self.router.find_neighbors(Node(_node_id(key)), exclude=source)
         return [(n.id, n.ip, n.port) for n in neighbors]
 

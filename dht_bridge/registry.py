@@ -11,8 +11,14 @@ their service-set score moves above every load (`STALE_SCORE` + load), so lookup
 every fresh provider. A newer record or a tombstone replaces a held one at once (the upsert script
 rescores or removes it); `release` ends the holds once the DHT is back.
 
-One Redis (or one Sentinel-managed primary) is the target today. Redis Cluster support comes
-later: it needs hash tags so that a worker's keys share a slot, and MGET split per slot.
+It runs unchanged on one Redis, a Sentinel-managed primary and a Redis Cluster
+(`redis_topology`). On Cluster every key and the channel carry the hash tag `{rma}` instead of the
+plain `rma:` prefix (`{rma}:worker:<id>`, `{rma}:svc:<service>`, `{rma}:held`, `{rma}:events`): an
+upsert touches a worker's key and every service set it joins or leaves, and a service set is
+shared by all its workers, so only one slot for the whole registry keeps each script atomic and
+each MGET in one slot. The registry is small (kilobytes per worker), so one primary (and its
+replicas) holds it. Events use sharded pub/sub there (SPUBLISH from the scripts, SSUBSCRIBE on
+the slot's primary), which Cluster keeps within that shard instead of broadcasting to all nodes.
 """
 
 from __future__ import annotations
@@ -23,22 +29,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import fakeredis
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
 
 from dht_bridge import records
 from dht_bridge.errors import (
@@ -50,13 +50,30 @@ from dht_bridge.errors import (
     RegistryUnavailable,
 )
 from dht_bridge.records import SERVICE_RE, WorkerRecord
+from dht_bridge.redis_topology import (
+    Closer,
+    RedisClient,
+    initialize_cluster,
+    open_client,
+    parse_redis_url,
+)
+from dht_bridge.registry_events import (
+    UNAVAILABLE,
+    Event,
+    EventSubscription,
+    PlainPubSubOpener,
+    ShardPubSubOpener,
+    describe,
+    leaked_transport_error,
+)
 from dht_bridge.settings import DEFAULT_REDIS_TIMEOUT, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "rma:"
-URL_SCHEMES = ("redis", "rediss", "unix")
+# On Cluster: one hash tag for every key, so that every script and MGET stays in one slot.
+CLUSTER_KEY_PREFIX = "{rma}:"
 DEFAULT_LOOKUP_LIMIT = 10
 DEFAULT_RECORDS_LIMIT = 1000
 # A region lookup ranks this many live providers (at least) by region before cutting to `limit`.
@@ -88,13 +105,6 @@ end
 return removed
 """
 
-# What counts as "Redis is not there": a refused or dropped connection, a socket timeout, or our
-# own deadline. Anything else from redis-py is a RegistryError.
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
-
-Event = dict[str, Any]
-EVENT_POLL_SECONDS = 1.0
-
 
 @dataclass(frozen=True)
 class Provider:
@@ -107,35 +117,52 @@ class Provider:
 class Registry:
     """Worker records in Redis under the merge rule; every Redis failure is a RegistryError.
 
-    The client is injected (a real Redis or fakeredis); `clock` is the wall clock used to check
-    leases, since `expires_at` is unix time. Each operation is bounded by `timeout` seconds.
+    The client is injected (a real Redis, a Sentinel-managed one, a Cluster, or fakeredis);
+    `clock` is the wall clock used to check leases, since `expires_at` is unix time. Each
+    operation is bounded by `timeout` seconds. The key prefix defaults to `rma:`, or `{rma}:` on
+    a Cluster; `closers` run after the client is closed (the Sentinel connections).
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         policy: TunnelPolicy,
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
-        prefix: str = KEY_PREFIX,
+        prefix: str | None = None,
         owns_client: bool = False,
+        closers: Sequence[Closer] = (),
     ) -> None:
         self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        if prefix is None:
+            prefix = CLUSTER_KEY_PREFIX if self._cluster else KEY_PREFIX
+        if self._cluster and not re.match(r"[^{]*\{[^}]+\}", prefix):
+            raise ConfigError(f"on Redis Cluster the key prefix needs a hash tag, not {prefix!r}")
         self._policy = policy
         self._clock = clock
         self._timeout = timeout
         self._prefix = prefix
         self._owns_client = owns_client
+        self._closers = list(closers)
+        # Cluster keeps shard channels within the slot's shard; SPUBLISH from a script is fine
+        # there because the channel carries the same hash tag as the keys.
+        self._publish_command = "SPUBLISH" if self._cluster else "PUBLISH"
         self._upsert_script = client.register_script(_UPSERT_SCRIPT)
         self._prune_script = client.register_script(_PRUNE_SCRIPT)
         self._hold_script = client.register_script(_HOLD_SCRIPT)
         self._release_script = client.register_script(_RELEASE_SCRIPT)
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         """The Redis client underneath (for diagnostics and tests)."""
         return self._client
+
+    @property
+    def cluster(self) -> bool:
+        """True on Redis Cluster (hash-tagged keys, sharded pub/sub)."""
+        return self._cluster
 
     @property
     def channel(self) -> str:
@@ -159,6 +186,8 @@ class Registry:
         """Close the client if this registry opened it."""
         if self._owns_client:
             await self._client.aclose()
+            for close in self._closers:
+                await close()
 
     async def __aenter__(self) -> Registry:
         return self
@@ -176,12 +205,22 @@ class Registry:
         opened before is dead and, with no retries, would fail its next command: a caller that
         has just seen Redis come back calls this so that none of them is handed out."""
         with contextlib.suppress(RedisError, OSError):
-            await self._client.connection_pool.disconnect(inuse_connections=False)
+            if isinstance(self._client, RedisCluster):
+                # Each node has its own pool; the slot map is reloaded after a failed command.
+                for node in self._client.get_nodes():
+                    await node.disconnect_free_connections()
+            else:
+                await self._client.connection_pool.disconnect(inuse_connections=False)
 
     async def ping(self) -> None:
         """Raise RegistryUnavailable unless Redis answers within the timeout."""
         async with self._guard("PING"):
-            await self._client.ping()
+            if self._cluster:
+                # The node that matters is the primary of our slot: a keyed read goes there
+                # (PING would go to a random node, or to every one).
+                await self._client.exists(self.held_key)
+            else:
+                await self._client.ping()
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -233,18 +272,35 @@ class Registry:
         return True
 
     async def _upsert_chunk(self, chunk: Sequence[WorkerRecord], origin: str | None) -> list[bool]:
+        async with self._guard(f"upsert of {len(chunk)} records"):
+            try:
+                replies = await self._pipelined_upserts(chunk, origin)
+            except NoScriptError:
+                # A replica promoted by a failover has never loaded the script (scripts are
+                # replicated as their effects), and a Cluster pipeline does not load it first
+                # as a plain one does. Nothing of the chunk ran: load it and send it again.
+                await self._client.script_load(_UPSERT_SCRIPT)
+                replies = await self._pipelined_upserts(chunk, origin)
+        return [bool(reply) for reply in replies]
+
+    async def _pipelined_upserts(
+        self, chunk: Sequence[WorkerRecord], origin: str | None
+    ) -> list[Any]:
         # `async with` resets the pipeline whatever happens: when Redis dies while the script
         # is being loaded (before `execute` has its own cleanup), the pipeline would otherwise
         # keep its connection and warn when collected.
-        async with (
-            self._guard(f"upsert of {len(chunk)} records"),
-            self._client.pipeline(transaction=False) as pipe,
-        ):
+        async with self._client.pipeline(transaction=False) as pipe:
             for record in chunk:
                 keys, args = self._upsert_call(record, origin)
-                await self._upsert_script(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute()
-        return [bool(reply) for reply in replies]
+                if self._cluster:
+                    # A Cluster pipeline refuses its `evalsha` method, not the command: every
+                    # key is in one slot, so the pipeline is one round trip to one node.
+                    sha = self._upsert_script.sha
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                else:
+                    # redis-py types `client` as a client; queuing on a pipeline is its use.
+                    await self._upsert_script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+            return list(await pipe.execute())
 
     def _upsert_call(
         self, record: WorkerRecord, origin: str | None = None
@@ -262,6 +318,7 @@ class Registry:
             self.service_key(""),
             self.channel,
             _event_head(record, origin),
+            self._publish_command,
         ]
         return keys, args
 
@@ -409,15 +466,15 @@ class Registry:
         return found
 
     async def _scan_keys(self, pattern: str, limit: int) -> list[str]:
-        keys: list[str] = []
-        cursor: int = 0
-        while len(keys) < limit:
-            cursor, batch = await self._client.scan(cursor, match=pattern, count=SCAN_COUNT)
-            keys.extend(_text(raw) for raw in batch)
-            if cursor == 0:
-                break
-        # SCAN may return a key twice; the order of first sight is kept.
-        return list(dict.fromkeys(keys))[:limit]
+        keys: dict[str, None] = {}  # SCAN may return a key twice; the first sight keeps order
+        # scan_iter walks every primary on Cluster; `aclosing` ends the walk when we stop early.
+        found = self._client.scan_iter(match=pattern, count=SCAN_COUNT)
+        async with contextlib.aclosing(cast(AsyncGenerator[Any, None], found)) as scan:
+            async for raw in scan:
+                keys[_text(raw)] = None
+                if len(keys) >= limit:
+                    break
+        return list(keys)
 
     def _parse(self, raw: bytes | str, where: str) -> WorkerRecord | None:
         try:
@@ -465,7 +522,13 @@ class Registry:
         async with self._guard("release of held records"):
             reply = await self._release_script(
                 keys=[self.held_key],
-                args=[now_ms, self.worker_key(""), self.service_key(""), self.channel],
+                args=[
+                    now_ms,
+                    self.worker_key(""),
+                    self.service_key(""),
+                    self.channel,
+                    self._publish_command,
+                ],
             )
         removed, restored = (int(value) for value in reply)
         if removed or restored:
@@ -483,11 +546,19 @@ class Registry:
         """Publish a JSON event on the events channel (for example an operator cache flush)."""
         payload = json.dumps(event, separators=(",", ":"), sort_keys=True)
         async with self._guard("publish"):
-            await self._client.publish(self.channel, payload)
+            if self._cluster:
+                await self._client.spublish(self.channel, payload)
+            else:
+                await self._client.publish(self.channel, payload)
 
     def subscribe_events(self) -> EventSubscription:
         """A subscription to the events channel: `async with` it, then `async for` events."""
-        return EventSubscription(self._client.pubsub(), self.channel, timeout=self._timeout)
+        opener = (
+            ShardPubSubOpener(self._client, self.channel)
+            if isinstance(self._client, RedisCluster)
+            else PlainPubSubOpener(self._client)
+        )
+        return EventSubscription(opener, self.channel, timeout=self._timeout)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -496,103 +567,30 @@ class Registry:
         """Bound an operation by the timeout and translate redis-py's errors at the boundary."""
         try:
             async with asyncio.timeout(self._timeout):
+                if isinstance(self._client, RedisCluster):
+                    await initialize_cluster(self._client)
                 yield
-        except _UNAVAILABLE as exc:
-            reason = _describe(exc, self._timeout)
+        except UNAVAILABLE as exc:
+            reason = describe(exc, self._timeout)
             raise RegistryUnavailable(f"Redis unavailable during {what}: {reason}") from exc
         except RedisError as exc:
             raise RegistryError(f"Redis failed during {what}: {exc}") from exc
+        except (AttributeError, TypeError) as exc:
+            if not leaked_transport_error(exc):
+                raise
+            log.debug("redis-py leaked %r for a lost connection", exc)
+            raise RegistryUnavailable(f"Redis connection lost during {what}: {exc!r}") from exc
 
 
-class EventSubscription:
-    """Decoded events from the events channel, as an async iterator; close it with `aclose()`.
-
-    When the connection drops, iteration raises RegistryUnavailable; iterating again reconnects
-    and resubscribes (events published meanwhile are lost, as with any pub/sub).
-    """
-
-    def __init__(self, pubsub: PubSub, channel: str, *, timeout: float) -> None:
-        self._pubsub = pubsub
-        self._channel = channel
-        self._timeout = timeout
-        self._started = False
-        self._closed = False
-
-    async def start(self) -> None:
-        """Subscribe now, so that no event published after this returns is missed."""
-        if self._started:
-            return
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._pubsub.subscribe(self._channel)
-        except _UNAVAILABLE as exc:
-            reason = _describe(exc, self._timeout)
-            raise RegistryUnavailable(f"cannot subscribe to events: {reason}") from exc
-        except RedisError as exc:
-            raise RegistryError(f"cannot subscribe to events: {exc}") from exc
-        self._started = True
-
-    async def aclose(self) -> None:
-        """Unsubscribe and give the connection back."""
-        if not self._closed:
-            self._closed = True
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-
-    async def __aenter__(self) -> EventSubscription:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> EventSubscription:
-        return self
-
-    async def get(self) -> Event | None:
-        """The next event, or None when none came within the poll window (about a second).
-
-        For loops that must also watch a stop flag: cancelling a task blocked in a redis-py
-        pubsub read is not reliably delivered on Python 3.11, so such loops poll instead.
-        """
-        await self.start()
-        return _decode_event(await self._next_message())
-
-    async def __anext__(self) -> Event:
-        await self.start()
-        while not self._closed:
-            event = _decode_event(await self._next_message())
-            if event is not None:
-                return event
-        raise StopAsyncIteration
-
-    async def _next_message(self) -> Any:
-        try:
-            # A bounded read (None when nothing came) rather than an endless one: the caller's
-            # loop stays responsive to cancellation, and a hung server is noticed.
-            message = await self._pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=EVENT_POLL_SECONDS
-            )
-        except _UNAVAILABLE as exc:
-            reason = _describe(exc, self._timeout)
-            raise RegistryUnavailable(f"events connection lost: {reason}") from exc
-        except RedisError as exc:
-            raise RegistryError(f"events subscription failed: {exc}") from exc
-        return None if message is None else message.get("data")
-
-
-MAX_CONNECTIONS = 128
 EMBEDDED_MAX_CONNECTIONS = 1 << 16
 
 
 def open_registry(
     settings: RegistrySettings, *, policy: TunnelPolicy, clock: Callable[[], float] = time.time
 ) -> Registry:
-    """A Registry on `settings.redis_url`, or on an embedded in-process fakeredis without one."""
+    """A Registry on `settings.redis_url` (one Redis, Sentinel or Cluster: `redis_topology`),
+    or on an embedded in-process fakeredis without one."""
+    closers: list[Closer] = []
     if settings.redis_url is None:
         log.warning(
             "registry: no RMA_REDIS_URL, using the embedded in-process fakeredis: single process, "
@@ -600,37 +598,21 @@ def open_registry(
         )
         # In-process "connections" cost nothing; redis-py's default cap of 100 turned 200
         # workers leaving at once into 503s ("Too many connections").
-        client: aioredis.Redis = fakeredis.FakeAsyncRedis(
+        client: RedisClient = fakeredis.FakeAsyncRedis(
             server=fakeredis.FakeServer(), max_connections=EMBEDDED_MAX_CONNECTIONS
         )
     else:
-        client = _client_for_url(settings.redis_url, settings.timeout)
-    return Registry(client, policy=policy, clock=clock, timeout=settings.timeout, owns_client=True)
-
-
-def _client_for_url(url: str, timeout: float) -> aioredis.Redis:
-    scheme = urlsplit(url).scheme
-    if scheme not in URL_SCHEMES:
-        raise ConfigError(f"RMA_REDIS_URL must be redis://, rediss:// or unix://, not {scheme!r}")
-    try:
-        # A blocking pool: a burst beyond the pool's size waits (within the timeout) for a
-        # connection instead of failing at once with "Too many connections", which turned
-        # 200 workers leaving together into 503s.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # No retries: a Redis that is down must show as RegistryUnavailable within the
-            # timeout, and the caller (router, bridge) has its own fallback. The pool still
-            # replaces a broken connection when it is next checked out.
-            retry=Retry(NoBackoff(), 0),
-            retry_on_error=[],
-        )
-        return aioredis.Redis.from_pool(pool)
-    except ValueError as exc:
-        raise ConfigError(f"RMA_REDIS_URL is not a valid Redis URL: {exc}") from exc
+        target = parse_redis_url(settings.redis_url, cluster=settings.cluster)
+        log.info("registry: %s", target.describe())
+        client, closers = open_client(target, settings.timeout)
+    return Registry(
+        client,
+        policy=policy,
+        clock=clock,
+        timeout=settings.timeout,
+        owns_client=True,
+        closers=closers,
+    )
 
 
 def _event_head(record: WorkerRecord, origin: str | None = None) -> str:
@@ -647,32 +629,12 @@ def _event_head(record: WorkerRecord, origin: str | None = None) -> str:
     return json.dumps(event, separators=(",", ":"))[:-1]
 
 
-def _decode_event(data: Any) -> Event | None:
-    if not isinstance(data, bytes | str):
-        return None
-    try:
-        event = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        log.warning("ignoring an event that is not JSON: %.80r", data)
-        return None
-    if not isinstance(event, dict):
-        log.warning("ignoring an event that is not a JSON object: %.80r", data)
-        return None
-    return event
-
-
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _texts(reply: Any) -> list[str]:
     return [_text(item) for item in reply]
-
-
-def _describe(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError | RedisTimeoutError):
-        return f"no answer within {timeout:g} s"
-    return str(exc) or type(exc).__name__
 
 
 __all__ = ["STALE_SCORE", "EventSubscription", "Provider", "Registry", "open_registry"]

@@ -13,8 +13,8 @@
 -- ARGV[4] service key prefix        ARGV[5] STALE_SCORE
 -- ARGV[6..] the candidates' worker ids, in the order of KEYS[2..n]
 --
--- The service sets are derived from the stored JSON and so are not declared in KEYS: fine on one
--- Redis or Sentinel, as for the upsert script.
+-- The service sets are derived from the stored JSON and so are not declared in KEYS: on Redis
+-- Cluster they carry the same hash tag as every registry key, as for the upsert script.
 --
 -- Returns how many records are held.
 

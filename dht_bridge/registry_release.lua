@@ -7,7 +7,10 @@
 --
 -- KEYS[1] rma:held
 -- ARGV[1] now (unix ms)   ARGV[2] worker key prefix   ARGV[3] service key prefix
--- ARGV[4] events channel
+-- ARGV[4] events channel   ARGV[5] PUBLISH, or SPUBLISH on Redis Cluster
+--
+-- The worker keys and service sets are not declared in KEYS: on Redis Cluster they carry the same
+-- hash tag as rma:held, so they are in its slot, on the node running this.
 --
 -- Returns {removed, restored}.
 
@@ -44,7 +47,7 @@ for _, worker_id in ipairs(redis.call("ZRANGE", KEYS[1], 0, -1)) do
         end
         -- The seq is copied from the JSON text: cjson would print a large one rounded.
         local seq = string.match(raw, '"seq":(%d+)') or "0"
-        redis.call("PUBLISH", ARGV[4], '{"type":"record","worker_id":"' .. worker_id
+        redis.call(ARGV[5], ARGV[4], '{"type":"record","worker_id":"' .. worker_id
           .. '","seq":' .. seq .. ',"tombstone":false,"services":[],"removed":['
           .. table.concat(quoted, ",") .. '],"origin":"bridge","expired":true}')
         removed = removed + 1

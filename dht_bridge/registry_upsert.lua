@@ -10,10 +10,11 @@
 -- ARGV[4]  signature (hex)        ARGV[5]  expires_at, unix ms
 -- ARGV[6]  load (the set score)   ARGV[7]  worker id        ARGV[8]  service key prefix
 -- ARGV[9]  events channel         ARGV[10] event JSON without its closing brace
+-- ARGV[11] PUBLISH, or SPUBLISH on Redis Cluster (a shard channel in the keys' slot)
 --
 -- The service sets of the replaced record are derived from its stored JSON and so are not
--- declared in KEYS: fine on one Redis or Sentinel; Redis Cluster support (hash tags keeping a
--- worker's keys in one slot, or a declared-keys retry) comes later.
+-- declared in KEYS. That is safe on Redis Cluster too: every registry key carries the same hash
+-- tag there ({rma}:...), so they all live in the slot of KEYS[1], on the node running this.
 --
 -- Returns 1 when the record was applied, 0 when an equal or newer record is already stored.
 
@@ -104,5 +105,5 @@ end
 
 -- Built by concatenation because cjson.encode prints numbers with 14 digits, which would round
 -- a large seq, and encodes an empty list as an object.
-redis.call("PUBLISH", ARGV[9], ARGV[10] .. ',"removed":[' .. table.concat(removed, ",") .. "]}")
+redis.call(ARGV[11], ARGV[9], ARGV[10] .. ',"removed":[' .. table.concat(removed, ",") .. "]}")
 return 1

@@ -132,12 +132,16 @@ class RegistrySettings:
 
     redis_url: str | None = None
     timeout: float = DEFAULT_REDIS_TIMEOUT
+    # A redis:// URL names a Cluster seed rather than one server (redis+cluster:// says so too).
+    cluster: bool = False
 
     @classmethod
     def from_env(cls, env: Env) -> RegistrySettings:
-        """Read `RMA_REDIS_URL` and `RMA_REDIS_TIMEOUT`."""
+        """Read `RMA_REDIS_URL`, `RMA_REDIS_TIMEOUT` and `RMA_REDIS_CLUSTER`."""
         return cls(
-            redis_url=env.raw("REDIS_URL"), timeout=env.get_float("REDIS_TIMEOUT", cls.timeout)
+            redis_url=env.raw("REDIS_URL"),
+            timeout=env.get_float("REDIS_TIMEOUT", cls.timeout),
+            cluster=env.get_bool("REDIS_CLUSTER", cls.cluster),
         )
 
 

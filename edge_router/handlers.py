@@ -15,6 +15,7 @@ from dht_bridge.errors import RecordInvalid, RegistryError, RegistryUnavailable
 from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
 from edge_router.bootstrap import choose_peers
 from edge_router.cache import CacheState
+from edge_router.dht_modes import mode_counts, mode_of
 from edge_router.errors import (
     BackendUnavailable,
     BadRequest,
@@ -314,7 +315,7 @@ async def topology(request: Request) -> Response:
             "services": services,
             "regions": regions,
             "coordinators": [{"host": h, "port": p} for h, p in state.config.coordinators],
-            "figures": figures(state),
+            "figures": {**figures(state), **mode_counts(records, now)},
         }
     )
 
@@ -327,6 +328,7 @@ def _worker_view(record: WorkerRecord, now: float) -> dict[str, Any]:
         "load": record.load,
         "seq": record.seq,
         "state": "left" if record.tombstone else "live",
+        "mode": mode_of(record),
         "dht": f"{record.dht_host}:{record.dht_port}" if record.dht_host else None,
         "expires_in": round(record.expires_at - now, 1),
     }
@@ -379,7 +381,13 @@ async def healthz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """GET /metrics: Prometheus text."""
     state = state_of(request)
-    gauges = {f"rma_{name}": float(value) for name, value in figures(state).items()}
+    counted = dict(figures(state))
+    try:
+        counted.update(mode_counts(await state.registry.records(limit=5000), state.clock()))
+    except RegistryError as exc:
+        # The counts are left out rather than shown as zero: no registry is not no workers.
+        logger.warning("metrics: registry unavailable, no DHT mode counts: %s", exc)
+    gauges = {f"rma_{name}": float(value) for name, value in counted.items()}
     return PlainTextResponse(
         state.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
     )

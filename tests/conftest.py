@@ -1,4 +1,5 @@
-"""Shared fixtures: our own redis-server (never the one on 6379) and registries on it."""
+"""Shared fixtures: our own redis-server (never the one on 6379) and registries on it, and a
+Sentinel deployment and a Cluster, started once per session when a test asks for them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from dht_bridge.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.helpers import POLICY
 from tests.redis_server import TEST_REDIS_TIMEOUT, RedisServer
+from tests.redis_topologies import ClusterTopology, SentinelTopology
+
+# Where the registry's own tests run: `registry_settings` is parametrized over these.
+TOPOLOGIES = ("single", "sentinel", "cluster")
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +63,48 @@ def make_redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
     yield make
     for server in servers:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
+    """A primary, a replica and 3 Sentinels for the session; tests must not kill them."""
+    topology = SentinelTopology(tmp_path_factory.mktemp("sentinel"))
+    topology.start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    """A 3-primary Cluster with a replica each for the session; tests must not kill nodes."""
+    topology = ClusterTopology(tmp_path_factory.mktemp("cluster"))
+    topology.start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def registry_settings(request: pytest.FixtureRequest) -> RegistrySettings:
+    """Settings for one Redis, the Sentinel deployment or the Cluster (each emptied first)."""
+    if request.param == "single":
+        url: str = request.getfixturevalue("redis_url")
+        return RegistrySettings(redis_url=url, timeout=TEST_REDIS_TIMEOUT)
+    topology: SentinelTopology | ClusterTopology = request.getfixturevalue(
+        f"{request.param}_topology"
+    )
+    topology.flushall()
+    return topology.settings()
+
+
+@pytest.fixture
+async def topology_registry(registry_settings: RegistrySettings) -> AsyncIterator[Registry]:
+    """A Registry on each topology in turn (see `registry_settings`), closed after the test."""
+    opened = open_registry(registry_settings, policy=POLICY)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()

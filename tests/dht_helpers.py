@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from dht_bridge.dht import DHTNode, PublishReport
 from dht_bridge.records import WorkerRecord
 from dht_bridge.settings import DHTSettings
 from tests.helpers import POLICY, ManualClock
 
-__all__ = ["TEST_SETTINGS", "ManualClock", "publish_all", "start_network", "start_node", "stop_all"]
+__all__ = [
+    "TEST_SETTINGS",
+    "ManualClock",
+    "network_of",
+    "publish_all",
+    "start_network",
+    "start_node",
+    "stop_all",
+]
 
 TEST_SETTINGS = DHTSettings(host="127.0.0.1", port=0, rpc_timeout=1.0)
 
@@ -47,6 +56,16 @@ async def start_network(
 async def stop_all(nodes: Iterable[DHTNode]) -> None:
     """Close every node."""
     await asyncio.gather(*(node.aclose() for node in nodes))
+
+
+@contextlib.asynccontextmanager
+async def network_of(count: int) -> AsyncIterator[list[DHTNode]]:
+    """`start_network(count)`, stopped on the way out."""
+    nodes = await start_network(count)
+    try:
+        yield nodes
+    finally:
+        await stop_all(nodes)
 
 
 async def publish_all(

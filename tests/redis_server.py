@@ -122,25 +122,33 @@ class RedisServer:
         if reply != b"+OK":
             raise RedisServerError(f"FLUSHALL on port {self.port} answered {reply!r}")
 
+    def arguments(self) -> list[str]:
+        """The command line after the binary; subclasses add cluster or Sentinel options."""
+        return [
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self._workdir),
+            "--daemonize",
+            "no",
+        ]
+
+    @property
+    def workdir(self) -> Path:
+        """The server's own directory (log, cluster or Sentinel config)."""
+        return self._workdir
+
     def _launch(self) -> bool:
         log = (self._workdir / "redis.log").open("ab")
         with log:
             self._process = subprocess.Popen(
-                [
-                    self._binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self._workdir),
-                    "--daemonize",
-                    "no",
-                ],
+                [self._binary, *self.arguments()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

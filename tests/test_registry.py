@@ -1,7 +1,10 @@
 """The Redis registry on a real redis-server: merge rule, leases, lookups, events, failures.
 
-The last section runs a few of the same behaviours on the embedded fakeredis default; those tests
-are about logic (the Lua merge script and the key layout) and say so.
+Every test that takes `registry` runs three times: on one redis-server, on a primary + replica +
+3 Sentinels, and on a 3-primary Cluster (hash-tagged keys, sharded pub/sub). The fault tests
+further down are about one server. The last section runs a few of the same behaviours on the
+embedded fakeredis default; those tests are about logic (the Lua merge script and the key
+layout) and say so.
 """
 
 from __future__ import annotations
@@ -56,6 +59,20 @@ def _open(url: str | None, *, timeout: float = TEST_REDIS_TIMEOUT) -> Registry:
     return open_registry(RegistrySettings(redis_url=url, timeout=timeout), policy=POLICY)
 
 
+@pytest.fixture
+def registry(topology_registry: Registry) -> Registry:
+    """This module's registry: on each topology in turn (conftest `registry_settings`)."""
+    return topology_registry
+
+
+async def _publish_raw(registry: Registry, data: bytes) -> None:
+    """Publish bytes on the events channel the way the registry does (sharded on Cluster)."""
+    if registry.cluster:
+        await registry.client.spublish(registry.channel, data)
+    else:
+        await registry.client.publish(registry.channel, data)
+
+
 # -- storing and the merge rule --------------------------------------------------------------
 
 
@@ -82,7 +99,7 @@ async def test_an_equal_or_older_record_is_not_applied(registry: Registry) -> No
 
 
 async def test_concurrent_writers_of_one_worker_keep_the_highest_seq(
-    registry: Registry, redis_url: str
+    registry: Registry, registry_settings: RegistrySettings
 ) -> None:
     identity = Identity.generate()
     # Each seq lists a different service and load, so a torn update would show in the sets.
@@ -94,7 +111,9 @@ async def test_concurrent_writers_of_one_worker_keep_the_highest_seq(
     async with AsyncExitStack() as stack:
         writers = [registry]
         for _ in range(4):
-            writers.append(await stack.enter_async_context(_open(redis_url)))
+            writers.append(
+                await stack.enter_async_context(open_registry(registry_settings, policy=POLICY))
+            )
         events = await stack.enter_async_context(registry.subscribe_events())
         results = await asyncio.gather(
             *(writers[i % len(writers)].upsert(record) for i, record in enumerate(batch))
@@ -395,15 +414,17 @@ async def test_applied_changes_are_published_and_refused_ones_are_not(
 
 async def test_a_malformed_event_is_skipped(registry: Registry) -> None:
     async with registry.subscribe_events() as events:
-        await registry.client.publish(registry.channel, b"not json")
-        await registry.client.publish(registry.channel, b"[1, 2]")
+        await _publish_raw(registry, b"not json")
+        await _publish_raw(registry, b"[1, 2]")
         await registry.publish_event({"type": "flush"})
         assert await _next_events(events, 1) == [{"type": "flush"}]
 
 
-async def test_events_reach_every_subscriber(registry: Registry, redis_url: str) -> None:
+async def test_events_reach_every_subscriber(
+    registry: Registry, registry_settings: RegistrySettings
+) -> None:
     async with (
-        _open(redis_url) as other,
+        open_registry(registry_settings, policy=POLICY) as other,
         other.subscribe_events() as first,
         registry.subscribe_events() as second,
     ):

@@ -2,7 +2,9 @@
 marked stale and listed after fresh providers; a newer record or a tombstone replaces a hold;
 `release` removes what lapsed and restores the rest. Also: the origin carried in events.
 
-The last test runs the same scripts on the embedded fakeredis (logic only, and says so).
+Each test that takes `registry` runs on one redis-server, on Sentinel and on Cluster (conftest
+`registry_settings`). The last test runs the same scripts on the embedded fakeredis (logic only,
+and says so).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+
+import pytest
 
 from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord, tombstone_for
@@ -19,6 +23,12 @@ from tests.helpers import POLICY, make_record, wait_for
 
 SHORT = 0.6  # seconds of lease for records that must lapse during a test
 EVENT_WAIT = 5.0
+
+
+@pytest.fixture
+def registry(topology_registry: Registry) -> Registry:
+    """This module's registry: on each topology in turn."""
+    return topology_registry
 
 
 async def _lapse(record: WorkerRecord) -> None:

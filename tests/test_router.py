@@ -328,6 +328,7 @@ def test_client_address_resolution_ignores_spoofing() -> None:
 
 async def test_metrics_count_requests_by_class(registry: Registry) -> None:
     await registry.upsert(make_record(services=["ocr"]))
+    await registry.upsert(make_record(services=["gpu"], dht_host="127.0.0.1", dht_port=4200))
     async with client_for(router_app(registry)) as client:
         await client.get("/services/ocr")
         await client.get("/services/ocr")
@@ -341,6 +342,12 @@ async def test_metrics_count_requests_by_class(registry: Registry) -> None:
     assert 'class="register",status="422"' in text
     assert "rma_cache_hits 1" in text
     assert "rma_edge_requests_today 4\n" in text  # 2 lookups, 1 bootstrap, 1 register
-    assert topology["services"] == {"ocr": 1}
+    assert topology["services"] == {"ocr": 1, "gpu": 1}
     assert topology["figures"]["cache_hits"] == 1
+    # Each worker's DHT mode, and the count of each (client: no DHT address in its record).
+    assert sorted(w["mode"] for w in topology["workers"]) == ["client", "server"]
+    assert "rma_dht_servers 1\n" in text
+    assert "rma_dht_clients 1\n" in text
+    assert topology["figures"]["dht_servers"] == 1
+    assert topology["figures"]["dht_clients"] == 1
     assert json.dumps(topology)

@@ -78,6 +78,13 @@ def test_options_beat_variables_beat_defaults() -> None:
         (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_HEARTBEAT": "soon"}, "number"),
         (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_BOOTSTRAP": "x"}, "host:port"),
         (["--service", "ocr", "--retry-base", "0"], {"RMA_TUNNEL_URL": TUNNEL}, "backoff"),
+        (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_DHT_MODE": "relay"}, "dht-mode"),
+        (
+            ["--service", "ocr", "--dht-mode", "server", "--dht-advertise", "none"],
+            {"RMA_TUNNEL_URL": TUNNEL},
+            "with --dht-advertise none",
+        ),
+        (["--service", "ocr", "--reach-interval", "0"], {"RMA_TUNNEL_URL": TUNNEL}, "reach"),
     ],
 )
 def test_bad_configuration_is_a_config_error(
@@ -85,6 +92,19 @@ def test_bad_configuration_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=complaint):
         build(argv, env)
+
+
+def test_dht_mode_from_options_and_variables() -> None:
+    env = {"RMA_SERVICES": "ocr", "RMA_TUNNEL_URL": TUNNEL}
+    defaults = build([], env)
+    assert (defaults.mode, defaults.reach_interval) == ("auto", 300)
+    assert defaults.advertises
+    from_env = build([], {**env, "RMA_DHT_MODE": "client", "RMA_DHT_REACH_INTERVAL": "60"})
+    assert (from_env.mode, from_env.reach_interval) == ("client", 60)
+    assert not from_env.advertises
+    assert build(["--dht-mode", "server"], {**env, "RMA_DHT_MODE": "client"}).mode == "server"
+    # The older spelling of client mode still means it.
+    assert build(["--dht-advertise", "none"], env).mode == "client"
 
 
 def test_loopback_tunnels_only_when_the_policy_is_widened() -> None:

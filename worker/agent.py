@@ -1,5 +1,9 @@
 """The worker agent: join the DHT (asking the edge only when no saved peer answers), heartbeat
-there, register through the edge when the DHT is out of reach, and leave with a tombstone."""
+there, register through the edge when the DHT is out of reach, and leave with a tombstone.
+
+Behind NAT a worker is a DHT client (see dht_bridge.dht_protocol): in auto mode it starts as
+one, asks servers whether they can reach it back, and becomes a server only when they can; it
+asks again every `reach_interval` and republishes its record at once when its mode changes."""
 
 from __future__ import annotations
 
@@ -15,13 +19,21 @@ from pathlib import Path
 
 import httpx
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht import CLIENT, SERVER, DHTNode, Endpoint, udp_endpoint
+from dht_bridge.dht_reach import Reachability
 from dht_bridge.errors import BootstrapError, DHTError, PublishError, RecordError, RMAError
 from dht_bridge.identity import Identity
 from dht_bridge.process import parse_hostport
 from dht_bridge.records import WorkerRecord, sign_record
 from worker.backoff import Backoff, BackoffSettings, jittered
-from worker.config import ADVERTISE_AUTO, ADVERTISE_NONE, WorkerConfig
+from worker.config import (
+    ADVERTISE_AUTO,
+    ADVERTISE_NONE,
+    MODE_AUTO,
+    MODE_CLIENT,
+    MODE_SERVER,
+    WorkerConfig,
+)
 from worker.discovery import Discovery, discover
 from worker.edge import (
     BootstrapPeers,
@@ -68,8 +80,9 @@ class WorkerAgent:
     """One worker: identity, record, heartbeats, discovery, leave.
 
     Use `async with WorkerAgent(config) as agent:` (or `start()` then `aclose()`). Inject the
-    edge's httpx `edge_transport`, the wall `clock`, the `load` source and `rng` in tests;
-    the DHT settings and every interval come from `config`.
+    edge's httpx `edge_transport`, the DHT node's UDP `dht_endpoint` (a NAT, in tests), the
+    wall `clock`, the `load` source and `rng` in tests; the DHT settings and every interval
+    come from `config`.
     """
 
     def __init__(
@@ -80,8 +93,13 @@ class WorkerAgent:
         clock: Callable[[], float] = time.time,
         load: LoadSource | None = None,
         rng: random.Random | None = None,
+        dht_endpoint: Endpoint = udp_endpoint,
     ) -> None:
         self.config = config
+        self._dht_endpoint = dht_endpoint
+        # The last reachability verdict, and the address servers saw our requests come from.
+        self.reachability: Reachability | None = None
+        self._next_reach = 0.0
         self.clock = clock
         self.rng = rng or random.Random()
         self.mode = Mode.STARTING
@@ -121,6 +139,13 @@ class WorkerAgent:
         return self.identity.worker_id
 
     @property
+    def dht_mode(self) -> str:
+        """The DHT node's mode now: "server" or "client" (what the config asks at start)."""
+        if self.node is not None:
+            return self.node.mode
+        return SERVER if self.config.mode == MODE_SERVER else CLIENT
+
+    @property
     def edge_requests(self) -> dict[str, int]:
         """Requests sent to the edge so far, by kind."""
         return dict(self.edge.counts) if self.edge is not None else {}
@@ -145,6 +170,7 @@ class WorkerAgent:
             if not self.config.edge_only:
                 await self._open_node()
                 if await self._join(allow_edge=True):
+                    await self._check_reach()
                     await self._recover_seq()
                     try:
                         await self._enter_dht()
@@ -295,6 +321,9 @@ class WorkerAgent:
             clock=self.clock,
             # The edge hands out workers with their worker id as node id: keep them one.
             node_id=bytes.fromhex(self.worker_id),
+            # Auto starts as a client: its address is handed out only once it is known to work.
+            client=self.config.mode != MODE_SERVER,
+            endpoint=self._dht_endpoint,
         )
         try:
             await node.listen()
@@ -333,6 +362,57 @@ class WorkerAgent:
             logger.info("joining through %s failed: %s", what, exc)
             return False
         return len(self.node.rpc.router) > 0
+
+    # Reachability.
+
+    async def _check_reach(self) -> bool:
+        """Ask servers whether they can reach us; in auto mode, switch to the mode that fits.
+        Returns True when the mode changed (the record must be republished)."""
+        assert self.node is not None
+        try:
+            return await self._reach_verdict(self.node)
+        finally:
+            # From the end of this check: one slower than the interval must not starve beats.
+            self._next_reach = _now() + jittered(self.config.reach_interval, 0.1, self.rng)
+
+    async def _reach_verdict(self, node: DHTNode) -> bool:
+        if self.config.mode == MODE_CLIENT:
+            return False
+        peers = [*self.config.bootstrap]
+        if self._edge_peers is not None:
+            peers.extend(self._edge_peers.peers)  # coordinators come first in that list
+        port = self._advertised_port()
+        try:
+            verdict = await node.check_reachability(peers, port=port)
+        except (OSError, ValueError) as exc:
+            logger.warning("reachability check failed: %s", exc)
+            return False
+        if verdict.reachable is None:
+            logger.info("no server answered the reachability check; staying a %s", self.dht_mode)
+            return False
+        self.reachability = verdict
+        if self.config.mode != MODE_AUTO:
+            return False
+        mode = SERVER if verdict.reachable else CLIENT
+        changed = await node.set_mode(mode)
+        if changed:
+            logger.info(
+                "worker %s: %s at %s:%d (%d of %d servers reached us): DHT %s mode",
+                self.worker_id,
+                "reachable" if verdict.reachable else "not reachable",
+                *(verdict.observed or ("?", 0)),
+                verdict.confirmed,
+                verdict.answers,
+                mode,
+            )
+        return changed
+
+    def _advertised_port(self) -> int:
+        """The port servers should probe: the configured one, else 0 (where they see us)."""
+        advertise = self.config.advertise
+        if advertise not in (ADVERTISE_AUTO, ADVERTISE_NONE) and ":" in advertise:
+            return parse_hostport(advertise)[1]
+        return 0
 
     async def _recover_seq(self) -> None:
         """Continue after the newest seq the DHT holds for us: the state file may be lost,
@@ -380,10 +460,13 @@ class WorkerAgent:
 
     def _advertised(self) -> tuple[str, int]:
         """The DHT address our record hands out; empty in client mode."""
-        if self.node is None or self.config.advertise == ADVERTISE_NONE:
+        if self.node is None or self.node.mode == CLIENT:
             return "", 0
         host, port = self.node.address
         if self.config.advertise == ADVERTISE_AUTO:
+            observed = self.reachability.observed if self.reachability else None
+            if observed is not None:
+                return observed  # where servers reached us: the NAT's public side, if any
             return ("", 0) if host in WILDCARDS else (host, port)
         if ":" in self.config.advertise:
             return parse_hostport(self.config.advertise)
@@ -415,10 +498,15 @@ class WorkerAgent:
             wake = self._next_beat
             if self.mode is not Mode.DHT and not self.config.edge_only:
                 wake = min(wake, self._next_dht_try)
+            elif self.mode is Mode.DHT and self.config.mode == MODE_AUTO:
+                wake = min(wake, self._next_reach)
             await asyncio.sleep(max(0.0, wake - _now()))
             try:
                 if self.mode is Mode.DHT:
-                    await self._dht_beat()
+                    reach_due = self.config.mode == MODE_AUTO and _now() >= self._next_reach
+                    # The lease comes first; a check that changed the mode republishes now.
+                    if _now() >= self._next_beat or (reach_due and await self._check_reach()):
+                        await self._dht_beat()
                     continue
                 due = not self.config.edge_only and _now() >= self._next_dht_try
                 if due and await self._retry_dht():
@@ -471,6 +559,7 @@ class WorkerAgent:
         if self.node is None:
             return False
         if await self._join(allow_edge=True):
+            await self._check_reach()
             await self._recover_seq()
             try:
                 await self._enter_dht()

@@ -17,9 +17,11 @@ from worker.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_JITTER,
     DEFAULT_LEAVE_TIMEOUT,
+    DEFAULT_REACH_INTERVAL,
     DEFAULT_RETRY_BASE,
     DEFAULT_RETRY_CAP,
     DEFAULT_TTL,
+    DHT_MODES,
     WorkerConfig,
 )
 
@@ -62,8 +64,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add(
         "--dht-advertise",
         metavar="auto|none|HOST[:PORT]",
-        help="the DHT address the record hands out; none: client mode (RMA_DHT_ADVERTISE, "
-        "default auto: the bound address unless it is a wildcard)",
+        help="the DHT address the record hands out in server mode (RMA_DHT_ADVERTISE, default "
+        "auto: the address servers see us at); none: always client mode",
+    )
+    add(
+        "--dht-mode",
+        choices=DHT_MODES,
+        help="server: a full DHT node others contact; client: behind NAT, looks up and "
+        "publishes through servers only; auto: a reachability check decides, again every "
+        "--reach-interval (RMA_DHT_MODE, default auto)",
     )
     add(
         "--bootstrap",
@@ -102,6 +111,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
             DEFAULT_LEAVE_TIMEOUT,
         ),
         ("--edge-timeout", "EDGE_TIMEOUT", "seconds per edge request", DEFAULT_EDGE_TIMEOUT),
+        (
+            "--reach-interval",
+            "DHT_REACH_INTERVAL",
+            "seconds between reachability checks in auto mode",
+            DEFAULT_REACH_INTERVAL,
+        ),
     ]
     for option, variable, text, default in seconds:
         add(option, type=float, help=f"{text} (RMA_{variable}, default {default:g})")

@@ -57,6 +57,13 @@ def worker_dht_settings(env: Env | None = None) -> DHTSettings:
 
 ADVERTISE_AUTO = "auto"
 ADVERTISE_NONE = "none"
+# DHT mode: auto lets the reachability check decide (starting as a client, as libp2p does:
+# nobody is handed an address before it is known to answer); server and client force it.
+MODE_AUTO, MODE_SERVER, MODE_CLIENT = "auto", "server", "client"
+DHT_MODES = (MODE_AUTO, MODE_SERVER, MODE_CLIENT)
+# How often an auto-mode worker asks again whether it is reachable: a laptop changes networks,
+# a router's port forwarding is switched on. Every check costs each asked server one probe.
+DEFAULT_REACH_INTERVAL = 300.0
 
 
 def default_state_file(environ: Mapping[str, str]) -> Path:
@@ -78,6 +85,8 @@ class WorkerConfig:
     capabilities: Mapping[str, CapabilityValue] = field(default_factory=dict)
     dht: DHTSettings = field(default_factory=worker_dht_settings)
     advertise: str = ADVERTISE_AUTO
+    dht_mode: str = MODE_AUTO
+    reach_interval: float = DEFAULT_REACH_INTERVAL
     bootstrap: tuple[tuple[str, int], ...] = ()
     policy: TunnelPolicy = field(default_factory=TunnelPolicy)
     heartbeat: float = DEFAULT_HEARTBEAT
@@ -119,7 +128,13 @@ class WorkerConfig:
         _lease("fallback heartbeat", self.fallback_heartbeat, self.fallback_ttl, self.jitter)
         if not 0 <= self.jitter < 0.5:
             raise ConfigError("heartbeat jitter must be from 0 to 0.5")
-        for name in ("discovery_deadline", "leave_timeout", "edge_timeout"):
+        if self.dht_mode not in DHT_MODES:
+            raise ConfigError(f"--dht-mode (RMA_DHT_MODE) must be one of {', '.join(DHT_MODES)}")
+        if self.dht_mode == MODE_SERVER and self.advertise == ADVERTISE_NONE:
+            raise ConfigError(
+                "--dht-mode server hands out an address: not with --dht-advertise none"
+            )
+        for name in ("discovery_deadline", "leave_timeout", "edge_timeout", "reach_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
         if not (math.isfinite(self.load) and 0 <= self.load <= 1):
@@ -141,8 +156,13 @@ class WorkerConfig:
 
     @property
     def advertises(self) -> bool:
-        """False in client mode: the record's dht_host/dht_port stay empty."""
-        return self.advertise != ADVERTISE_NONE
+        """False when always in client mode: the record's dht_host/dht_port stay empty."""
+        return self.mode != MODE_CLIENT
+
+    @property
+    def mode(self) -> str:
+        """The DHT mode asked for; `--dht-advertise none` (the older spelling) means client."""
+        return MODE_CLIENT if self.advertise == ADVERTISE_NONE else self.dht_mode
 
     @classmethod
     def build(
@@ -178,6 +198,10 @@ class WorkerConfig:
                 capabilities=parse_capabilities(capabilities),
                 dht=dht,
                 advertise=pick("dht_advertise", env.get_str("DHT_ADVERTISE", ADVERTISE_AUTO)),
+                dht_mode=pick("dht_mode", env.get_str("DHT_MODE", MODE_AUTO)),
+                reach_interval=pick(
+                    "reach_interval", env.get_float("DHT_REACH_INTERVAL", DEFAULT_REACH_INTERVAL)
+                ),
                 bootstrap=_peers(pick("bootstrap", list(env.get_list("BOOTSTRAP", ())))),
                 policy=tunnel_policy_from_env(env),
                 heartbeat=pick("heartbeat", env.get_float("HEARTBEAT", DEFAULT_HEARTBEAT)),

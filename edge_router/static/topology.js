@@ -297,7 +297,7 @@
       }
       const [ring, circle, title] = g.children;
       const live = isLive(w);
-      const peer = Boolean(w.dht) && bootstrapPeers.has(w.dht);
+      const peer = isServer(w) && bootstrapPeers.has(w.dht);
       const r = live ? plan.radius * (0.8 + 0.45 * w.load) : plan.radius * 0.8;
       // A CSS transform rather than the attribute, so that a move animates.
       g.style.transform = `translate(${place.x.toFixed(1)}px, ${place.y.toFixed(1)}px)`;
@@ -305,11 +305,12 @@
       g.setAttribute("class", `node${peer ? " bootstrap" : ""}`);
       ring.setAttribute("r", (r + 3.5).toFixed(1));
       setAttrs(circle, {
-        class: `worker ${live ? "live" : "left"}${w.dht ? " server" : ""}`,
+        class: `worker ${live ? "live" : "left"}${isServer(w) ? " server" : ""}`,
         r: r.toFixed(1),
         fill: loadColour(w.load),
         "data-id": w.worker_id,
         "data-state": w.state,
+        "data-mode": isServer(w) ? "server" : "client",
         "data-region": w.region || "unknown",
         "data-services": w.services.join(","),
         "data-load": String(w.load),
@@ -326,13 +327,18 @@
     }
   }
 
+  // The router says each worker's DHT mode; a record handing out an address is a server.
+  function isServer(w) {
+    return w.mode ? w.mode === "server" : Boolean(w.dht);
+  }
+
   function describe(w, peer) {
     const lines = [
       `worker ${w.worker_id}`,
       `${w.services.join(", ") || "no service"} · region ${w.region || "unknown"}`,
       `${w.state === "left" ? "left (tombstone)" : "live"} · load ${Math.round(100 * w.load)}% · seq ${w.seq}`,
       `lease ${Math.max(0, Math.round(w.expires_in))} s`,
-      w.dht ? `DHT server ${w.dht}${peer ? " · bootstrap peer" : ""}` : "DHT client mode (not reachable)",
+      isServer(w) ? `DHT server ${w.dht}${peer ? " · bootstrap peer" : ""}` : "DHT client (behind NAT: never handed out)",
     ];
     return lines.join("\n");
   }
@@ -343,8 +349,12 @@
     const f = topo.figures || {};
     const workers = topo.workers || [];
     const live = workers.filter(isLive).length;
-    const servers = workers.filter((w) => isLive(w) && w.dht).length;
-    setFigure("workers", fmt(live), `${fmt(workers.length - live)} left · ${fmt(servers)} DHT servers`);
+    const servers = workers.filter((w) => isLive(w) && isServer(w)).length;
+    setFigure(
+      "workers",
+      fmt(live),
+      `${fmt(workers.length - live)} left · ${fmt(servers)} DHT servers · ${fmt(live - servers)} clients`
+    );
 
     const services = Object.entries(topo.services || {}).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
     setFigure(

@@ -1,0 +1,130 @@
+"""Reachability: can other nodes start a conversation with us over UDP?
+
+A node behind NAT gets replies to its own requests (the NAT opened a hole towards each peer it
+wrote to) but nobody else can reach it. To find out, a node sends `reach` to a server node; the
+server sends a `stun` request to the caller's address from a fresh socket, one the caller's NAT
+has never seen, and answers whether the probe got a reply, and the address it saw the caller
+at. Only the caller's own IP address is probed, never one it names: a node cannot turn servers
+into a reflector against a third party.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+logger = logging.getLogger(__name__)
+
+REQUEST, RESPONSE = b"\x00", b"\x01"
+MSG_ID_BYTES = 20
+REACH_RPC = "reach"
+# A worker asks a few servers; one answer from an honest server decides, several guard against
+# a server that is wrong about itself (behind a firewall of its own) or lying.
+DEFAULT_REACH_PEERS = 3
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Reachability:
+    """The verdict of a reachability check.
+
+    `reachable` is None when no server answered. `observed` is the address servers saw our
+    requests come from (the NAT's public side), the address to advertise in server mode.
+    """
+
+    reachable: bool | None
+    observed: Address | None = None
+    answers: int = 0
+    confirmed: int = 0
+
+
+class Requester(Protocol):
+    """The part of RMAProtocol a check needs (kept abstract so this module imports no node)."""
+
+    async def request(
+        self, address: Address, name: str, *args: Any, wait: float | None = None
+    ) -> tuple[bool, Any]:
+        """Send one RPC and wait for its reply."""
+
+
+def parse_answer(reply: Any) -> tuple[bool, Address] | None:
+    """A server's answer to `reach`: (reachable, observed address), or None if malformed."""
+    if not isinstance(reply, dict):
+        return None
+    reachable, host, port = reply.get("reachable"), reply.get("host"), reply.get("port")
+    if not (isinstance(reachable, bool) and isinstance(host, str) and isinstance(port, int)):
+        return None
+    return reachable, (host, port)
+
+
+async def check(
+    protocol: Requester,
+    node_id: bytes,
+    peers: Iterable[Address],
+    *,
+    port: int = 0,
+    wait: float,
+    want: int = DEFAULT_REACH_PEERS,
+) -> Reachability:
+    """Ask up to `want` of `peers` at once whether they could reach us (on `port`, or on the
+    port they see our requests come from when 0). Reachable when most answers say so."""
+    asked = list(dict.fromkeys(peers))[:want]
+    replies = await asyncio.gather(
+        *(protocol.request(peer, REACH_RPC, node_id, port, wait=wait) for peer in asked)
+    )
+    answers = [a for ok, reply in replies if ok and (a := parse_answer(reply)) is not None]
+    if not answers:
+        logger.info("no server answered the reachability check (asked %d)", len(asked))
+        return Reachability(None)
+    confirmed = sum(1 for reachable, _ in answers if reachable)
+    observed = answers[0][1]
+    verdict = confirmed * 2 > len(answers)
+    logger.debug("reachability: %d of %d say reachable at %s", confirmed, len(answers), observed)
+    return Reachability(verdict, observed, len(answers), confirmed)
+
+
+class _Probe(asyncio.DatagramProtocol):
+    """One `stun` request from a fresh socket, waiting for its reply from the target only."""
+
+    def __init__(self, target: Address, msg_id: bytes, done: asyncio.Future[bool]) -> None:
+        self.target = target
+        self.msg_id = msg_id
+        self.done = done
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        if (
+            (addr[0], addr[1]) == self.target
+            and data[:1] == RESPONSE
+            and data[1 : 1 + MSG_ID_BYTES] == self.msg_id
+            and not self.done.done()
+        ):
+            self.done.set_result(True)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable: nobody listens there; the timeout gives the same answer.
+        logger.debug("reachability probe to %s: %s", self.target, exc)
+
+
+async def probe(target: Address, *, bind_host: str, wait: float) -> bool:
+    """Does `target` answer a `stun` request sent from a socket it never wrote to?"""
+    loop = asyncio.get_running_loop()
+    msg_id = os.urandom(MSG_ID_BYTES)
+    done: asyncio.Future[bool] = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Probe(target, msg_id, done), local_addr=(bind_host, 0)
+    )
+    try:
+        transport.sendto(REQUEST + msg_id + msgpack.packb(["stun", []]), target)
+        async with asyncio.timeout(wait):
+            return await done
+    except TimeoutError:
+        return False
+    finally:
+        transport.close()
