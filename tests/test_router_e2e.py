@@ -261,9 +261,12 @@ def router_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
 class RouterProcess:
     """`python -m dht_bridge.cli router` on a free port, its log in a file."""
 
-    def __init__(self, name: str, redis_url: str, workdir: Path) -> None:
+    def __init__(
+        self, name: str, redis_url: str, workdir: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.redis_url = redis_url
+        self.extra_env = extra_env or {}
         self.log_path = workdir / f"router-{name}.log"
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -279,7 +282,7 @@ class RouterProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dht_bridge.cli", "router"],
                 cwd=ROOT,
-                env=router_env(self.redis_url, self.port),
+                env=router_env(self.redis_url, self.port, **self.extra_env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -332,9 +335,12 @@ class RouterProcess:
 
 
 @contextlib.contextmanager
-def routers(redis_url: str, workdir: Path, *names: str) -> Iterator[list[RouterProcess]]:
-    """Launch one router process per name; kill whatever still runs at the end."""
-    processes = [RouterProcess(name, redis_url, workdir) for name in names]
+def routers(
+    redis_url: str, workdir: Path, *names: str, extra_env: dict[str, str] | None = None
+) -> Iterator[list[RouterProcess]]:
+    """Launch one router process per name (`extra_env`: more RMA_* settings); kill whatever
+    still runs at the end."""
+    processes = [RouterProcess(name, redis_url, workdir, extra_env) for name in names]
     try:
         for process in processes:
             process.launch()
