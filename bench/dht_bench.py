@@ -8,6 +8,12 @@ one loop does not set the pace. Prints a table and ours/raw ratios; writes a JSO
 
     .venv/bin/python bench/dht_bench.py --nodes 200 --procs 4 --lookups 400 --kill 0.2 \\
         --impl both --out bench/results/dht-200.json
+
+With `--servers 0.2`, a mixed network: 20% of our nodes in server mode, the rest in client mode
+(workers behind NAT: they look up and publish through servers, and nobody contacts them); the
+stock library, which has no client mode, runs all-server on the same plan. Readers are drawn
+from every node, so lookups start from servers and clients alike. Each row then also counts
+clients found in servers' routing tables and requests that reached a client (both must be 0).
 """
 
 from __future__ import annotations
@@ -214,8 +220,15 @@ class ImplRun:
 
     async def _create(self) -> None:
         groups = self._by_proc(range(self.plan.options.nodes))
+        clients = [i for i in range(self.plan.options.nodes) if i not in self.plan.servers]
+        client_ids = [self.plan.node_ids[i].hex() for i in clients]
         per_child = {
-            p: {"nodes": [[i, self.plan.node_ids[i].hex()] for i in indices]}
+            p: {
+                "nodes": [
+                    [i, self.plan.node_ids[i].hex(), i not in self.plan.servers] for i in indices
+                ],
+                "client_ids": client_ids,
+            }
             for p, indices in groups.items()
         }
         replies = await call_each(
@@ -331,6 +344,8 @@ class ImplRun:
             "stored_but_reported_not": sum(s.get("stored_but_reported_not", 0) for s in stats),
             "contacts_mean": sum(s["contacts_mean"] * s["alive"] for s in stats)
             / max(1, sum(s["alive"] for s in stats)),
+            "clients_in_tables": sum(s.get("clients_in_tables", 0) for s in stats),
+            "requests_to_clients": sum(s.get("requests_to_clients", 0) for s in stats),
         }
 
     async def _measure(self, phase: str) -> None:
@@ -386,6 +401,11 @@ class ImplRun:
             # Publishes that landed although PublishReport.stored said False (ours only).
             "publish_false_negatives": after["stored_but_reported_not"],
             "contacts_mean": after["contacts_mean"],
+            # A mixed network (ours): the share of server nodes, clients held in any routing
+            # table, and requests that reached a client (a lookup waiting on one): 0 and 0.
+            "servers_share": self.plan.options.servers if self.impl == "ours" else 1.0,
+            "clients_in_tables": after["clients_in_tables"],
+            "requests_to_clients": after["requests_to_clients"],
             "rss_kb": after["rss_kb"],
             "baseline_kb": after["baseline_kb"],
         }
@@ -425,6 +445,7 @@ def plan_options(args: argparse.Namespace) -> PlanOptions:
         kill=args.kill,
         join_parallel=args.join_parallel,
         seed=args.seed,
+        servers=args.servers,
     )
 
 
@@ -485,8 +506,15 @@ def print_results(results: dict[str, Any]) -> None:
         f"({'/'.join(map(str, params['nodes_per_proc']))} nodes per process), "
         f"{params['keys']} keys, {params['lookups']} gets per phase from {params['readers']} "
         f"readers, {params['victims']} nodes killed, seed {params['seed']}"
+        + (
+            f"; ours: {params['servers']:.0%} servers, the rest clients"
+            if params["servers"] < 1
+            else ""
+        )
     )
     print(report.format_table(results["rows"]))
+    if params["servers"] < 1:
+        print(report.format_mixed(results["rows"]))
     if results["ratios"]:
         print(report.format_ratios(results["ratios"]))
     walls = ", ".join(f"{k} {v:.1f}s" for k, v in results["impl_wall_s"].items())
@@ -513,6 +541,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--keys", type=int, help="keys stored (max(50, N/2))")
     add("--readers", type=int, help="nodes lookups start from (max(2*procs, min(64, N/10)))")
     add("--kill", type=float, default=0.2, help="share of the nodes killed without warning")
+    add(
+        "--servers",
+        type=float,
+        default=1.0,
+        help="share of our nodes in server mode, the rest clients (a mixed network)",
+    )
     add("--impl", choices=("ours", "raw", "both"), default="both", help="what to measure")
     add("--seed", type=int, default=1, help="seed of every random choice")
     add("--concurrency", type=int, default=8, help="lookups or stores in flight per process")
@@ -537,6 +571,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--nodes must be >= 3 and --procs >= 1")
     if not 0 <= args.kill < 1:
         parser.error("--kill must be in [0, 1)")
+    if not 0 < args.servers <= 1:
+        parser.error("--servers must be in (0, 1]")
     if not 1 <= args.services <= len(SERVICES):
         parser.error(f"--services must be 1..{len(SERVICES)}")
     if args.lookups < 1 or args.concurrency < 1 or args.join_parallel < 1:

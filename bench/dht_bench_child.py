@@ -66,10 +66,10 @@ class BenchNode(Protocol):
 
 
 class OursNode:
-    """Our DHTNode with `DHTSettings()` defaults (0.5 s RPC timeout)."""
+    """Our DHTNode with `DHTSettings()` defaults (0.5 s RPC timeout), in server or client mode."""
 
-    def __init__(self, node_id: bytes) -> None:
-        self.node = DHTNode(DHTSettings(), policy=TunnelPolicy(), node_id=node_id)
+    def __init__(self, node_id: bytes, *, client: bool = False) -> None:
+        self.node = DHTNode(DHTSettings(), policy=TunnelPolicy(), node_id=node_id, client=client)
         self.address: Address = (HOST, 0)
         self.stored_but_reported_not = 0
 
@@ -288,19 +288,24 @@ class Host:
         self.emit = emit
         self.nodes: dict[int, BenchNode] = {}
         self.killed: set[int] = set()
+        self.client_ids: frozenset[bytes] = frozenset()
         self.log_counter = RawLogCounter()
         gc.collect()
         self.baseline_kb = rss_kb()
 
-    def make_node(self, node_id: bytes) -> BenchNode:
-        """A node of this run's implementation."""
-        return OursNode(node_id) if self.impl == "ours" else RawNode(node_id)
+    def make_node(self, node_id: bytes, *, client: bool = False) -> BenchNode:
+        """A node of this run's implementation (the stock library has no client mode)."""
+        return OursNode(node_id, client=client) if self.impl == "ours" else RawNode(node_id)
 
-    async def op_create(self, nodes: list[list[Any]]) -> dict[str, Any]:
+    async def op_create(
+        self, nodes: list[list[Any]], client_ids: list[str] | None = None
+    ) -> dict[str, Any]:
         """Create and bind nodes (not joined yet); answer their addresses."""
         addrs = {}
-        for index, node_id in nodes:
-            node = self.make_node(bytes.fromhex(node_id))
+        if self.impl == "ours":
+            self.client_ids = frozenset(bytes.fromhex(i) for i in client_ids or ())
+        for index, node_id, client in nodes:
+            node = self.make_node(bytes.fromhex(node_id), client=client)
             await node.start()
             self.nodes[index] = node
             addrs[str(index)] = list(node.address)
@@ -362,7 +367,24 @@ class Host:
             "stored_but_reported_not": sum(
                 n.stored_but_reported_not for n in self.nodes.values() if isinstance(n, OursNode)
             ),
+            **self._mixed_figures(alive),
         }
+
+    def _mixed_figures(self, alive: list[BenchNode]) -> dict[str, int]:
+        """Clients held in our servers' routing tables (replacement lists too), and requests
+        that reached our clients: in a mixed network both must stay 0."""
+        held = ignored = 0
+        for bench_node in alive:
+            if not isinstance(bench_node, OursNode) or bench_node.node.protocol is None:
+                continue
+            protocol = bench_node.node.rpc
+            if protocol.client:
+                ignored += protocol.stats.ignored
+                continue
+            for bucket in protocol.router.buckets:
+                ids = [*bucket.nodes, *bucket.replacement_nodes]
+                held += sum(1 for node_id in ids if node_id in self.client_ids)
+        return {"clients_in_tables": held, "requests_to_clients": ignored}
 
     def _rpc_timeouts(self) -> int:
         if self.impl == "raw":

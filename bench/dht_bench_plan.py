@@ -3,6 +3,11 @@
 Both implementations run the same plan (same node ids, same join order and bootstrap peers,
 same writers, keys, readers, lookups and victims), so their figures differ only by the code
 under test, not by luck of the draw.
+
+A mixed network (`servers` < 1) puts that share of the nodes in server mode (node 0, the seed,
+always) and the rest in client mode, as workers behind NAT are; nodes join through servers
+only, since nobody can reach a client. The server set comes from its own random stream, so the
+rest of the plan is the same draw as the all-server one's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class PlanOptions:
     kill: float
     join_parallel: int
     seed: int
+    servers: float = 1.0  # share of the nodes in server mode (ours; the stock library has none)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class Plan:
     keys: list[KeySpec]
     readers: list[int]
     victims: list[int]
+    servers: frozenset[int] = frozenset()
     gets: dict[str, list[Lookup]] = field(default_factory=dict)
     service_gets: dict[str, list[Lookup]] = field(default_factory=dict)
 
@@ -129,12 +136,13 @@ def build_plan(options: PlanOptions) -> Plan:
     """Draw the whole plan from `options.seed`."""
     rng = random.Random(options.seed)
     n = options.nodes
+    servers = _servers(random.Random(options.seed + 1), options)
     node_ids = [rng.randbytes(20) for _ in range(n)]
-    rounds = _join_rounds(rng, n, options.procs * options.join_parallel)
+    rounds = _join_rounds(rng, n, options.procs * options.join_parallel, servers)
     keys = _keys(rng, options)
     readers = _readers(rng, options)
     victims = _victims(rng, options, set(readers))
-    plan = Plan(options, node_ids, rounds, keys, readers, victims)
+    plan = Plan(options, node_ids, rounds, keys, readers, victims, servers)
     services = SERVICES[: options.services]
     offered = {s: sum(1 for k in keys if k.service == s) for s in services}
     for phase in PHASES:
@@ -150,12 +158,20 @@ def build_plan(options: PlanOptions) -> Plan:
     return plan
 
 
-def _join_rounds(rng: random.Random, n: int, width: int) -> list[list[tuple[int, tuple[int, ...]]]]:
+def _servers(rng: random.Random, options: PlanOptions) -> frozenset[int]:
+    """The nodes in server mode: the seed and a random share of the others."""
+    count = max(1, round(options.servers * options.nodes))
+    return frozenset([0, *rng.sample(range(1, options.nodes), count - 1)])
+
+
+def _join_rounds(
+    rng: random.Random, n: int, width: int, servers: frozenset[int]
+) -> list[list[tuple[int, tuple[int, ...]]]]:
     """Node 0 is the seed; the others join `width` at a time, each through the seed plus one
-    or two random nodes that joined in an earlier round."""
+    or two random servers that joined in an earlier round."""
     rounds: list[list[tuple[int, tuple[int, ...]]]] = []
     for start in range(1, n, width):
-        earlier = range(1, start)
+        earlier = [i for i in range(1, start) if i in servers]
         steps = []
         for index in range(start, min(start + width, n)):
             extra = rng.sample(earlier, min(len(earlier), rng.choice((1, 2))))

@@ -129,6 +129,19 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_mixed(rows: Sequence[dict[str, Any]]) -> str:
+    """For a mixed network: what must stay zero, per row of ours."""
+    lines = []
+    for row in rows:
+        if row["impl"] == "ours":
+            lines.append(
+                f"ours {row['phase']} {row['kind']}: {row['servers_share']:.0%} servers; "
+                f"clients in routing tables {row['clients_in_tables']}, requests that "
+                f"reached a client {row['requests_to_clients']}"
+            )
+    return "\n".join(lines)
+
+
 def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """ours/raw for each figure of the `get` rows, per phase (None where raw is 0 or absent)."""
     by_key = {(r["impl"], r["phase"]): r for r in rows if r["kind"] == "get"}

@@ -48,12 +48,13 @@ RATIOS = (
 LOOKUPS = 20
 
 
-def run_bench(out: Path) -> subprocess.CompletedProcess[str]:
+def run_bench(out: Path, *extra: str, impl: str = "both") -> subprocess.CompletedProcess[str]:
     """A tiny run; its own deadlines bound it well inside the subprocess timeout."""
     command = [
         sys.executable,
         str(SCRIPT),
-        *("--nodes", "30", "--procs", "2", "--lookups", str(LOOKUPS), "--impl", "both"),
+        *extra,
+        *("--nodes", "30", "--procs", "2", "--lookups", str(LOOKUPS), "--impl", impl),
         *("--deadline", "10", "--idle", "0.5", "--time-limit", "90"),
         *("--log-level", "WARNING", "--out", str(out)),
     ]
@@ -89,3 +90,22 @@ def test_dht_bench_writes_every_figure_for_both_impls_and_phases(tmp_path: Path)
         assert set(RATIOS) <= set(data["ratios"][phase])
     assert data["params"]["nodes_per_proc"] == [15, 15]
     assert {"cpu_count", "python", "kademlia"} <= set(data["machine"])
+
+
+def test_dht_bench_runs_a_mixed_network_of_servers_and_clients(tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    result = run_bench(out, "--servers", "0.3", impl="ours")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "30% servers, the rest clients" in result.stdout
+
+    data = json.loads(out.read_text())
+    assert data["params"]["servers"] == 0.3
+    rows = {(r["phase"], r["kind"]): r for r in data["rows"]}
+    assert set(rows) == {(p, k) for p in ("before", "after") for k in ("get", "service")}
+    for row in rows.values():
+        for name in FIGURES:
+            assert isinstance(row[name], int | float), f"{name} = {row[name]!r}"
+        assert row["servers_share"] == 0.3
+        # Clients are nobody's contact: no table holds one, no request ever reached one.
+        assert row["clients_in_tables"] == 0
+        assert row["requests_to_clients"] == 0
