@@ -483,7 +483,10 @@ class DHTNode(Server):  # type: ignore[misc]
         now = time.monotonic()
         cached = self._holder_cache.get(digest)
         if cached is not None and cached[0] > now and cached[1]:
-            return cached[1], True
+            holders = self._with_newcomers(digest, cached[1])
+            if holders is not cached[1]:
+                self._holder_cache[digest] = (cached[0], holders)
+            return holders, True
         crawl = await self._crawl(digest)
         holders = crawl.closest[: self.settings.replicas]
         if not holders and crawl.queried and outcome is not None:
@@ -494,6 +497,29 @@ class DHTNode(Server):  # type: ignore[misc]
         while len(self._holder_cache) > MAX_CACHED_HOLDER_SETS:
             self._holder_cache.popitem(last=False)
         return holders, False
+
+    def _with_newcomers(self, digest: bytes, holders: list[Node]) -> list[Node]:
+        """The cached holders, with contacts our routing table has learnt since that are closer
+        to the key. Readers go to the closest nodes: a node that joined near a key got a copy
+        of its value from the holders, and without our heartbeats that copy would lapse while
+        the holders we cached still carry the live one. Costs no crawl."""
+        known = {node.id for node in holders}
+        nearby = self.rpc.router.find_neighbors(Node(digest), k=self.settings.replicas)
+        newcomers = [node for node in nearby if node.id not in known]
+        if not newcomers:
+            return holders
+        target = int.from_bytes(digest, "big")
+        closest = heapq.nsmallest(
+            self.settings.replicas, [*holders, *newcomers], key=lambda n: n.long_id ^ target
+        )
+        if {node.id for node in closest} == known:
+            return holders
+        logger.debug(
+            "holders of %s: %d newcomers closer than the cached ones",
+            digest.hex()[:12],
+            len(known - {node.id for node in closest}),
+        )
+        return closest
 
     def _stores_locally(self, digest: bytes, holders: list[Node]) -> bool:
         if self._client:

@@ -412,6 +412,37 @@ async def test_heartbeats_reuse_the_holder_set_and_replace_a_dead_holder(
     assert found.seq == 3
 
 
+async def test_a_heartbeat_reaches_a_node_that_joined_closer_to_the_key(
+    network: list[DHTNode],
+) -> None:
+    identity = Identity.generate()
+    publisher = network[5]
+    await publisher.publish(make_record(identity, seq=1))  # holder set found and cached
+    digest = key_digest(shards.worker_key(identity.worker_id))
+    # Closer to the key than any node can be by chance; it joins through the publisher, so
+    # the publisher's routing table learns it, as it would from any request it gets.
+    near = bytes([*digest[:-1], digest[-1] ^ 1])
+    newcomer = await start_node(node_id=near, seeds=[publisher.address])
+    try:
+        await wait_for(
+            lambda: publisher.rpc.router.knows(newcomer.node),
+            timeout=10,
+            message="the publisher knows the newcomer",
+        )
+        before = publisher.rpc.stats.packets_out
+        report = await publisher.publish(make_record(identity, seq=2))
+        remote = sum(k.stored + k.full + k.refused + k.unreachable for k in report.keys)
+        assert publisher.rpc.stats.packets_out - before <= remote  # still no crawl
+        value = newcomer.storage.value(digest)
+        assert value is not None
+        held = decode_value(value, digest=digest, verifier=newcomer.verifier, now=time.time())
+        # Readers ask the closest nodes first: the newcomer must hold the live record, not
+        # only the copy the old holders handed it when it joined.
+        assert [r.seq for r in held.records] == [2]
+    finally:
+        await newcomer.aclose()
+
+
 def test_the_verifier_remembers_records_but_not_altered_ones() -> None:
     verifier = RecordVerifier(POLICY)
     record = make_record()
