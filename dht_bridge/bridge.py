@@ -619,6 +619,7 @@ class Bridge:
         started = time.monotonic()
         redis_view = await self._read_redis() if self.redis_up else None
         redis_read = time.monotonic()
+        outages = self.counters.dht_outages
         dht_view = await self._read_dht(now) if self.dht_up else None
         dht_read = time.monotonic()
         if dht_view is not None:
@@ -637,7 +638,10 @@ class Bridge:
         waiting = len(self._pending)
         await self._flush()
         flushed = time.monotonic()
-        if dht_view is not None and self.redis_up:
+        # Only a read that ran with the DHT up throughout may end holds: one that a cut
+        # overtook saw less than the DHT holds, and would drop the records being held.
+        whole = dht_view is not None and self.dht_up and self.counters.dht_outages == outages
+        if whole and self.redis_up:
             await self._release_holds()
         self._forget(now)
         logger.debug(
