@@ -15,7 +15,6 @@ import logging
 import random
 import time
 import tracemalloc
-import zlib
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -24,7 +23,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from dht_bridge.errors import RecordInvalid, RMAError
@@ -41,6 +40,7 @@ from edge_router.proxy import (
     upstream_url,
 )
 from tests.helpers import ManualClock, make_record
+from tests.streaming import StreamingUpstream
 from tests.upstreams import (
     METHODS,
     Upstream,
@@ -501,85 +501,28 @@ async def test_dot_segments_are_refused(http: httpx.AsyncClient, clock: ManualCl
 
 # -- streaming ------------------------------------------------------------------------------
 
-CHUNK = 64 * 1024
 TOTAL = 64 * 1024 * 1024
 GATE = 3.0  # seconds a side waits for the other before the test fails as "buffered"
-_TAIL = (bytes(range(256)) * (CHUNK // 256))[8:]
-
-
-def _chunk(index: int) -> bytes:
-    return index.to_bytes(8, "big") + _TAIL
-
-
-def _expected_crc() -> int:
-    crc = 0
-    for i in range(TOTAL // CHUNK):
-        crc = zlib.crc32(_chunk(i), crc)
-    return crc
-
-
-class StreamingUpstream:
-    """Sinks a request body and sources a response body, each with a gate after its first chunk."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.crc = 0
-        self.got_first_chunk = asyncio.Event()  # set by the sink
-        self.client_got_first_chunk = asyncio.Event()  # set by the test's client
-        self.app = Starlette(
-            routes=[
-                Route("/sink", self._sink, methods=["POST"]),
-                Route("/source", self._source),
-            ]
-        )
-
-    async def _sink(self, request: Request) -> Response:
-        async for chunk in request.stream():
-            if chunk:
-                self.received += len(chunk)
-                self.crc = zlib.crc32(chunk, self.crc)
-                self.got_first_chunk.set()
-        return JSONResponse({"size": self.received, "crc": self.crc})
-
-    async def _source(self, request: Request) -> Response:
-        async def body() -> AsyncIterator[bytes]:
-            for i in range(TOTAL // CHUNK):
-                yield _chunk(i)
-                if i == 0:  # the rest only once the client holds the first chunk
-                    await asyncio.wait_for(self.client_got_first_chunk.wait(), GATE)
-
-        return StreamingResponse(body(), media_type="application/octet-stream")
 
 
 async def test_64_mib_bodies_stream_both_ways_without_buffering(
     stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
 ) -> None:
-    up = StreamingUpstream()
+    up = StreamingUpstream(TOTAL, GATE)
     record = provider(await stack.enter_async_context(serve(up.app)))
     # A real server in front too: httpx's ASGITransport collects a whole response body.
     base = await stack.enter_async_context(serve(front(make_proxy(http, clock), [record])))
     client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False, timeout=GATE))
 
-    async def upload() -> AsyncIterator[bytes]:
-        for i in range(TOTAL // CHUNK):
-            yield _chunk(i)
-            if i == 1:  # past the replay limit: the upstream must see data before we go on
-                await asyncio.wait_for(up.got_first_chunk.wait(), GATE)
-
     tracemalloc.start()
     try:
-        posted = await client.post(base + "/ocr/sink", content=upload())
-        received, crc = 0, 0
-        async with client.stream("GET", base + "/ocr/source") as streamed:
-            async for chunk in streamed.aiter_raw():
-                received += len(chunk)
-                crc = zlib.crc32(chunk, crc)
-                up.client_got_first_chunk.set()
+        posted = await client.post(base + "/ocr/sink", content=up.upload())
+        streamed, received, crc = await up.download(client, base + "/ocr/source")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
 
-    expected = _expected_crc()
+    expected = up.expected_crc()
     assert posted.status_code == 200
     assert posted.json() == {"size": TOTAL, "crc": expected}
     assert streamed.status_code == 200

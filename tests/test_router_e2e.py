@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -29,9 +28,6 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry import Registry, open_registry
@@ -42,6 +38,7 @@ from edge_router.config import RouterConfig
 from tests.helpers import free_port, make_record, wait_for
 from tests.redis_server import TEST_REDIS_TIMEOUT
 from tests.router_helpers import ADMIN_TOKEN
+from tests.streaming import StreamingUpstream
 from tests.upstreams import Upstream, header, header_names, refusing_port, serve, url_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,84 +145,27 @@ async def test_forwarded_for_is_the_tcp_peer_and_spoofed_cf_connecting_ip_is_ign
         assert "cf-connecting-ip" not in header_names(seen)
 
 
-CHUNK = 64 * 1024
 TOTAL = 32 * 1024 * 1024
 GATE = 10.0  # seconds a side waits for the other before the test fails as "buffered"
-_TAIL = (bytes(range(256)) * (CHUNK // 256))[8:]
-
-
-def _chunk(index: int) -> bytes:
-    return index.to_bytes(8, "big") + _TAIL
-
-
-def _expected_crc() -> int:
-    crc = 0
-    for i in range(TOTAL // CHUNK):
-        crc = zlib.crc32(_chunk(i), crc)
-    return crc
-
-
-class StreamingWorker:
-    """Sinks a request body and sources a response body, each gated after its first chunk."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.crc = 0
-        self.got_first_chunk = asyncio.Event()  # set by the sink
-        self.client_got_first_chunk = asyncio.Event()  # set by the test's client
-        self.app = Starlette(
-            routes=[
-                Route("/sink", self._sink, methods=["POST"]),
-                Route("/source", self._source),
-            ]
-        )
-
-    async def _sink(self, request: Request) -> Response:
-        async for chunk in request.stream():
-            if chunk:
-                self.received += len(chunk)
-                self.crc = zlib.crc32(chunk, self.crc)
-                self.got_first_chunk.set()
-        return JSONResponse({"size": self.received, "crc": self.crc})
-
-    async def _source(self, request: Request) -> Response:
-        async def body() -> AsyncIterator[bytes]:
-            for i in range(TOTAL // CHUNK):
-                yield _chunk(i)
-                if i == 0:  # the rest only once the client holds the first chunk
-                    await asyncio.wait_for(self.client_got_first_chunk.wait(), GATE)
-
-        return StreamingResponse(body(), media_type="application/octet-stream")
 
 
 async def test_32_mib_streams_through_the_router_both_ways_without_buffering(
     stack: AsyncExitStack, loopback_registry: Registry
 ) -> None:
-    worker = StreamingWorker()
+    worker = StreamingUpstream(TOTAL, GATE)
     record = make_record(tunnel_url=await stack.enter_async_context(serve(worker.app)))
     _, client = await start_router(stack, loopback_registry, loopback_config())
     await register(client, record)
 
-    async def upload() -> AsyncIterator[bytes]:
-        for i in range(TOTAL // CHUNK):
-            yield _chunk(i)
-            if i == 1:  # past the router's replay buffer: the worker must see data first
-                await asyncio.wait_for(worker.got_first_chunk.wait(), GATE)
-
     tracemalloc.start()
     try:
-        posted = await client.post("/route/ocr/sink", content=upload())
-        received, crc = 0, 0
-        async with client.stream("GET", "/route/ocr/source") as streamed:
-            async for chunk in streamed.aiter_raw():
-                received += len(chunk)
-                crc = zlib.crc32(chunk, crc)
-                worker.client_got_first_chunk.set()
+        posted = await client.post("/route/ocr/sink", content=worker.upload())
+        streamed, received, crc = await worker.download(client, "/route/ocr/source")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
 
-    expected = _expected_crc()
+    expected = worker.expected_crc()
     assert posted.status_code == 200, posted.text
     assert posted.json() == {"size": TOTAL, "crc": expected}
     assert streamed.status_code == 200
