@@ -24,6 +24,7 @@ from dht_bridge.bridge_metrics import MetricsServer
 from dht_bridge.dht import DHTNode
 from dht_bridge.errors import ConfigError
 from dht_bridge.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, Journal
+from dht_bridge.node_cli import load_state
 from dht_bridge.process import parse_hostport, run_service
 from dht_bridge.records import SERVICE_RE
 from dht_bridge.registry import open_registry
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
     """Open the registry, the DHT node, the journal and /metrics; sync until `stop`."""
-    saved = _load_state(config.state_file)
+    saved = load_state(config.state_file)
     node_id = bytes.fromhex(saved["node_id"]) if saved else None
     node = DHTNode(config.dht, policy=config.policy, node_id=node_id)
     registry = open_registry(config.registry, policy=config.policy)
@@ -264,15 +265,6 @@ async def _start_metrics(config: BridgeConfig, bridge: Bridge) -> MetricsServer 
         )
         return False
     return server
-
-
-def _load_state(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        return DHTNode.read_state(path)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"state file {path}: {exc}") from None
 
 
 def _save_state(path: Path, node: DHTNode, bridge: Bridge) -> None:

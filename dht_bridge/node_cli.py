@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     """Listen, join, save state now and then, and close on `stop`."""
-    saved = _load_state(config.state_file)
+    saved = load_state(config.state_file)
     node_id = bytes.fromhex(saved["node_id"]) if saved else None
     node = DHTNode(config.dht, policy=config.policy, node_id=node_id)
     try:
@@ -104,7 +104,9 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     return 0
 
 
-def _load_state(path: Path | None) -> dict[str, Any] | None:
+def load_state(path: Path | None) -> dict[str, Any] | None:
+    """A node's saved JSON state (`rma node` and `rma bridge`), None without one; a file that
+    cannot be read or parsed is a configuration error, never silently replaced."""
     if path is None or not path.exists():
         return None
     try:
