@@ -512,13 +512,10 @@ class DHTNode(Server):  # type: ignore[misc]
         closest = heapq.nsmallest(
             self.settings.replicas, [*holders, *newcomers], key=lambda n: n.long_id ^ target
         )
-        if {node.id for node in closest} == known:
+        taken = sum(1 for node in closest if node.id not in known)
+        if not taken:
             return holders
-        logger.debug(
-            "holders of %s: %d newcomers closer than the cached ones",
-            digest.hex()[:12],
-            len(known - {node.id for node in closest}),
-        )
+        logger.debug("holders of %s: %d newcomers taken in", digest.hex()[:12], taken)
         return closest
 
     def _stores_locally(self, digest: bytes, holders: list[Node]) -> bool:
