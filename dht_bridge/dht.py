@@ -110,6 +110,18 @@ class LookupReport:
     shards_read: int
     hops: int
     seconds: float
+    rounds: int = 1  # reads one after the other: 1 when every level needed was known at once
+
+
+@dataclass
+class KeyRead:
+    """What the holders of one key gave a reader: the records, whether any marked the key
+    overflowed and how deep it said publishers filed below, and the hops of the crawl."""
+
+    records: list[WorkerRecord]
+    overflowed: bool = False
+    deepest: int = 0
+    hops: int = 0
 
 
 class DHTNode(Server):  # type: ignore[misc]
@@ -397,6 +409,7 @@ class DHTNode(Server):  # type: ignore[misc]
         level = self._levels.get(slot, 0)
         count = self._publishes[slot] = self._publishes.get(slot, 0) + 1
         outcomes: list[KeyPublish] = []
+        turned_away: list[int] = []  # levels whose holders had no room for this record
         if level > 0 and count % RISE_EVERY == 0:
             upper = await self._store_key(self._shard_key(service, record, level - 1), record)
             outcomes.append(upper)
@@ -404,23 +417,31 @@ class DHTNode(Server):  # type: ignore[misc]
                 self._levels[slot] = report.levels[service] = level - 1
                 return outcomes
             if upper.full:
-                await self._mark_overflow(upper.key)
+                turned_away.append(level - 1)
+                if level > 1 and random.random() < 2.0 ** (1 - level):
+                    # The root's depth hint lapses unless someone deep renews it; the 2^L
+                    # workers of level L share that job, so the root hears from about as
+                    # many of them per round whatever the depth.
+                    turned_away.append(0)
         while True:
             outcome = await self._store_key(self._shard_key(service, record, level), record)
             outcomes.append(outcome)
             if not outcome.full or level >= shards.MAX_LEVEL:
                 break
-            await self._mark_overflow(outcome.key)
+            turned_away.append(level)
             level += 1  # some holder had no room: also file it one level down
         self._levels[slot] = report.levels[service] = level
+        keys = [self._shard_key(service, record, up) for up in turned_away]
+        await asyncio.gather(*(self._mark_overflow(key, level) for key in keys))
         return outcomes
 
-    async def _mark_overflow(self, key: str) -> None:
-        """Tell every holder of `key` that it overflowed, not only the ones that refused:
-        holders fill in different orders, and a reader asking an unmarked one would not look
-        one level down, where the refused record went."""
+    async def _mark_overflow(self, key: str, deepest: int) -> None:
+        """Tell every holder of `key` that it overflowed, and that a publisher filed as deep as
+        level `deepest` below it. Every holder, not only the ones that refused: holders fill
+        in different orders, and a reader asking an unmarked one would not look below, where
+        the refused record went; the depth lets a reader fetch the levels down to it at once."""
         digest = key_digest(key)
-        mark = encode_value(key, [], self.clock() + OVERFLOW_MEMORY)
+        mark = encode_value(key, [], self.clock() + OVERFLOW_MEMORY, deepest)
         holders, _ = await self._holders(digest)
         await asyncio.gather(*(self.rpc.call_store(node, digest, mark) for node in holders))
         if self._stores_locally(digest, holders):
@@ -538,8 +559,9 @@ class DHTNode(Server):  # type: ignore[misc]
         """`lookup`, with the number of shards read, hops, and time taken.
 
         Reads one random root-to-leaf path of the shard trie: a level whose holders marked it
-        overflowed sends the reader one level down. Levels known to be needed (from the last
-        lookup) are read in parallel.
+        overflowed sends the reader further down. Levels known to be needed (from the last
+        lookup, or from the depth the overflow marks carry) are read in parallel, so a reader
+        with no history needs two rounds however deep the trie is.
         """
         started = time.monotonic()
         leaf = random.getrandbits(shards.MAX_LEVEL)
@@ -549,26 +571,26 @@ class DHTNode(Server):  # type: ignore[misc]
         ]
         versions: list[WorkerRecord] = []
         depth = min(self._depth_hint.get(service, 0), shards.MAX_LEVEL)
-        read, hops, level = 0, 0, 0
+        read, hops, level, rounds = 0, 0, 0, 0
         while level <= shards.MAX_LEVEL:
             batch = path[level : depth + 1] or [path[level]]
             results = await asyncio.gather(
                 *(self._read_key(shards.service_key(service, s), lazy=True) for s in batch)
             )
-            read += len(batch)
+            read, rounds = read + len(batch), rounds + 1
             stop_at = None
-            for offset, (records, overflowed, crawl_hops) in enumerate(results):
-                versions.extend(records)
-                hops = max(hops, crawl_hops)
-                if stop_at is None and not overflowed:
+            for offset, got in enumerate(results):
+                versions.extend(got.records)
+                hops = max(hops, got.hops)
+                if stop_at is None and not got.overflowed:
                     stop_at = level + offset
             if stop_at is not None:
                 self._depth_hint[service] = stop_at
                 break
             level += len(batch)
-            depth = level
+            depth = max(level, min(max(got.deepest for got in results), shards.MAX_LEVEL))
         chosen = self._select(versions, limit)
-        return LookupReport(chosen, read, hops, time.monotonic() - started)
+        return LookupReport(chosen, read, hops, time.monotonic() - started, rounds)
 
     async def service_records(self, service: str) -> list[WorkerRecord]:
         """Every record (live or tombstone) of a service: walks the shard trie, level by level,
@@ -584,9 +606,9 @@ class DHTNode(Server):  # type: ignore[misc]
                 )
             )
             descend: list[int] = []
-            for shard, (records, overflowed, _) in zip(frontier, results, strict=True):
-                merge_into(found, records, now=self.clock())
-                if overflowed and shards.level_of(shard) < shards.MAX_LEVEL:
+            for shard, got in zip(frontier, results, strict=True):
+                merge_into(found, got.records, now=self.clock())
+                if got.overflowed and shards.level_of(shard) < shards.MAX_LEVEL:
                     descend.extend(shards.children(shard))
             frontier = descend
         return sorted(found.values(), key=lambda r: (r.load, r.worker_id))
@@ -597,18 +619,15 @@ class DHTNode(Server):  # type: ignore[misc]
 
     async def get_record_report(self, worker_id: str) -> tuple[WorkerRecord | None, int]:
         """`get_record`, and the hops its lookup took."""
-        records, _, hops = await self._read_key(shards.worker_key(worker_id))
-        return next((r for r in records if r.worker_id == worker_id), None), hops
+        got = await self._read_key(shards.worker_key(worker_id))
+        return next((r for r in got.records if r.worker_id == worker_id), None), got.hops
 
     async def get_records(self, key: str) -> list[WorkerRecord]:
         """Every valid record under a key name, merged across the holders that answered."""
-        records, _, _ = await self._read_key(key)
-        return records
+        return (await self._read_key(key)).records
 
-    async def _read_key(
-        self, key: str, *, lazy: bool = False, want: int = 2
-    ) -> tuple[list[WorkerRecord], bool, int]:
-        """Records under `key` from the holders, whether any marked it overflowed, hops.
+    async def _read_key(self, key: str, *, lazy: bool = False, want: int = 2) -> KeyRead:
+        """Records under `key` from the holders, merged, with their overflow marks.
 
         Verified and merged by the merge rule; with `lazy`, every version as read, unverified
         (pass them to `_select`, which verifies only what it returns).
@@ -617,7 +636,7 @@ class DHTNode(Server):  # type: ignore[misc]
         merged: dict[str, WorkerRecord] = {}
         versions: list[WorkerRecord] = []
         now = self.clock()
-        overflowed = False
+        got = KeyRead([])
         local = self.storage.value(digest)
         result = await self._crawl(digest, find_value=True, want_values=want)
         # Replicas usually hold byte-identical values: decode each distinct one once.
@@ -632,12 +651,15 @@ class DHTNode(Server):  # type: ignore[misc]
             except ValueError as exc:
                 logger.debug("ignored a bad value for %s: %s", key, exc)
                 continue
-            overflowed = overflowed or decoded.overflowed(now)
+            if decoded.overflowed(now):
+                got.overflowed = True
+                got.deepest = max(got.deepest, decoded.deepest)
             if lazy:
                 versions.extend(decoded.records)
             else:
                 merge_into(merged, decoded.records, now=now)
-        return (versions if lazy else list(merged.values())), overflowed, result.hops
+        got.records, got.hops = (versions if lazy else list(merged.values())), result.hops
+        return got
 
     def _select(self, versions: list[WorkerRecord], limit: int) -> list[WorkerRecord]:
         """The `limit` least loaded live providers among unverified versions, verifying only

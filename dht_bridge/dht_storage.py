@@ -45,6 +45,8 @@ class _Entry:
     encoded: bytes | None = None
     changed_at: float = 0.0
     overflow_until: float = 0.0
+    deepest: int = 0
+    deepest_until: float = 0.0
 
 
 class RecordStorage(IStorage):  # type: ignore[misc]
@@ -104,13 +106,15 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     ) -> StoreResult:
         # A peer's mark is believed for at most OVERFLOW_MEMORY: no one can pin it for long.
         incoming_mark = min(decoded.overflow_until, now + OVERFLOW_MEMORY)
-        marked = incoming_mark > entry.overflow_until
         overflow = max(entry.overflow_until, incoming_mark)
+        depth = _depth_after(entry, decoded.deepest, incoming_mark, now)
+        renewed = depth != (entry.deepest, entry.deepest_until)
+        marked = incoming_mark > entry.overflow_until or renewed
         candidate = dict(entry.records)
         changed = merge_into(candidate, decoded.records, now=now)
         if not changed and not marked:
             return StoreResult.STALE
-        encoded = encode_value(entry.key, candidate.values(), overflow)
+        encoded = encode_value(entry.key, candidate.values(), overflow, depth[0])
         result = StoreResult.OK if changed else StoreResult.STALE
         if len(encoded) > MAX_VALUE_BYTES:
             # Keep updates of workers already held; refuse newcomers, and mark the value so
@@ -119,12 +123,13 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             candidate = dict(entry.records)
             updates = [r for r in changed if r.worker_id in candidate]
             merge_into(candidate, updates, now=now)
-            encoded = encode_value(entry.key, candidate.values(), overflow)
+            encoded = encode_value(entry.key, candidate.values(), overflow, depth[0])
             result = StoreResult.FULL
             if len(encoded) > MAX_VALUE_BYTES:
                 return StoreResult.FULL
         entry.records, entry.encoded, entry.changed_at = candidate, encoded, time.monotonic()
         entry.overflow_until = overflow
+        entry.deepest, entry.deepest_until = depth
         self._data[digest] = entry
         applied = [r for r in changed if candidate.get(r.worker_id) is r]
         if applied and self.on_merge is not None:
@@ -161,6 +166,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         if entry.overflow_until and entry.overflow_until <= now:
             entry.overflow_until = 0.0
             entry.encoded = None
+        if entry.deepest and (entry.deepest_until <= now or not entry.overflow_until):
+            entry.deepest, entry.deepest_until = 0, 0.0
+            entry.encoded = None
         if not entry.records and not entry.overflow_until:
             del self._data[digest]
             return None
@@ -184,7 +192,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         if entry is None:
             return None
         if entry.encoded is None:
-            entry.encoded = encode_value(entry.key, entry.records.values(), entry.overflow_until)
+            entry.encoded = encode_value(
+                entry.key, entry.records.values(), entry.overflow_until, entry.deepest
+            )
         return entry.encoded
 
     def get(self, key: bytes, default: object = None) -> object:
@@ -210,3 +220,18 @@ class RecordStorage(IStorage):  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _depth_after(entry: _Entry, reported: int, until: float, now: float) -> tuple[int, float]:
+    """The depth hint held after a mark reporting `reported` (0: none), valid until `until`.
+
+    A report as deep or deeper renews the hint; a shallower one replaces it only once the held
+    hint has lapsed, so a service that shrank stops sending readers to empty levels within
+    OVERFLOW_MEMORY of its last deep report, and no single report can pin a depth for longer.
+    """
+    held = entry.deepest if entry.deepest_until > now else 0
+    if reported <= 0 or until <= now or reported < held:
+        return (held, entry.deepest_until) if held else (0, 0.0)
+    if reported == held:
+        return held, max(until, entry.deepest_until)
+    return reported, until

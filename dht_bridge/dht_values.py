@@ -1,9 +1,11 @@
 """The value codec of our DHT: a key name, a set of signed records, and an overflow mark.
 
 `["rma1", key_name, [wire record, ...]]`, or with a fourth item `overflow_until` (unix time)
-once a holder has turned a newcomer away for lack of room. Carrying the key name lets every
+once a holder has turned a newcomer away for lack of room, and a fifth, `deepest`, once a
+publisher turned away has said at which trie level it filed. Carrying the key name lets every
 node check that the value belongs to the digest it is stored under and each record to the key;
-the overflow mark tells readers that some providers of a service live one shard level down.
+the overflow mark tells readers that some providers of a service live one shard level down, and
+`deepest` how far down, so that a reader with no history reads those levels in parallel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import msgpack
 
 from dht_bridge.errors import RecordError
 from dht_bridge.records import WorkerRecord, validate_parsed, verify
-from dht_bridge.shards import belongs
+from dht_bridge.shards import MAX_LEVEL, belongs
 from dht_bridge.tunnels import TunnelPolicy
 
 logger = logging.getLogger(__name__)
@@ -38,11 +40,15 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha1(key.encode("utf-8")).digest()
 
 
-def encode_value(key: str, records: Iterable[WorkerRecord], overflow_until: float = 0.0) -> bytes:
-    """Encode a record set for `key`, with the overflow mark when it is set."""
+def encode_value(
+    key: str, records: Iterable[WorkerRecord], overflow_until: float = 0.0, deepest: int = 0
+) -> bytes:
+    """Encode a record set for `key`, with the overflow mark (and its depth) when set."""
     envelope: list[Any] = [MAGIC, key, [record.to_wire() for record in records]]
     if overflow_until > 0:
         envelope.append(round(overflow_until, 3))
+        if deepest > 0:
+            envelope.append(deepest)
     return bytes(msgpack.packb(envelope))
 
 
@@ -55,6 +61,7 @@ class DecodedValue:
     refused: int = 0
     reasons: list[str] = field(default_factory=list)
     overflow_until: float = 0.0
+    deepest: int = 0  # the deepest trie level a publisher turned away from here filed at
     unverified: set[str] = field(default_factory=set)
 
     def overflowed(self, now: float) -> bool:
@@ -172,17 +179,20 @@ def decode_value(
         envelope = msgpack.unpackb(value)
     except (ValueError, TypeError, msgpack.ExtraData) as exc:
         raise ValueError(f"value is not msgpack: {exc}") from exc
-    if not (isinstance(envelope, list) and len(envelope) in (3, 4) and envelope[0] == MAGIC):
+    if not (isinstance(envelope, list) and 3 <= len(envelope) <= 5 and envelope[0] == MAGIC):
         raise ValueError("value is not an rma1 record set")
     key, items = envelope[1], envelope[2]
-    overflow = envelope[3] if len(envelope) == 4 else 0.0
+    overflow = envelope[3] if len(envelope) >= 4 else 0.0
+    deepest = envelope[4] if len(envelope) == 5 else 0
     if not isinstance(key, str) or not isinstance(items, list):
         raise ValueError("malformed rma1 envelope")
     if isinstance(overflow, bool) or not isinstance(overflow, int | float):
         raise ValueError("malformed overflow mark")
+    if isinstance(deepest, bool) or not isinstance(deepest, int) or not 0 <= deepest <= MAX_LEVEL:
+        raise ValueError("malformed overflow depth")
     if digest is not None and key_digest(key) != digest:
         raise ValueError(f"value names key {key!r}, which is not the digest it was stored under")
-    decoded = DecodedValue(key=key, overflow_until=float(overflow))
+    decoded = DecodedValue(key=key, overflow_until=float(overflow), deepest=deepest)
     for item in items:
         try:
             if lazy:

@@ -1,0 +1,138 @@
+"""Overflow marks and the depth they carry: the codec, how holders keep and drop a depth, and
+readers with no history reaching every level of a deep service in two rounds of reads."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from dht_bridge import dht, shards
+from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
+from dht_bridge.dht_values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.identity import Identity
+from tests.dht_helpers import ManualClock, publish_all, start_network, start_node, stop_all
+from tests.helpers import POLICY, make_record
+
+ROOT = shards.service_key("ocr", 0)
+DIGEST = key_digest(ROOT)
+
+
+def held_depth(storage: RecordStorage, now: float) -> tuple[bool, int]:
+    """(overflowed, deepest) of the value a holder serves for the root shard."""
+    value = storage.value(DIGEST)
+    if value is None:
+        return False, 0
+    decoded = decode_value(value, digest=DIGEST, verifier=RecordVerifier(POLICY), now=now)
+    return decoded.overflowed(now), decoded.deepest
+
+
+def test_a_mark_carries_its_depth_and_an_old_style_mark_still_decodes() -> None:
+    verifier = RecordVerifier(POLICY)
+    marked = decode_value(
+        encode_value(ROOT, [], 2000.0, 3), digest=DIGEST, verifier=verifier, now=1000.0
+    )
+    assert (marked.overflowed(1000.0), marked.deepest) == (True, 3)
+    plain = decode_value(
+        encode_value(ROOT, [], 2000.0), digest=DIGEST, verifier=verifier, now=1000.0
+    )
+    assert (plain.overflowed(1000.0), plain.deepest) == (True, 0)
+    assert len(msgpack.unpackb(encode_value(ROOT, [], 0.0, 3))) == 3  # no mark: no depth either
+
+
+@pytest.mark.parametrize("depth", [True, -1, shards.MAX_LEVEL + 1, "3", 2.5])
+def test_a_malformed_depth_is_refused(depth: object) -> None:
+    value = msgpack.packb(["rma1", ROOT, [], 2000.0, depth])
+    with pytest.raises(ValueError, match="depth"):
+        decode_value(value, digest=DIGEST, verifier=RecordVerifier(POLICY), now=1000.0)
+
+
+def test_a_holder_keeps_the_deepest_report_until_it_lapses() -> None:
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+
+    def mark(deepest: int) -> StoreResult:
+        return storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, deepest))
+
+    mark(2)
+    assert held_depth(storage, clock()) == (True, 2)
+    mark(3)
+    assert held_depth(storage, clock()) == (True, 3)
+    clock.advance(OVERFLOW_MEMORY / 2)
+    mark(1)  # a shallower report does not hide publishers filed deeper
+    assert held_depth(storage, clock()) == (True, 3)
+    clock.advance(OVERFLOW_MEMORY / 2 + 1)
+    # The level-3 hint was last renewed a memory ago: it lapses, the overflow mark stays.
+    assert held_depth(storage, clock()) == (True, 0)
+    mark(1)
+    assert held_depth(storage, clock()) == (True, 1)
+    clock.advance(OVERFLOW_MEMORY + 1)
+    assert held_depth(storage, clock()) == (False, 0)
+    assert len(storage) == 0
+
+
+def test_a_peer_cannot_pin_a_depth_beyond_the_memory() -> None:
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+    storage.merge(DIGEST, encode_value(ROOT, [], clock() + 100 * OVERFLOW_MEMORY, shards.MAX_LEVEL))
+    clock.advance(OVERFLOW_MEMORY + 1)
+    assert held_depth(storage, clock()) == (False, 0)
+
+
+def test_a_full_shard_keeps_its_depth_while_it_turns_newcomers_away() -> None:
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+    storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, 2))
+    results = [
+        storage.merge(DIGEST, encode_value(ROOT, [make_record(now=clock(), ttl=3000)]))
+        for _ in range(60)
+    ]
+    assert StoreResult.FULL in results
+    assert held_depth(storage, clock()) == (True, 2)
+
+
+async def test_a_cold_reader_reads_a_deep_service_in_two_rounds_and_rises_renew_the_depth(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = ManualClock()
+    nodes = await start_network(24, clock=clock)
+    readers = []
+    try:
+        identities = [Identity.generate() for _ in range(200)]
+        first = [
+            make_record(i, now=clock(), ttl=3000, load=(n % 50) / 50)
+            for n, i in enumerate(identities)
+        ]
+        reports = await publish_all(nodes, first)
+        assert all(report.stored for report in reports)
+        assert max(report.levels["ocr"] for report in reports) >= 2
+
+        async def cold_read() -> dht.LookupReport:
+            reader = await start_node(clock=clock, seeds=[nodes[0].address])
+            readers.append(reader)
+            return await reader.lookup_report("ocr", limit=10)
+
+        top = await cold_read()
+        # The root's holders said how deep publishers filed: every level below was read at once.
+        assert (top.rounds, len(top.providers)) == (2, 10)
+        assert top.shards_read >= 3
+
+        # Ten minutes on, every mark has lapsed. Workers placed below the root heartbeat and
+        # try one level up (every publish here, not every 8th); those turned away renew the
+        # marks, and the deep ones the root's depth (always here, by chance in production).
+        clock.advance(OVERFLOW_MEMORY + 1)
+        monkeypatch.setattr(dht, "RISE_EVERY", 1)
+        monkeypatch.setattr(random, "random", lambda: 0.0)
+        second = [
+            make_record(i, now=clock(), seq=2, ttl=3000, load=(n % 50) / 50)
+            for n, i in enumerate(identities)
+        ]
+        again = await publish_all(nodes, second)
+        assert all(report.stored for report in again)
+        renewed = await cold_read()
+        assert (renewed.rounds, len(renewed.providers)) == (2, 10)
+        assert renewed.shards_read >= 3
+        assert all(r.seq == 2 for r in renewed.providers)
+    finally:
+        await stop_all([*nodes, *readers])
