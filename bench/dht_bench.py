@@ -333,8 +333,12 @@ class ImplRun:
         replies = await call_each(self.children, "stats", {p: {} for p in range(procs)}, timeout=60)
         stats = list(replies.values())
         nodes = sum(s["nodes"] for s in stats)
+        stored = [b for s in stats for b in s["stored_bytes"]] or [0]
         return {
             "mem_per_node_kb": sum(s["rss_kb"] - s["baseline_kb"] for s in stats) / nodes,
+            # Value bytes each live node holds for others (the DHT's storage, not its RSS).
+            "stored_kb_mean": sum(stored) / len(stored) / 1024,
+            "stored_kb_max": max(stored) / 1024,
             "rss_kb": [s["rss_kb"] for s in stats],
             "baseline_kb": [s["baseline_kb"] for s in stats],
             "packets_out": sum(s["packets_out"] for s in stats),
@@ -394,6 +398,8 @@ class ImplRun:
             **figures,
             "phase_s": seconds,
             "mem_per_node_kb": after["mem_per_node_kb"],
+            "stored_kb_mean": after["stored_kb_mean"],
+            "stored_kb_max": after["stored_kb_max"],
             "pkts_per_lookup": (after["packets_out"] - before["packets_out"])
             / max(1, figures["lookups"]),
             "rpc_timeouts": after["rpc_timeouts"] - before["rpc_timeouts"],

@@ -63,6 +63,7 @@ class BenchNode(Protocol):
     def packets_out(self) -> int: ...
     def bytes_out(self) -> int: ...
     def contacts(self) -> int: ...
+    def stored_bytes(self) -> int: ...
 
 
 class OursNode:
@@ -135,6 +136,9 @@ class OursNode:
 
     def contacts(self) -> int:
         return len(self.node.rpc.router) if self.node.protocol else 0
+
+    def stored_bytes(self) -> int:
+        return sum(len(value) for _, value in self.node.storage)
 
 
 def _publish_landed(report: PublishReport) -> bool:
@@ -234,6 +238,9 @@ class RawNode:
         if protocol is None:
             return 0
         return sum(len(bucket.nodes) for bucket in protocol.router.buckets)
+
+    def stored_bytes(self) -> int:
+        return sum(len(value) for _, value in self.server.storage.data.values())
 
 
 def free_udp_port() -> int:
@@ -363,6 +370,7 @@ class Host:
             "bytes_out": sum(n.bytes_out() for n in self.nodes.values()),
             "rpc_timeouts": self._rpc_timeouts(),
             "contacts_mean": sum(n.contacts() for n in alive) / len(alive) if alive else 0.0,
+            "stored_bytes": [n.stored_bytes() for n in alive],
             "cancelled_timers": self.log_counter.cancelled_timers,
             "stored_but_reported_not": sum(
                 n.stored_but_reported_not for n in self.nodes.values() if isinstance(n, OursNode)

@@ -23,6 +23,8 @@ ROW_FIGURES = (
     "timeouts",
     "hops_mean",
     "mem_per_node_kb",
+    "stored_kb_mean",
+    "stored_kb_max",
     "pkts_per_lookup",
     "idle_bytes_per_node_s",
     "alive_nodes",
@@ -113,17 +115,20 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = (
         f"{'impl':<5} {'phase':<7} {'lookup':<8} {'N':>5} {'procs':>5} {'build s':>8} "
         f"{'join p50/p99 ms':>16} {'lookup p50/p95/p99/max ms':>30} {'success %':>9} "
-        f"{'hops':>5} {'mem/node KB':>11} {'pkts/lookup':>11} {'idle B/s/node':>13}"
+        f"{'hops':>5} {'mem/node KB':>11} {'stored KB mean/max':>18} {'pkts/lookup':>11} "
+        f"{'idle B/s/node':>13}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         join = f"{_fmt(row['join_p50_ms'])}/{_fmt(row['join_p99_ms'])}"
         lookup = "/".join(_fmt(row[f"lookup_{p}_ms"]) for p in ("p50", "p95", "p99", "max"))
+        stored = f"{_fmt(row['stored_kb_mean'])}/{_fmt(row['stored_kb_max'])}"
         lines.append(
             f"{row['impl']:<5} {row['phase']:<7} {row['kind']:<8} {row['nodes']:>5} "
             f"{row['procs']:>5} {_fmt(row['build_s'], 2):>8} {join:>16} {lookup:>30} "
             f"{_fmt(row['success_pct'], 2):>9} {_fmt(row['hops_mean'], 2):>5} "
-            f"{_fmt(row['mem_per_node_kb'], 0):>11} {_fmt(row['pkts_per_lookup'], 1):>11} "
+            f"{_fmt(row['mem_per_node_kb'], 0):>11} {stored:>18} "
+            f"{_fmt(row['pkts_per_lookup'], 1):>11} "
             f"{_fmt(row['idle_bytes_per_node_s'], 0):>13}"
         )
     return "\n".join(lines)

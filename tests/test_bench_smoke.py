@@ -28,6 +28,8 @@ FIGURES = (
     "timeouts",
     "hops_mean",
     "mem_per_node_kb",
+    "stored_kb_mean",
+    "stored_kb_max",
     "pkts_per_lookup",
     "idle_bytes_per_node_s",
     "alive_nodes",
@@ -83,6 +85,7 @@ def test_dht_bench_writes_every_figure_for_both_impls_and_phases(tmp_path: Path)
             assert isinstance(value, int | float), f"{key} {name} = {value!r}"
         expected = LOOKUPS // 4 if key[2] == "service" else LOOKUPS
         assert row["lookups"] == expected
+        assert 0 < row["stored_kb_mean"] <= row["stored_kb_max"]
         assert row["nodes"] == 30
         assert row["procs"] == 2
 
