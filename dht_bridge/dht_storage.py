@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from kademlia.storage import IStorage
 
 from dht_bridge.dht_values import (
+    MAX_RECORDS_BYTES,
     MAX_VALUE_BYTES,
     DecodedValue,
     RecordVerifier,
     decode_value,
     encode_value,
+    mark_bytes,
 )
 from dht_bridge.records import WorkerRecord, merge_into, supersedes
 from dht_bridge.tunnels import TunnelPolicy
@@ -116,7 +118,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             return StoreResult.STALE
         encoded = encode_value(entry.key, candidate.values(), overflow, depth[0])
         result = StoreResult.OK if changed else StoreResult.STALE
-        if len(encoded) > MAX_VALUE_BYTES:
+        if len(encoded) - mark_bytes(overflow, depth[0]) > MAX_RECORDS_BYTES:
             # Keep updates of workers already held; refuse newcomers, and mark the value so
             # that readers look one level down, where the refused publisher goes next.
             overflow = max(overflow, now + OVERFLOW_MEMORY)

@@ -32,6 +32,10 @@ MAGIC = "rma1"
 MAX_DATAGRAM_BODY = 8192
 STORE_ENVELOPE = 96
 MAX_VALUE_BYTES = MAX_DATAGRAM_BODY - STORE_ENVELOPE
+# What an overflow mark adds to a value at most: a float64 (9 bytes) and a level (1 byte).
+# Records are admitted only while this much room is left, so a full shard can always be marked.
+MARK_ROOM = 12
+MAX_RECORDS_BYTES = MAX_VALUE_BYTES - MARK_ROOM
 DEFAULT_VERIFIED_CACHE = 4096
 
 
@@ -50,6 +54,13 @@ def encode_value(
         if deepest > 0:
             envelope.append(deepest)
     return bytes(msgpack.packb(envelope))
+
+
+def mark_bytes(overflow_until: float, deepest: int) -> int:
+    """What the overflow mark adds to an encoded value (msgpack float64; level < 128)."""
+    if overflow_until <= 0:
+        return 0
+    return 9 + (1 if deepest > 0 else 0)
 
 
 @dataclass

@@ -136,3 +136,20 @@ async def test_a_cold_reader_reads_a_deep_service_in_two_rounds_and_rises_renew_
         assert all(r.seq == 2 for r in renewed.providers)
     finally:
         await stop_all([*nodes, *readers])
+
+
+@pytest.mark.parametrize("region_len", range(33))
+def test_a_shard_filled_to_the_brim_still_takes_its_overflow_mark(region_len: int) -> None:
+    # Records of one size fill a shard to within a few bytes of the datagram limit for some
+    # sizes; the mark (a float and a level) must still fit, or readers never look below.
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+    region = "r" * region_len
+    result = StoreResult.OK
+    while result is not StoreResult.FULL:
+        record = make_record(now=clock(), ttl=3000, region=region)
+        result = storage.merge(DIGEST, encode_value(ROOT, [record]))
+        assert result is not StoreResult.INVALID
+    assert held_depth(storage, clock()) == (True, 0)
+    storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, shards.MAX_LEVEL))
+    assert held_depth(storage, clock()) == (True, shards.MAX_LEVEL)
