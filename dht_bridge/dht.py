@@ -513,7 +513,10 @@ class DHTNode(Server):  # type: ignore[misc]
         if not holders and crawl.queried and outcome is not None:
             outcome.asked += crawl.queried
             outcome.unreachable += crawl.failed
-        self._holder_cache[digest] = (now + self.settings.holder_cache_ttl, holders)
+        # Spread over the last fifth of the TTL: workers that joined together (a mass restart)
+        # would otherwise all crawl again in the same second, every TTL.
+        ttl = self.settings.holder_cache_ttl * random.uniform(0.8, 1.0)
+        self._holder_cache[digest] = (now + ttl, holders)
         self._holder_cache.move_to_end(digest)
         while len(self._holder_cache) > MAX_CACHED_HOLDER_SETS:
             self._holder_cache.popitem(last=False)
@@ -574,23 +577,42 @@ class DHTNode(Server):  # type: ignore[misc]
         read, hops, level, rounds = 0, 0, 0, 0
         while level <= shards.MAX_LEVEL:
             batch = path[level : depth + 1] or [path[level]]
-            results = await asyncio.gather(
-                *(self._read_key(shards.service_key(service, s), lazy=True) for s in batch)
-            )
-            read, rounds = read + len(batch), rounds + 1
-            stop_at = None
-            for offset, got in enumerate(results):
+            results = await self._read_down(service, batch)
+            read, rounds = read + len(results), rounds + 1
+            for got in results:
                 versions.extend(got.records)
                 hops = max(hops, got.hops)
-                if stop_at is None and not got.overflowed:
-                    stop_at = level + offset
-            if stop_at is not None:
-                self._depth_hint[service] = stop_at
+            if not results[-1].overflowed:
+                self._depth_hint[service] = level + len(results) - 1
                 break
-            level += len(batch)
+            level += len(results)
             depth = max(level, min(max(got.deepest for got in results), shards.MAX_LEVEL))
         chosen = self._select(versions, limit)
         return LookupReport(chosen, read, hops, time.monotonic() - started, rounds)
+
+    async def _read_down(self, service: str, batch: list[int]) -> list[KeyRead]:
+        """Read consecutive shards of one path at once, up to the first one not overflowed.
+
+        The depth a mark reports is the deepest anywhere in the trie, so this path may end
+        sooner: reads below its end are cancelled, not awaited, since a key nobody holds keeps
+        a crawl going until the closest nodes have all said so.
+        """
+        reads = [
+            asyncio.create_task(self._read_key(shards.service_key(service, s), lazy=True))
+            for s in batch
+        ]
+        needed: list[KeyRead] = []
+        try:
+            for read in reads:
+                needed.append(await read)
+                if not needed[-1].overflowed:
+                    break
+        finally:
+            unneeded = reads[len(needed) :]
+            for read in unneeded:
+                read.cancel()
+            await asyncio.gather(*unneeded, return_exceptions=True)
+        return needed
 
     async def service_records(self, service: str) -> list[WorkerRecord]:
         """Every record (live or tombstone) of a service: walks the shard trie, level by level,

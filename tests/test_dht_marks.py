@@ -3,6 +3,7 @@ readers with no history reaching every level of a deep service in two rounds of 
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import msgpack
@@ -134,6 +135,17 @@ async def test_a_cold_reader_reads_a_deep_service_in_two_rounds_and_rises_renew_
         assert (renewed.rounds, len(renewed.providers)) == (2, 10)
         assert renewed.shards_read >= 3
         assert all(r.seq == 2 for r in renewed.providers)
+
+        # A reader whose hint is far too deep reads every level at once, but waits only for
+        # those down to where its path ends: the reads of keys nobody holds are cancelled.
+        stale = await start_node(clock=clock, seeds=[nodes[0].address])
+        readers.append(stale)
+        stale._depth_hint["ocr"] = shards.MAX_LEVEL
+        deep = await stale.lookup_report("ocr", limit=10)
+        assert (deep.rounds, len(deep.providers)) == (1, 10)
+        assert deep.shards_read <= max(report.levels["ocr"] for report in again) + 1
+        assert not [t for t in asyncio.all_tasks() if "_read_key" in repr(t.get_coro())]
+        assert stale._depth_hint["ocr"] == deep.shards_read - 1
     finally:
         await stop_all([*nodes, *readers])
 
