@@ -367,19 +367,22 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.spawn(self._push(node, due), name=f"push-{node.port}")
 
     def _values_for(self, node: Node) -> list[tuple[bytes, bytes]]:
+        """Values the newcomer should hold that we are the one to push: those of keys where
+        no contact is closer than us and the newcomer would be among the k closest."""
         due = []
-        for digest, value in self.storage:
+        for digest in self.storage.digests():
             # Storage keys are already digests; the library hashed them again (defect 6).
             keynode = Node(digest)
+            # Most keys have a contact closer than us: one nearest contact settles those.
+            nearest = self.router.find_neighbors(keynode, k=1)
+            if nearest and nearest[0].distance_to(keynode) < self.source_node.distance_to(keynode):
+                continue
             neighbors = self.router.find_neighbors(keynode)
-            if neighbors:
-                newcomer_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
-                we_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
-                    keynode
-                )
-                if not (newcomer_close and we_closest):
-                    continue
-            due.append((digest, value))
+            if neighbors and node.distance_to(keynode) >= neighbors[-1].distance_to(keynode):
+                continue
+            value = self.storage.value(digest)
+            if value is not None:
+                due.append((digest, value))
         return due
 
     async def _push(self, node: Node, values: list[tuple[bytes, bytes]]) -> None:

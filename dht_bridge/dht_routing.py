@@ -38,16 +38,29 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None
     ) -> list[Node]:
-        """The k contacts closest to `node` by XOR distance, never `node` itself."""
+        """The k contacts closest to `node` by XOR distance, never `node` itself.
+
+        Visits buckets nearest first and stops at the first bucket none of whose possible ids
+        could beat the k-th contact found: a few buckets of a table holding hundreds of
+        contacts. Every answered FIND_NODE and every stored key checked for a newcomer asks
+        this, so a scan of the whole table was most of a busy node's CPU.
+        """
         k = k or self.ksize
         target = node.long_id
-        candidates = (
-            contact
-            for bucket in self.buckets
-            for contact in bucket.nodes.values()
-            if contact.id != node.id and (exclude is None or not contact.same_home_as(exclude))
-        )
-        return heapq.nsmallest(k, candidates, key=lambda contact: contact.long_id ^ target)
+        order = sorted((_floor(bucket.range, target), i) for i, bucket in enumerate(self.buckets))
+        best: list[tuple[int, bytes, Node]] = []  # a max-heap on distance: (-distance, id, node)
+        for floor, index in order:
+            if len(best) >= k and floor > -best[0][0]:
+                break
+            for contact in self.buckets[index].nodes.values():
+                if contact.id == node.id or (exclude is not None and contact.same_home_as(exclude)):
+                    continue
+                entry = (-(contact.long_id ^ target), contact.id, contact)
+                if len(best) < k:
+                    heapq.heappush(best, entry)
+                elif entry > best[0]:
+                    heapq.heapreplace(best, entry)
+        return [contact for _, _, contact in sorted(best, reverse=True)]
 
     def knows(self, node: Node) -> bool:
         """Is this contact in a bucket or waiting in a replacement list?"""
@@ -93,3 +106,11 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         self.remove_contact(node)
         logger.debug("dropped contact %s after %d missed replies", node, misses)
         return True
+
+
+def _floor(id_range: tuple[int, int], target: int) -> int:
+    """The least XOR distance from `target` to any id in `id_range` (inclusive): ids between
+    two bounds share the bounds' common prefix, and the bits below it can all cancel out."""
+    low, high = id_range
+    free = (low ^ high).bit_length()
+    return ((low ^ target) >> free) << free

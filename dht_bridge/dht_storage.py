@@ -214,6 +214,10 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         # on age; replication to newcomers happens in `welcome_if_new`.
         return []
 
+    def digests(self) -> list[bytes]:
+        """The digests held, live or not yet culled; `value` says which still hold anything."""
+        return list(self._data)
+
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         for digest in list(self._data):
             value = self.value(digest)

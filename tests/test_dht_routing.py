@@ -1,0 +1,68 @@
+"""The routing table's neighbour search against a brute-force scan of the same table."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from kademlia.node import Node
+
+from dht_bridge.dht_routing import RMARoutingTable
+
+
+class NoNetwork:
+    """Stands in for the protocol: a full bucket's ping of its oldest contact goes nowhere."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> None:
+        coro.close()
+
+
+def table_of(rng: random.Random, contacts: int, ksize: int = 20) -> RMARoutingTable:
+    me = Node(rng.randbytes(20))
+    table = RMARoutingTable(NoNetwork(), ksize, me, max_failures=3)
+    for index in range(contacts):
+        table.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1024 + index % 60000))
+    return table
+
+
+def brute_force(table: RMARoutingTable, target: Node, k: int, exclude: Node | None) -> list[bytes]:
+    every = [
+        contact
+        for contact in table.contacts()
+        if contact.id != target.id and (exclude is None or not contact.same_home_as(exclude))
+    ]
+    every.sort(key=lambda contact: contact.long_id ^ target.long_id)
+    return [contact.id for contact in every[:k]]
+
+
+@pytest.mark.parametrize(("contacts", "k"), [(5, 20), (300, 20), (3000, 20), (3000, 8)])
+def test_find_neighbors_returns_the_true_k_closest_in_order(contacts: int, k: int) -> None:
+    rng = random.Random(contacts * 31 + k)
+    table = table_of(rng, contacts)
+    held = table.contacts()
+    assert len(table.buckets) > 1 or contacts < 20
+    for round_ in range(200):
+        # Random targets, targets that are contacts (never returned themselves), our own id.
+        if round_ % 3 == 0:
+            target = Node(rng.randbytes(20))
+        elif round_ % 3 == 1:
+            target = rng.choice(held)
+        else:
+            target = table.node
+        exclude = rng.choice(held) if round_ % 5 == 0 else None
+        found = [contact.id for contact in table.find_neighbors(target, k=k, exclude=exclude)]
+        assert found == brute_force(table, target, k, exclude)
+
+
+def test_bucket_edges_count_as_close() -> None:
+    # Ids at the exact ends of bucket ranges (the library's split puts the midpoint low).
+    rng = random.Random(7)
+    table = table_of(rng, 400)
+    for bucket in table.buckets:
+        for edge in bucket.range:
+            if edge < 2**160:
+                target = Node(edge.to_bytes(20, "big"))
+                found = [contact.id for contact in table.find_neighbors(target, k=20)]
+                assert found == brute_force(table, target, 20, None)
