@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,18 @@ TARGET_EDGE_20_PER_DAY = 25
 TARGET_BYTES_PER_S = 1024
 TARGET_BOOTSTRAP_S = 2.0
 JOIN_PARALLEL = 4
+# With --join-lag, a loop that ran late holds new joins for this long.
+JOIN_HOLD = 1.0
 CHILD_TIMEOUT = 600.0
+# The joins of a child may take this long per worker on top of CHILD_TIMEOUT (paced joins).
+JOIN_TIMEOUT_PER_WORKER = 1.0
 STREAM_LIMIT = 1 << 24
+# Health of a child during the window: its event loop is probed every LAG_PROBE seconds; a late
+# wake-up is time every agent in that process waited for the CPU (a starved loop stretches
+# publishes until RPCs time out).
+LAG_PROBE = 0.05
+# The warning of a heartbeat the DHT did not take (worker/agent.py, `_dht_beat`).
+FAILED_BEAT = "heartbeat over the DHT failed"
 
 
 # -- settings shared by parent and children --------------------------------------------------
@@ -120,6 +130,34 @@ class ChildAgents:
         self.indices = list(range(args.first, args.first + args.count))
         self.agents: list[WorkerAgent] = []
         self.mark: dict[str, Any] = {}
+        self.warnings = WarningCount()
+        logging.getLogger().addHandler(self.warnings)
+        self.lags: list[float] = []
+        self.lag_task: asyncio.Task[None] | None = None
+        # Joins wait until this loop time (see `--join-lag`).
+        self.hold_joins_until = 0.0
+
+    async def probe_lag(self) -> None:
+        """Record how late the loop wakes up, every LAG_PROBE seconds, from the joins on."""
+        loop = asyncio.get_running_loop()
+        limit = self.args.join_lag / 1000
+        while True:
+            due = loop.time() + LAG_PROBE
+            await asyncio.sleep(LAG_PROBE)
+            now = loop.time()
+            self.lags.append(now - due)
+            if limit and now - due > limit:
+                self.hold_joins_until = now + JOIN_HOLD
+
+    async def joins_may_go(self) -> float:
+        """With `--join-lag`, wait while this loop runs late; the seconds waited."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while True:
+            wait = self.hold_joins_until - loop.time()
+            if wait <= 0:
+                return loop.time() - began
+            await asyncio.sleep(wait)  # a lag seen meanwhile pushes the hold further
 
     def config(self, index: int) -> WorkerConfig:
         """Worker `index`'s configuration."""
@@ -134,12 +172,13 @@ class ChildAgents:
 
     async def join(self) -> dict[str, Any]:
         """Start every agent (a few at a time); their edge requests and modes."""
-        gate = asyncio.Semaphore(JOIN_PARALLEL)
-
+        gate = asyncio.Semaphore(self.args.join_parallel)
         took: list[float] = []
+        held: list[float] = []
 
         async def one(index: int) -> WorkerAgent:
             async with gate:
+                held.append(await self.joins_may_go())
                 config = self.config(index)
                 Identity.generate().save(config.state_file.with_suffix(".key"))
                 agent = WorkerAgent(config)
@@ -151,12 +190,18 @@ class ChildAgents:
                 return agent
 
         started = time.monotonic()
+        self.warnings.counts.clear()
+        self.lags.clear()
+        self.lag_task = asyncio.get_running_loop().create_task(self.probe_lag())
         self.agents = list(await asyncio.gather(*(one(i) for i in self.indices)))
         return {
             "join_one_s": took,
             "join_s": time.monotonic() - started,
+            "join_held_s": sum(held),
+            "lag_s": _lag_summary(self.lags),
             "join_edge": [sum(a.edge_requests.values()) for a in self.agents],
             "modes": [a.mode.value for a in self.agents],
+            "warnings": dict(self.warnings.counts),
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -166,22 +211,36 @@ class ChildAgents:
             "edge": [sum(a.edge_requests.values()) for a in self.agents],
             "bytes": [_bytes(a) for a in self.agents],
             "beats": [a.heartbeats for a in self.agents],
+            "packets": [_stat(a, "packets_in") + _stat(a, "packets_out") for a in self.agents],
+            "timeouts": [_stat(a, "timeouts") for a in self.agents],
+            "cpu": time.process_time(),
         }
 
     def window_start(self) -> dict[str, Any]:
         """Mark the start of the measured window."""
         self.mark = self.snapshot()
+        self.warnings.counts.clear()
+        self.lags.clear()
         return {}
 
-    def window_end(self) -> dict[str, Any]:
-        """What each agent did since `window_start`."""
+    async def window_end(self) -> dict[str, Any]:
+        """What each agent did since `window_start`, and how the process fared."""
         end = self.snapshot()
+
+        def delta(name: str) -> list[int]:
+            return [b - a for a, b in zip(self.mark[name], end[name], strict=True)]
+
         return {
             "seconds": end["at"] - self.mark["at"],
-            "edge": [b - a for a, b in zip(self.mark["edge"], end["edge"], strict=True)],
-            "bytes": [b - a for a, b in zip(self.mark["bytes"], end["bytes"], strict=True)],
-            "beats": [b - a for a, b in zip(self.mark["beats"], end["beats"], strict=True)],
+            "edge": delta("edge"),
+            "bytes": delta("bytes"),
+            "beats": delta("beats"),
+            "packets": delta("packets"),
+            "timeouts": delta("timeouts"),
             "modes": [a.mode.value for a in self.agents],
+            "cpu_s": end["cpu"] - self.mark["cpu"],
+            "lag_s": _lag_summary(self.lags),
+            "warnings": dict(self.warnings.counts),
         }
 
     async def restart(self) -> dict[str, Any]:
@@ -195,15 +254,50 @@ class ChildAgents:
 
     async def stop(self) -> dict[str, Any]:
         """Every agent leaves."""
+        if self.lag_task is not None:
+            self.lag_task.cancel()
+            await asyncio.gather(self.lag_task, return_exceptions=True)
+            self.lag_task = None
         await asyncio.gather(*(agent.aclose() for agent in self.agents))
         return {}
 
 
 def _bytes(agent: WorkerAgent) -> int:
+    return _stat(agent, "bytes_in") + _stat(agent, "bytes_out")
+
+
+def _stat(agent: WorkerAgent, name: str) -> int:
+    """One counter of the agent's DHT node (`TrafficStats`); 0 without a node."""
     if agent.node is None or agent.node.protocol is None:
         return 0
-    stats = agent.node.rpc.stats
-    return int(stats.bytes_in + stats.bytes_out)
+    return int(getattr(agent.node.rpc.stats, name))
+
+
+def _lag_summary(lags: list[float]) -> dict[str, float]:
+    ordered = sorted(lags)
+
+    def pick(q: float) -> float:
+        return ordered[int(q * (len(ordered) - 1))] if ordered else 0.0
+
+    return {
+        "p50": pick(0.5),
+        "p99": pick(0.99),
+        "max": pick(1.0),
+        "over_rpc_timeout": sum(1 for x in ordered if x > DHTSettings().rpc_timeout),
+    }
+
+
+class WarningCount(logging.Handler):
+    """Counts WARNING and worse records by logger and message template (e.g. "heartbeat over
+    the DHT failed: %s"): failed heartbeats, falls back to the edge, slow leaves."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{record.name}: {record.msg}"
+        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 async def child_main(args: argparse.Namespace) -> int:
@@ -241,11 +335,12 @@ async def child_main(args: argparse.Namespace) -> int:
 class Child:
     """One child process and its command channel."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, count: int) -> None:
         self.process = process
+        self.count = count
 
     @classmethod
-    async def spawn(cls, args: list[str], log_level: str) -> Child:
+    async def spawn(cls, args: list[str], log_level: str, count: int) -> Child:
         """Start this script with `--child`."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -258,7 +353,7 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             limit=STREAM_LIMIT,
         )
-        return cls(process)
+        return cls(process, count)
 
     async def call(self, op: str) -> dict[str, Any]:
         """Send one command and wait for its answer."""
@@ -266,7 +361,8 @@ class Child:
         assert self.process.stdout is not None
         self.process.stdin.write(json.dumps({"op": op}).encode() + b"\n")
         await self.process.stdin.drain()
-        async with asyncio.timeout(CHILD_TIMEOUT):
+        limit = CHILD_TIMEOUT + (JOIN_TIMEOUT_PER_WORKER * self.count if op == "join" else 0)
+        async with asyncio.timeout(limit):
             line = await self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"child exited during {op} (code {await self.process.wait()})")
@@ -362,8 +458,9 @@ async def measure(
                 *("--first", str(first), "--count", str(share)),
                 *(["--edge-only"] if edge_only else []),
                 *(["--holder-cache", str(args.holder_cache)] if args.holder_cache else []),
+                *("--join-parallel", str(args.join_parallel), "--join-lag", str(args.join_lag)),
             ]
-            children.append(await Child.spawn(child_args, args.log_level))
+            children.append(await Child.spawn(child_args, args.log_level, share))
             first += share
         try:
             joined = await asyncio.gather(*(c.call("join") for c in children))
@@ -374,9 +471,11 @@ async def measure(
             router_before = _router_requests(router)
             await asyncio.gather(*(c.call("window_start") for c in children))
             started = time.monotonic()
+            parent_cpu = time.process_time()
             await asyncio.sleep(window)
             ends = await asyncio.gather(*(c.call("window_end") for c in children))
             elapsed = time.monotonic() - started
+            parent_cpu = time.process_time() - parent_cpu
             coord_bytes = sum(_node_bytes(node) for node in coordinators) - coord_before
             router_seen = _router_requests(router) - router_before
             restarts = []
@@ -386,7 +485,7 @@ async def measure(
         finally:
             for child in children:
                 await child.close()
-    return summarise(
+    row = summarise(
         n,
         procs,
         scale,
@@ -398,7 +497,11 @@ async def measure(
         router_seen,
         edge_only,
         len(coordinators),
+        parent_cpu / elapsed,
     )
+    row["join_parallel"] = args.join_parallel
+    row["join_lag_ms"] = args.join_lag
+    return row
 
 
 def _node_bytes(node: DHTNode) -> int:
@@ -418,6 +521,7 @@ def summarise(
     router_seen: int,
     edge_only: bool,
     coordinators: int,
+    parent_cpu_share: float,
 ) -> dict[str, Any]:
     """Per-worker figures, converted from the scaled run to real intervals."""
     edge = [x for end in ends for x in end["edge"]]
@@ -430,6 +534,10 @@ def summarise(
     join_edge = [x for j in joined for x in j["join_edge"]]
     join_one = sorted(x for j in joined for x in j["join_one_s"])
     fresh = 0.0 if edge_only else statistics.mean(join_edge)
+    packets = sorted(p / end["seconds"] / scale for end in ends for p in end["packets"])
+    timeouts = sum(x for end in ends for x in end["timeouts"])
+    warnings = _merge(end["warnings"] for end in ends)
+    failed = sum(n for text, n in warnings.items() if FAILED_BEAT in text)
     return {
         "kind": "edge-only" if edge_only else "agent",
         "workers": n,
@@ -461,7 +569,36 @@ def summarise(
         "coordinator_bytes_s_each": round(coord_bytes / elapsed / scale / coordinators, 1),
         "heartbeats_per_worker_min": round(statistics.mean(beats) / seconds * 60 / scale, 2),
         "workers_on_dht": sum(1 for m in modes if m == Mode.DHT.value),
+        # Health of the run: every figure above assumes the loops kept up with the pace.
+        "dht_packets_per_worker_s_mean": round(statistics.mean(packets), 2),
+        "dht_packets_per_worker_s_p95": round(packets[int(0.95 * (len(packets) - 1))], 2),
+        "dht_packets_per_worker_s_max": round(packets[-1], 2),
+        "dht_packets_per_heartbeat": round(
+            sum(x for end in ends for x in end["packets"]) / max(sum(beats), 1), 1
+        ),
+        "rpc_timeouts": timeouts,
+        "rpc_timeouts_per_heartbeat": round(timeouts / max(sum(beats), 1), 3),
+        "failed_heartbeats": failed,
+        "loop_lag_ms_p50": round(1000 * max(end["lag_s"]["p50"] for end in ends), 1),
+        "loop_lag_ms_p99": round(1000 * max(end["lag_s"]["p99"] for end in ends), 1),
+        "loop_lag_ms_max": round(1000 * max(end["lag_s"]["max"] for end in ends), 1),
+        "loop_lags_over_rpc_timeout": sum(end["lag_s"]["over_rpc_timeout"] for end in ends),
+        "join_loop_lag_ms_p99": round(1000 * max(j["lag_s"]["p99"] for j in joined), 1),
+        "join_loop_lag_ms_max": round(1000 * max(j["lag_s"]["max"] for j in joined), 1),
+        "join_held_s": round(max(j["join_held_s"] for j in joined), 1),
+        "cpu_share_children": [round(end["cpu_s"] / end["seconds"], 3) for end in ends],
+        "cpu_share_parent": round(parent_cpu_share, 3),
+        "warnings_join": _merge(j["warnings"] for j in joined),
+        "warnings_window": warnings,
     }
+
+
+def _merge(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        for key, n in one.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def _quantile_ms(ordered: list[float], q: float) -> float:
@@ -526,8 +663,24 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
         verdict = "met" if worst < TARGET_BOOTSTRAP_S else "NOT met"
         print(
             f"- bootstrap < {TARGET_BOOTSTRAP_S:g} s, {r['workers']} workers joining "
-            f"{JOIN_PARALLEL} at a time per process (HTTP bootstrap, DHT join, first publish): "
+            f"{r['join_parallel']} at a time per process (HTTP bootstrap, DHT join, first "
+            "publish): "
             f"p50 {r['join_one_ms_p50']:g} ms, p99 {r['join_one_ms_p99']:g} ms: {verdict}"
+        )
+    print("\nHealth of the window (a starved loop stretches publishes until RPCs time out):")
+    for r in rows:
+        print(
+            f"- {r['workers']} workers, {r['kind']}: {r['failed_heartbeats']} failed DHT "
+            f"heartbeats, {r['rpc_timeouts']} RPC timeouts ({r['rpc_timeouts_per_heartbeat']:g} "
+            f"per heartbeat), DHT packets/s/worker mean / p95 / max "
+            f"{r['dht_packets_per_worker_s_mean']:g} / {r['dht_packets_per_worker_s_p95']:g} / "
+            f"{r['dht_packets_per_worker_s_max']:g} ({r['dht_packets_per_heartbeat']:g} per "
+            f"heartbeat), loop lag ms p50 / p99 / max (worst process) "
+            f"{r['loop_lag_ms_p50']:g} / {r['loop_lag_ms_p99']:g} / {r['loop_lag_ms_max']:g}, "
+            f"CPU share of a core: children {r['cpu_share_children']}, parent "
+            f"{r['cpu_share_parent']:g}; {_verdict(r)}. During the joins: "
+            f"{sum(r['warnings_join'].values())} warnings, loop lag ms p99 / max "
+            f"{r['join_loop_lag_ms_p99']:g} / {r['join_loop_lag_ms_max']:g}"
         )
     print("\nBaseline measured alongside: the same workers with --edge-only, heartbeating")
     print("through the edge every 30 s as today's coordinator protocol does.")
@@ -540,6 +693,22 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
                 f"{b['edge_per_day_all_workers']:g} edge requests a day, agent/baseline "
                 f"{ratio:.5f}"
             )
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """Healthy: every heartbeat taken, every worker on the DHT (agents), the pace kept (at
+    least 90% of the nominal beats) and no loop late by more than the 0.5 s RPC timeout."""
+    problems = []
+    if row["failed_heartbeats"]:
+        problems.append("heartbeats failed")
+    # (The baseline's heartbeats go to the edge and are not counted as DHT heartbeats.)
+    if row["kind"] == "agent" and row["workers_on_dht"] < row["workers"]:
+        problems.append("workers off the DHT")
+    if row["kind"] == "agent" and row["heartbeats_per_worker_min"] < 0.9 * 60 / REAL_HEARTBEAT:
+        problems.append("heartbeats behind the pace")
+    if row["loop_lag_ms_max"] > 1000 * DHTSettings().rpc_timeout:
+        problems.append("loops late by more than the RPC timeout")
+    return "healthy" if not problems else "DISTORTED: " + ", ".join(problems)
 
 
 async def parent_main(args: argparse.Namespace) -> int:
@@ -602,6 +771,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline-window", type=float, default=120.0, help="baseline window, real seconds"
     )
     parser.add_argument("--coordinators", type=int, default=3)
+    parser.add_argument(
+        "--join-parallel",
+        type=int,
+        default=JOIN_PARALLEL,
+        help="workers joining at a time in each process",
+    )
+    parser.add_argument(
+        "--join-lag",
+        type=float,
+        default=0.0,
+        help="hold new joins while a process's loop runs later than this many ms (0: never); "
+        "joins as fast as the CPU allows starve the heartbeats of the workers already in",
+    )
     parser.add_argument(
         "--holder-cache",
         type=float,
