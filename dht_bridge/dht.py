@@ -715,7 +715,9 @@ class DHTNode(Server):  # type: ignore[misc]
 
     @property
     def _stall(self) -> float:
-        return self.settings.stall
+        # As long as this node's own replies say a silent contact is likely dead: a few ms on
+        # a LAN, the configured ceiling on a slow or unmeasured network.
+        return self.rpc.round_trips.stall(self.settings.stall_floor, self.settings.stall)
 
     async def _crawl(
         self, target: bytes, *, find_value: bool = False, want_values: int = 1
@@ -730,6 +732,7 @@ class DHTNode(Server):  # type: ignore[misc]
             find_value=find_value,
             want_values=want_values,
             stall=self._stall,
+            patience=self.settings.stall,
         ).run()
 
     # State, as JSON (the library pickles, which runs code on load).

@@ -3,7 +3,10 @@
 The library's crawl sends alpha requests and waits for all of them, so one dead contact costs
 a full timeout per round. Here up to alpha requests are in flight at any time; a new one goes
 out as soon as any answers, and a request unanswered after `stall` seconds stops counting
-against alpha (it may still answer), so the lookup moves on without waiting for it.
+against alpha (it may still answer), so the lookup moves on without waiting for it. A value
+lookup that has found nothing yet is slower to conclude "absent": it waits up to `patience`
+(at least `stall`) for a close contact that may still answer, since a missed value costs more
+than a few milliseconds.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Crawl:
         find_value: bool = False,
         want_values: int = 1,
         stall: float = 0.1,
+        patience: float = 0.0,
     ) -> None:
         self.protocol = protocol
         self.target = Node(target)
@@ -71,6 +75,7 @@ class Crawl:
         self.find_value = find_value
         self.want_values = want_values
         self.stall = stall
+        self.patience = max(stall, patience)
         self._me = protocol.source_node.id
         self._candidates: dict[bytes, _Candidate] = {}
         self._pending: dict[asyncio.Task[Any], _Candidate] = {}
@@ -132,8 +137,16 @@ class Crawl:
             return True
         # A contact silent for `stall` seconds no longer holds the lookup open: on loopback or
         # a LAN that is a dead node, and waiting for its timeout is what made the library slow.
-        settled = self._shortlist(time.monotonic())
-        return bool(settled) and all(c.state is _State.ANSWERED for c in settled)
+        now = time.monotonic()
+        settled = self._shortlist(now)
+        if not (settled and all(c.state is _State.ANSWERED for c in settled)):
+            return False
+        if self.find_value and not self.result.values:
+            return not any(
+                c.state is _State.ASKED and now - c.asked_at < self.patience
+                for c in self._shortlist()
+            )
+        return True
 
     def _stalled(self, candidate: _Candidate, now: float) -> bool:
         return candidate.state is _State.ASKED and now - candidate.asked_at >= self.stall

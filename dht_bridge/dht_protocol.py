@@ -25,6 +25,7 @@ from rpcudp.protocol import RPCProtocol
 
 from dht_bridge import dht_reach
 from dht_bridge.dht_routing import RMARoutingTable
+from dht_bridge.dht_rtt import RoundTrips
 from dht_bridge.dht_storage import RecordStorage
 from dht_bridge.dht_values import MAX_DATAGRAM_BODY
 
@@ -89,6 +90,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.storage = storage
         self.source_node = source_node
         self.stats = TrafficStats()
+        self.round_trips = RoundTrips()
         self._outstanding: dict[bytes, tuple[asyncio.Future[Reply], asyncio.TimerHandle, Address]]
         self._outstanding = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -222,8 +224,12 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         timer = loop.call_later(wait or self._wait_timeout, self._expire, msg_id)
         self._outstanding[msg_id] = (future, timer, address)
         self._send(REQUEST + msg_id + body, address)
+        sent = loop.time()
         try:
-            return await future
+            reply = await future
+            if reply[0]:
+                self.round_trips.observe(loop.time() - sent)
+            return reply
         finally:
             if msg_id in self._outstanding and future.cancelled():
                 self._outstanding.pop(msg_id)[1].cancel()

@@ -16,6 +16,7 @@ DEFAULT_ALPHA = 3
 DEFAULT_RPC_TIMEOUT = 0.5
 # A request unanswered this long stops holding a lookup back (it may still answer).
 DEFAULT_STALL = 0.1
+DEFAULT_STALL_FLOOR = 0.02
 DEFAULT_MAX_FAILURES = 3
 DEFAULT_REPLICAS = 8
 DEFAULT_REFRESH_INTERVAL = 600.0
@@ -92,6 +93,7 @@ class DHTSettings:
     alpha: int = DEFAULT_ALPHA
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
     stall: float = DEFAULT_STALL
+    stall_floor: float = DEFAULT_STALL_FLOOR
     max_failures: int = DEFAULT_MAX_FAILURES
     replicas: int = DEFAULT_REPLICAS
     refresh_interval: float = DEFAULT_REFRESH_INTERVAL
@@ -108,6 +110,8 @@ class DHTSettings:
             raise ConfigError("rpc_timeout must be > 0 and max_failures >= 1")
         if not 0 < self.stall <= self.rpc_timeout:
             raise ConfigError("stall must be > 0 and at most rpc_timeout")
+        if not 0 < self.stall_floor <= self.stall:
+            raise ConfigError("stall_floor must be > 0 and at most stall")
 
     @classmethod
     def from_env(cls, env: Env) -> DHTSettings:
@@ -119,6 +123,7 @@ class DHTSettings:
             alpha=env.get_int("DHT_ALPHA", cls.alpha),
             rpc_timeout=env.get_float("DHT_RPC_TIMEOUT", cls.rpc_timeout),
             stall=env.get_float("DHT_STALL", cls.stall),
+            stall_floor=env.get_float("DHT_STALL_FLOOR", cls.stall_floor),
             max_failures=env.get_int("DHT_MAX_FAILURES", cls.max_failures),
             replicas=env.get_int("DHT_REPLICAS", cls.replicas),
             refresh_interval=env.get_float("DHT_REFRESH_INTERVAL", cls.refresh_interval),

@@ -256,7 +256,7 @@ async def test_lookups_survive_twenty_percent_of_nodes_vanishing() -> None:
 
 async def test_lookup_finds_the_true_k_closest_nodes() -> None:
     # A wide stall window: on a loaded machine a slow live node must not be taken for dead here.
-    exact = dataclasses.replace(TEST_SETTINGS, ksize=8, stall=0.5)
+    exact = dataclasses.replace(TEST_SETTINGS, ksize=8, stall=0.5, stall_floor=0.5)
     nodes = await start_network(80, settings=exact)
     try:
         rng = random.Random(3)
