@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,10 @@ MSG_ID_BYTES = 20
 NODE_ID_BYTES = 20
 RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value", dht_reach.REACH_RPC})
 MAX_PUSH_TASKS = 64
+# A contact that full buckets cannot keep is "new" at every request it sends; it is pushed the
+# values it should hold once per this many seconds, not at each of its heartbeat STOREs.
+WELCOME_MEMORY = 600.0
+MAX_WELCOMED = 8192
 # Requests of a node in client mode start their message id with this. Four bytes: a server's
 # random id carries it by chance once in 4 billion requests (and ours never do).
 CLIENT_TAG = b"RMAc"
@@ -94,6 +100,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._outstanding: dict[bytes, tuple[asyncio.Future[Reply], asyncio.TimerHandle, Address]]
         self._outstanding = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._welcomed: OrderedDict[bytes, float] = OrderedDict()
 
     def __getattr__(self, name: str) -> Any:
         # The library turns any unknown attribute into a remote call; a typo should be an error.
@@ -367,10 +374,25 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             if node.id in self.router.buckets[self.router.get_bucket_for(node)].nodes:
                 self.router.add_contact(node)  # refresh its place in the LRU order
             return
+        if self._welcomed_lately(node.id):
+            self.router.add_contact(node)
+            return
         due = self._values_for(node)
         self.router.add_contact(node)
         if due and len(self._tasks) < MAX_PUSH_TASKS:
             self.spawn(self._push(node, due), name=f"push-{node.port}")
+
+    def _welcomed_lately(self, node_id: bytes) -> bool:
+        """Was this contact welcomed within WELCOME_MEMORY? Notes it as welcomed now if not."""
+        now = time.monotonic()
+        seen = self._welcomed.get(node_id)
+        if seen is not None and now - seen < WELCOME_MEMORY:
+            return True
+        self._welcomed[node_id] = now
+        self._welcomed.move_to_end(node_id)
+        while len(self._welcomed) > MAX_WELCOMED:
+            self._welcomed.popitem(last=False)
+        return False
 
     def _values_for(self, node: Node) -> list[tuple[bytes, bytes]]:
         """Values the newcomer should hold that we are the one to push: those of keys where

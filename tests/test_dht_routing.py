@@ -1,4 +1,5 @@
-"""The routing table's neighbour search against a brute-force scan of the same table."""
+"""The routing table's neighbour search against a brute-force scan of the same table, and
+what a node does for contacts it cannot keep."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from typing import Any
 import pytest
 from kademlia.node import Node
 
+from dht_bridge import shards
 from dht_bridge.dht_routing import RMARoutingTable
+from dht_bridge.dht_values import encode_value, key_digest
+from tests.dht_helpers import start_node, stop_all
+from tests.helpers import make_record, wait_for
 
 
 class NoNetwork:
@@ -66,3 +71,22 @@ def test_bucket_edges_count_as_close() -> None:
                 target = Node(edge.to_bytes(20, "big"))
                 found = [contact.id for contact in table.find_neighbors(target, k=20)]
                 assert found == brute_force(table, target, 20, None)
+
+
+async def test_a_contact_the_table_cannot_keep_is_pushed_values_once_not_at_every_request() -> None:
+    # In a big network a holder's full buckets cannot keep every publisher that STOREs to it;
+    # such a caller looks new at each heartbeat and must not cost a scan of every stored key.
+    holder = await start_node()
+    caller = await start_node()
+    try:
+        record = make_record()
+        key = shards.worker_key(record.worker_id)
+        holder.storage.merge(key_digest(key), encode_value(key, [record]))
+        for _ in range(3):
+            await caller.rpc.call_ping(Node(holder.node.id, *holder.address))
+            await wait_for(lambda: not holder.rpc._tasks, timeout=10)
+            holder.rpc.router.remove_contact(caller.node)  # as a full bucket would forget it
+        assert holder.rpc.stats.stores_pushed == 1
+        assert caller.storage.value(key_digest(key)) is not None
+    finally:
+        await stop_all([holder, caller])
