@@ -42,6 +42,7 @@ MAX_PUSH_TASKS = 64
 # values it should hold once per this many seconds, not at each of its heartbeat STOREs.
 WELCOME_MEMORY = 600.0
 MAX_WELCOMED = 8192
+_UNKNOWN: Any = object()
 # Requests of a node in client mode start their message id with this. Four bytes: a server's
 # random id carries it by chance once in 4 billion requests (and ours never do).
 CLIENT_TAG = b"RMAc"
@@ -101,6 +102,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._outstanding = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
+        self._bounds: dict[bytes, int | None] = {}
+        self._bounds_version = -1
 
     def __getattr__(self, name: str) -> Any:
         # The library turns any unknown attribute into a remote call; a typo should be an error.
@@ -397,21 +400,32 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
     def _values_for(self, node: Node) -> list[tuple[bytes, bytes]]:
         """Values the newcomer should hold that we are the one to push: those of keys where
         no contact is closer than us and the newcomer would be among the k closest."""
+        if self._bounds_version != self.router.version or len(self._bounds) > 2 * len(self.storage):
+            self._bounds.clear()
+            self._bounds_version = self.router.version
         due = []
         for digest in self.storage.digests():
-            # Storage keys are already digests; the library hashed them again (defect 6).
-            keynode = Node(digest)
-            # Most keys have a contact closer than us: one nearest contact settles those.
-            nearest = self.router.find_neighbors(keynode, k=1)
-            if nearest and nearest[0].distance_to(keynode) < self.source_node.distance_to(keynode):
-                continue
-            neighbors = self.router.find_neighbors(keynode)
-            if neighbors and node.distance_to(keynode) >= neighbors[-1].distance_to(keynode):
+            bound = self._bounds.get(digest, _UNKNOWN)
+            if bound is _UNKNOWN:
+                bound = self._bounds[digest] = self._push_bound(digest)
+            if bound is None or node.long_id ^ int.from_bytes(digest, "big") >= bound:
                 continue
             value = self.storage.value(digest)
             if value is not None:
                 due.append((digest, value))
         return due
+
+    def _push_bound(self, digest: bytes) -> int | None:
+        """For one stored key: None when a contact is closer to it than we are (another node
+        pushes it), else the distance a newcomer must be under to be among its k closest.
+        Kept until the table changes: every newcomer is checked against every stored key."""
+        # Storage keys are already digests; the library hashed them again (defect 6).
+        keynode = Node(digest)
+        nearest = self.router.find_neighbors(keynode, k=1)
+        if nearest and nearest[0].distance_to(keynode) < self.source_node.distance_to(keynode):
+            return None
+        neighbors = self.router.find_neighbors(keynode)
+        return neighbors[-1].distance_to(keynode) if neighbors else 1 << 161
 
     async def _push(self, node: Node, values: list[tuple[bytes, bytes]]) -> None:
         for digest, value in values:

@@ -27,6 +27,9 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         self.max_failures = max_failures
         self._failures: dict[bytes, int] = {}
         self._pinging: set[bytes] = set()
+        # Bumped whenever the buckets' contacts change (not their order, not the replacement
+        # lists): answers derived from the table stay valid while it stands still.
+        self.version = 0
 
     def contacts(self) -> list[Node]:
         """Every contact in the buckets (not the replacement lists)."""
@@ -71,7 +74,9 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         """Add or refresh a contact; a full bucket pings its oldest contact, once at a time."""
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
+        known = node.id in bucket.nodes
         if bucket.add_node(node):
+            self.version += 0 if known else 1
             return
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)
@@ -81,6 +86,16 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         if head.id not in self._pinging:
             self._pinging.add(head.id)
             self.protocol.spawn(self._ping_head(head), name="ping-head")
+
+    def split_bucket(self, index: int) -> None:
+        """Split a bucket in two (the library's), noting that the table changed."""
+        self.version += 1
+        super().split_bucket(index)
+
+    def remove_contact(self, node: Node) -> None:
+        """Remove a contact (a replacement may take its place), noting that the table changed."""
+        self.version += 1
+        super().remove_contact(node)
 
     async def _ping_head(self, head: Node) -> None:
         try:

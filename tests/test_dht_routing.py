@@ -90,3 +90,38 @@ async def test_a_contact_the_table_cannot_keep_is_pushed_values_once_not_at_ever
         assert caller.storage.value(key_digest(key)) is not None
     finally:
         await stop_all([holder, caller])
+
+
+async def test_values_due_to_a_newcomer_match_the_rule_while_the_table_changes() -> None:
+    # The per-key answers are cached until the table changes: check them against the rule
+    # itself (we are the closest contact to the key, the newcomer would be among its k).
+    rng = random.Random(11)
+    node = await start_node()
+    try:
+        protocol, router = node.rpc, node.rpc.router
+        for _ in range(40):
+            record = make_record()
+            key = shards.worker_key(record.worker_id)
+            node.storage.merge(key_digest(key), encode_value(key, [record]))
+
+        def expected(newcomer: Node) -> set[bytes]:
+            due = set()
+            for digest in node.storage.digests():
+                target = int.from_bytes(digest, "big")
+                ranked = sorted(router.contacts(), key=lambda c: c.long_id ^ target)[: router.ksize]
+                if ranked and (ranked[0].long_id ^ target) < (node.node.long_id ^ target):
+                    continue
+                if ranked and (newcomer.long_id ^ target) >= (ranked[-1].long_id ^ target):
+                    continue
+                due.add(digest)
+            return due
+
+        for step in range(120):
+            newcomer = Node(rng.randbytes(20), "127.0.0.1", 1)
+            assert {d for d, _ in protocol._values_for(newcomer)} == expected(newcomer)
+            if step % 3 == 0:  # the table grows (and splits) between some of the checks
+                router.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1))
+            if step % 17 == 0 and router.contacts():
+                router.remove_contact(rng.choice(router.contacts()))
+    finally:
+        await stop_all([node])
