@@ -50,6 +50,9 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         """
         k = k or self.ksize
         target = node.long_id
+        # A bucket searched in counts as used, so maintenance does not refresh it (as the
+        # library's traverser did; without this every bucket was crawled every interval).
+        self.buckets[self.get_bucket_for(node)].touch_last_updated()
         order = sorted((_floor(bucket.range, target), i) for i, bucket in enumerate(self.buckets))
         best: list[tuple[int, bytes, Node]] = []  # a max-heap on distance: (-distance, id, node)
         for floor, index in order:
@@ -76,7 +79,8 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         bucket = self.buckets[index]
         known = node.id in bucket.nodes
         if bucket.add_node(node):
-            self.version += 0 if known else 1
+            if not known:
+                self.version += 1
             return
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)

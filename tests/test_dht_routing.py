@@ -125,3 +125,22 @@ async def test_values_due_to_a_newcomer_match_the_rule_while_the_table_changes()
                 router.remove_contact(rng.choice(router.contacts()))
     finally:
         await stop_all([node])
+
+
+async def test_only_buckets_nobody_searched_lately_are_refreshed() -> None:
+    node = await start_node()
+    try:
+        router = node.rpc.router
+        rng = random.Random(5)
+        for _ in range(300):
+            router.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1))
+        assert len(router.buckets) > 4
+        for bucket in router.buckets:
+            bucket.last_updated -= 2 * node.settings.refresh_interval  # nobody used them
+        searched = router.buckets[-1]
+        router.find_neighbors(Node(searched.range[0].to_bytes(20, "big")))
+        due = [router.buckets[router.get_bucket_for(Node(i))] for i in node._refresh_ids()]
+        assert searched not in due
+        assert len(due) == len(router.buckets) - 1
+    finally:
+        await stop_all([node])
