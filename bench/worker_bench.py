@@ -276,14 +276,10 @@ def _stat(agent: WorkerAgent, name: str) -> int:
 
 def _lag_summary(lags: list[float]) -> dict[str, float]:
     ordered = sorted(lags)
-
-    def pick(q: float) -> float:
-        return ordered[int(q * (len(ordered) - 1))] if ordered else 0.0
-
     return {
-        "p50": pick(0.5),
-        "p99": pick(0.99),
-        "max": pick(1.0),
+        "p50": _quantile(ordered, 0.5),
+        "p99": _quantile(ordered, 0.99),
+        "max": _quantile(ordered, 1.0),
         "over_rpc_timeout": sum(1 for x in ordered if x > DHTSettings().rpc_timeout),
     }
 
@@ -559,7 +555,7 @@ def summarise(
         "edge_per_day_all_workers": round(n * (per_day + fresh), 1),
         "edge_per_day_20_workers": round(20 * (per_day + fresh), 1),
         "dht_bytes_per_worker_s_mean": round(statistics.mean(rates), 1),
-        "dht_bytes_per_worker_s_p95": round(rates[int(0.95 * (len(rates) - 1))], 1),
+        "dht_bytes_per_worker_s_p95": round(_quantile(rates, 0.95), 1),
         "dht_bytes_per_worker_s_max": round(rates[-1], 1),
         # A loaded machine stretches the scaled intervals (a publish takes as long as ever):
         # per heartbeat, then at exactly one heartbeat per real interval.
@@ -572,7 +568,7 @@ def summarise(
         "workers_on_dht": sum(1 for m in modes if m == Mode.DHT.value),
         # Health of the run: every figure above assumes the loops kept up with the pace.
         "dht_packets_per_worker_s_mean": round(statistics.mean(packets), 2),
-        "dht_packets_per_worker_s_p95": round(packets[int(0.95 * (len(packets) - 1))], 2),
+        "dht_packets_per_worker_s_p95": round(_quantile(packets, 0.95), 2),
         "dht_packets_per_worker_s_max": round(packets[-1], 2),
         "dht_packets_per_heartbeat": round(
             sum(x for end in ends for x in end["packets"]) / max(sum(beats), 1), 1
@@ -602,8 +598,13 @@ def _merge(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return total
 
 
+def _quantile(ordered: list[float], q: float) -> float:
+    """The value at quantile `q` of a sorted list (nearest rank below), 0.0 when empty."""
+    return ordered[int(q * (len(ordered) - 1))] if ordered else 0.0
+
+
 def _quantile_ms(ordered: list[float], q: float) -> float:
-    return round(1000 * ordered[int(q * (len(ordered) - 1))], 1) if ordered else 0.0
+    return round(1000 * _quantile(ordered, q), 1)
 
 
 def print_report(rows: list[dict[str, Any]], scale: float) -> None:
