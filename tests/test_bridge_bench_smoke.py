@@ -4,12 +4,9 @@ figure. How fast the bridge converges belongs to the benchmark, not to a test.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "bridge_bench.py"
+from tests.bench_helpers import run_bench_script
 
 FIGURES = ("publish_round_s", "baseline_write_s", "baseline_sweep_s", "initial_fill_s")
 SCENARIO_FIGURES = ("converge_s", "passes", "x_baseline_write")
@@ -17,15 +14,13 @@ SCENARIO_FIGURES = ("converge_s", "passes", "x_baseline_write")
 
 def test_bridge_bench_measures_both_scenarios(tmp_path: Path) -> None:
     out = tmp_path / "bridge.json"
-    command = [
-        *(sys.executable, str(SCRIPT), "--records", "24", "--nodes", "6"),
+    result = run_bench_script(
+        "bridge_bench.py",
+        *("--records", "24", "--nodes", "6"),
         *("--sync-interval", "1", "--probe-interval", "0.5", "--deadline", "30"),
         *("--time-limit", "80", "--out", str(out)),
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+        timeout=100,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     assert "dht_partition" in result.stdout
     assert "redis_outage" in result.stdout
 

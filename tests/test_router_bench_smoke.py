@@ -4,12 +4,9 @@ How fast the router is belongs to the benchmark, not to a test."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "router_bench.py"
+from tests.bench_helpers import run_bench_script
 
 CASES = ("bare", "hit", "redis", "dht", "direct")
 FIGURES = ("p50_ms", "p99_ms", "mean_ms", "rps", "ok_pct", "requests", "total")
@@ -19,16 +16,12 @@ RATIOS = ("p50_x", "p99_x", "rps_share")
 
 def test_router_bench_measures_every_case(tmp_path: Path) -> None:
     out = tmp_path / "router.json"
-    command = [
-        sys.executable,
-        str(SCRIPT),
+    result = run_bench_script(
+        "router_bench.py",
         *("--seconds", "0.5", "--warmup", "0.2", "--clients", "4"),
         *("--providers", "4", "--dht-nodes", "4", "--log-level", "WARNING", "--out", str(out)),
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=55, check=False
+        timeout=55,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     assert "req/s / bare" in result.stdout
 
     data = json.loads(out.read_text())

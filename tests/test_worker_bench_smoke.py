@@ -4,12 +4,9 @@ agents and for the edge-only baseline. How good the figures are is the benchmark
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "worker_bench.py"
+from tests.bench_helpers import run_bench_script
 
 FIGURES = (
     "workers",
@@ -38,16 +35,12 @@ FIGURES = (
 
 def test_worker_bench_writes_every_figure_and_the_targets(tmp_path: Path) -> None:
     out = tmp_path / "worker.json"
-    command = [
-        sys.executable,
-        str(SCRIPT),
+    result = run_bench_script(
+        "worker_bench.py",
         *("--workers", "4", "--procs", "2", "--scale", "30"),
         *("--window", "90", "--baseline-window", "60", "--out", str(out)),
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+        timeout=100,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     assert "< 25 edge requests a day for 20 workers" in result.stdout
     assert "< 1 KB/s per worker" in result.stdout
     assert "agent/baseline" in result.stdout
