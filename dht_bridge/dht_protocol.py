@@ -17,7 +17,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -55,6 +55,16 @@ Address = tuple[str, int]
 Reply = tuple[bool, Any]
 
 
+@dataclass(slots=True)
+class Pending:
+    """A request awaiting its reply."""
+
+    future: asyncio.Future[Reply]
+    timer: asyncio.TimerHandle
+    address: Address
+    name: str
+
+
 @dataclass
 class TrafficStats:
     """Datagrams and bytes through this node's socket, and what went wrong."""
@@ -72,6 +82,14 @@ class TrafficStats:
     # Requests from client-mode nodes answered (they never enter the routing table).
     client_requests: int = 0
     probes: int = 0
+    # Bytes in and out by RPC, requests and their replies together (e.g. "store": what
+    # heartbeats cost, "find_node": what crawls cost), plus "malformed" and "unmatched" (a
+    # reply after its request timed out): where a node's traffic goes, summing to bytes in+out.
+    rpc_bytes: dict[str, int] = field(default_factory=dict)
+
+    def count_rpc(self, name: str, size: int) -> None:
+        """Add `size` bytes to `name`'s tally."""
+        self.rpc_bytes[name] = self.rpc_bytes.get(name, 0) + size
 
 
 class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
@@ -98,8 +116,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.source_node = source_node
         self.stats = TrafficStats()
         self.round_trips = RoundTrips()
-        self._outstanding: dict[bytes, tuple[asyncio.Future[Reply], asyncio.TimerHandle, Address]]
-        self._outstanding = {}
+        self._outstanding: dict[bytes, Pending] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         self._bounds: dict[bytes, int | None] = {}
@@ -139,10 +156,10 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for future, timer, _ in self._outstanding.values():
-            timer.cancel()
-            if not future.done():
-                future.set_result((False, None))
+        for pending in self._outstanding.values():
+            pending.timer.cancel()
+            if not pending.future.done():
+                pending.future.set_result((False, None))
         self._outstanding.clear()
         if self.transport is not None:
             self.transport.close()
@@ -157,6 +174,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self._dispatch(data, (addr[0], addr[1]))
         except Exception as exc:  # anything a hostile packet can provoke
             self.stats.malformed += 1
+            self.stats.count_rpc("malformed", len(data))
             logger.debug("dropped malformed datagram from %s: %r", addr, exc)
 
     def error_received(self, exc: Exception) -> None:
@@ -169,13 +187,13 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         kind, msg_id = data[:1], data[1 : 1 + MSG_ID_BYTES]
         payload = msgpack.unpackb(data[1 + MSG_ID_BYTES :])
         if kind == REQUEST:
-            self._answer(msg_id, payload, addr)
+            self._answer(msg_id, payload, addr, len(data))
         elif kind == RESPONSE:
-            self._accept_reply(msg_id, payload, addr)
+            self._accept_reply(msg_id, payload, addr, len(data))
         else:
             raise ValueError(f"unknown message kind {kind!r}")
 
-    def _answer(self, msg_id: bytes, payload: Any, addr: Address) -> None:
+    def _answer(self, msg_id: bytes, payload: Any, addr: Address, size: int) -> None:
         if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[1], list)):
             raise ValueError("request is not [name, args]")
         name, args = payload
@@ -185,9 +203,11 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if self.client and name not in CLIENT_ANSWERS:
             # Not a contact: stay silent, so a stock node that took us for one drops us.
             self.stats.ignored += 1
+            self.stats.count_rpc(name, size)
             return
         if name == dht_reach.REACH_RPC:
             self._start_probe(msg_id, addr, args)
+            self.stats.count_rpc(name, size)
             return
         self._from_client = msg_id.startswith(CLIENT_TAG)
         try:
@@ -196,27 +216,31 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             response = getattr(self, f"rpc_{name}")(addr, *args)
         finally:
             self._from_client = False
-        self._send(RESPONSE + msg_id + msgpack.packb(response), addr)
+        # Counted once answered: a request with bad arguments is counted as malformed.
+        self.stats.count_rpc(name, size)
+        self._send(RESPONSE + msg_id + msgpack.packb(response), addr, name)
 
-    def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address) -> None:
+    def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address, size: int) -> None:
         pending = self._outstanding.get(msg_id)
         if pending is None:
             logger.debug("reply from %s to no outstanding request", addr)
+            self.stats.count_rpc("unmatched", size)  # late, after its request timed out
             return
-        future, timer, expected = pending
-        if addr != expected:
+        if addr != pending.address:
             # Someone else answered in the callee's name; ignore it and keep waiting.
-            raise ValueError(f"reply for {expected} came from {addr}")
+            raise ValueError(f"reply for {pending.address} came from {addr}")
         del self._outstanding[msg_id]
-        timer.cancel()
-        if not future.done():
-            future.set_result((True, payload))
+        pending.timer.cancel()
+        self.stats.count_rpc(pending.name, size)
+        if not pending.future.done():
+            pending.future.set_result((True, payload))
 
-    def _send(self, datagram: bytes, addr: Address) -> None:
+    def _send(self, datagram: bytes, addr: Address, name: str) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         self.stats.packets_out += 1
         self.stats.bytes_out += len(datagram)
+        self.stats.count_rpc(name, len(datagram))
         self.transport.sendto(datagram, addr)
 
     # Outbound requests.
@@ -232,8 +256,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
         timer = loop.call_later(wait or self._wait_timeout, self._expire, msg_id)
-        self._outstanding[msg_id] = (future, timer, address)
-        self._send(REQUEST + msg_id + body, address)
+        self._outstanding[msg_id] = Pending(future, timer, address, name)
+        self._send(REQUEST + msg_id + body, address, name)
         sent = loop.time()
         try:
             reply = await future
@@ -242,7 +266,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             return reply
         finally:
             if msg_id in self._outstanding and future.cancelled():
-                self._outstanding.pop(msg_id)[1].cancel()
+                self._outstanding.pop(msg_id).timer.cancel()
 
     def _new_msg_id(self) -> bytes:
         if self.client:
@@ -257,10 +281,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if pending is None:
             return
         self.stats.timeouts += 1
-        future, _, address = pending
-        logger.debug("no reply from %s:%s within %.2fs", *address, self._wait_timeout)
-        if not future.done():
-            future.set_result((False, None))
+        logger.debug("no reply from %s:%s within %.2fs", *pending.address, self._wait_timeout)
+        if not pending.future.done():
+            pending.future.set_result((False, None))
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> Reply:
         """FIND_NODE on a contact, with failure accounting."""
@@ -337,7 +360,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         finally:
             self._probing -= 1
         answer = {"reachable": reachable, "host": addr[0], "port": addr[1]}
-        self._send(RESPONSE + msg_id + msgpack.packb(answer), addr)
+        self._send(RESPONSE + msg_id + msgpack.packb(answer), addr, dht_reach.REACH_RPC)
 
     def rpc_stun(self, sender: Address) -> Address:
         """The caller's address as we see it."""

@@ -191,9 +191,9 @@ class Partition:
         protocol = node.rpc
         send, receive = protocol._send, protocol.datagram_received
 
-        def guarded_send(datagram: bytes, addr: tuple[str, int]) -> None:
+        def guarded_send(datagram: bytes, addr: tuple[str, int], name: str) -> None:
             if not self.cut:
-                send(datagram, addr)
+                send(datagram, addr, name)
 
         def guarded_receive(data: bytes, addr: tuple[str, int]) -> None:
             if not self.cut:
