@@ -214,6 +214,8 @@ class ChildAgents:
             "beats": [a.heartbeats for a in self.agents],
             "packets": [_stat(a, "packets_in") + _stat(a, "packets_out") for a in self.agents],
             "timeouts": [_stat(a, "timeouts") for a in self.agents],
+            "rpc": [_rpc_bytes(a) for a in self.agents],
+            "crawls": [dict(a.node.crawl_queries) if a.node else {} for a in self.agents],
             "cpu": time.process_time(),
         }
 
@@ -231,6 +233,12 @@ class ChildAgents:
         def delta(name: str) -> list[int]:
             return [b - a for a, b in zip(self.mark[name], end[name], strict=True)]
 
+        def tally_delta(name: str) -> list[dict[str, int]]:
+            return [
+                {key: n - a.get(key, 0) for key, n in b.items()}
+                for a, b in zip(self.mark[name], end[name], strict=True)
+            ]
+
         return {
             "seconds": end["at"] - self.mark["at"],
             "edge": delta("edge"),
@@ -238,6 +246,8 @@ class ChildAgents:
             "beats": delta("beats"),
             "packets": delta("packets"),
             "timeouts": delta("timeouts"),
+            "rpc": tally_delta("rpc"),
+            "crawls": tally_delta("crawls"),
             "modes": [a.mode.value for a in self.agents],
             "cpu_s": end["cpu"] - self.mark["cpu"],
             "lag_s": _lag_summary(self.lags),
@@ -272,6 +282,13 @@ def _stat(agent: WorkerAgent, name: str) -> int:
     if agent.node is None or agent.node.protocol is None:
         return 0
     return int(getattr(agent.node.rpc.stats, name))
+
+
+def _rpc_bytes(agent: WorkerAgent) -> dict[str, int]:
+    """The agent's DHT bytes by RPC (requests and replies, both ways)."""
+    if agent.node is None or agent.node.protocol is None:
+        return {}
+    return dict(agent.node.rpc.stats.rpc_bytes)
 
 
 def _lag_summary(lags: list[float]) -> dict[str, float]:
@@ -535,6 +552,7 @@ def summarise(
     timeouts = sum(x for end in ends for x in end["timeouts"])
     warnings = _merge(end["warnings"] for end in ends)
     failed = sum(n for text, n in warnings.items() if FAILED_BEAT in text)
+    rpc = [x for end in ends for x in end["rpc"]]
     return {
         "kind": "edge-only" if edge_only else "agent",
         "workers": n,
@@ -585,9 +603,31 @@ def summarise(
         "join_held_s": round(max(j["join_held_s"] for j in joined), 1),
         "cpu_share_children": [round(end["cpu_s"] / end["seconds"], 3) for end in ends],
         "cpu_share_parent": round(parent_cpu_share, 3),
+        "rpc_bytes_per_heartbeat": _per_beat(rpc, beats),
+        # Where the busiest twentieth of the workers (by bytes) spend theirs.
+        "rpc_bytes_per_heartbeat_top5pct": _per_beat(*_busiest(rpc, beats, all_bytes, 0.05)),
+        "crawl_queries_per_heartbeat": _per_beat(
+            [x for end in ends for x in end["crawls"]], beats, digits=2
+        ),
         "warnings_join": _merge(j["warnings"] for j in joined),
         "warnings_window": warnings,
     }
+
+
+def _per_beat(tallies: list[dict[str, int]], beats: list[int], digits: int = 1) -> dict[str, float]:
+    """Tallies (bytes by RPC, queries by crawl purpose) per heartbeat, largest first."""
+    total = _merge(tallies)
+    per = {name: round(n / max(sum(beats), 1), digits) for name, n in total.items()}
+    return dict(sorted(per.items(), key=lambda item: -item[1]))
+
+
+def _busiest(
+    rpc: list[dict[str, int]], beats: list[int], all_bytes: list[int], share: float
+) -> tuple[list[dict[str, int]], list[int]]:
+    """The RPC tallies and heartbeats of the `share` of workers that moved the most bytes."""
+    order = sorted(range(len(all_bytes)), key=lambda i: -all_bytes[i])
+    top = order[: max(1, round(len(order) * share))]
+    return [rpc[i] for i in top], [beats[i] for i in top]
 
 
 def _merge(counts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -669,6 +709,13 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
             "publish): "
             f"p50 {r['join_one_ms_p50']:g} ms, p99 {r['join_one_ms_p99']:g} ms: {verdict}"
         )
+    print("\nWhere the DHT bytes go, per heartbeat (requests and replies, in and out):")
+    for r in agents:
+        print(
+            f"- {r['workers']} workers, all: {_rpc_line(r['rpc_bytes_per_heartbeat'])}; "
+            f"busiest 5%: {_rpc_line(r['rpc_bytes_per_heartbeat_top5pct'])}; contacts asked by "
+            f"crawls: {_rpc_line(r['crawl_queries_per_heartbeat'], '')}"
+        )
     print("\nHealth of the window (a starved loop stretches publishes until RPCs time out):")
     for r in rows:
         print(
@@ -695,6 +742,10 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
                 f"{b['edge_per_day_all_workers']:g} edge requests a day, agent/baseline "
                 f"{ratio:.5f}"
             )
+
+
+def _rpc_line(per_beat: dict[str, float], unit: str = " B") -> str:
+    return ", ".join(f"{name} {n:g}{unit}" for name, n in per_beat.items()) or "none"
 
 
 def _verdict(row: dict[str, Any]) -> str:

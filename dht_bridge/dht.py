@@ -42,6 +42,8 @@ STATE_VERSION = 1
 RISE_EVERY = 8
 RECEIVE_BUFFER = 1 << 20
 MAX_CACHED_HOLDER_SETS = 4096
+# Seconds between maintenance wake-ups (culling lapsed records, refreshing idle buckets).
+MAINTENANCE_TICK = 60.0
 SERVER, CLIENT = "server", "client"
 # A `reach` answer needs the server's probe timeout plus two trips: allow this many timeouts.
 REACH_WAIT_FACTOR = 2.5
@@ -171,6 +173,9 @@ class DHTNode(Server):  # type: ignore[misc]
         self._maintenance: asyncio.Task[None] | None = None
         # Heartbeats re-store to the holders the last crawl found instead of crawling again.
         self._holder_cache: OrderedDict[bytes, tuple[float, list[Node]]] = OrderedDict()
+        # Contacts asked by our crawls, by why we crawled ("holders", "refresh", "read", ...):
+        # crawls are most of a node's traffic, and this says which of them to make cheaper.
+        self.crawl_queries: dict[str, int] = {}
 
     # Life cycle.
 
@@ -254,7 +259,7 @@ class DHTNode(Server):  # type: ignore[misc]
             # before one of its lookups stalls on us (the network sends no keep-alives).
             await asyncio.gather(*(self.rpc.call_ping(n) for n in self.rpc.router.contacts()))
         else:
-            await self._crawl(self.node.id)
+            await self._crawl(self.node.id, purpose="mode")
         return True
 
     async def check_reachability(
@@ -304,15 +309,17 @@ class DHTNode(Server):  # type: ignore[misc]
         await self.aclose()
 
     async def _maintain(self) -> None:
-        interval = self.settings.refresh_interval
+        # Wake often enough to cull lapsed records and catch each bucket soon after it has
+        # been idle for a refresh interval; a wake-up with nothing due sends nothing.
+        tick = min(MAINTENANCE_TICK, self.settings.refresh_interval)
         while True:
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            await asyncio.sleep(tick * random.uniform(0.8, 1.2))
             try:
                 dropped = self.storage.cull()
                 if dropped:
                     logger.debug("culled %d expired keys", dropped)
                 for node_id in self._refresh_ids():
-                    await self._crawl(node_id)
+                    await self._crawl(node_id, purpose="refresh")
             except Exception:
                 logger.exception("DHT maintenance round failed")
 
@@ -354,6 +361,7 @@ class DHTNode(Server):  # type: ignore[misc]
             alpha=self.alpha,
             stall=self._stall,
         ).run()
+        self._count_crawl("join", result)
         logger.info(
             "joined through %d of %d peers; %d contacts",
             len(seeds),
@@ -508,7 +516,9 @@ class DHTNode(Server):  # type: ignore[misc]
             if holders is not cached[1]:
                 self._holder_cache[digest] = (cached[0], holders)
             return holders, True
-        crawl = await self._crawl(digest)
+        # Only the `replicas` closest are wanted: settling on them, not on the k closest,
+        # asks about half as many contacts (crawls were half of a worker's bytes).
+        crawl = await self._crawl(digest, purpose="holders", width=self.settings.replicas)
         holders = crawl.closest[: self.settings.replicas]
         if not holders and crawl.queried and outcome is not None:
             outcome.asked += crawl.queried
@@ -660,7 +670,7 @@ class DHTNode(Server):  # type: ignore[misc]
         now = self.clock()
         got = KeyRead([])
         local = self.storage.value(digest)
-        result = await self._crawl(digest, find_value=True, want_values=want)
+        result = await self._crawl(digest, purpose="read", find_value=True, want_values=want)
         # Replicas usually hold byte-identical values: decode each distinct one once.
         values = {value for _, value in result.values}
         if local is not None:
@@ -720,20 +730,32 @@ class DHTNode(Server):  # type: ignore[misc]
         return self.rpc.round_trips.stall(self.settings.stall_floor, self.settings.stall)
 
     async def _crawl(
-        self, target: bytes, *, find_value: bool = False, want_values: int = 1
+        self,
+        target: bytes,
+        *,
+        purpose: str,
+        width: int | None = None,
+        find_value: bool = False,
+        want_values: int = 1,
     ) -> CrawlResult:
+        """Look up `target` until its `width` (default k) closest live nodes have answered."""
         seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
-        return await Crawl(
+        result = await Crawl(
             self.rpc,
             target,
             seeds,
-            ksize=self.ksize,
+            ksize=width or self.ksize,
             alpha=self.alpha,
             find_value=find_value,
             want_values=want_values,
             stall=self._stall,
             patience=self.settings.stall,
         ).run()
+        self._count_crawl(purpose, result)
+        return result
+
+    def _count_crawl(self, purpose: str, result: CrawlResult) -> None:
+        self.crawl_queries[purpose] = self.crawl_queries.get(purpose, 0) + result.queried
 
     # State, as JSON (the library pickles, which runs code on load).
 

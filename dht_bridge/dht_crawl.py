@@ -123,13 +123,15 @@ class Crawl:
             # contact is still counted as a miss (and dropped after several) once we are done.
             for task in self._pending:
                 self.protocol.adopt(task)
-        shortlist = self._shortlist()
-        self.result.closest = [c.node for c in shortlist if c.state is _State.ANSWERED]
+        # The k closest that answered: a silent contact among the k closest overall must not
+        # cost the result a place (a narrow lookup would come back one holder short).
+        answered = [c for c in self._candidates.values() if c.state is _State.ANSWERED]
+        answered.sort(key=lambda c: c.node.long_id ^ self.target.long_id)
+        closest = answered[: self.ksize]
+        self.result.closest = [c.node for c in closest]
         self.result.seconds = time.monotonic() - started
         if not self.result.hops:
-            self.result.hops = max(
-                (c.hop for c in shortlist if c.state is _State.ANSWERED), default=0
-            )
+            self.result.hops = max((c.hop for c in closest), default=0)
         return self.result
 
     def _done(self) -> bool:

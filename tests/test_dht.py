@@ -263,10 +263,36 @@ async def test_lookup_finds_the_true_k_closest_nodes() -> None:
         for _ in range(10):
             target = rng.randbytes(20)
             searcher = rng.choice(nodes)
-            result = await searcher._crawl(target)
+            result = await searcher._crawl(target, purpose="test")
             others = [n for n in nodes if n is not searcher]
             want = sorted(others, key=lambda n: n.node.long_id ^ int.from_bytes(target, "big"))
             assert [n.id for n in result.closest] == [n.node.id for n in want[:8]]
+    finally:
+        await stop_all(nodes)
+
+
+async def test_a_holder_lookup_settles_on_the_replicas_closest_asking_fewer_contacts() -> None:
+    # A heartbeat needs the `replicas` closest nodes, not the k closest: settling on those
+    # finds the same nodes and asks fewer contacts (each answer carries k of them).
+    exact = dataclasses.replace(TEST_SETTINGS, ksize=20, replicas=8, stall=0.5, stall_floor=0.5)
+    nodes = await start_network(60, settings=exact)
+    try:
+        rng = random.Random(11)
+        for _ in range(6):
+            target = rng.randbytes(20)
+            searcher = rng.choice(nodes)
+            before = dict(searcher.crawl_queries)
+            holders, cached = await searcher._holders(target)
+            asked = searcher.crawl_queries["holders"] - before.get("holders", 0)
+            wide = await searcher._crawl(target, purpose="test")
+            others = [n for n in nodes if n is not searcher]
+            want = sorted(others, key=lambda n: n.node.long_id ^ int.from_bytes(target, "big"))
+            assert not cached
+            assert [n.id for n in holders] == [n.node.id for n in want[:8]]
+            assert [n.id for n in wide.closest[:8]] == [n.node.id for n in want[:8]]
+            # The k-wide crawl cannot stop before its k closest answered; this one can.
+            assert wide.queried >= exact.ksize
+            assert asked < exact.ksize, (asked, wide.queried)
     finally:
         await stop_all(nodes)
 
@@ -337,6 +363,19 @@ async def test_malformed_datagrams_do_not_crash_a_node(network: list[DHTNode]) -
     record = make_record()
     await network[2].publish(record)
     assert await target.get_record(record.worker_id) == record
+    assert target.rpc.stats.rpc_bytes["malformed"] >= sum(len(d) for d in garbage[1:-1])
+
+
+async def test_traffic_by_rpc_adds_up_to_every_byte_in_and_out(network: list[DHTNode]) -> None:
+    records = [make_record(services=["ocr"]) for _ in range(4)]
+    await publish_all(network, records)
+    assert await network[3].lookup("ocr")
+    for node in network:
+        stats = node.rpc.stats
+        assert sum(stats.rpc_bytes.values()) == stats.bytes_in + stats.bytes_out, stats
+    tallies = [node.rpc.stats.rpc_bytes for node in network]
+    assert sum(t.get("store", 0) for t in tallies) > 0
+    assert sum(t.get("find_value", 0) for t in tallies) > 0
 
 
 async def test_bootstrap_by_host_name_and_json_state(
