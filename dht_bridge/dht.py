@@ -27,6 +27,7 @@ from kademlia.node import Node
 from dht_bridge import dht_reach, shards
 from dht_bridge.dht_crawl import Crawl, CrawlResult
 from dht_bridge.dht_protocol import RMAProtocol
+from dht_bridge.dht_renew import RenewalBook, renewal_args
 from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
 from dht_bridge.dht_values import RecordVerifier, decode_value, encode_value, key_digest
 from dht_bridge.errors import BootstrapError, PublishError
@@ -176,6 +177,9 @@ class DHTNode(Server):  # type: ignore[misc]
         # Contacts asked by our crawls, by why we crawled ("holders", "refresh", "read", ...):
         # crawls are most of a node's traffic, and this says which of them to make cheaper.
         self.crawl_queries: dict[str, int] = {}
+        # Which holders hold our last record of each (key, worker): they get renewals.
+        self._renewals = RenewalBook()
+        self.renewals_refused = 0
 
     # Life cycle.
 
@@ -463,13 +467,14 @@ class DHTNode(Server):  # type: ignore[misc]
         value = encode_value(key, [record])
         outcome = KeyPublish(key)
         holders, cached = await self._holders(digest, outcome)
-        missed = await self._store_on(holders, digest, value, outcome)
+        missed = await self._store_on(holders, digest, value, outcome, record)
         if missed and cached:
             # A cached holder is gone: find the current closest and fill in the ones not asked.
             self._holder_cache.pop(digest, None)
             fresh, _ = await self._holders(digest, outcome)
             asked = {node.id for node in holders}
-            await self._store_on([n for n in fresh if n.id not in asked], digest, value, outcome)
+            fill = [n for n in fresh if n.id not in asked]
+            await self._store_on(fill, digest, value, outcome, record)
             holders = fresh
         if self._stores_locally(digest, holders):
             local = self.storage.merge(digest, value)
@@ -481,12 +486,27 @@ class DHTNode(Server):  # type: ignore[misc]
         return outcome
 
     async def _store_on(
-        self, holders: list[Node], digest: bytes, value: bytes, outcome: KeyPublish
+        self,
+        holders: list[Node],
+        digest: bytes,
+        value: bytes,
+        outcome: KeyPublish,
+        record: WorkerRecord,
     ) -> int:
-        """STORE on each holder, tallying answers into `outcome`; returns how many missed."""
+        """STORE `record` on each holder (a renewal where it holds the last one), tallying
+        answers into `outcome`; returns how many missed."""
         outcome.asked += len(holders)
+        renewable = self._renewals.holders(digest, record)
         replies = await asyncio.gather(
-            *(self.rpc.call_store(node, digest, value) for node in holders)
+            *(
+                self._store_one(node, digest, value, record, node.id in renewable)
+                for node in holders
+            )
+        )
+        self._renewals.note(
+            digest,
+            record,
+            [(n.id, answer) for n, (_, answer) in zip(holders, replies, strict=True)],
         )
         missed = 0
         for ok, answer in replies:
@@ -500,6 +520,16 @@ class DHTNode(Server):  # type: ignore[misc]
             else:
                 outcome.stored += 1
         return missed
+
+    async def _store_one(
+        self, node: Node, digest: bytes, value: bytes, record: WorkerRecord, renew: bool
+    ) -> tuple[bool, Any]:
+        if renew:
+            ok, answer = await self.rpc.call_renew(node, digest, renewal_args(record))
+            if not ok or answer != StoreResult.UNKNOWN.value:
+                return ok, answer
+            self.renewals_refused += 1  # lost our copy, or holds other fields: send it whole
+        return await self.rpc.call_store(node, digest, value)
 
     async def _holders(
         self, digest: bytes, outcome: KeyPublish | None = None

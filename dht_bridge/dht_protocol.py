@@ -26,6 +26,7 @@ from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
 from dht_bridge import dht_reach
+from dht_bridge.dht_renew import RENEW_RPC
 from dht_bridge.dht_routing import RMARoutingTable
 from dht_bridge.dht_rtt import RoundTrips
 from dht_bridge.dht_storage import RecordStorage
@@ -36,7 +37,9 @@ logger = logging.getLogger(__name__)
 REQUEST, RESPONSE = b"\x00", b"\x01"
 MSG_ID_BYTES = 20
 NODE_ID_BYTES = 20
-RPC_NAMES = frozenset({"ping", "stun", "store", "find_node", "find_value", dht_reach.REACH_RPC})
+RPC_NAMES = frozenset(
+    {"ping", "stun", "store", "find_node", "find_value", dht_reach.REACH_RPC, RENEW_RPC}
+)
 MAX_PUSH_TASKS = 64
 # A contact that full buckets cannot keep is "new" at every request it sends; it is pushed the
 # values it should hold once per this many seconds, not at each of its heartbeat STOREs.
@@ -311,6 +314,13 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         )
         return self.handle_call_response(result, node_to_ask)
 
+    async def call_renew(self, node_to_ask: Node, key: bytes, renewal: list[Any]) -> Reply:
+        """RENEW (see dht_renew) on a contact that holds our record, with failure accounting."""
+        result = await self.request(
+            (node_to_ask.ip, node_to_ask.port), RENEW_RPC, self.source_node.id, key, *renewal
+        )
+        return self.handle_call_response(result, node_to_ask)
+
     def handle_call_response(self, result: Reply, node: Node) -> Reply:
         """Count a missed reply (dropping the contact after several) or welcome the responder."""
         if not result[0]:
@@ -376,6 +386,11 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         """Merge a record set; answers ok / stale / full / invalid (stock clients ignore it)."""
         self._caller(nodeid, sender)
         return self.storage.merge(_node_id(key), value).value
+
+    def rpc_renew(self, sender: Address, nodeid: Any, key: Any, *renewal: Any) -> str:
+        """Renew a held record (dht_renew); answers ok / stale / unknown / invalid / full."""
+        self._caller(nodeid, sender)
+        return self.storage.renew(_node_id(key), list(renewal)).value
 
     def rpc_find_node(self, sender: Address, nodeid: Any, key: Any) -> list[tuple[bytes, str, int]]:
         """The k contacts we know closest to `key`, never the caller."""

@@ -7,9 +7,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from kademlia.storage import IStorage
 
+from dht_bridge.dht_renew import Renewal
 from dht_bridge.dht_values import (
     MAX_RECORDS_BYTES,
     MAX_VALUE_BYTES,
@@ -19,7 +21,8 @@ from dht_bridge.dht_values import (
     encode_value,
     mark_bytes,
 )
-from dht_bridge.records import WorkerRecord, merge_into, supersedes
+from dht_bridge.errors import RecordError
+from dht_bridge.records import WorkerRecord, merge_into, supersedes, validate_parsed
 from dht_bridge.tunnels import TunnelPolicy
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class StoreResult(enum.Enum):
     STALE = "stale"  # valid, but every record was already held at an equal or higher seq
     FULL = "full"  # a new worker did not fit in the value's size limit: publish one level down
     INVALID = "invalid"  # not an rma1 value, wrong key, or no record passed validation
+    UNKNOWN = "unknown"  # a renewal of a record not held here (or held with other fields)
 
 
 @dataclass
@@ -102,6 +106,32 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                     return StoreResult.FULL
             entry = _Entry(key=decoded.key)
         return self._merge_entry(digest, entry, decoded, now)
+
+    def renew(self, digest: bytes, args: list[Any]) -> StoreResult:
+        """Apply a renewal (`dht_renew`) to the record held for its worker under `digest`."""
+        now = self.clock()
+        try:
+            renewal = Renewal.from_args(args)
+        except ValueError as exc:
+            logger.debug("refused a renewal under %s: %s", digest.hex(), exc)
+            return StoreResult.INVALID
+        entry = self._live_entry(digest)
+        held = entry.records.get(renewal.worker_id) if entry is not None else None
+        if entry is None or held is None:
+            return StoreResult.UNKNOWN
+        record = renewal.applied_to(held)
+        if not supersedes(record, held):
+            return StoreResult.STALE
+        # A signature that fails over the rebuilt record most likely means the publisher's
+        # other fields changed since our copy: it sends the whole record when told so.
+        if not self.verifier.confirm(record):
+            return StoreResult.UNKNOWN
+        try:
+            validate_parsed(record, self.policy, now=now, verified=True, url_checked=True)
+        except RecordError as exc:
+            logger.debug("refused a renewal under %s: %s", entry.key, exc)
+            return StoreResult.INVALID
+        return self._merge_entry(digest, entry, DecodedValue(key=entry.key, records=[record]), now)
 
     def _merge_entry(
         self, digest: bytes, entry: _Entry, decoded: DecodedValue, now: float
