@@ -60,6 +60,7 @@ TARGET_EDGE_20_PER_DAY = 25
 TARGET_BYTES_PER_S = 1024
 TARGET_BOOTSTRAP_S = 2.0
 JOIN_PARALLEL = 4
+LEAVE_PARALLEL = 32
 # With --join-lag, a loop that ran late holds new joins for this long.
 JOIN_HOLD = 1.0
 CHILD_TIMEOUT = 600.0
@@ -269,7 +270,15 @@ class ChildAgents:
             self.lag_task.cancel()
             await asyncio.gather(self.lag_task, return_exceptions=True)
             self.lag_task = None
-        await asyncio.gather(*(agent.aclose() for agent in self.agents))
+        # Machines do not all leave in the same second; 500 leaves at once on one loop each
+        # outlast the 3 s leave timeout and flood the log with warnings about it.
+        gate = asyncio.Semaphore(LEAVE_PARALLEL)
+
+        async def leave(agent: WorkerAgent) -> None:
+            async with gate:
+                await agent.aclose()
+
+        await asyncio.gather(*(leave(agent) for agent in self.agents))
         return {}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.bench_helpers import run_bench_script
 
 FIGURES = (
@@ -53,6 +55,13 @@ def test_worker_bench_writes_every_figure_and_the_targets(tmp_path: Path) -> Non
             assert isinstance(row[name], int | float), f"{row['kind']} {name} = {row[name]!r}"
         assert row["workers"] == 4
     assert isinstance(rows["agent"]["restart_edge_per_worker"], int | float)
+    assert "Where the DHT bytes go" in result.stdout
+    spent = rows["agent"]["rpc_bytes_per_heartbeat"]
+    # Heartbeats are renewals or STOREs; either way the tally names them and sums to the total.
+    assert spent.get("store", 0) + spent.get("renew", 0) > 0, spent
+    assert sum(spent.values()) == pytest.approx(rows["agent"]["dht_bytes_per_heartbeat"], abs=5)
+    assert rows["agent"]["rpc_bytes_per_heartbeat_top5pct"]
+    assert "holders" in rows["agent"]["crawl_queries_per_heartbeat"]
     assert rows["edge-only"]["steady_edge_requests"] > 0  # the baseline heartbeats at the edge
     assert data["targets"] == {
         "edge_per_day_20_workers": 25,
