@@ -23,7 +23,6 @@ from typing import Any
 from dht_bridge.records import WorkerRecord
 
 RENEW_RPC = "renew"
-UNKNOWN = "unknown"
 # Answers after which the holder holds our record (what a renewal builds on).
 HELD_ANSWERS = frozenset({"ok", "stale"})
 MAX_REMEMBERED = 8192
