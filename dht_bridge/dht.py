@@ -497,9 +497,10 @@ class DHTNode(Server):  # type: ignore[misc]
         answers into `outcome`; returns how many missed."""
         outcome.asked += len(holders)
         renewable = self._renewals.holders(digest, record)
+        renewal = renewal_args(record) if renewable else None
         replies = await asyncio.gather(
             *(
-                self._store_one(node, digest, value, record, node.id in renewable)
+                self._store_one(node, digest, value, renewal if node.id in renewable else None)
                 for node in holders
             )
         )
@@ -522,10 +523,10 @@ class DHTNode(Server):  # type: ignore[misc]
         return missed
 
     async def _store_one(
-        self, node: Node, digest: bytes, value: bytes, record: WorkerRecord, renew: bool
+        self, node: Node, digest: bytes, value: bytes, renewal: list[Any] | None
     ) -> tuple[bool, Any]:
-        if renew:
-            ok, answer = await self.rpc.call_renew(node, digest, renewal_args(record))
+        if renewal is not None:
+            ok, answer = await self.rpc.call_renew(node, digest, renewal)
             if not ok or answer != StoreResult.UNKNOWN.value:
                 return ok, answer
             self.renewals_refused += 1  # lost our copy, or holds other fields: send it whole
