@@ -254,6 +254,13 @@ async def test_lookups_survive_twenty_percent_of_nodes_vanishing() -> None:
         await stop_all(n for n in nodes if n.transport and not n.transport.is_closing())
 
 
+def true_closest(nodes: list[DHTNode], searcher: DHTNode, target: bytes, k: int) -> list[bytes]:
+    """The ids of the k nodes closest to `target`, the searcher left out (by brute force)."""
+    others = [n for n in nodes if n is not searcher]
+    others.sort(key=lambda n: n.node.long_id ^ int.from_bytes(target, "big"))
+    return [n.node.id for n in others[:k]]
+
+
 async def test_lookup_finds_the_true_k_closest_nodes() -> None:
     # A wide stall window: on a loaded machine a slow live node must not be taken for dead here.
     exact = dataclasses.replace(TEST_SETTINGS, ksize=8, stall=0.5, stall_floor=0.5)
@@ -264,9 +271,7 @@ async def test_lookup_finds_the_true_k_closest_nodes() -> None:
             target = rng.randbytes(20)
             searcher = rng.choice(nodes)
             result = await searcher._crawl(target, purpose="test")
-            others = [n for n in nodes if n is not searcher]
-            want = sorted(others, key=lambda n: n.node.long_id ^ int.from_bytes(target, "big"))
-            assert [n.id for n in result.closest] == [n.node.id for n in want[:8]]
+            assert [n.id for n in result.closest] == true_closest(nodes, searcher, target, 8)
     finally:
         await stop_all(nodes)
 
@@ -285,11 +290,10 @@ async def test_a_holder_lookup_settles_on_the_replicas_closest_asking_fewer_cont
             holders, cached = await searcher._holders(target)
             asked = searcher.crawl_queries["holders"] - before.get("holders", 0)
             wide = await searcher._crawl(target, purpose="test")
-            others = [n for n in nodes if n is not searcher]
-            want = sorted(others, key=lambda n: n.node.long_id ^ int.from_bytes(target, "big"))
+            want = true_closest(nodes, searcher, target, 8)
             assert not cached
-            assert [n.id for n in holders] == [n.node.id for n in want[:8]]
-            assert [n.id for n in wide.closest[:8]] == [n.node.id for n in want[:8]]
+            assert [n.id for n in holders] == want
+            assert [n.id for n in wide.closest[:8]] == want
             # The k-wide crawl cannot stop before its k closest answered; this one can.
             assert wide.queried >= exact.ksize
             assert asked < exact.ksize, (asked, wide.queried)
