@@ -270,8 +270,9 @@ class ChildAgents:
             self.lag_task.cancel()
             await asyncio.gather(self.lag_task, return_exceptions=True)
             self.lag_task = None
-        # Machines do not all leave in the same second; 500 leaves at once on one loop each
-        # outlast the 3 s leave timeout and flood the log with warnings about it.
+        # Machines do not all leave in the same second: a bounded number at a time per loop.
+        # (At 2000 agents many leaves still outlast their 3 s timeout: every process's peers
+        # are leaving too.)
         gate = asyncio.Semaphore(LEAVE_PARALLEL)
 
         async def leave(agent: WorkerAgent) -> None:
