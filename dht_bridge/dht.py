@@ -549,7 +549,12 @@ class DHTNode(Server):  # type: ignore[misc]
             return holders, True
         # Only the `replicas` closest are wanted: settling on them, not on the k closest,
         # asks about half as many contacts (crawls were half of a worker's bytes).
-        crawl = await self._crawl(digest, purpose="holders", width=self.settings.replicas)
+        crawl = await self._crawl(
+            digest,
+            purpose="holders",
+            width=self.settings.replicas,
+            settle=self.settings.rpc_timeout,
+        )
         holders = crawl.closest[: self.settings.replicas]
         if not holders and crawl.queried and outcome is not None:
             outcome.asked += crawl.queried
@@ -768,8 +773,10 @@ class DHTNode(Server):  # type: ignore[misc]
         width: int | None = None,
         find_value: bool = False,
         want_values: int = 1,
+        settle: float = 0.0,
     ) -> CrawlResult:
-        """Look up `target` until its `width` (default k) closest live nodes have answered."""
+        """Look up `target` until its `width` (default k) closest live nodes have answered
+        (waiting up to `settle` for slow ones among them)."""
         seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
         result = await Crawl(
             self.rpc,
@@ -781,6 +788,7 @@ class DHTNode(Server):  # type: ignore[misc]
             want_values=want_values,
             stall=self._stall,
             patience=self.settings.stall,
+            settle=settle,
         ).run()
         self._count_crawl(purpose, result)
         return result

@@ -6,7 +6,9 @@ out as soon as any answers, and a request unanswered after `stall` seconds stops
 against alpha (it may still answer), so the lookup moves on without waiting for it. A value
 lookup that has found nothing yet is slower to conclude "absent": it waits up to `patience`
 (at least `stall`) for a close contact that may still answer, since a missed value costs more
-than a few milliseconds.
+than a few milliseconds. A lookup for the nodes that are to hold a value likewise waits up to
+`settle` for a slow contact that would be among them: a busy node answers late, and a value
+stored past it is missed by readers, who ask the closest first.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Crawl:
         want_values: int = 1,
         stall: float = 0.1,
         patience: float = 0.0,
+        settle: float = 0.0,
     ) -> None:
         self.protocol = protocol
         self.target = Node(target)
@@ -76,6 +79,7 @@ class Crawl:
         self.want_values = want_values
         self.stall = stall
         self.patience = max(stall, patience)
+        self.settle = settle
         self._me = protocol.source_node.id
         self._candidates: dict[bytes, _Candidate] = {}
         self._pending: dict[asyncio.Task[Any], _Candidate] = {}
@@ -143,12 +147,10 @@ class Crawl:
         settled = self._shortlist(now)
         if not (settled and all(c.state is _State.ANSWERED for c in settled)):
             return False
-        if self.find_value and not self.result.values:
-            return not any(
-                c.state is _State.ASKED and now - c.asked_at < self.patience
-                for c in self._shortlist()
-            )
-        return True
+        wait = self.patience if self.find_value and not self.result.values else self.settle
+        return not any(
+            c.state is _State.ASKED and now - c.asked_at < wait for c in self._shortlist()
+        )
 
     def _stalled(self, candidate: _Candidate, now: float) -> bool:
         return candidate.state is _State.ASKED and now - candidate.asked_at >= self.stall

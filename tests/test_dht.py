@@ -301,6 +301,30 @@ async def test_a_holder_lookup_settles_on_the_replicas_closest_asking_fewer_cont
         await stop_all(nodes)
 
 
+async def test_a_holder_lookup_waits_for_a_slow_node_among_the_closest() -> None:
+    # A busy node answers late. Readers ask the closest nodes first, so a heartbeat stored
+    # past the slowest of them would be missed: the lookup for holders waits for it (up to
+    # the RPC timeout), where a lookup for routing moves on after the stall.
+    nodes = await start_network(30)
+    try:
+        rng = random.Random(5)
+        target = rng.randbytes(20)
+        searcher = nodes[0]
+        want = true_closest(nodes, searcher, target, TEST_SETTINGS.replicas)
+        slow = next(n for n in nodes if n.node.id == want[0])
+        loop = asyncio.get_running_loop()
+        send = slow.rpc._send
+        delay = TEST_SETTINGS.stall * 4
+        assert delay < TEST_SETTINGS.rpc_timeout
+        slow.rpc._send = lambda datagram, addr, name: loop.call_later(  # type: ignore[method-assign]
+            delay, send, datagram, addr, name
+        )
+        holders, _ = await searcher._holders(target)
+        assert [n.id for n in holders] == want
+    finally:
+        await stop_all(nodes)
+
+
 async def test_a_contact_is_dropped_after_several_missed_replies_not_one() -> None:
     nodes = await start_network(4)
     try:
