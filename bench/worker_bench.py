@@ -38,6 +38,7 @@ from typing import Any
 
 import uvicorn
 
+from dht_bridge import shards
 from dht_bridge.dht import DHTNode
 from dht_bridge.identity import Identity
 from dht_bridge.registry import open_registry
@@ -101,10 +102,12 @@ def agent_config(
     *,
     edge_only: bool,
     holder_cache: float | None = None,
+    services: int = len(SERVICES),
 ) -> WorkerConfig:
-    """Worker `index`: one service, a trycloudflare URL, every interval divided by `scale`."""
+    """Worker `index`: one of the first `services` services, a trycloudflare URL, every
+    interval divided by `scale`."""
     return WorkerConfig(
-        services=(SERVICES[index % len(SERVICES)],),
+        services=(SERVICES[index % services],),
         tunnel_url=f"https://bench-{index}.trycloudflare.com",
         state_file=workdir / f"w{index}" / "state.json",
         edge_url=edge_url,
@@ -170,6 +173,7 @@ class ChildAgents:
             self.args.scale,
             edge_only=self.args.edge_only,
             holder_cache=self.args.holder_cache,
+            services=self.args.services,
         )
 
     async def join(self) -> dict[str, Any]:
@@ -249,6 +253,7 @@ class ChildAgents:
             "timeouts": delta("timeouts"),
             "rpc": tally_delta("rpc"),
             "crawls": tally_delta("crawls"),
+            "shards_held": [_shards_held(a) for a in self.agents],
             "modes": [a.mode.value for a in self.agents],
             "cpu_s": end["cpu"] - self.mark["cpu"],
             "lag_s": _lag_summary(self.lags),
@@ -299,6 +304,19 @@ def _rpc_bytes(agent: WorkerAgent) -> dict[str, int]:
     if agent.node is None or agent.node.protocol is None:
         return {}
     return dict(agent.node.rpc.stats.rpc_bytes)
+
+
+def _shards_held(agent: WorkerAgent) -> list[int]:
+    """The trie levels of the service shards the agent's node holds records of."""
+    if agent.node is None:
+        return []
+    storage = agent.node.storage
+    levels = []
+    for digest in storage.digests():
+        parsed = shards.parse_service_key(storage.key_name(digest) or "")
+        if parsed is not None and storage.records(digest):
+            levels.append(shards.level_of(parsed[1]))
+    return sorted(levels)
 
 
 def _lag_summary(lags: list[float]) -> dict[str, float]:
@@ -482,6 +500,7 @@ async def measure(
                 *("--first", str(first), "--count", str(share)),
                 *(["--edge-only"] if edge_only else []),
                 *(["--holder-cache", str(args.holder_cache)] if args.holder_cache else []),
+                *("--services", str(args.services)),
                 *("--join-parallel", str(args.join_parallel), "--join-lag", str(args.join_lag)),
             ]
             children.append(await Child.spawn(child_args, args.log_level, share))
@@ -563,6 +582,8 @@ def summarise(
     warnings = _merge(end["warnings"] for end in ends)
     failed = sum(n for text, n in warnings.items() if FAILED_BEAT in text)
     rpc = [x for end in ends for x in end["rpc"]]
+    held = [x for end in ends for x in end["shards_held"]]
+    busiest = _top(all_bytes, 0.05)
     return {
         "kind": "edge-only" if edge_only else "agent",
         "workers": n,
@@ -616,6 +637,10 @@ def summarise(
         "rpc_bytes_per_heartbeat": _per_beat(rpc, beats),
         # Where the busiest twentieth of the workers (by bytes) spend theirs.
         "rpc_bytes_per_heartbeat_top5pct": _per_beat(*_busiest(rpc, beats, all_bytes, 0.05)),
+        # Who the busiest are: the service shards (by trie level) they hold at the window's end.
+        "shard_levels_held": _held_summary(held),
+        "shard_levels_held_top5pct": _held_summary([held[i] for i in busiest]),
+        "shard_levels_held_busiest": held[busiest[0]] if held else [],
         "crawl_queries_per_heartbeat": _per_beat(
             [x for end in ends for x in end["crawls"]], beats, digits=2
         ),
@@ -635,9 +660,24 @@ def _busiest(
     rpc: list[dict[str, int]], beats: list[int], all_bytes: list[int], share: float
 ) -> tuple[list[dict[str, int]], list[int]]:
     """The RPC tallies and heartbeats of the `share` of workers that moved the most bytes."""
-    order = sorted(range(len(all_bytes)), key=lambda i: -all_bytes[i])
-    top = order[: max(1, round(len(order) * share))]
+    top = _top(all_bytes, share)
     return [rpc[i] for i in top], [beats[i] for i in top]
+
+
+def _top(all_bytes: list[int], share: float) -> list[int]:
+    """Indices of the `share` of workers that moved the most bytes, busiest first."""
+    order = sorted(range(len(all_bytes)), key=lambda i: -all_bytes[i])
+    return order[: max(1, round(len(order) * share))]
+
+
+def _held_summary(held: list[list[int]]) -> dict[str, float]:
+    """Shards held per worker, on average: in all, and at each trie level."""
+    workers = max(len(held), 1)
+    levels = _merge({f"level {level}": 1} for one in held for level in one)
+    return {
+        "all": round(sum(len(one) for one in held) / workers, 2),
+        **{name: round(n / workers, 2) for name, n in sorted(levels.items())},
+    }
 
 
 def _merge(counts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -724,7 +764,10 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
         print(
             f"- {r['workers']} workers, all: {_rpc_line(r['rpc_bytes_per_heartbeat'])}; "
             f"busiest 5%: {_rpc_line(r['rpc_bytes_per_heartbeat_top5pct'])}; contacts asked by "
-            f"crawls: {_rpc_line(r['crawl_queries_per_heartbeat'], '')}"
+            f"crawls: {_rpc_line(r['crawl_queries_per_heartbeat'], '')}; service shards held "
+            f"per worker, all: {_rpc_line(r['shard_levels_held'], '')}; busiest 5%: "
+            f"{_rpc_line(r['shard_levels_held_top5pct'], '')}; the busiest worker holds levels "
+            f"{r['shard_levels_held_busiest']}"
         )
     print("\nHealth of the window (a starved loop stretches publishes until RPCs time out):")
     for r in rows:
@@ -857,6 +900,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--holder-cache",
         type=float,
         help="workers' holder cache TTL, real seconds (default: the worker's, 300)",
+    )
+    parser.add_argument(
+        "--services",
+        type=int,
+        choices=range(1, len(SERVICES) + 1),
+        default=len(SERVICES),
+        help=f"services the workers offer, one each in turn (of {', '.join(SERVICES)})",
     )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", help="write the figures as JSON here")
