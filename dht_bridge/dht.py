@@ -41,6 +41,10 @@ STATE_VERSION = 1
 # Every this many publishes, a worker placed below the root tries one level up, so that
 # shards drain back towards the root when a service shrinks.
 RISE_EVERY = 8
+# The share of refused rises from level L that also renew the root's depth hint is
+# ROOT_MARK_SHARE * 2**(1-L): with C workers a shard, about C/4 * ROOT_MARK_SHARE marks reach
+# the root per heartbeat from each full level, where one per OVERFLOW_MEMORY would do.
+ROOT_MARK_SHARE = 0.25
 RECEIVE_BUFFER = 1 << 20
 MAX_CACHED_HOLDER_SETS = 4096
 # Seconds between maintenance wake-ups (culling lapsed records, refreshing idle buckets).
@@ -423,17 +427,20 @@ class DHTNode(Server):  # type: ignore[misc]
         outcomes: list[KeyPublish] = []
         turned_away: list[int] = []  # levels whose holders had no room for this record
         if level > 0 and count % RISE_EVERY == 0:
-            upper = await self._store_key(self._shard_key(service, record, level - 1), record)
+            upper = await self._store_key(
+                self._shard_key(service, record, level - 1), record, probe=True
+            )
             outcomes.append(upper)
             if upper.landed and not upper.full:
                 self._levels[slot] = report.levels[service] = level - 1
                 return outcomes
             if upper.full:
                 turned_away.append(level - 1)
-                if level > 1 and random.random() < 2.0 ** (1 - level):
+                if level > 1 and random.random() < ROOT_MARK_SHARE * 2.0 ** (1 - level):
                     # The root's depth hint lapses unless someone deep renews it; the 2^L
                     # workers of level L share that job, so the root hears from about as
-                    # many of them per round whatever the depth.
+                    # many of them per round whatever the depth (each report costs a crawl
+                    # to the root: its holders are the busiest nodes of a service).
                     turned_away.append(0)
         while True:
             outcome = await self._store_key(self._shard_key(service, record, level), record)
@@ -462,12 +469,26 @@ class DHTNode(Server):  # type: ignore[misc]
     def _shard_key(self, service: str, record: WorkerRecord, level: int) -> str:
         return shards.service_key(service, shards.shard_for(record.worker_id, level))
 
-    async def _store_key(self, key: str, record: WorkerRecord) -> KeyPublish:
+    async def _store_key(
+        self, key: str, record: WorkerRecord, *, probe: bool = False
+    ) -> KeyPublish:
+        """Store `record` under `key` on its holders (and here, if we are one of them).
+
+        With `probe`, one holder is asked first and the rest only if it had room: a rise is
+        almost always refused by a full parent, whose holders hold the same set.
+        """
         digest = key_digest(key)
         value = encode_value(key, [record])
         outcome = KeyPublish(key)
         holders, cached = await self._holders(digest, outcome)
-        missed = await self._store_on(holders, digest, value, outcome, record)
+        rest, missed = holders, 0
+        if probe and len(holders) > 1:
+            first = random.choice(holders)
+            missed = await self._store_on([first], digest, value, outcome, record)
+            if outcome.full:
+                return outcome
+            rest = [node for node in holders if node is not first]
+        missed += await self._store_on(rest, digest, value, outcome, record)
         if missed and cached:
             # A cached holder is gone: find the current closest and fill in the ones not asked.
             self._holder_cache.pop(digest, None)

@@ -165,3 +165,48 @@ def test_a_shard_filled_to_the_brim_still_takes_its_overflow_mark(region_len: in
     assert held_depth(storage, clock()) == (True, 0)
     storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, shards.MAX_LEVEL))
     assert held_depth(storage, clock()) == (True, shards.MAX_LEVEL)
+
+
+async def test_a_rise_refused_by_a_full_parent_sends_the_record_to_one_holder_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A parent's holders hold the same set, so one "full" answer says the rest would refuse
+    # too: the record goes to them only when the first had room. The marks still go to all.
+    nodes = await start_network(16)
+    try:
+        # One publisher, so that every record goes to the same holders: all fill up alike, and
+        # a newcomer files below.
+        newcomer, publisher = Identity.generate(), nodes[0]
+        for _ in range(60):
+            await publisher.publish(make_record())
+        first = await publisher.publish(make_record(newcomer))
+        assert first.levels["ocr"] == 1
+        sent: list[tuple[bytes, bytes]] = []
+        store = publisher.rpc.call_store
+
+        async def counted(node: object, key: bytes, value: bytes) -> object:
+            sent.append((node.id, value))  # type: ignore[attr-defined]
+            return await store(node, key, value)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(publisher.rpc, "call_store", counted)
+        monkeypatch.setattr(dht, "RISE_EVERY", 1)
+        again = await publisher.publish(make_record(newcomer, seq=2))
+        assert again.levels["ocr"] == 1
+        upper = again.keys[1]
+        assert (upper.key, upper.asked, upper.full) == (ROOT, 1, 1)
+        now = publisher.clock()
+        decoded = [
+            decode_value(v, digest=DIGEST, verifier=RecordVerifier(POLICY), now=now)
+            for _, v in sent
+            if _is_root(v)
+        ]
+        assert sum(1 for d in decoded if d.records) == 1
+        marks = [d for d in decoded if not d.records]
+        holders, _ = await publisher._holders(DIGEST)
+        assert len(marks) == len(holders)
+    finally:
+        await stop_all(nodes)
+
+
+def _is_root(value: bytes) -> bool:
+    return bool(msgpack.unpackb(value)[1] == ROOT)
