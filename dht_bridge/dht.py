@@ -25,7 +25,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dht_bridge import dht_reach, shards
-from dht_bridge.dht_crawl import Crawl, CrawlResult
+from dht_bridge.dht_crawl import Crawl, CrawlResult, parse_contacts
 from dht_bridge.dht_protocol import RMAProtocol
 from dht_bridge.dht_renew import RenewalBook, renewal_args
 from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
@@ -47,6 +47,9 @@ RISE_EVERY = 8
 ROOT_MARK_SHARE = 0.25
 RECEIVE_BUFFER = 1 << 20
 MAX_CACHED_HOLDER_SETS = 4096
+# Cached holders whose time is up are rechecked by asking this many of them for the nodes they
+# know near the key, not by a crawl of the whole path.
+RECHECK_ASKS = 2
 # Seconds between maintenance wake-ups (culling lapsed records, refreshing idle buckets).
 MAINTENANCE_TICK = 60.0
 SERVER, CLIENT = "server", "client"
@@ -563,11 +566,16 @@ class DHTNode(Server):  # type: ignore[misc]
         """
         now = time.monotonic()
         cached = self._holder_cache.get(digest)
-        if cached is not None and cached[0] > now and cached[1]:
-            holders = self._with_newcomers(digest, cached[1])
-            if holders is not cached[1]:
-                self._holder_cache[digest] = (cached[0], holders)
-            return holders, True
+        if cached is not None and cached[1]:
+            if cached[0] > now:
+                holders = self._with_newcomers(digest, cached[1])
+                if holders is not cached[1]:
+                    self._holder_cache[digest] = (cached[0], holders)
+                return holders, True
+            holders = await self._recheck(digest, cached[1])
+            if holders:
+                self._cache_holders(digest, holders)
+                return holders, True
         # Only the `replicas` closest are wanted: settling on them, not on the k closest,
         # asks about half as many contacts (crawls were half of a worker's bytes).
         crawl = await self._crawl(
@@ -580,14 +588,44 @@ class DHTNode(Server):  # type: ignore[misc]
         if not holders and crawl.queried and outcome is not None:
             outcome.asked += crawl.queried
             outcome.unreachable += crawl.failed
+        self._cache_holders(digest, holders)
+        return holders, False
+
+    async def _recheck(self, digest: bytes, holders: list[Node]) -> list[Node]:
+        """The closest nodes to `digest` that a few of its cached `holders` know, these included;
+        empty when none of those answered.
+
+        A newcomer near a key makes itself known to the nodes near it when it joins, so the
+        holders know of it: two questions instead of a crawl, whose last hops all go to the
+        same few nodes for every publisher of a busy shard. A newcomer that is not there after
+        all misses its first STORE, which re-crawls.
+        """
+        asked = random.sample(holders, min(RECHECK_ASKS, len(holders)))
+        target = Node(digest)
+        replies = await asyncio.gather(*(self.rpc.call_find_node(n, target) for n in asked))
+        self._count_crawl("recheck", CrawlResult(queried=len(asked)))
+        known = {node.id: node for node in holders}
+        answered = False
+        for ok, payload in replies:
+            answered = answered or ok
+            for node in parse_contacts(payload) if ok else []:
+                if node.id != self.node.id:
+                    known.setdefault(node.id, node)
+        if not answered:
+            return []
+        key = int.from_bytes(digest, "big")
+        return heapq.nsmallest(
+            self.settings.replicas, known.values(), key=lambda n: n.long_id ^ key
+        )
+
+    def _cache_holders(self, digest: bytes, holders: list[Node]) -> None:
         # Spread over the last fifth of the TTL: workers that joined together (a mass restart)
         # would otherwise all crawl again in the same second, every TTL.
         ttl = self.settings.holder_cache_ttl * random.uniform(0.8, 1.0)
-        self._holder_cache[digest] = (now + ttl, holders)
+        self._holder_cache[digest] = (time.monotonic() + ttl, holders)
         self._holder_cache.move_to_end(digest)
         while len(self._holder_cache) > MAX_CACHED_HOLDER_SETS:
             self._holder_cache.popitem(last=False)
-        return holders, False
 
     def _with_newcomers(self, digest: bytes, holders: list[Node]) -> list[Node]:
         """The cached holders, with contacts our routing table has learnt since that are closer

@@ -176,11 +176,11 @@ class Crawl:
                 self.result.values.append((candidate.node, value))
                 self.result.hops = max(self.result.hops, candidate.hop)
             return
-        for node in _parse_contacts(payload):
+        for node in parse_contacts(payload):
             self._learn(node, candidate.hop + 1)
 
 
-def _parse_contacts(payload: Any) -> list[Node]:
+def parse_contacts(payload: Any) -> list[Node]:
     """Contacts from a FIND_NODE reply; entries not shaped (20-byte id, host, port) are skipped."""
     nodes: list[Node] = []
     if not isinstance(payload, list):

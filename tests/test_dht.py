@@ -325,6 +325,32 @@ async def test_a_holder_lookup_waits_for_a_slow_node_among_the_closest() -> None
         await stop_all(nodes)
 
 
+async def test_expired_holders_are_rechecked_by_asking_them_and_a_newcomer_is_taken_in() -> None:
+    # Once the cache of a key's holders is out of date, two of the holders are asked whom they
+    # know near the key, instead of a crawl: a node that joined next to the key is found.
+    stale = dataclasses.replace(TEST_SETTINGS, holder_cache_ttl=1e-6)
+    nodes = await start_network(24, settings=stale)
+    try:
+        publisher = nodes[0]
+        digest = key_digest(shards.service_key("ocr", 0))
+        first, _ = await publisher._holders(digest)
+        assert [n.id for n in first] == true_closest(nodes, publisher, digest, stale.replicas)
+        # Joined through the last node: the publisher has never heard of it.
+        newcomer_id = bytes([*digest[:-1], digest[-1] ^ 1])
+        newcomer = await start_node(settings=stale, node_id=newcomer_id, seeds=[nodes[-1].address])
+        nodes.append(newcomer)
+        assert publisher.rpc.router.find_neighbors(newcomer.node, k=1)[0].id != newcomer_id
+        crawled = dict(publisher.crawl_queries)
+        again, cached = await publisher._holders(digest)
+        assert cached
+        assert [n.id for n in again] == true_closest(nodes, publisher, digest, stale.replicas)
+        assert again[0].id == newcomer_id
+        assert publisher.crawl_queries.get("holders") == crawled.get("holders")
+        assert publisher.crawl_queries["recheck"] == crawled.get("recheck", 0) + 2
+    finally:
+        await stop_all(nodes)
+
+
 async def test_a_contact_is_dropped_after_several_missed_replies_not_one() -> None:
     nodes = await start_network(4)
     try:
