@@ -316,9 +316,11 @@ async def test_a_holder_lookup_waits_for_a_slow_node_among_the_closest() -> None
         send = slow.rpc._send
         delay = TEST_SETTINGS.stall * 4
         assert delay < TEST_SETTINGS.rpc_timeout
-        slow.rpc._send = lambda datagram, addr, name: loop.call_later(  # type: ignore[method-assign]
-            delay, send, datagram, addr, name
-        )
+
+        def late(datagram: bytes, addr: tuple[str, int], name: str) -> None:
+            loop.call_later(delay, send, datagram, addr, name)
+
+        slow.rpc._send = late  # type: ignore[method-assign]
         holders, _ = await searcher._holders(target)
         assert [n.id for n in holders] == want
     finally:

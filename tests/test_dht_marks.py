@@ -8,6 +8,7 @@ import random
 
 import msgpack
 import pytest
+from kademlia.node import Node
 
 from dht_bridge import dht, shards
 from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
@@ -184,9 +185,9 @@ async def test_a_rise_refused_by_a_full_parent_sends_the_record_to_one_holder_on
         sent: list[tuple[bytes, bytes]] = []
         store = publisher.rpc.call_store
 
-        async def counted(node: object, key: bytes, value: bytes) -> object:
-            sent.append((node.id, value))  # type: ignore[attr-defined]
-            return await store(node, key, value)  # type: ignore[arg-type]
+        async def counted(node: Node, key: bytes, value: bytes) -> tuple[bool, object]:
+            sent.append((node.id, value))
+            return await store(node, key, value)
 
         monkeypatch.setattr(publisher.rpc, "call_store", counted)
         monkeypatch.setattr(dht, "RISE_EVERY", 1)
