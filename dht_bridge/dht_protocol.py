@@ -53,6 +53,9 @@ CLIENT_TAG = b"RMAc"
 CLIENT_ANSWERS = frozenset({"stun"})
 # Reachability probes a server runs at once; more wait for none (the asker tries elsewhere).
 MAX_PROBES = 16
+# A timeout that fires this share of the RPC timeout late says more about our own event loop
+# than about the peer: the request gets one more RPC timeout (see `_expire`).
+LATE_SHARE = 0.5
 
 Address = tuple[str, int]
 Reply = tuple[bool, Any]
@@ -66,6 +69,7 @@ class Pending:
     timer: asyncio.TimerHandle
     address: Address
     name: str
+    reprieved: bool = False
 
 
 @dataclass
@@ -78,6 +82,8 @@ class TrafficStats:
     bytes_out: int = 0
     requests_in: int = 0
     timeouts: int = 0
+    # Timeouts that fired while our own loop ran late, and were given one more timeout.
+    reprieves: int = 0
     malformed: int = 0
     stores_pushed: int = 0
     # Requests left unanswered in client mode: a server that treats us as a contact.
@@ -258,7 +264,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
-        timer = loop.call_later(wait or self._wait_timeout, self._expire, msg_id)
+        timeout = wait or self._wait_timeout
+        timer = loop.call_later(timeout, self._expire, msg_id, loop.time() + timeout)
         self._outstanding[msg_id] = Pending(future, timer, address, name)
         self._send(REQUEST + msg_id + body, address, name)
         sent = loop.time()
@@ -279,10 +286,22 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             if not msg_id.startswith(CLIENT_TAG):
                 return msg_id
 
-    def _expire(self, msg_id: bytes) -> None:
-        pending = self._outstanding.pop(msg_id, None)
+    def _expire(self, msg_id: bytes, deadline: float) -> None:
+        pending = self._outstanding.get(msg_id)
         if pending is None:
             return
+        loop = asyncio.get_running_loop()
+        if not pending.reprieved and loop.time() - deadline > LATE_SHARE * self._wait_timeout:
+            # Our loop was busy past the deadline: the reply may be waiting unread in the
+            # socket, which asyncio reads one datagram per loop pass. Blaming the peer (three
+            # misses drop a contact) after every stall of a busy process empties routing
+            # tables, and the re-crawls that follow keep the loop busy.
+            pending.reprieved = True
+            self.stats.reprieves += 1
+            until = loop.time() + self._wait_timeout
+            pending.timer = loop.call_later(self._wait_timeout, self._expire, msg_id, until)
+            return
+        del self._outstanding[msg_id]
         self.stats.timeouts += 1
         logger.debug("no reply from %s:%s within %.2fs", *pending.address, self._wait_timeout)
         if not pending.future.done():

@@ -368,6 +368,26 @@ async def test_a_contact_is_dropped_after_several_missed_replies_not_one() -> No
         await stop_all(nodes[:3])
 
 
+async def test_a_reply_held_up_by_our_own_busy_loop_is_not_a_miss() -> None:
+    # A stalled event loop (a busy process) fires its timeouts late, before it has read the
+    # replies waiting in its sockets: such a timeout waits once more instead of blaming the peer.
+    nodes = await start_network(2)
+    try:
+        a, b = nodes
+        contact = next(c for c in a.rpc.router.contacts() if c.id == b.node.id)
+        ping = asyncio.ensure_future(a.rpc.call_ping(contact))
+        sent = a.rpc.stats.packets_out
+        await wait_for(lambda: a.rpc.stats.packets_out > sent, timeout=5, interval=0)
+        # Blocks the loop on purpose: the stall under test, not a wait.
+        time.sleep(TEST_SETTINGS.rpc_timeout * 1.5)  # noqa: ASYNC251
+        ok, _ = await ping
+        assert ok
+        assert (a.rpc.stats.reprieves, a.rpc.stats.timeouts) == (1, 0)
+        assert a.rpc.router.knows(contact)
+    finally:
+        await stop_all(nodes)
+
+
 async def test_a_stock_kademlia_server_joins_and_reads_a_key(network: list[DHTNode]) -> None:
     record = make_record(services=["ocr"])
     await network[6].publish(record)
