@@ -35,11 +35,11 @@ DEFAULT_SAVED_PEERS = 16
 # A worker must reach remote peers: bind every interface unless told otherwise (the core's
 # 127.0.0.1 default suits nodes on one host, not volunteers).
 DEFAULT_DHT_HOST = "0.0.0.0"
-# Heartbeats re-store to the holders found by the last crawl for this long. The core's 60 s
-# means a fresh crawl every other heartbeat, and crawls were three quarters of a worker's DHT
-# bytes (bench/worker_bench.py: 1.06 KB/s per worker at 60 s, 0.42 KB/s at 300 s). Holders
-# that vanish are noticed at once (a missed STORE re-crawls), and newcomers closer to a key
-# are handed its values by the nodes that hold it.
+# Heartbeats re-store to the holders found last for this long, then ask two of them whom they
+# know near the key. Chosen when each expiry meant a crawl: the core's 60 s meant one every
+# other heartbeat, three quarters of a worker's DHT bytes (bench/worker_bench.py: 1.06 KB/s
+# per worker at 60 s, 0.42 KB/s at 300 s). Holders that vanish are noticed at once (a missed
+# STORE re-crawls), and newcomers closer to a key are handed its values by its holders.
 DEFAULT_WORKER_HOLDER_CACHE_TTL = 300.0
 
 
