@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -137,6 +138,7 @@ class ChildAgents:
         self.mark: dict[str, Any] = {}
         self.warnings = WarningCount()
         logging.getLogger().addHandler(self.warnings)
+        self.gc = GCPauses()
         self.lags: list[float] = []
         self.lag_task: asyncio.Task[None] | None = None
         # Joins wait until this loop time (see `--join-lag`).
@@ -219,6 +221,7 @@ class ChildAgents:
             "beats": [a.heartbeats for a in self.agents],
             "packets": [_stat(a, "packets_in") + _stat(a, "packets_out") for a in self.agents],
             "timeouts": [_stat(a, "timeouts") for a in self.agents],
+            "reprieves": [_stat(a, "reprieves") for a in self.agents],
             "rpc": [_rpc_bytes(a) for a in self.agents],
             "crawls": [dict(a.node.crawl_queries) if a.node else {} for a in self.agents],
             "cpu": time.process_time(),
@@ -227,6 +230,7 @@ class ChildAgents:
     def window_start(self) -> dict[str, Any]:
         """Mark the start of the measured window."""
         self.mark = self.snapshot()
+        self.gc.clear()
         self.warnings.counts.clear()
         self.lags.clear()
         return {}
@@ -251,12 +255,14 @@ class ChildAgents:
             "beats": delta("beats"),
             "packets": delta("packets"),
             "timeouts": delta("timeouts"),
+            "reprieves": delta("reprieves"),
             "rpc": tally_delta("rpc"),
             "crawls": tally_delta("crawls"),
             "shards_held": [_shards_held(a) for a in self.agents],
             "modes": [a.mode.value for a in self.agents],
             "cpu_s": end["cpu"] - self.mark["cpu"],
             "lag_s": _lag_summary(self.lags),
+            "gc": self.gc.summary(),
             "warnings": dict(self.warnings.counts),
         }
 
@@ -327,6 +333,32 @@ def _lag_summary(lags: list[float]) -> dict[str, float]:
         "max": _quantile(ordered, 1.0),
         "over_rpc_timeout": sum(1 for x in ordered if x > DHTSettings().rpc_timeout),
     }
+
+
+class GCPauses:
+    """Times the interpreter's full (generation 2) collections: with hundreds of agents in one
+    process the heap is large and a full collection stops every agent of it at once."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._began = 0.0
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._began)
+
+    def summary(self) -> dict[str, float]:
+        """Full collections since the last `clear`, and the longest pause."""
+        return {"count": len(self.pauses), "max_s": round(max(self.pauses, default=0.0), 3)}
+
+    def clear(self) -> None:
+        """Start counting afresh."""
+        self.pauses.clear()
 
 
 class WarningCount(logging.Handler):
@@ -624,11 +656,15 @@ def summarise(
         ),
         "rpc_timeouts": timeouts,
         "rpc_timeouts_per_heartbeat": round(timeouts / max(sum(beats), 1), 3),
+        # Timeouts that fired while the agent's own loop ran late and were given another.
+        "rpc_reprieves": sum(x for end in ends for x in end["reprieves"]),
         "failed_heartbeats": failed,
         "loop_lag_ms_p50": round(1000 * max(end["lag_s"]["p50"] for end in ends), 1),
         "loop_lag_ms_p99": round(1000 * max(end["lag_s"]["p99"] for end in ends), 1),
         "loop_lag_ms_max": round(1000 * max(end["lag_s"]["max"] for end in ends), 1),
         "loop_lags_over_rpc_timeout": sum(end["lag_s"]["over_rpc_timeout"] for end in ends),
+        "gc_full_collections": sum(end["gc"]["count"] for end in ends),
+        "gc_full_pause_s_max": max(end["gc"]["max_s"] for end in ends),
         "join_loop_lag_ms_p99": round(1000 * max(j["lag_s"]["p99"] for j in joined), 1),
         "join_loop_lag_ms_max": round(1000 * max(j["lag_s"]["max"] for j in joined), 1),
         "join_held_s": round(max(j["join_held_s"] for j in joined), 1),
@@ -774,11 +810,14 @@ def print_report(rows: list[dict[str, Any]], scale: float) -> None:
         print(
             f"- {r['workers']} workers, {r['kind']}: {r['failed_heartbeats']} failed DHT "
             f"heartbeats, {r['rpc_timeouts']} RPC timeouts ({r['rpc_timeouts_per_heartbeat']:g} "
-            f"per heartbeat), DHT packets/s/worker mean / p95 / max "
+            f"per heartbeat; {r['rpc_reprieves']} more fired late and waited again), "
+            "DHT packets/s/worker mean / p95 / max "
             f"{r['dht_packets_per_worker_s_mean']:g} / {r['dht_packets_per_worker_s_p95']:g} / "
             f"{r['dht_packets_per_worker_s_max']:g} ({r['dht_packets_per_heartbeat']:g} per "
             f"heartbeat), loop lag ms p50 / p99 / max (worst process) "
-            f"{r['loop_lag_ms_p50']:g} / {r['loop_lag_ms_p99']:g} / {r['loop_lag_ms_max']:g}, "
+            f"{r['loop_lag_ms_p50']:g} / {r['loop_lag_ms_p99']:g} / {r['loop_lag_ms_max']:g} "
+            f"({r['gc_full_collections']} full garbage collections, the longest "
+            f"{r['gc_full_pause_s_max']:g} s), "
             f"CPU share of a core: children {r['cpu_share_children']}, parent "
             f"{r['cpu_share_parent']:g}; {_verdict(r)}. During the joins: "
             f"{sum(r['warnings_join'].values())} warnings, loop lag ms p99 / max "

@@ -32,6 +32,7 @@ FIGURES = (
     "coordinator_bytes_s_each",
     "heartbeats_per_worker_min",
     "workers_on_dht",
+    "rpc_reprieves",
 )
 
 
@@ -62,6 +63,9 @@ def test_worker_bench_writes_every_figure_and_the_targets(tmp_path: Path) -> Non
     assert sum(spent.values()) == pytest.approx(rows["agent"]["dht_bytes_per_heartbeat"], abs=5)
     assert rows["agent"]["rpc_bytes_per_heartbeat_top5pct"]
     assert "holders" in rows["agent"]["crawl_queries_per_heartbeat"]
+    # Four services on seven nodes: every node holds every root shard.
+    assert rows["agent"]["shard_levels_held"]["all"] > 0
+    assert rows["agent"]["shard_levels_held"]["level 0"] > 0
     assert rows["edge-only"]["steady_edge_requests"] > 0  # the baseline heartbeats at the edge
     assert data["targets"] == {
         "edge_per_day_20_workers": 25,
