@@ -372,7 +372,7 @@ class DHTNode(Server):  # type: ignore[misc]
             alpha=self.alpha,
             stall=self._stall,
         ).run()
-        self._count_crawl("join", result)
+        self._count_crawl("join", result.queried)
         logger.info(
             "joined through %d of %d peers; %d contacts",
             len(seeds),
@@ -603,7 +603,7 @@ class DHTNode(Server):  # type: ignore[misc]
         asked = random.sample(holders, min(RECHECK_ASKS, len(holders)))
         target = Node(digest)
         replies = await asyncio.gather(*(self.rpc.call_find_node(n, target) for n in asked))
-        self._count_crawl("recheck", CrawlResult(queried=len(asked)))
+        self._count_crawl("recheck", len(asked))
         known = {node.id: node for node in holders}
         answered = False
         for ok, payload in replies:
@@ -611,12 +611,12 @@ class DHTNode(Server):  # type: ignore[misc]
             for node in parse_contacts(payload) if ok else []:
                 if node.id != self.node.id:
                     known.setdefault(node.id, node)
-        if not answered:
-            return []
-        key = int.from_bytes(digest, "big")
-        return heapq.nsmallest(
-            self.settings.replicas, known.values(), key=lambda n: n.long_id ^ key
-        )
+        return self._closest(digest, known.values()) if answered else []
+
+    def _closest(self, digest: bytes, nodes: Iterable[Node]) -> list[Node]:
+        """The `replicas` nodes closest to `digest` among `nodes`, closest first."""
+        target = int.from_bytes(digest, "big")
+        return heapq.nsmallest(self.settings.replicas, nodes, key=lambda n: n.long_id ^ target)
 
     def _cache_holders(self, digest: bytes, holders: list[Node]) -> None:
         # Spread over the last fifth of the TTL: workers that joined together (a mass restart)
@@ -637,10 +637,7 @@ class DHTNode(Server):  # type: ignore[misc]
         newcomers = [node for node in nearby if node.id not in known]
         if not newcomers:
             return holders
-        target = int.from_bytes(digest, "big")
-        closest = heapq.nsmallest(
-            self.settings.replicas, [*holders, *newcomers], key=lambda n: n.long_id ^ target
-        )
+        closest = self._closest(digest, [*holders, *newcomers])
         taken = sum(1 for node in closest if node.id not in known)
         if not taken:
             return holders
@@ -849,11 +846,11 @@ class DHTNode(Server):  # type: ignore[misc]
             patience=self.settings.stall,
             settle=settle,
         ).run()
-        self._count_crawl(purpose, result)
+        self._count_crawl(purpose, result.queried)
         return result
 
-    def _count_crawl(self, purpose: str, result: CrawlResult) -> None:
-        self.crawl_queries[purpose] = self.crawl_queries.get(purpose, 0) + result.queried
+    def _count_crawl(self, purpose: str, queried: int) -> None:
+        self.crawl_queries[purpose] = self.crawl_queries.get(purpose, 0) + queried
 
     # State, as JSON (the library pickles, which runs code on load).
 
