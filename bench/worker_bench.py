@@ -679,7 +679,9 @@ def summarise(
         "cpu_share_parent": round(parent_cpu_share, 3),
         "rpc_bytes_per_heartbeat": _per_beat(rpc, beats),
         # Where the busiest twentieth of the workers (by bytes) spend theirs.
-        "rpc_bytes_per_heartbeat_top5pct": _per_beat(*_busiest(rpc, beats, all_bytes, 0.05)),
+        "rpc_bytes_per_heartbeat_top5pct": _per_beat(
+            [rpc[i] for i in busiest], [beats[i] for i in busiest]
+        ),
         # Who the busiest are: the service shards (by trie level) they hold at the window's end.
         "shard_levels_held": _held_summary(held),
         "shard_levels_held_top5pct": _held_summary([held[i] for i in busiest]),
@@ -697,14 +699,6 @@ def _per_beat(tallies: list[dict[str, int]], beats: list[int], digits: int = 1) 
     total = _merge(tallies)
     per = {name: round(n / max(sum(beats), 1), digits) for name, n in total.items()}
     return dict(sorted(per.items(), key=lambda item: -item[1]))
-
-
-def _busiest(
-    rpc: list[dict[str, int]], beats: list[int], all_bytes: list[int], share: float
-) -> tuple[list[dict[str, int]], list[int]]:
-    """The RPC tallies and heartbeats of the `share` of workers that moved the most bytes."""
-    top = _top(all_bytes, share)
-    return [rpc[i] for i in top], [beats[i] for i in top]
 
 
 def _top(all_bytes: list[int], share: float) -> list[int]:
