@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -84,13 +85,17 @@ class KeyPublish:
     unreachable: int = 0
     asked: int = 0
     local: bool = False
+    # Holders not asked: their copy outlives the next publish (see dht_renew).
+    deferred: int = 0
+    # When the first of the copies the holders now hold lapses (inf: none held).
+    held_until: float = math.inf
 
     @property
     def landed(self) -> bool:
         """Did the key reach the network? Another node must hold it; our own copy counts only
         when there was no other node to ask (a lone node), never for a node cut off from
         every holder it knows."""
-        return self.stored > 0 or (self.local and self.asked == 0)
+        return self.stored > 0 or self.deferred > 0 or (self.local and self.asked == 0)
 
 
 @dataclass
@@ -110,6 +115,23 @@ class PublishReport:
         against it: only where each target finally landed does.
         """
         return bool(self.final) and all(k.landed for k in self.final.values())
+
+    @property
+    def held_until(self) -> float:
+        """When the first copy of the record the network holds lapses, over the worker key and
+        every service: the lease as readers see it, which deferred renewals leave shorter
+        than the record's own."""
+        return min((k.held_until for k in self.final.values()), default=math.inf)
+
+    @property
+    def only_deferred(self) -> bool:
+        """Nobody was asked, because every holder's copy could wait: no news of the network."""
+        return self.asked == 0 and any(k.deferred for k in self.keys)
+
+    @property
+    def asked(self) -> int:
+        """Requests sent to holders, over every key."""
+        return sum(k.asked for k in self.keys)
 
 
 @dataclass
@@ -401,16 +423,22 @@ class DHTNode(Server):  # type: ignore[misc]
 
     # Publishing.
 
-    async def publish(self, record: WorkerRecord) -> PublishReport:
+    async def publish(
+        self, record: WorkerRecord, *, again_within: float | None = None
+    ) -> PublishReport:
         """Store `record` under `worker:<id>` and in one shard per service it offers.
 
-        Raises RecordError if the record is invalid, PublishError if no node stored it.
+        A caller that will publish this worker again within `again_within` seconds lets
+        holders whose copy outlives that wait for it (see dht_renew). Raises RecordError if
+        the record is invalid, PublishError if no node stored it.
         """
         validate(record, self.policy, now=self.clock())
         report = PublishReport()
         own, per_service = await asyncio.gather(
-            self._store_key(shards.worker_key(record.worker_id), record),
-            asyncio.gather(*(self._publish_service(s, record, report) for s in record.services)),
+            self._store_key(shards.worker_key(record.worker_id), record, again_within),
+            asyncio.gather(
+                *(self._publish_service(s, record, report, again_within) for s in record.services)
+            ),
         )
         report.keys.append(own)
         report.final["worker"] = own
@@ -422,7 +450,11 @@ class DHTNode(Server):  # type: ignore[misc]
         return report
 
     async def _publish_service(
-        self, service: str, record: WorkerRecord, report: PublishReport
+        self,
+        service: str,
+        record: WorkerRecord,
+        report: PublishReport,
+        again_within: float | None,
     ) -> list[KeyPublish]:
         slot = (service, record.worker_id)
         level = self._levels.get(slot, 0)
@@ -446,7 +478,8 @@ class DHTNode(Server):  # type: ignore[misc]
                     # to the root: its holders are the busiest nodes of a service).
                     turned_away.append(0)
         while True:
-            outcome = await self._store_key(self._shard_key(service, record, level), record)
+            key = self._shard_key(service, record, level)
+            outcome = await self._store_key(key, record, again_within)
             outcomes.append(outcome)
             if not outcome.full or level >= shards.MAX_LEVEL:
                 break
@@ -473,7 +506,12 @@ class DHTNode(Server):  # type: ignore[misc]
         return shards.service_key(service, shards.shard_for(record.worker_id, level))
 
     async def _store_key(
-        self, key: str, record: WorkerRecord, *, probe: bool = False
+        self,
+        key: str,
+        record: WorkerRecord,
+        again_within: float | None = None,
+        *,
+        probe: bool = False,
     ) -> KeyPublish:
         """Store `record` under `key` on its holders (and here, if we are one of them).
 
@@ -484,16 +522,19 @@ class DHTNode(Server):  # type: ignore[misc]
         value = encode_value(key, [record])
         outcome = KeyPublish(key)
         holders, cached = await self._holders(digest, outcome)
-        rest, missed = holders, 0
-        if probe and len(holders) > 1:
-            first = random.choice(holders)
+        due = holders
+        if again_within is not None:
+            due = self._defer(digest, record, holders, again_within, outcome)
+        rest, missed = due, 0
+        if probe and len(due) > 1:
+            first = random.choice(due)
             missed = await self._store_on([first], digest, value, outcome, record)
             if outcome.full:
                 return outcome
-            rest = [node for node in holders if node is not first]
+            rest = [node for node in due if node is not first]
         missed += await self._store_on(rest, digest, value, outcome, record)
         if missed and cached:
-            # A cached holder is gone: find the current closest and fill in the ones not asked.
+            # A cached holder is gone: find the current closest and fill in the ones not held.
             self._holder_cache.pop(digest, None)
             fresh, _ = await self._holders(digest, outcome)
             asked = {node.id for node in holders}
@@ -508,6 +549,27 @@ class DHTNode(Server):  # type: ignore[misc]
                 outcome.local = True
         logger.debug("stored %s: %s", key, outcome)
         return outcome
+
+    def _defer(
+        self,
+        digest: bytes,
+        record: WorkerRecord,
+        holders: list[Node],
+        again_within: float,
+        outcome: KeyPublish,
+    ) -> list[Node]:
+        """The holders to ask now; the others hold a copy that can wait for the next publish
+        (counted in `outcome` as deferred, with their copies' lapse)."""
+        held, now = self._renewals.holders(digest, record), self.clock()
+        due: list[Node] = []
+        for node in holders:
+            copy = held.get(node.id)
+            if copy is not None and copy.can_wait(record, now, again_within):
+                outcome.deferred += 1
+                outcome.held_until = min(outcome.held_until, copy.expires_at)
+            else:
+                due.append(node)
+        return due
 
     async def _store_on(
         self,
@@ -544,6 +606,7 @@ class DHTNode(Server):  # type: ignore[misc]
                 outcome.refused += 1
             else:
                 outcome.stored += 1
+                outcome.held_until = min(outcome.held_until, record.expires_at)
         return missed
 
     async def _store_one(

@@ -11,6 +11,12 @@ fields differ, answers "unknown" and gets the full STORE.
 
 Only holders that answered one of our STOREs the way our nodes do ("ok", "stale") are sent
 renewals: a stock kademlia node answers STORE with True and would never answer a renew.
+
+A renewal can also wait. A publisher that says when it will publish again (a worker knows its
+heartbeat) skips the holders whose copy will outlive that next publish by half an interval
+and whose load is close to the current one: with the default lease of three heartbeats, each
+holder is renewed every other heartbeat, which halves the renewals that full shards' holders
+receive (the busiest nodes of a large network).
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ RENEW_RPC = "renew"
 # Answers after which the holder holds our record (what a renewal builds on).
 HELD_ANSWERS = frozenset({"ok", "stale"})
 MAX_REMEMBERED = 8192
+# A held copy may wait for the next publish only if it outlives it by this share of the
+# interval (a late heartbeat, a slow publish), and its load is within LOAD_STEP of the
+# current one (a jump in load reaches every holder at once, for readers picking the least
+# loaded).
+WAIT_MARGIN = 0.5
+LOAD_STEP = 0.25
 
 Static = tuple[Any, ...]
 
@@ -94,18 +106,35 @@ class Renewal:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class HeldCopy:
+    """What one holder holds of our record: when its lease ends, and the load it shows."""
+
+    expires_at: float
+    load: float
+
+    def can_wait(self, record: WorkerRecord, now: float, again_within: float) -> bool:
+        """May this holder's renewal to `record` wait for a publish due within `again_within`
+        seconds? Only if the copy outlives that publish with room, and its load is close."""
+        outlives = self.expires_at - now > again_within * (1.0 + WAIT_MARGIN)
+        return outlives and abs(self.load - record.load) < LOAD_STEP
+
+
 class RenewalBook:
     """Which holders hold our current record of a worker under a key (publisher side)."""
 
     def __init__(self, maxsize: int = MAX_REMEMBERED) -> None:
         self.maxsize = maxsize
-        self._held: OrderedDict[tuple[bytes, str], tuple[Static, set[bytes]]] = OrderedDict()
+        self._held: OrderedDict[tuple[bytes, str], tuple[Static, dict[bytes, HeldCopy]]] = (
+            OrderedDict()
+        )
 
-    def holders(self, digest: bytes, record: WorkerRecord) -> set[bytes]:
-        """Ids of holders that can be sent a renewal of `record` under `digest`."""
+    def holders(self, digest: bytes, record: WorkerRecord) -> dict[bytes, HeldCopy]:
+        """The holders that can be sent a renewal of `record` under `digest`, by id, with
+        what each holds."""
         entry = self._held.get((digest, record.worker_id))
         if entry is None or entry[0] != static_part(record):
-            return set()
+            return {}
         return entry[1]
 
     def note(
@@ -115,12 +144,14 @@ class RenewalBook:
         slot = (digest, record.worker_id)
         static = static_part(record)
         entry = self._held.get(slot)
-        held = entry[1] if entry is not None and entry[0] == static else set()
+        held = entry[1] if entry is not None and entry[0] == static else {}
+        copy = HeldCopy(record.expires_at, record.load)
         for node_id, answer in answers:
             if isinstance(answer, str) and answer in HELD_ANSWERS:
-                held.add(node_id)
+                # "stale": it holds a newer one of ours, which lasts at least as long.
+                held[node_id] = copy
             else:
-                held.discard(node_id)
+                held.pop(node_id, None)
         self._held[slot] = (static, held)
         self._held.move_to_end(slot)
         while len(self._held) > self.maxsize:

@@ -11,12 +11,12 @@ import pytest
 
 from dht_bridge import shards
 from dht_bridge.dht import DHTNode
-from dht_bridge.dht_renew import RenewalBook, renewal_args
+from dht_bridge.dht_renew import HeldCopy, RenewalBook, renewal_args
 from dht_bridge.dht_storage import RecordStorage, StoreResult
 from dht_bridge.dht_values import encode_value, key_digest
 from dht_bridge.identity import Identity
 from tests.dht_helpers import start_network, stop_all
-from tests.helpers import POLICY, make_record
+from tests.helpers import POLICY, ManualClock, make_record
 
 
 @pytest.fixture
@@ -119,9 +119,58 @@ def test_only_holders_that_answered_as_our_nodes_do_are_renewed() -> None:
     digest = key_digest("svc:ocr:0")
     ours, stock, full, silent = b"a" * 20, b"b" * 20, b"c" * 20, b"d" * 20
     book.note(digest, record, [(ours, "ok"), (stock, True), (full, "full"), (silent, None)])
-    assert book.holders(digest, record) == {ours}
+    assert book.holders(digest, record).keys() == {ours}
     book.note(digest, record, [(ours, "unknown")])
-    assert book.holders(digest, record) == set()
+    assert book.holders(digest, record) == {}
     book.note(digest, record, [(ours, "stale")])
     moved = dataclasses.replace(record, tunnel_url="https://moved.trycloudflare.com")
-    assert book.holders(digest, moved) == set()  # other fields: nobody holds this one
+    assert book.holders(digest, moved) == {}  # other fields: nobody holds this one
+
+
+def test_a_copy_waits_only_when_it_outlives_the_next_publish_and_shows_a_close_load() -> None:
+    record = make_record(now=1000.0, ttl=90, load=0.5)
+    assert HeldCopy(1060.0, 0.5).can_wait(record, now=1000.0, again_within=33)
+    assert HeldCopy(1060.0, 0.4).can_wait(record, now=1000.0, again_within=33)
+    # Lapses too soon after the next publish, were it late: renewed now.
+    assert not HeldCopy(1045.0, 0.5).can_wait(record, now=1000.0, again_within=33)
+    # Shows a load far from the current one: readers would pick it wrongly for a minute.
+    assert not HeldCopy(1060.0, 0.1).can_wait(record, now=1000.0, again_within=33)
+
+
+async def test_a_publisher_that_says_when_it_publishes_next_renews_every_other_beat() -> None:
+    clock = ManualClock()
+    nodes = await start_network(16, clock=clock)
+    try:
+        identity = Identity.generate()
+        publisher, reader = nodes[3], nodes[11]
+        keys = (shards.worker_key(identity.worker_id), "svc:ocr:0")
+        first = make_record(identity, seq=1, now=clock(), ttl=90)
+        await publisher.publish(first, again_within=33)
+        sent = publisher.rpc.stats.packets_out
+
+        clock.advance(30)
+        second = make_record(identity, seq=2, now=clock(), ttl=90)
+        report = await publisher.publish(second, again_within=33)
+        assert publisher.rpc.stats.packets_out == sent  # every copy outlives the next beat
+        assert report.only_deferred
+        assert report.stored  # held, not lost
+        assert report.held_until == first.expires_at  # what readers can count on
+        assert [r.seq for r in await reader.lookup("ocr")] == [1]
+
+        clock.advance(30)  # the copies of seq 1 now lapse before the beat after next
+        third = make_record(identity, seq=3, now=clock(), ttl=90)
+        report = await publisher.publish(third, again_within=33)
+        assert sum(k.deferred for k in report.keys) == 0
+        assert report.held_until == third.expires_at
+        for key in keys:
+            held = holding(nodes, key, identity.worker_id)
+            assert len(held) >= 8, key
+            assert set(held.values()) == {3}, key
+
+        clock.advance(30)  # a load that jumps reaches every holder at once
+        busy = make_record(identity, seq=4, now=clock(), ttl=90, load=0.9)
+        report = await publisher.publish(busy, again_within=33)
+        assert sum(k.deferred for k in report.keys) == 0
+        assert (await reader.lookup("ocr")) == [busy]
+    finally:
+        await stop_all(nodes)

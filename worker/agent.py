@@ -108,6 +108,9 @@ class WorkerAgent:
         self.identity: Identity | None = None
         self.node: DHTNode | None = None
         self.record: WorkerRecord | None = None
+        # When the first copy the DHT holds of our record lapses: renewals a holder's copy can
+        # wait for leave it older than `record` (see dht_renew).
+        self.dht_lease_until = 0.0
         self.heartbeats = 0
         self.edge: EdgeClient | None = None
         if config.edge_url is not None:
@@ -479,11 +482,14 @@ class WorkerAgent:
         assert self.node is not None
         record = await self._sign_next(ttl=self.config.ttl, advertise=True)
         before = _replies(self.node)
-        await self.node.publish(record)
-        if _replies(self.node) == before:
+        # The next beat comes within the interval and its jitter (or sooner, after a check).
+        again_within = self.config.heartbeat * (1 + self.config.jitter)
+        report = await self.node.publish(record, again_within=again_within)
+        if _replies(self.node) == before and not report.only_deferred:
             # publish() counts our own storage as a holder: cut off from every peer it still
             # "succeeds", and the record would live nowhere but here.
             raise PublishError(f"no other DHT node answered the publish of seq {record.seq}")
+        self.dht_lease_until = min(record.expires_at, report.held_until)
         if self.mode is not Mode.DHT:
             logger.info("worker %s is on the DHT (seq %d)", self.worker_id, record.seq)
         self.record = record
@@ -528,7 +534,7 @@ class WorkerAgent:
             with contextlib.suppress(DHTError, RecordError):
                 await self._enter_dht()
                 return
-        left = (self.record.expires_at if self.record else 0.0) - self.clock()
+        left = self.dht_lease_until - self.clock()
         # The DHT gets most of the lease to recover (a stall, a lost burst of datagrams): an
         # edge request is spent only when half a heartbeat interval of the lease is left.
         margin = self.config.heartbeat / 2
