@@ -23,6 +23,8 @@ DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_DAILY_BUDGET = 100_000  # Cloudflare's free tier: requests a day
 DEFAULT_BOOTSTRAP_PEERS = 8
 DEFAULT_BOOTSTRAP_TTL = 300
+# /topology and /metrics read at most this many records from the registry per request.
+DEFAULT_TOPOLOGY_LIMIT = 5000
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class RouterConfig:
     max_limit: int = 100
     proxy_connect_timeout: float = 3.0
     proxy_read_timeout: float = 60.0
+    topology_limit: int = DEFAULT_TOPOLOGY_LIMIT
 
     @classmethod
     def build(
@@ -86,6 +89,7 @@ class RouterConfig:
             daily_budget=env.get_int("DAILY_BUDGET", DEFAULT_DAILY_BUDGET),
             proxy_connect_timeout=env.get_float("PROXY_CONNECT_TIMEOUT", 3.0),
             proxy_read_timeout=env.get_float("PROXY_READ_TIMEOUT", 60.0),
+            topology_limit=env.get_int("TOPOLOGY_LIMIT", DEFAULT_TOPOLOGY_LIMIT),
         )
         if args is not None:
             config = config.with_options(args)
@@ -113,6 +117,8 @@ class RouterConfig:
             raise ConfigError(f"port {self.port} is not 0..65535")
         if self.cache.ttl <= 0 or self.cache.stale < 0 or self.cache.maxsize < 1:
             raise ConfigError("cache ttl must be > 0, stale >= 0, size >= 1")
+        if self.topology_limit < 1:
+            raise ConfigError("RMA_TOPOLOGY_LIMIT must be at least 1")
         if self.max_body < 1024:
             raise ConfigError("RMA_MAX_BODY must be at least 1024 bytes")
         if self.admin_token is not None and len(self.admin_token) < 16:

@@ -295,8 +295,9 @@ async def topology(request: Request) -> Response:
     """GET /topology: workers, services, regions, load, bootstrap peers, as JSON."""
     state = state_of(request)
     now = state.clock()
+    limit = state.config.topology_limit
     try:
-        records = await state.registry.records(limit=5000)
+        records = await state.registry.records(limit=limit)
     except RegistryError as exc:
         raise BackendUnavailable(f"registry unavailable: {exc}") from exc
     workers = [_worker_view(r, now) for r in records if not r.is_expired(now)]
@@ -316,6 +317,8 @@ async def topology(request: Request) -> Response:
             "regions": regions,
             "coordinators": [{"host": h, "port": p} for h, p in state.config.coordinators],
             "figures": {**figures(state), **mode_counts(records, now)},
+            # The registry holds more than was read: every count above is a lower bound.
+            "truncated": len(records) >= limit,
         }
     )
 
@@ -382,8 +385,11 @@ async def metrics(request: Request) -> Response:
     """GET /metrics: Prometheus text."""
     state = state_of(request)
     counted = dict(figures(state))
+    limit = state.config.topology_limit
     try:
-        counted.update(mode_counts(await state.registry.records(limit=5000), state.clock()))
+        records = await state.registry.records(limit=limit)
+        counted.update(mode_counts(records, state.clock()))
+        counted["topology_truncated"] = int(len(records) >= limit)
     except RegistryError as exc:
         # The counts are left out rather than shown as zero: no registry is not no workers.
         logger.warning("metrics: registry unavailable, no DHT mode counts: %s", exc)

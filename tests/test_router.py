@@ -351,3 +351,21 @@ async def test_metrics_count_requests_by_class(registry: Registry) -> None:
     assert topology["figures"]["dht_servers"] == 1
     assert topology["figures"]["dht_clients"] == 1
     assert json.dumps(topology)
+
+
+async def test_topology_and_metrics_say_when_the_registry_holds_more_than_they_read(
+    registry: Registry,
+) -> None:
+    for service in ("ocr", "gpu", "asr"):
+        await registry.upsert(make_record(services=[service]))
+    small = RouterConfig(topology_limit=2)
+    async with client_for(router_app(registry, config=small)) as client:
+        cut = (await client.get("/topology")).json()
+        cut_metrics = (await client.get("/metrics")).text
+    async with client_for(router_app(registry)) as client:
+        whole = (await client.get("/topology")).json()
+        whole_metrics = (await client.get("/metrics")).text
+    assert (len(cut["workers"]), cut["truncated"]) == (2, True)
+    assert "rma_topology_truncated 1\n" in cut_metrics
+    assert (len(whole["workers"]), whole["truncated"]) == (3, False)
+    assert "rma_topology_truncated 0\n" in whole_metrics

@@ -350,10 +350,13 @@
     const workers = topo.workers || [];
     const live = workers.filter(isLive).length;
     const servers = workers.filter((w) => isLive(w) && isServer(w)).length;
+    // A registry larger than the router reads per request: the counts are lower bounds.
     setFigure(
       "workers",
-      fmt(live),
-      `${fmt(workers.length - live)} left · ${fmt(servers)} DHT servers · ${fmt(live - servers)} clients`
+      topo.truncated ? `≥ ${fmt(live)}` : fmt(live),
+      `${fmt(workers.length - live)} left · ${fmt(servers)} DHT servers · ${fmt(live - servers)} clients` +
+        (topo.truncated ? " · more in the registry than RMA_TOPOLOGY_LIMIT lets the router read" : ""),
+      topo.truncated ? "warn" : ""
     );
 
     const services = Object.entries(topo.services || {}).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
