@@ -108,8 +108,8 @@ class WorkerAgent:
         self.identity: Identity | None = None
         self.node: DHTNode | None = None
         self.record: WorkerRecord | None = None
-        # When the first copy the DHT holds of our record lapses: renewals a holder's copy can
-        # wait for leave it older than `record` (see dht_renew).
+        # When the earliest copy of our record in the DHT lapses: a holder whose renewal waits
+        # for the next beat keeps an older copy than `record` (see dht_renew).
         self.dht_lease_until = 0.0
         self.heartbeats = 0
         self.edge: EdgeClient | None = None
