@@ -83,9 +83,16 @@ REGION_WINDOW_FACTOR = 4
 UPSERT_CHUNK = 256
 SCAN_COUNT = 500
 
-_UPSERT_SCRIPT = Path(__file__).with_name("registry_upsert.lua").read_text("utf-8")
-_HOLD_SCRIPT = Path(__file__).with_name("registry_hold.lua").read_text("utf-8")
-_RELEASE_SCRIPT = Path(__file__).with_name("registry_release.lua").read_text("utf-8")
+
+def _lua(name: str) -> str:
+    """A registry script, after the helpers the scripts share (registry_services.lua)."""
+    shared = Path(__file__).with_name("registry_services.lua").read_text("utf-8")
+    return shared + Path(__file__).with_name(name).read_text("utf-8")
+
+
+_UPSERT_SCRIPT = _lua("registry_upsert.lua")
+_HOLD_SCRIPT = _lua("registry_hold.lua")
+_RELEASE_SCRIPT = _lua("registry_release.lua")
 
 # Service-set score of a held (stale) provider: above every load (0.0-1.0), so that a lookup,
 # which reads the set in score order, lists every fresh provider before any stale one.

@@ -36,13 +36,8 @@ for i = 2, #KEYS do
         redis.call("PEXPIREAT", KEYS[i], hold_until)
       end
       local load = tonumber(record.load) or 0
-      if type(record.services) == "table" then
-        for _, name in ipairs(record.services) do
-          -- Only names that a validated record could carry become key names.
-          if type(name) == "string" and #name <= 32 and not string.find(name, "[^a-z0-9-]") then
-            redis.call("ZADD", ARGV[4] .. name, stale_score + load, worker_id)
-          end
-        end
+      for _, name in ipairs(service_names(record)) do
+        redis.call("ZADD", ARGV[4] .. name, stale_score + load, worker_id)
       end
       redis.call("ZADD", KEYS[1], hold_until, worker_id)
       held = held + 1

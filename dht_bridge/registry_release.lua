@@ -17,18 +17,6 @@
 local now = tonumber(ARGV[1])
 local removed, restored = 0, 0
 
-local function service_names(record)
-  local names = {}
-  if type(record.services) == "table" then
-    for _, name in ipairs(record.services) do
-      if type(name) == "string" and #name <= 32 and not string.find(name, "[^a-z0-9-]") then
-        names[#names + 1] = name
-      end
-    end
-  end
-  return names
-end
-
 for _, worker_id in ipairs(redis.call("ZRANGE", KEYS[1], 0, -1)) do
   local key = ARGV[2] .. worker_id
   local raw = redis.call("GET", key)

@@ -59,16 +59,7 @@ local function replaced_services(raw, seq, tombstone, signature)
   if not supersedes(seq, tombstone, signature, old) then
     return false
   end
-  local names = {}
-  if type(old.services) == "table" then
-    for _, name in ipairs(old.services) do
-      -- Only names that a validated record could carry become key names or event text.
-      if type(name) == "string" and #name <= 32 and not string.find(name, "[^a-z0-9-]") then
-        names[#names + 1] = name
-      end
-    end
-  end
-  return names
+  return service_names(old)
 end
 
 local seq = tonumber(ARGV[2])

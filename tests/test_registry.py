@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -303,6 +304,30 @@ async def test_a_corrupt_value_is_logged_and_treated_as_absent(
     # A corrupt value never blocks a valid record.
     assert await registry.upsert(record) is True
     assert await registry.lookup("ocr") == [record]
+
+
+async def test_names_no_record_could_carry_never_become_keys_or_event_text(
+    registry: Registry,
+) -> None:
+    identity = Identity.generate()
+    old = make_record(identity, seq=1, services=("ocr",))
+    assert await registry.upsert(old)
+    # A value written by something else: the service list the scripts read back is hostile.
+    tampered = {**old.to_dict(), "services": ["ocr", "Bad Name", "x" * 40, 7, 'a"]']}
+    await registry.client.set(registry.worker_key(identity.worker_id), json.dumps(tampered))
+    async with registry.subscribe_events() as events:
+        assert await registry.upsert(make_record(identity, seq=2, services=("gpu",)))
+        (event,) = await _next_events(events, 1)
+    assert event["removed"] == ["ocr"]  # the one real name, and nothing else
+    assert await registry.lookup("ocr") == []
+    # Holding a lapsing record re-adds it to its sets: only under the names a record can carry.
+    lapsing = {**tampered, "seq": 3, "services": ["gpu", "Bad Name", "x" * 40, 7, 'a"]']}
+    await registry.client.set(registry.worker_key(identity.worker_id), json.dumps(lapsing))
+    later = old.expires_at + 600
+    assert await registry.hold([identity.worker_id], lapse_before=later, until=later) == 1
+    bad = [registry.service_key(name) for name in ("Bad Name", "x" * 40, "7", 'a"]')]
+    assert await registry.client.exists(*bad) == 0
+    assert await registry.client.exists(registry.service_key("gpu")) == 1
 
 
 # -- refused records -------------------------------------------------------------------------
