@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dht_bridge.dht import DHTNode
+from dht_bridge.records import WorkerRecord
 from tests.bridge_helpers import (
     SimWorker,
     Swarm,
@@ -83,6 +85,40 @@ async def _joined(workers: list[SimWorker]) -> dict[str, int]:
     return _published_seqs(workers)
 
 
+@dataclass
+class Outage:
+    """What happened while Redis was down, for the journal to hold."""
+
+    tombstones: dict[str, WorkerRecord]  # of the workers that left
+    watch: JournalWatch  # the leavers' and joiners' seqs, and a beat of everyone staying
+
+
+async def churn_during_outage(
+    swarm: Swarm,
+    workers: list[SimWorker],
+    seed: tuple[str, int],
+    services: Sequence[tuple[str, ...]],
+    journal: Path,
+    joined: list[DHTNode],
+) -> Outage:
+    """Redis is down: the first len(services) workers leave (tombstones), as many new ones
+    join offering `services` (their nodes go in `joined`, for the caller to stop), the rest
+    heartbeat on."""
+    at_kill = _published_seqs(workers)
+    leaving = workers[: len(services)]
+    tombstones = {w.worker_id: await swarm.leave(w) for w in leaving}
+    for offered in services:
+        node = await start_node(seeds=[seed])
+        joined.append(node)
+        swarm.add(node, offered)
+    new = swarm.workers[-len(services) :]
+    await swarm.first_beats(new)
+    swarm.start(new)
+    wanted = {**_published_seqs(leaving), **await _joined(new)}
+    staying = {w: seq for w, seq in at_kill.items() if w not in tombstones}
+    return Outage(tombstones, JournalWatch(journal, wanted, staying))
+
+
 async def test_redis_killed_and_restarted_empty_loses_nothing(
     make_redis_server: Callable[[], RedisServer], tmp_path: Path
 ) -> None:
@@ -111,23 +147,13 @@ async def test_redis_killed_and_restarted_empty_loses_nothing(
 
             server.kill()
             await wait_for(lambda: not bridge.redis_up, timeout=10, message="Redis seen down")
-            at_kill = _published_seqs(workers)
-            # During the outage: some leave (tombstones), some join, the rest heartbeat on.
-            tombstones = {}
-            for worker in workers[:CHURN]:
-                tombstones[worker.worker_id] = await swarm.leave(worker)
-            for i in range(CHURN):
-                node = await start_node(seeds=[nodes[0].address])
-                joiners.append(node)
-                swarm.add(node, ("ocr", "gpu") if i % 2 else ("ocr",))
-            new = swarm.workers[-CHURN:]
-            await swarm.first_beats(new)
-            swarm.start(new)
-            staying = {wid: seq for wid, seq in at_kill.items() if wid not in tombstones}
-            expected = {**_published_seqs(workers[:CHURN]), **await _joined(new)}
+            offered = [("ocr", "gpu") if i % 2 else ("ocr",) for i in range(CHURN)]
+            outage = await churn_during_outage(
+                swarm, workers, nodes[0].address, offered, journal, joiners
+            )
+            tombstones = outage.tombstones
             await wait_journaled(
-                JournalWatch(journal, expected, staying),
-                "the outage's changes and a round of heartbeats journaled",
+                outage.watch, "the outage's changes and a round of heartbeats journaled"
             )
             assert bridge.figures()["rma_bridge_journal_records"] > 0
 
@@ -213,20 +239,12 @@ async def test_a_sigkilled_bridge_loses_nothing_that_reached_its_journal(
                 message=f"workers in Redis through the bridge process; log: {_tail(log)}",
             )
             server.kill()
-            at_kill = _published_seqs(workers)
-            tombstones = {w.worker_id: await swarm.leave(w) for w in workers[:3]}
-            for _ in range(3):
-                node = await start_node(seeds=[nodes[0].address])
-                joined.append(node)
-                swarm.add(node, ("ocr",))
-            new: list[SimWorker] = swarm.workers[-3:]
-            await swarm.first_beats(new)
-            swarm.start(new)
-            staying = {wid: seq for wid, seq in at_kill.items() if wid not in tombstones}
-            expected = {**_published_seqs(workers[:3]), **await _joined(new)}
+            outage = await churn_during_outage(
+                swarm, workers, nodes[0].address, [("ocr",)] * 3, journal, joined
+            )
+            tombstones = outage.tombstones
             await wait_journaled(
-                JournalWatch(journal, expected, staying),
-                f"the outage journaled by the process; log: {_tail(log)}",
+                outage.watch, f"the outage journaled by the process; log: {_tail(log)}"
             )
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
