@@ -42,6 +42,7 @@ from dht_bridge.bridge_metrics import BridgeCounters
 from dht_bridge.dht import DHTNode
 from dht_bridge.errors import BootstrapError, DHTError, RecordError, RecordExpired, RegistryError
 from dht_bridge.journal import Journal
+from dht_bridge.preservation import SelfPreservation
 from dht_bridge.records import (
     SERVICE_RE,
     WorkerRecord,
@@ -146,7 +147,7 @@ class Bridge:
         self._to_publish: dict[str, WorkerRecord] = {}
         self.redis_up = False
         self.dht_up = False
-        self.preserving = False
+        self.preservation = SelfPreservation(registry, self.settings, self.counters)
         self._stop = asyncio.Event()
         self._wake_flush = asyncio.Event()
         self._wake_sync = asyncio.Event()
@@ -231,6 +232,11 @@ class Bridge:
         return seconds * self._rng.uniform(0.9, 1.1)
 
     # -- figures ---------------------------------------------------------------------------
+
+    @property
+    def preserving(self) -> bool:
+        """Is self-preservation holding leases in Redis (see preservation)?"""
+        return self.preservation.active
 
     def figures(self) -> dict[str, float]:
         """Every exported figure by metric name (see bridge_metrics.METRICS)."""
@@ -724,25 +730,11 @@ class Bridge:
         merge_into(view, [r for r in found if isinstance(r, WorkerRecord)], now=now)
 
     async def _release_holds(self) -> None:
-        """After a full pass with the DHT back: end the holds (records whose lease ended go,
-        the rest are fresh again). Also ends holds a dead or cut-off bridge left behind."""
+        """After a full pass with the DHT back: end the holds (see preservation)."""
         try:
-            if not (self.preserving or await self.registry.held_count()):
-                return
-            removed, restored = await self.registry.release()
+            await self.preservation.release()
         except RegistryError as exc:
             self._mark_redis_down(exc)
-            return
-        self.counters.released += removed
-        if self.preserving:
-            logger.warning(
-                "self-preservation OFF: DHT back; %d held records whose lease ended removed, "
-                "%d fresh again",
-                removed,
-                restored,
-            )
-        self.preserving = False
-        self.counters.held = 0
 
     async def _preserve_round(self) -> None:
         """While the DHT side is lost, judge self-preservation every sync interval. Its own
@@ -753,53 +745,9 @@ class Bridge:
             return
         try:
             stored = await self.registry.records(limit=self.settings.max_records)
+            await self.preservation.judge(stored, self.clock())
         except RegistryError as exc:
             self._mark_redis_down(exc)
-            return
-        await self._hold_lapsing(stored, self.clock())
-
-    async def _hold_lapsing(self, stored: list[WorkerRecord], now: float) -> None:
-        """If the leases lapsing before the next round are more than the stale share of the
-        live ones (or preservation is already on), hold every lease that would lapse before
-        the hold ends."""
-        live = [r for r in stored if r.live]
-        # The next round may come up to a tenth later (jitter): look that far, and more.
-        horizon = now + 1.5 * self.settings.sync_interval
-        lapsing = [r.worker_id for r in live if r.expires_at < horizon]
-        if not live:
-            return
-        share = len(lapsing) / len(live)
-        if not self.preserving and share <= self.settings.stale_share:
-            logger.debug(
-                "%d of %d leases lapse soon (%.0f%%): below the self-preservation share, "
-                "letting them lapse",
-                len(lapsing),
-                len(live),
-                100 * share,
-            )
-            return
-        # Hold all that would lapse before the hold itself ends, not only before the next
-        # round: a round that comes late (a busy loop, a slow Redis) must find nothing lapsed.
-        until = now + self.settings.hold_intervals * self.settings.sync_interval
-        held = [r.worker_id for r in live if r.expires_at < until]
-        try:
-            await self.registry.hold(held, lapse_before=until, until=until)
-            self.counters.held = await self.registry.held_count()
-        except RegistryError as exc:
-            self._mark_redis_down(exc)
-            return
-        if not self.preserving:
-            self.preserving = True  # only once the holds are in Redis
-            logger.warning(
-                "self-preservation ON: the DHT side is lost and %d of %d leases (%.0f%% > "
-                "%.0f%%) would lapse within %.0f s; keeping them in Redis, marked stale, until "
-                "the DHT is back",
-                len(lapsing),
-                len(live),
-                100 * share,
-                100 * self.settings.stale_share,
-                horizon - now,
-            )
 
     def _forget(self, now: float) -> None:
         """Drop what expired from the bridge's memory, and services nobody offers any more."""
