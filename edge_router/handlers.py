@@ -295,9 +295,8 @@ async def topology(request: Request) -> Response:
     """GET /topology: workers, services, regions, load, bootstrap peers, as JSON."""
     state = state_of(request)
     now = state.clock()
-    limit = state.config.topology_limit
     try:
-        records = await state.registry.records(limit=limit)
+        records, truncated = await _registry_records(state)
     except RegistryError as exc:
         raise BackendUnavailable(f"registry unavailable: {exc}") from exc
     workers = [_worker_view(r, now) for r in records if not r.is_expired(now)]
@@ -318,9 +317,17 @@ async def topology(request: Request) -> Response:
             "coordinators": [{"host": h, "port": p} for h, p in state.config.coordinators],
             "figures": {**figures(state), **mode_counts(records, now)},
             # The registry holds more than was read: every count above is a lower bound.
-            "truncated": len(records) >= limit,
+            "truncated": truncated,
         }
     )
+
+
+async def _registry_records(state: RouterState) -> tuple[list[WorkerRecord], bool]:
+    """What the introspection pages read of the registry (up to RMA_TOPOLOGY_LIMIT records),
+    and whether it holds more. Raises RegistryError."""
+    limit = state.config.topology_limit
+    records = await state.registry.records(limit=limit)
+    return records, len(records) >= limit
 
 
 def _worker_view(record: WorkerRecord, now: float) -> dict[str, Any]:
@@ -385,11 +392,10 @@ async def metrics(request: Request) -> Response:
     """GET /metrics: Prometheus text."""
     state = state_of(request)
     counted = dict(figures(state))
-    limit = state.config.topology_limit
     try:
-        records = await state.registry.records(limit=limit)
+        records, truncated = await _registry_records(state)
         counted.update(mode_counts(records, state.clock()))
-        counted["topology_truncated"] = int(len(records) >= limit)
+        counted["topology_truncated"] = int(truncated)
     except RegistryError as exc:
         # The counts are left out rather than shown as zero: no registry is not no workers.
         logger.warning("metrics: registry unavailable, no DHT mode counts: %s", exc)
