@@ -537,8 +537,8 @@ class DHTNode(Server):  # type: ignore[misc]
             # A cached holder is gone: find the current closest and fill in the ones not held.
             self._holder_cache.pop(digest, None)
             fresh, _ = await self._holders(digest, outcome)
-            asked = {node.id for node in holders}
-            fill = [n for n in fresh if n.id not in asked]
+            known = {node.id for node in holders}  # asked, or holding a copy that waits
+            fill = [n for n in fresh if n.id not in known]
             await self._store_on(fill, digest, value, outcome, record)
             holders = fresh
         if self._stores_locally(digest, holders):
