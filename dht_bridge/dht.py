@@ -26,6 +26,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dht_bridge import dht_reach, shards
+from dht_bridge.backoff import Backoff
 from dht_bridge.dht_crawl import Crawl, CrawlResult, parse_contacts
 from dht_bridge.dht_protocol import RMAProtocol
 from dht_bridge.dht_renew import RenewalBook, renewal_args
@@ -201,6 +202,10 @@ class DHTNode(Server):  # type: ignore[misc]
         self._publishes: dict[tuple[str, str], int] = {}
         self._depth_hint: dict[str, int] = {}
         self._maintenance: asyncio.Task[None] | None = None
+        # The address bound at `listen`: a socket that closes under us is reopened there.
+        self._bound: tuple[str, int] | None = None
+        self._reopening: asyncio.Task[None] | None = None
+        self.reopened = 0
         # Heartbeats re-store to the holders the last crawl found instead of crawling again.
         self._holder_cache: OrderedDict[bytes, tuple[float, list[Node]]] = OrderedDict()
         # Contacts asked by our crawls, by why we crawled ("holders", "refresh", "read", ...):
@@ -230,6 +235,8 @@ class DHTNode(Server):  # type: ignore[misc]
             self._create_protocol, (host, self.settings.port if port is None else port)
         )
         self._widen_receive_buffer()
+        self._bound = self.address
+        self.protocol.on_lost = self._socket_lost
         self._maintenance = loop.create_task(self._maintain(), name="dht-maintenance")
         logger.info(
             "DHT node %s listening on %s:%d (%s mode)",
@@ -237,6 +244,42 @@ class DHTNode(Server):  # type: ignore[misc]
             *self.address,
             self.mode,
         )
+
+    @property
+    def listening(self) -> bool:
+        """Is the node's socket open? False while a socket that closed is being reopened."""
+        return self.protocol is not None and self.protocol.listening
+
+    def _socket_lost(self, exc: Exception | None) -> None:
+        if self._reopening is None or self._reopening.done():
+            self._reopening = asyncio.get_running_loop().create_task(
+                self._reopen(), name="dht-reopen"
+            )
+
+    async def _reopen(self) -> None:
+        """Bind the address we had again, with the same protocol (routing table, storage and
+        pending requests kept): peers know us at that address."""
+        protocol, bound = self.protocol, self._bound
+        if protocol is None or bound is None:
+            return
+        backoff = Backoff(start=0.05, maximum=5.0)
+        while True:
+            try:
+                self.transport, _ = await self._endpoint(lambda: protocol, bound)
+            except OSError as exc:
+                delay = backoff.next()
+                logger.warning(
+                    "cannot reopen the DHT socket on %s:%d (%s); again in %.1fs",
+                    *bound,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self._widen_receive_buffer()
+            self.reopened += 1
+            logger.warning("DHT socket reopened on %s:%d", *bound)
+            return
 
     def _widen_receive_buffer(self) -> None:
         # Bursts (a lookup storm, a mass rejoin) overflow the default ~200 KB buffer and the
@@ -321,11 +364,19 @@ class DHTNode(Server):  # type: ignore[misc]
         """Synchronous close, for the library's callers; prefer `aclose`."""
         if self._maintenance is not None:
             self._maintenance.cancel()
-        if self.transport is not None:
+        if self._reopening is not None:
+            self._reopening.cancel()
+        if self.protocol is not None:
+            self.protocol.close()
+        elif self.transport is not None:
             self.transport.close()
 
     async def aclose(self) -> None:
         """Stop maintenance, cancel owned tasks and pending requests, close the socket."""
+        if self._reopening is not None:
+            self._reopening.cancel()
+            await asyncio.gather(self._reopening, return_exceptions=True)
+            self._reopening = None
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from kademlia.node import Node
 
+from dht_bridge.dht_address import contact_address
 from dht_bridge.dht_protocol import RMAProtocol
 
 logger = logging.getLogger(__name__)
@@ -181,19 +182,20 @@ class Crawl:
 
 
 def parse_contacts(payload: Any) -> list[Node]:
-    """Contacts from a FIND_NODE reply; entries not shaped (20-byte id, host, port) are skipped."""
+    """Contacts from a FIND_NODE reply; entries not shaped (20-byte id, IP literal, port) are
+    skipped, so a hostile answer cannot hand us an address (see dht_address)."""
     nodes: list[Node] = []
     if not isinstance(payload, list):
         return nodes
     for item in payload[:64]:
-        if (
+        if not (
             isinstance(item, list | tuple)
             and len(item) == 3
             and isinstance(item[0], bytes)
             and len(item[0]) == 20
-            and isinstance(item[1], str)
-            and isinstance(item[2], int)
-            and 0 < item[2] < 65536
         ):
-            nodes.append(Node(item[0], item[1], item[2]))
+            continue
+        address = contact_address(item[1], item[2])
+        if address is not None:
+            nodes.append(Node(item[0], *address))
     return nodes

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
 from dht_bridge import dht_reach
+from dht_bridge.dht_address import sendable
 from dht_bridge.dht_renew import RENEW_RPC
 from dht_bridge.dht_routing import RMARoutingTable
 from dht_bridge.dht_rtt import RoundTrips
@@ -85,6 +87,9 @@ class TrafficStats:
     # Timeouts that fired while our own loop ran late, and were given one more timeout.
     reprieves: int = 0
     malformed: int = 0
+    # Datagrams not sent: their address is no contact's (see dht_address), or the socket
+    # refused them. Either way one peer's problem, never the socket's.
+    unsendable: int = 0
     stores_pushed: int = 0
     # Requests left unanswered in client mode: a server that treats us as a contact.
     ignored: int = 0
@@ -115,6 +120,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         client: bool = False,
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=rpc_timeout)
+        self.transport: asyncio.DatagramTransport | None = None
         # Client mode: see the module docstring. Switched at run time by the node.
         self.client = client
         # Set while answering a request from a client-mode node: its sender is not a contact.
@@ -130,6 +136,29 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         self._bounds: dict[bytes, int | None] = {}
         self._bounds_version = -1
+        self._family = socket.AF_INET
+        self._closing = False
+        # Called when the transport closes without `aclose` (the node reopens it).
+        self.on_lost: Callable[[Exception | None], None] | None = None
+
+    def connection_made(self, transport: asyncio.DatagramTransport) -> None:
+        """Take a (new) transport; remember its family to check addresses against."""
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self._family = sock.family if sock is not None else socket.AF_INET
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket closed: on purpose after `aclose`, otherwise tell the node."""
+        if self._closing:
+            return
+        logger.warning("DHT socket closed unexpectedly: %r", exc)
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    @property
+    def listening(self) -> bool:
+        """Is the socket open?"""
+        return self.transport is not None and not self.transport.is_closing()
 
     def __getattr__(self, name: str) -> Any:
         # The library turns any unknown attribute into a remote call; a typo should be an error.
@@ -170,6 +199,11 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             if not pending.future.done():
                 pending.future.set_result((False, None))
         self._outstanding.clear()
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket on purpose (the node does not reopen it)."""
+        self._closing = True
         if self.transport is not None:
             self.transport.close()
 
@@ -244,13 +278,26 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if not pending.future.done():
             pending.future.set_result((True, payload))
 
-    def _send(self, datagram: bytes, addr: Address, name: str) -> None:
+    def _send(self, datagram: bytes, addr: Address, name: str) -> bool:
+        """Send one datagram; False when it was not sent (no socket, or no address)."""
         if self.transport is None or self.transport.is_closing():
-            return
+            return False
+        target = sendable(addr, self._family)
+        if target is None:
+            # asyncio closes the transport on any non-OSError from sendto: never pass it one.
+            self.stats.unsendable += 1
+            logger.debug("not sending %s to %r: no contact address", name, addr)
+            return False
+        try:
+            self.transport.sendto(datagram, target)
+        except Exception as exc:  # a transport (a test's, a wrapper) that raises
+            self.stats.unsendable += 1
+            logger.debug("sending %s to %s failed: %r", name, target, exc)
+            return False
         self.stats.packets_out += 1
         self.stats.bytes_out += len(datagram)
         self.stats.count_rpc(name, len(datagram))
-        self.transport.sendto(datagram, addr)
+        return True
 
     # Outbound requests.
 
@@ -261,13 +308,22 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         body = msgpack.packb([name, list(args)])
         if len(body) > MAX_DATAGRAM_BODY:
             raise ValueError(f"{name} request of {len(body)} bytes exceeds {MAX_DATAGRAM_BODY}")
+        target = sendable(address, self._family)
+        if target is None:
+            # Not an address a reply could come from; no timeout to wait for.
+            self.stats.unsendable += 1
+            return False, None
         loop = asyncio.get_running_loop()
         msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
         timeout = wait or self._wait_timeout
         timer = loop.call_later(timeout, self._expire, msg_id, loop.time() + timeout)
-        self._outstanding[msg_id] = Pending(future, timer, address, name)
-        self._send(REQUEST + msg_id + body, address, name)
+        # The canonical form: replies are matched against the address the kernel reports.
+        self._outstanding[msg_id] = Pending(future, timer, target, name)
+        if not self._send(REQUEST + msg_id + body, target, name):
+            del self._outstanding[msg_id]
+            timer.cancel()
+            return False, None
         sent = loop.time()
         try:
             reply = await future

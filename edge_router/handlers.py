@@ -374,9 +374,10 @@ async def healthz(request: Request) -> Response:
         redis_ok = True
     except RegistryError:
         redis_ok = False
+    # A node whose socket closed (and is being reopened) answers nobody, whatever it knows.
     dht_ok = (
         state.dht is not None
-        and state.dht.protocol is not None
+        and state.dht.listening
         and (len(state.dht.rpc.router) > 0 or not state.config.dht_bootstrap)
     )
     status = "ok" if redis_ok and (dht_ok or state.dht is None) else "degraded"

@@ -191,9 +191,9 @@ class Partition:
         protocol = node.rpc
         send, receive = protocol._send, protocol.datagram_received
 
-        def guarded_send(datagram: bytes, addr: tuple[str, int], name: str) -> None:
-            if not self.cut:
-                send(datagram, addr, name)
+        def guarded_send(datagram: bytes, addr: tuple[str, int], name: str) -> bool:
+            # A datagram lost on the wire was still sent, as far as the sender can tell.
+            return True if self.cut else send(datagram, addr, name)
 
         def guarded_receive(data: bytes, addr: tuple[str, int]) -> None:
             if not self.cut:

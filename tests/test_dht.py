@@ -317,8 +317,9 @@ async def test_a_holder_lookup_waits_for_a_slow_node_among_the_closest() -> None
         delay = TEST_SETTINGS.stall * 4
         assert delay < TEST_SETTINGS.rpc_timeout
 
-        def late(datagram: bytes, addr: tuple[str, int], name: str) -> None:
+        def late(datagram: bytes, addr: tuple[str, int], name: str) -> bool:
             loop.call_later(delay, send, datagram, addr, name)
+            return True
 
         slow.rpc._send = late  # type: ignore[method-assign]
         holders, _ = await searcher._holders(target)
