@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dht_bridge.backoff import Backoff  # noqa: E402
-from dht_bridge.bridge import Bridge, BridgeSettings  # noqa: E402
-from dht_bridge.dht import DHTNode  # noqa: E402
+from dht_bridge.backoff import ExponentialBackoff  # noqa: E402
+from dht_bridge.bridge.bridge import Bridge, BridgeSettings  # noqa: E402
+from dht_bridge.bridge.journal import Journal  # noqa: E402
+from dht_bridge.dht.node import DHTNode  # noqa: E402
 from dht_bridge.errors import PublishError, RegistryError  # noqa: E402
 from dht_bridge.identity import Identity  # noqa: E402
-from dht_bridge.journal import Journal  # noqa: E402
 from dht_bridge.records import WorkerRecord, sign_record  # noqa: E402
-from dht_bridge.registry import Registry, open_registry  # noqa: E402
+from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
 from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
 from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
 from tests.bridge_helpers import Partition  # noqa: E402
@@ -199,7 +199,7 @@ async def measure(count: int, args: argparse.Namespace, workdir: Path) -> dict[s
             settings=BridgeSettings(
                 sync_interval=args.sync_interval,
                 probe_interval=args.probe_interval,
-                backoff=Backoff(start=0.2, maximum=args.probe_interval * 2, rng=rng),
+                backoff=ExponentialBackoff(base=0.2, cap=args.probe_interval * 2),
             ),
             bootstrap=[first.address],
             services=SERVICES,

@@ -26,9 +26,9 @@ from dht_bench_plan import identity_from_secret, raw_value
 from kademlia.network import Server
 from kademlia.utils import digest
 
-from dht_bridge import shards
-from dht_bridge.dht import DHTNode, KeyPublish, PublishReport
-from dht_bridge.dht_values import key_digest
+from dht_bridge.dht import shards
+from dht_bridge.dht.node import DHTNode, KeyPublish, PublishReport
+from dht_bridge.dht.values import key_digest
 from dht_bridge.errors import BootstrapError, PublishError
 from dht_bridge.records import MAX_LEASE, sign_record
 from dht_bridge.settings import DHTSettings

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dht_bridge.errors import RegistryError  # noqa: E402
-from dht_bridge.registry import Registry, open_registry  # noqa: E402
+from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
 from dht_bridge.settings import RegistrySettings  # noqa: E402
 from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
 from tests.helpers import make_record  # noqa: E402

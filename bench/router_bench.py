@@ -54,10 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dht_bridge.dht import DHTNode  # noqa: E402
+from dht_bridge.dht.node import DHTNode  # noqa: E402
 from dht_bridge.identity import Identity  # noqa: E402
 from dht_bridge.records import WorkerRecord, sign_record  # noqa: E402
-from dht_bridge.registry import Registry, open_registry  # noqa: E402
+from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
 from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
 from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
 from edge_router.app import create_app  # noqa: E402

@@ -39,16 +39,16 @@ from typing import Any
 
 import uvicorn
 
-from dht_bridge import shards
-from dht_bridge.dht import DHTNode
+from dht_bridge.backoff import ExponentialBackoff
+from dht_bridge.dht import shards
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.identity import Identity
-from dht_bridge.registry import open_registry
+from dht_bridge.registry.registry import open_registry
 from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
 from worker.agent import Mode, WorkerAgent
-from worker.backoff import BackoffSettings
 from worker.config import DEFAULT_REACH_INTERVAL, WorkerConfig, worker_dht_settings
 
 logger = logging.getLogger("worker_bench")
@@ -118,7 +118,7 @@ def agent_config(
         # Today's coordinator heartbeat: every 30 s through the edge (the baseline).
         fallback_heartbeat=REAL_HEARTBEAT / scale,
         fallback_ttl=REAL_TTL / scale,
-        retry=BackoffSettings(base=5.0 / scale, cap=300.0 / scale),
+        retry=ExponentialBackoff(base=5.0 / scale, cap=300.0 / scale),
         reach_interval=DEFAULT_REACH_INTERVAL / scale,
         edge_only=edge_only,
     )

@@ -58,3 +58,7 @@ class BootstrapError(DHTError):
 
 class PublishError(DHTError):
     """A record could not be stored on any node."""
+
+
+class NotListening(DHTError):
+    """The DHT node has no socket yet (or any more): `listen` first."""

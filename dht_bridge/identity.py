@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from dht_bridge.errors import IdentityError
 
 WORKER_ID_BYTES = 20
+# What every worker id looks like (see `worker_id_for`); checked before an id becomes a key.
+WORKER_ID_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def worker_id_for(public_key: bytes) -> str:

@@ -159,3 +159,11 @@ def tunnel_policy_from_env(env: Env) -> TunnelPolicy:
         allowed_hosts=env.get_list("TUNNEL_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
         allow_loopback=env.get_bool("TUNNEL_ALLOW_LOOPBACK", False),
     )
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` to a tuple; ValueError names the bad input."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return host.strip("[]"), int(port)

@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RMAError
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from edge_router import handlers, page
 from edge_router.cache import LookupCache
 from edge_router.cloudflare import ClientResolver

@@ -8,8 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from dht_bridge.errors import ConfigError
-from dht_bridge.process import parse_hostport
-from dht_bridge.settings import DHTSettings, Env, RegistrySettings, tunnel_policy_from_env
+from dht_bridge.settings import (
+    DHTSettings,
+    Env,
+    RegistrySettings,
+    parse_hostport,
+    tunnel_policy_from_env,
+)
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.cloudflare import CLOUDFLARE_RANGES
 

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from dht_bridge.dht.mode import DHTMode
 from dht_bridge.records import WorkerRecord
 
-SERVER, CLIENT = "server", "client"
 
-
-def mode_of(record: WorkerRecord) -> str:
+def mode_of(record: WorkerRecord) -> DHTMode:
     """ "server" when the record hands out a DHT address, else "client"."""
-    return SERVER if record.dht_host and record.dht_port else CLIENT
+    return DHTMode.SERVER if record.dht_host and record.dht_port else DHTMode.CLIENT
 
 
 def mode_counts(records: Iterable[WorkerRecord], now: float) -> dict[str, int]:
     """Live, unexpired workers per mode: `{"dht_servers": n, "dht_clients": m}`."""
-    counts = {SERVER: 0, CLIENT: 0}
+    counts = {DHTMode.SERVER: 0, DHTMode.CLIENT: 0}
     for record in records:
         if record.live and not record.is_expired(now):
             counts[mode_of(record)] += 1
-    return {"dht_servers": counts[SERVER], "dht_clients": counts[CLIENT]}
+    return {"dht_servers": counts[DHTMode.SERVER], "dht_clients": counts[DHTMode.CLIENT]}

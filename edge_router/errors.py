@@ -11,9 +11,10 @@ from starlette.responses import JSONResponse, Response
 from dht_bridge.errors import (
     ConfigError,
     DHTError,
+    IdentityError,
     RecordError,
     RecordTooLarge,
-    RegistryUnavailable,
+    RegistryError,
     RMAError,
 )
 
@@ -81,13 +82,16 @@ class UpstreamTimeout(RouterError):
     status, code = 504, "gateway_timeout"
 
 
-# Errors of dht_bridge, most specific first.
+# Errors of dht_bridge, most specific first. Every one is mapped here (a test walks them all):
+# a client is told which side failed, never "internal" for an error we raise on purpose.
 _CORE_ERRORS: tuple[tuple[type[RMAError], int, str], ...] = (
     (RecordTooLarge, 413, "too_large"),
     (RecordError, 422, "invalid_record"),
-    (RegistryUnavailable, 503, "registry_unavailable"),
+    (RegistryError, 503, "registry_unavailable"),
     (DHTError, 503, "dht_unavailable"),
-    (ConfigError, 500, "misconfigured"),
+    # The router's own key file or settings: it cannot serve this now, the client did no wrong.
+    (IdentityError, 503, "misconfigured"),
+    (ConfigError, 503, "misconfigured"),
 )
 
 
@@ -110,8 +114,8 @@ def error_response(exc: BaseException, *, headers: dict[str, str] | None = None)
     """`{"error": code, "detail": text}` with the mapped status."""
     status, code = status_for(exc)
     detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
-    if status >= 500 and not isinstance(exc, RMAError):
-        detail = "internal error"  # never leak a traceback's text to a client
+    if status == 500:
+        detail = "internal error"  # an unmapped error: never leak its text to a client
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from typing import Any
 
+from dht_bridge.backoff import Backoff, ExponentialBackoff
 from dht_bridge.errors import RegistryError
 from edge_router.handlers import flush_local
 from edge_router.state import RouterState
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_START = 0.5
-BACKOFF_MAX = 30.0
+RESUBSCRIBE = ExponentialBackoff(base=0.5, cap=30.0)
 
 
 async def listen_for_events(state: RouterState, stop: asyncio.Event) -> None:
@@ -24,12 +23,12 @@ async def listen_for_events(state: RouterState, stop: asyncio.Event) -> None:
     It polls rather than blocks, and is stopped by the flag rather than by cancellation,
     which redis-py's pubsub read does not reliably honour on Python 3.11.
     """
-    delay = BACKOFF_START
+    backoff = Backoff(RESUBSCRIBE)
     while not stop.is_set():
         try:
             async with state.registry.subscribe_events() as events:
                 state.events_connected = True
-                delay = BACKOFF_START
+                backoff.reset()
                 logger.info("listening for events on %s", state.registry.channel)
                 while not stop.is_set():
                     event = await events.get()
@@ -37,12 +36,14 @@ async def listen_for_events(state: RouterState, stop: asyncio.Event) -> None:
                         state.events_received += 1
                         apply_event(state, event)
         except RegistryError as exc:
+            delay = backoff.next()
             logger.warning("events connection lost (%s); retrying in %.1fs", exc, delay)
+        else:
+            delay = backoff.next()
         finally:
             state.events_connected = False
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.5))
-        delay = min(delay * 2, BACKOFF_MAX)
+            await asyncio.wait_for(stop.wait(), delay)
 
 
 def apply_event(state: RouterState, event: dict[str, Any]) -> None:

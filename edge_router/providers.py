@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import DHTError, RegistryUnavailable
 from dht_bridge.records import WorkerRecord
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from edge_router.errors import BackendUnavailable
 
 logger = logging.getLogger(__name__)

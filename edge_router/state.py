@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from edge_router.cache import LookupCache
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig

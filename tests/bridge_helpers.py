@@ -13,14 +13,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dht_bridge.backoff import Backoff
-from dht_bridge.bridge import Bridge, BridgeSettings
-from dht_bridge.dht import DHTNode
+from dht_bridge.backoff import ExponentialBackoff
+from dht_bridge.bridge.bridge import Bridge, BridgeSettings
+from dht_bridge.bridge.journal import Journal
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import DHTError, RegistryError
 from dht_bridge.identity import Identity
-from dht_bridge.journal import Journal
 from dht_bridge.records import WorkerRecord, sign_record, tombstone_for
-from dht_bridge.registry import Registry, open_registry
+from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.dht_helpers import TEST_SETTINGS, start_node
 from tests.helpers import POLICY
@@ -31,7 +31,7 @@ BRIDGE_SETTINGS = BridgeSettings(
     sync_interval=1.0,
     probe_interval=0.5,
     flush_delay=0.02,
-    backoff=Backoff(start=0.1, maximum=0.5),
+    backoff=ExponentialBackoff(base=0.1, cap=0.5),
 )
 SERVICES = ("ocr", "gpu")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.registry import Registry, open_registry
+from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.helpers import POLICY
 from tests.redis_server import TEST_REDIS_TIMEOUT, RedisServer

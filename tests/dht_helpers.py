@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from dht_bridge.dht import DHTNode, PublishReport
+from dht_bridge.dht.node import DHTNode, PublishReport
 from dht_bridge.records import WorkerRecord
 from dht_bridge.settings import DHTSettings
 from tests.helpers import POLICY, ManualClock

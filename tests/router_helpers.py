@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.applications import Starlette
 
-from dht_bridge.dht import DHTNode
-from dht_bridge.registry import Registry
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.registry.registry import Registry
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
 from tests.dht_helpers import ManualClock

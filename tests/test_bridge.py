@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 
-from dht_bridge.bridge_metrics import MetricsServer, render
-from dht_bridge.dht import DHTNode
+from dht_bridge.bridge.metrics import MetricsServer, render
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.identity import Identity
 from dht_bridge.records import tombstone_for
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from tests.bridge_helpers import (
     Swarm,
     missing_in_redis,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.bridge_cli import DEFAULT_METRICS_PORT, BridgeConfig
-from dht_bridge.cli import build_parser
 from dht_bridge.errors import ConfigError
+from rma.cli import build_parser
+from rma.commands.bridge import DEFAULT_METRICS_PORT, BridgeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_python_m_dht_bridge_runs_and_exits_cleanly_on_sigterm(tmp_path: Path) -
     # Embedded registry, no peers: it starts, says it is ready, and stops on SIGTERM with 0.
     state = tmp_path / "state.json"
     command = [
-        *(sys.executable, "-m", "dht_bridge", "--metrics-port", "0"),
+        *(sys.executable, "-m", "rma", "bridge", "--metrics-port", "0"),
         *("--journal", str(tmp_path / "j.jsonl"), "--state-file", str(state), "--service", "ocr"),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMA_")}

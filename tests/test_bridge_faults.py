@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
 from tests.bridge_helpers import (
     SimWorker,
@@ -192,9 +192,9 @@ async def test_redis_killed_and_restarted_empty_loses_nothing(
 def bridge_process(
     *, redis_url: str, dht_port: int, seed: tuple[str, int], journal: Path, log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m dht_bridge` as a child process; SIGKILLed at the end if still running."""
+    """`python -m rma bridge` as a child process; SIGKILLed at the end if still running."""
     command = [
-        *(sys.executable, "-m", "dht_bridge", "--redis-url", redis_url),
+        *(sys.executable, "-m", "rma", "bridge", "--redis-url", redis_url),
         *("--dht-port", str(dht_port), "--bootstrap", f"{seed[0]}:{seed[1]}"),
         *("--journal", str(journal), "--sync-interval", "1", "--probe-interval", "0.5"),
         *("--metrics-port", "-1"),

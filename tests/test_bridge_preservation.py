@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from dht_bridge.records import tombstone_for
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from tests.bridge_helpers import (
     Partition,
     Swarm,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.cli import EXIT_USAGE, build_parser, main
 from dht_bridge.errors import ConfigError
-from dht_bridge.node_cli import NodeConfig
-from dht_bridge.process import parse_hostport
+from dht_bridge.settings import parse_hostport
+from rma.cli import build_parser, main
+from rma.commands.node import NodeConfig
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,23 +65,11 @@ def test_parse_hostport() -> None:
             parse_hostport(bad)
 
 
-def test_missing_subcommand_module_says_not_available(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from dht_bridge import cli
-
-    monkeypatch.setitem(cli.SUBCOMMANDS, "later", ("dht_bridge.no_such_module", "not yet"))
-    with pytest.raises(SystemExit) as info:
-        main(["later"])
-    assert info.value.code == EXIT_USAGE
-    assert "not available" in capsys.readouterr().err
-
-
 def test_rma_node_runs_saves_json_state_and_stops_on_sigterm(tmp_path: Path) -> None:
     state = tmp_path / "node.json"
     env = {**os.environ, "RMA_DHT_PORT": "0", "RMA_STATE_FILE": str(state)}
     with subprocess.Popen(
-        [sys.executable, "-m", "dht_bridge.cli", "node"],
+        [sys.executable, "-m", "rma", "node"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

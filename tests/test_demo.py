@@ -30,7 +30,7 @@ async def demo(workers: int) -> AsyncIterator[str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "dht_bridge.cli",
+        "rma",
         "demo",
         "--workers",
         str(workers),

@@ -16,9 +16,9 @@ import msgpack
 import pytest
 from kademlia.network import Server
 
-from dht_bridge import shards
-from dht_bridge.dht import DHTNode, PublishReport
-from dht_bridge.dht_values import (
+from dht_bridge.dht import shards
+from dht_bridge.dht.node import DHTNode, PublishReport
+from dht_bridge.dht.values import (
     MAX_DATAGRAM_BODY,
     RecordVerifier,
     decode_value,
@@ -597,7 +597,7 @@ async def test_a_lookup_sees_through_a_holder_serving_forged_copies(
     )
     entry = reader.storage._data.get(digest)
     if entry is None:
-        from dht_bridge.dht_storage import _Entry
+        from dht_bridge.dht.storage import _Entry
 
         entry = reader.storage._data[digest] = _Entry(key=shards.service_key("ocr", 0))
     entry.records = {victim.worker_id: forged, other.worker_id: fake_tomb}

@@ -13,11 +13,11 @@ from typing import Any, cast
 import msgpack
 import pytest
 
-from dht_bridge.dht import DHTNode, udp_endpoint
-from dht_bridge.dht_address import contact_address, sendable
-from dht_bridge.dht_crawl import parse_contacts
-from dht_bridge.dht_protocol import RMAProtocol
-from dht_bridge.registry import Registry
+from dht_bridge.dht.address import contact_address, sendable
+from dht_bridge.dht.crawl import parse_contacts
+from dht_bridge.dht.node import DHTNode, udp_endpoint
+from dht_bridge.dht.protocol import RMAProtocol
+from dht_bridge.registry.registry import Registry
 from tests.dht_helpers import TEST_SETTINGS, start_network, stop_all
 from tests.helpers import POLICY, wait_for
 from tests.router_helpers import client_for, router_app

@@ -10,9 +10,10 @@ import msgpack
 import pytest
 from kademlia.node import Node
 
-from dht_bridge import dht, shards
-from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
-from dht_bridge.dht_values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.dht import node as dht
+from dht_bridge.dht import shards
+from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
+from dht_bridge.dht.values import RecordVerifier, decode_value, encode_value, key_digest
 from dht_bridge.identity import Identity
 from tests.dht_helpers import ManualClock, publish_all, start_network, start_node, stop_all
 from tests.helpers import POLICY, make_record

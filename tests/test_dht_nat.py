@@ -13,8 +13,8 @@ from typing import TypeVar
 import pytest
 from kademlia.network import Server
 
-from dht_bridge import shards
-from dht_bridge.dht import CLIENT, SERVER, DHTNode
+from dht_bridge.dht import shards
+from dht_bridge.dht.node import CLIENT, SERVER, DHTNode
 from dht_bridge.records import WorkerRecord
 from tests.dht_helpers import TEST_SETTINGS, start_network, stop_all
 from tests.helpers import POLICY, free_port, make_record, wait_for

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dht_bridge import shards
-from dht_bridge.dht import DHTNode
-from dht_bridge.dht_renew import HeldCopy, RenewalBook, renewal_args
-from dht_bridge.dht_storage import RecordStorage, StoreResult
-from dht_bridge.dht_values import encode_value, key_digest
+from dht_bridge.dht import shards
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.renew import HeldCopy, RenewalBook, renewal_args
+from dht_bridge.dht.storage import RecordStorage, StoreResult
+from dht_bridge.dht.values import encode_value, key_digest
 from dht_bridge.identity import Identity
 from tests.dht_helpers import start_network, stop_all
 from tests.helpers import POLICY, ManualClock, make_record

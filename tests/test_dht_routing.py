@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from kademlia.node import Node
 
-from dht_bridge import shards
-from dht_bridge.dht_routing import RMARoutingTable
-from dht_bridge.dht_values import encode_value, key_digest
+from dht_bridge.dht import shards
+from dht_bridge.dht.routing import RMARoutingTable
+from dht_bridge.dht.values import encode_value, key_digest
 from tests.dht_helpers import start_node, stop_all
 from tests.helpers import make_record, wait_for
 

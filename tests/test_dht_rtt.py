@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from dht_bridge import shards
-from dht_bridge.dht_rtt import RoundTrips
-from dht_bridge.dht_storage import StoreResult
-from dht_bridge.dht_values import encode_value, key_digest
+from dht_bridge.dht import shards
+from dht_bridge.dht.rtt import RoundTrips
+from dht_bridge.dht.storage import StoreResult
+from dht_bridge.dht.values import encode_value, key_digest
 from dht_bridge.errors import ConfigError
 from dht_bridge.settings import DHTSettings
 from tests.dht_helpers import start_network, stop_all

@@ -20,7 +20,7 @@ import pytest
 
 from dht_bridge.errors import RegistryError
 from dht_bridge.records import WorkerRecord
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from tests.bridge_helpers import (
     Swarm,
     fault_registry,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dht_bridge.bridge.journal import Journal
 from dht_bridge.identity import Identity
-from dht_bridge.journal import Journal
 from dht_bridge.records import WorkerRecord, tombstone_for
 from tests.helpers import ManualClock, make_record
 

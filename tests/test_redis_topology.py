@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dht_bridge.errors import ConfigError
-from dht_bridge.redis_topology import Topology, parse_redis_url
+from dht_bridge.registry.topology import Topology, parse_redis_url
 from dht_bridge.settings import Env, RegistrySettings
 
 

@@ -31,7 +31,7 @@ from dht_bridge.errors import (
 )
 from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord, sign_record, supersedes, tombstone_for
-from dht_bridge.registry import EventSubscription, Registry, open_registry
+from dht_bridge.registry.registry import EventSubscription, Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.helpers import POLICY, free_port, make_record, wait_for
 from tests.redis_server import TEST_REDIS_TIMEOUT, RedisServer
@@ -296,7 +296,7 @@ async def test_a_corrupt_value_is_logged_and_treated_as_absent(
     record = make_record()
     await registry.client.set(registry.worker_key(record.worker_id), b"{not json")
     await registry.client.zadd(registry.service_key("ocr"), {record.worker_id: 0.0})
-    with caplog.at_level(logging.WARNING, logger="dht_bridge.registry"):
+    with caplog.at_level(logging.WARNING, logger="dht_bridge.registry.registry"):
         assert await registry.get(record.worker_id) is None
         assert await registry.lookup("ocr") == []
         assert await registry.records() == []
@@ -554,7 +554,7 @@ def test_open_registry_refuses_other_url_schemes() -> None:
 
 async def test_embedded_default_says_it_is_not_durable(caplog: pytest.LogCaptureFixture) -> None:
     """Logic only: the embedded registry announces itself and runs the same merge script."""
-    with caplog.at_level(logging.WARNING, logger="dht_bridge.registry"):
+    with caplog.at_level(logging.WARNING, logger="dht_bridge.registry.registry"):
         registry = _open(None)
     async with registry:
         assert "embedded" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from dht_bridge.registry import open_registry
+from dht_bridge.registry.registry import open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.helpers import POLICY, make_record
 

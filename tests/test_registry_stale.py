@@ -17,7 +17,7 @@ import pytest
 
 from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord, tombstone_for
-from dht_bridge.registry import STALE_SCORE, EventSubscription, Registry, open_registry
+from dht_bridge.registry.registry import STALE_SCORE, EventSubscription, Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.helpers import POLICY, make_record, wait_for
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from dht_bridge.identity import Identity
 from dht_bridge.records import tombstone_for
-from dht_bridge.registry import Registry, open_registry
+from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from edge_router.config import CacheSettings, RouterConfig
 from tests.dht_helpers import ManualClock, publish_all, start_network, stop_all

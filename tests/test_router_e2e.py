@@ -30,11 +30,12 @@ import pytest
 from starlette.applications import Starlette
 
 from dht_bridge.records import WorkerRecord
-from dht_bridge.registry import Registry, open_registry
+from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from rma.exits import Exit
 from tests.helpers import free_port, make_record, wait_for
 from tests.redis_server import TEST_REDIS_TIMEOUT
 from tests.router_helpers import ADMIN_TOKEN
@@ -181,7 +182,6 @@ START_TIMEOUT = 30.0  # a loaded 2-core machine imports slowly
 STOP_TIMEOUT = 15.0  # the events listener notices the stop flag within about a second
 EVENT_TIMEOUT = 10.0
 START_ATTEMPTS = 3  # another process may take the port free_port() handed out
-EXIT_START_FAILED = 3
 
 
 def router_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
@@ -199,7 +199,7 @@ def router_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
 
 
 class RouterProcess:
-    """`python -m dht_bridge.cli router` on a free port, its log in a file."""
+    """`python -m rma router` on a free port, its log in a file."""
 
     def __init__(
         self, name: str, redis_url: str, workdir: Path, extra_env: dict[str, str] | None = None
@@ -220,7 +220,7 @@ class RouterProcess:
         self.port = free_port()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dht_bridge.cli", "router"],
+                [sys.executable, "-m", "rma", "router"],
                 cwd=ROOT,
                 env=router_env(self.redis_url, self.port, **self.extra_env),
                 stdin=subprocess.DEVNULL,
@@ -239,7 +239,7 @@ class RouterProcess:
             assert self.process is not None
             if self.process.poll() is None:
                 return
-            assert self.process.returncode == EXIT_START_FAILED, self.log()
+            assert self.process.returncode == Exit.START_FAILED, self.log()
             self.launch()
         raise AssertionError(f"router {self.name} did not start: {self.log()}")
 
@@ -307,7 +307,7 @@ async def rma_flush(router: RouterProcess, token: str, *args: str) -> tuple[int,
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMA_")}
     env["RMA_ADMIN_TOKEN"] = token
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "dht_bridge.cli", "flush", *args, "--router", router.url),
+        *(sys.executable, "-m", "rma", "flush", *args, "--router", router.url),
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

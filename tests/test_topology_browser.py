@@ -22,7 +22,7 @@ import pytest
 
 from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord, tombstone_for
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from edge_router import handlers
 from edge_router.app import create_app
 from edge_router.config import CacheSettings, RouterConfig

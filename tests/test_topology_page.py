@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from edge_router.page import STATIC_DIR
 from tests.helpers import make_record
 from tests.router_helpers import client_for, router_app

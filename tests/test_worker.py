@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.dht import DHTNode
-from dht_bridge.registry import Registry
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.dht_helpers import TEST_SETTINGS, start_network, start_node, stop_all
 from tests.helpers import POLICY, free_port, make_record, wait_for

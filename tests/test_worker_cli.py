@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.cli import build_parser
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
+from rma.cli import build_parser
 from tests.dht_helpers import start_network, stop_all
 from tests.helpers import wait_for
 from tests.upstreams import serve
@@ -145,6 +145,7 @@ async def test_rma_worker_process_joins_through_the_router_and_leaves_on_sigterm
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
+                "rma",
                 "worker",
                 cwd=ROOT,
                 env=env,

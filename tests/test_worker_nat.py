@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.dht import CLIENT, SERVER, DHTNode
-from dht_bridge.registry import Registry
+from dht_bridge.dht.node import CLIENT, SERVER, DHTNode
+from dht_bridge.registry.registry import Registry
 from tests.dht_helpers import network_of
 from tests.helpers import wait_for
 from tests.udp_nat import UdpNat

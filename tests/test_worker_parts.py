@@ -16,29 +16,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
 from dht_bridge.identity import Identity
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.helpers import POLICY, make_record, wait_for
 from tests.worker_helpers import EDGE_URL, running_edge, worker_config
 from worker.agent import Mode
-from worker.backoff import Backoff, BackoffSettings, jittered
 from worker.discovery import discover
-from worker.edge import EdgeClient, EdgeRefused, EdgeUnavailable, Registered
+from worker.edge import EdgeClient, Registered
+from worker.errors import EdgeRefused, EdgeUnavailable
 from worker.load import HttpLoad, InFlightCounter, StaticLoad
 
 
 def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
-    backoff = Backoff(BackoffSettings(base=1, cap=8, jitter=0.5), random.Random(7))
-    delays = [backoff.next_delay() for _ in range(6)]
+    backoff = Backoff(ExponentialBackoff(base=1, cap=8, jitter=0.5), random.Random(7))
+    delays = [backoff.next() for _ in range(6)]
     for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
         assert ceiling / 2 <= delay <= ceiling
     backoff.reset()
-    assert backoff.next_delay() <= 1
+    assert backoff.next() <= 1
     rng = random.Random(3)
     assert all(27 <= jittered(30, 0.1, rng) <= 33 for _ in range(100))
     with pytest.raises(ValueError, match="backoff"):
-        BackoffSettings(base=2, cap=1)
+        ExponentialBackoff(base=2, cap=1)
 
 
 def edge_with(handler: httpx.MockTransport) -> EdgeClient:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import IdentityError
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 from tests.dht_helpers import start_network, stop_all
 from tests.helpers import wait_for
 from tests.worker_helpers import Edge, router_config, running_edge, worker_config

@@ -1,7 +1,7 @@
 """The Cloudflare Worker (wrangler/) in front of a real `rma router`, both on loopback.
 
 `wrangler dev --local` runs the Worker in workerd (Cloudflare's runtime, offline) with
-ORIGIN_URL pointing at a `python -m edge_router` process that shares its RMA_ORIGIN_SECRET.
+ORIGIN_URL pointing at a `python -m rma router` process that shares its RMA_ORIGIN_SECRET.
 A bootstrap request through the Worker reaches the router once and its repeats come from the
 edge cache; the client address the Worker forwards is what the router hands to a provider;
 a flush through the Worker empties the edge copy.
@@ -121,7 +121,7 @@ class Edge:
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    """`python -m edge_router` and `wrangler dev --local` in front of it, for this module."""
+    """`python -m rma router` and `wrangler dev --local` in front of it, for this module."""
     _wrangler_available()
     work = tmp_path_factory.mktemp("wrangler-e2e")
     router_port, worker_port, inspector_port = free_port(), free_port(), free_port()
@@ -146,7 +146,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         "NO_COLOR": "1",
     }
     router = _launch(
-        "router", [sys.executable, "-m", "edge_router"], cwd=ROOT, env=router_env, logs=work
+        "router", [sys.executable, "-m", "rma", "router"], cwd=ROOT, env=router_env, logs=work
     )
     worker: Process | None = None
     try:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dht_bridge.dht_protocol import RMAProtocol
+from dht_bridge.dht.protocol import RMAProtocol
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 
-from dht_bridge.dht import DHTNode
-from dht_bridge.registry import Registry
+from dht_bridge.backoff import ExponentialBackoff
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.registry.registry import Registry
 from dht_bridge.settings import DHTSettings
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
 from worker.agent import WorkerAgent
-from worker.backoff import BackoffSettings
 from worker.config import WorkerConfig
 
 EDGE_URL = "http://edge.test"
@@ -42,7 +42,7 @@ def worker_config(tmp_path: Path, name: str, **changes: Any) -> WorkerConfig:
         discovery_deadline=1.0,
         fallback_heartbeat=0.5,
         fallback_ttl=1.5,
-        retry=BackoffSettings(base=0.1, cap=0.5),
+        retry=ExponentialBackoff(base=0.1, cap=0.5),
         leave_timeout=3.0,
         edge_timeout=5.0,
     )

@@ -1,7 +1,7 @@
 """The worker agent: join the DHT (asking the edge only when no saved peer answers), heartbeat
 there, register through the edge when the DHT is out of reach, and leave with a tombstone.
 
-Behind NAT a worker is a DHT client (see dht_bridge.dht_protocol): in auto mode it starts as
+Behind NAT a worker is a DHT client (see dht_bridge.dht.protocol): in auto mode it starts as
 one, asks servers whether they can reach it back, and becomes a server only when they can; it
 asks again every `reach_interval` and republishes its record at once when its mode changes."""
 
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 
-from dht_bridge.dht import CLIENT, SERVER, DHTNode, Endpoint, udp_endpoint
-from dht_bridge.dht_reach import Reachability
+from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
+from dht_bridge.dht.node import CLIENT, SERVER, DHTNode, Endpoint, udp_endpoint
+from dht_bridge.dht.reach import Reachability
 from dht_bridge.errors import BootstrapError, DHTError, PublishError, RecordError, RMAError
 from dht_bridge.identity import Identity
-from dht_bridge.process import parse_hostport
 from dht_bridge.records import WorkerRecord, sign_record
-from worker.backoff import Backoff, BackoffSettings, jittered
+from dht_bridge.settings import parse_hostport
 from worker.config import (
     ADVERTISE_AUTO,
     ADVERTISE_NONE,
@@ -35,14 +35,8 @@ from worker.config import (
     WorkerConfig,
 )
 from worker.discovery import Discovery, discover
-from worker.edge import (
-    BootstrapPeers,
-    EdgeClient,
-    EdgeError,
-    EdgeRefused,
-    EdgeUnavailable,
-    Registered,
-)
+from worker.edge import BootstrapPeers, EdgeClient, Registered
+from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError
 from worker.load import HttpLoad, LoadSource, StaticLoad
 from worker.state import LoadStatus, StateFile, WorkerState
 
@@ -59,7 +53,7 @@ EDGE_PEERS_AT_MOST = 4
 SERVICES_LOOKUP_LIMIT = 100
 SEQ_LOOKUP_TIMEOUT = 2.0
 LEAVE_ATTEMPTS = 3
-LEAVE_RETRY = BackoffSettings(base=0.2, cap=1.0)
+LEAVE_RETRY = ExponentialBackoff(base=0.2, cap=1.0)
 
 
 class Mode(enum.Enum):
@@ -70,10 +64,6 @@ class Mode(enum.Enum):
     EDGE = "edge"  # registered through the edge's POST /workers; the DHT is retried
     OFFLINE = "offline"  # neither side took it yet; both are retried
     STOPPED = "stopped"
-
-
-class StartError(RMAError):
-    """The agent could not start (the DHT socket could not be bound)."""
 
 
 class WorkerAgent:
@@ -521,7 +511,7 @@ class WorkerAgent:
                     await self._edge_beat()
             except Exception:  # the loop is the worker's lease: it must outlive any one bug
                 logger.exception("worker heartbeat round failed")
-                self._next_beat = _now() + self._dht_retry.next_delay()
+                self._next_beat = _now() + self._dht_retry.next()
 
     async def _dht_beat(self) -> None:
         assert self.node is not None
@@ -542,7 +532,7 @@ class WorkerAgent:
             # Retrying the DHT longer would let the lease lapse: use the edge meanwhile.
             await self._fall_back(f"the DHT has not taken a heartbeat, lease ends in {left:.1f}s")
             return
-        delay = min(self._dht_retry.next_delay(), max(left - margin, 0.0))
+        delay = min(self._dht_retry.next(), max(left - margin, 0.0))
         logger.info("retrying the DHT in %.1fs (lease ends in %.1fs)", delay, left)
         self._next_beat = _now() + delay
 
@@ -556,7 +546,7 @@ class WorkerAgent:
             logger.warning("%s; registering through the edge", why)
         self.mode = Mode.OFFLINE
         self._next_beat = _now()
-        self._next_dht_try = _now() + self._dht_retry.next_delay()
+        self._next_dht_try = _now() + self._dht_retry.next()
         if self.edge is not None:
             await self._edge_beat()
 
@@ -573,12 +563,12 @@ class WorkerAgent:
                 return True
             except (DHTError, RecordError) as exc:
                 logger.info("joined the DHT but could not publish: %s", exc)
-        self._next_dht_try = _now() + self._dht_retry.next_delay()
+        self._next_dht_try = _now() + self._dht_retry.next()
         return False
 
     async def _edge_beat(self) -> None:
         if self.edge is None:
-            self._next_beat = _now() + self._edge_retry.next_delay()
+            self._next_beat = _now() + self._edge_retry.next()
             return
         for _ in range(2):  # a second try only after the edge said our seq was stale
             record = await self._sign_next(ttl=self.config.fallback_ttl, advertise=False)
@@ -600,7 +590,7 @@ class WorkerAgent:
             interval = jittered(self.config.fallback_heartbeat, self.config.jitter, self.rng)
             self._next_beat = _now() + interval
             return
-        self._next_beat = _now() + self._edge_retry.next_delay()
+        self._next_beat = _now() + self._edge_retry.next()
 
     async def _recover_seq_from_edge(self) -> None:
         """The edge holds a newer record of ours (the state file was lost): find its seq."""
@@ -652,7 +642,7 @@ class WorkerAgent:
         failure = ""
         for attempt in range(LEAVE_ATTEMPTS):
             if attempt:
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(backoff.next())
             try:
                 await self.edge.leave(tombstone)
                 self.state.edge_lease_until = 0.0

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dht_bridge.backoff import ExponentialBackoff
+from dht_bridge.dht.mode import DHTMode
 from dht_bridge.errors import ConfigError, RecordError
 from dht_bridge.identity import Identity
-from dht_bridge.process import parse_hostport
 from dht_bridge.records import MAX_LEASE, REGION_RE, SERVICE_RE, CapabilityValue, sign_record
-from dht_bridge.settings import DHTSettings, Env, tunnel_policy_from_env
+from dht_bridge.settings import DHTSettings, Env, parse_hostport, tunnel_policy_from_env
 from dht_bridge.tunnels import TunnelPolicy
-from worker.backoff import BackoffSettings
 
 DEFAULT_HEARTBEAT = 30.0
 DEFAULT_TTL = 90.0
@@ -59,7 +59,7 @@ ADVERTISE_AUTO = "auto"
 ADVERTISE_NONE = "none"
 # DHT mode: auto lets the reachability check decide (starting as a client, as libp2p does:
 # nobody is handed an address before it is known to answer); server and client force it.
-MODE_AUTO, MODE_SERVER, MODE_CLIENT = "auto", "server", "client"
+MODE_AUTO, MODE_SERVER, MODE_CLIENT = "auto", DHTMode.SERVER, DHTMode.CLIENT
 DHT_MODES = (MODE_AUTO, MODE_SERVER, MODE_CLIENT)
 # How often an auto-mode worker asks again whether it is reachable: a laptop changes networks,
 # a router's port forwarding is switched on. Every check costs each asked server one probe.
@@ -95,7 +95,7 @@ class WorkerConfig:
     discovery_deadline: float = DEFAULT_DISCOVERY_DEADLINE
     fallback_heartbeat: float = DEFAULT_FALLBACK_HEARTBEAT
     fallback_ttl: float = DEFAULT_FALLBACK_TTL
-    retry: BackoffSettings = field(default_factory=BackoffSettings)
+    retry: ExponentialBackoff = field(default_factory=ExponentialBackoff)
     leave_timeout: float = DEFAULT_LEAVE_TIMEOUT
     edge_timeout: float = DEFAULT_EDGE_TIMEOUT
     load: float = 0.0
@@ -218,7 +218,7 @@ class WorkerConfig:
                 fallback_ttl=pick(
                     "fallback_ttl", env.get_float("FALLBACK_TTL", DEFAULT_FALLBACK_TTL)
                 ),
-                retry=BackoffSettings(
+                retry=ExponentialBackoff(
                     base=pick("retry_base", env.get_float("RETRY_BASE", DEFAULT_RETRY_BASE)),
                     cap=pick("retry_cap", env.get_float("RETRY_CAP", DEFAULT_RETRY_CAP)),
                 ),
@@ -233,7 +233,7 @@ class WorkerConfig:
                 capacity=pick("capacity", env.get_int("CAPACITY", 1)),
                 edge_only=bool(opt.get("edge_only")) or env.get_bool("EDGE_ONLY", False),
             )
-        except ValueError as exc:  # BackoffSettings, DHTSettings
+        except ValueError as exc:  # ExponentialBackoff, DHTSettings
             raise ConfigError(str(exc)) from None
 
 

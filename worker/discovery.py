@@ -7,10 +7,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import DHTError
 from dht_bridge.records import WorkerRecord
-from worker.edge import EdgeClient, EdgeError
+from worker.edge import EdgeClient
+from worker.errors import EdgeError
 
 logger = logging.getLogger(__name__)
 

@@ -16,27 +16,12 @@ from typing import Any
 
 import httpx
 
-from dht_bridge.errors import RecordError, RMAError
+from dht_bridge.errors import RecordError
 from dht_bridge.records import WorkerRecord, parse_and_validate
 from dht_bridge.tunnels import TunnelPolicy
+from worker.errors import EdgeRefused, EdgeUnavailable
 
 logger = logging.getLogger(__name__)
-
-
-class EdgeError(RMAError):
-    """The edge did not do what was asked."""
-
-
-class EdgeUnavailable(EdgeError):
-    """The edge could not be reached, or answered with a server error: worth retrying later."""
-
-
-class EdgeRefused(EdgeError):
-    """The edge refused the request (4xx): retrying the same request will not help."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"edge answered {status}: {detail}")
-        self.status = status
 
 
 class Registered(enum.Enum):

@@ -25,14 +25,16 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
-from dht_bridge import dht_reach, shards
-from dht_bridge.backoff import Backoff
-from dht_bridge.dht_crawl import Crawl, CrawlResult, parse_contacts
-from dht_bridge.dht_protocol import RMAProtocol
-from dht_bridge.dht_renew import RenewalBook, renewal_args
-from dht_bridge.dht_storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
-from dht_bridge.dht_values import RecordVerifier, decode_value, encode_value, key_digest
-from dht_bridge.errors import BootstrapError, PublishError
+from dht_bridge.backoff import Backoff, ExponentialBackoff
+from dht_bridge.dht import reach as dht_reach
+from dht_bridge.dht import shards
+from dht_bridge.dht.crawl import Crawl, CrawlResult, parse_contacts
+from dht_bridge.dht.mode import DHTMode
+from dht_bridge.dht.protocol import RMAProtocol
+from dht_bridge.dht.renew import RenewalBook, renewal_args
+from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
+from dht_bridge.dht.values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.errors import BootstrapError, NotListening, PublishError
 from dht_bridge.records import WorkerRecord, merge_into, validate
 from dht_bridge.settings import DHTSettings
 from dht_bridge.tunnels import TunnelPolicy
@@ -54,9 +56,11 @@ MAX_CACHED_HOLDER_SETS = 4096
 RECHECK_ASKS = 2
 # Seconds between maintenance wake-ups (culling lapsed records, refreshing idle buckets).
 MAINTENANCE_TICK = 60.0
-SERVER, CLIENT = "server", "client"
+SERVER, CLIENT = DHTMode.SERVER, DHTMode.CLIENT
 # A `reach` answer needs the server's probe timeout plus two trips: allow this many timeouts.
 REACH_WAIT_FACTOR = 2.5
+# Reopening a socket that closed under us: the port may take a moment to be free again.
+REOPEN_BACKOFF = ExponentialBackoff(base=0.05, cap=5.0)
 
 # Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
 # The default binds a socket; tests put nodes behind a NAT of their own through it.
@@ -262,7 +266,7 @@ class DHTNode(Server):  # type: ignore[misc]
         protocol, bound = self.protocol, self._bound
         if protocol is None or bound is None:
             return
-        backoff = Backoff(start=0.05, maximum=5.0)
+        backoff = Backoff(REOPEN_BACKOFF)
         while True:
             try:
                 self.transport, _ = await self._endpoint(lambda: protocol, bound)
@@ -295,7 +299,7 @@ class DHTNode(Server):  # type: ignore[misc]
     def address(self) -> tuple[str, int]:
         """The (host, port) this node is bound to."""
         if self.transport is None:
-            raise RuntimeError("node is not listening")
+            raise NotListening("the DHT node is not listening")
         sockname = self.transport.get_extra_info("sockname")
         return sockname[0], sockname[1]
 
@@ -303,11 +307,11 @@ class DHTNode(Server):  # type: ignore[misc]
     def rpc(self) -> RMAProtocol:
         """The protocol, once listening."""
         if self.protocol is None:
-            raise RuntimeError("node is not listening")
+            raise NotListening("the DHT node is not listening")
         return self.protocol
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> DHTMode:
         """ "server" or "client"."""
         return CLIENT if self._client else SERVER
 

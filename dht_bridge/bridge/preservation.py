@@ -9,12 +9,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from dht_bridge.bridge_metrics import BridgeCounters
+from dht_bridge.bridge.metrics import BridgeCounters
 from dht_bridge.records import WorkerRecord
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 
 if TYPE_CHECKING:
-    from dht_bridge.bridge import BridgeSettings
+    from dht_bridge.bridge.bridge import BridgeSettings
 
 logger = logging.getLogger(__name__)
 

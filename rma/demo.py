@@ -25,15 +25,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from dht_bridge.bridge import Bridge, BridgeSettings
-from dht_bridge.dht import DHTNode
-from dht_bridge.journal import Journal
-from dht_bridge.registry import Registry, open_registry
+from dht_bridge.bridge.bridge import Bridge, BridgeSettings
+from dht_bridge.bridge.journal import Journal
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
-from edge_router.cli import QuietServer
 from edge_router.config import RouterConfig
+from rma.commands.router import QuietServer
 from worker.agent import WorkerAgent
 from worker.config import WorkerConfig, worker_dht_settings
 

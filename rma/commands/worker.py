@@ -1,4 +1,4 @@
-"""`rma worker` (and `python -m worker`): run a worker agent until SIGTERM/SIGINT."""
+"""`rma worker` (and `python -m rma worker`): run a worker agent until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import asyncio
 import logging
 
 from dht_bridge.errors import IdentityError
-from dht_bridge.process import run_service
-from worker.agent import StartError, WorkerAgent
+from rma.exits import Exit
+from rma.process import run_service
+from worker.agent import WorkerAgent
 from worker.config import (
     DEFAULT_DISCOVERY_DEADLINE,
     DEFAULT_EDGE_TIMEOUT,
@@ -24,10 +25,10 @@ from worker.config import (
     DHT_MODES,
     WorkerConfig,
 )
+from worker.errors import StartError
 
 logger = logging.getLogger(__name__)
 
-EXIT_START_FAILED = 3
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -157,5 +158,5 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> int:
         await agent.run(stop)
     except (StartError, IdentityError) as exc:
         logger.error("worker failed to start: %s", exc)
-        return EXIT_START_FAILED
+        return Exit.START_FAILED
     return 0

@@ -9,10 +9,9 @@ import os
 import httpx
 
 from dht_bridge.errors import ConfigError
+from rma.exits import Exit
 
 logger = logging.getLogger(__name__)
-
-EXIT_FAILURE = 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except httpx.HTTPError as exc:
         logger.error("flush failed: %s: %s", url, exc)
-        return EXIT_FAILURE
+        return Exit.FAILURE
     if response.status_code != 200:
         logger.error("flush refused: %s %s", response.status_code, response.text)
-        return EXIT_FAILURE
+        return Exit.FAILURE
     answer = response.json()
     logger.info(
         "flushed %s entries (%s); other routers told: %s",

@@ -1,4 +1,4 @@
-"""`rma router` (and `python -m edge_router`): the edge router under uvicorn."""
+"""`rma router` (and `python -m rma router`): the edge router under uvicorn."""
 
 from __future__ import annotations
 
@@ -10,16 +10,15 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, RegistryError
-from dht_bridge.process import wait_for_stop_signal
-from dht_bridge.registry import Registry, open_registry
+from dht_bridge.registry.registry import Registry, open_registry
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from rma.exits import Exit
+from rma.process import wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
-
-EXIT_START_FAILED = 3
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +51,7 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
     except OSError as exc:
         logger.error("cannot bind the DHT node to %s:%s: %s", config.dht.host, config.dht.port, exc)
         await registry.aclose()
-        return EXIT_START_FAILED
+        return Exit.START_FAILED
     try:
         await _join(dht, config)
         await _check_registry(registry)
@@ -73,7 +72,7 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-        return 0 if server.started else EXIT_START_FAILED
+        return 0 if server.started else Exit.START_FAILED
     finally:
         await dht.aclose()
         await registry.aclose()

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dht_bridge.errors import RegistryError, RegistryUnavailable
-from dht_bridge.redis_topology import initialize_cluster
+from dht_bridge.registry.topology import initialize_cluster
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dht_bridge.dht import DHTNode
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, ConfigError
-from dht_bridge.process import parse_hostport, run_service
-from dht_bridge.settings import DHTSettings, Env, tunnel_policy_from_env
+from dht_bridge.settings import DHTSettings, Env, parse_hostport, tunnel_policy_from_env
 from dht_bridge.tunnels import TunnelPolicy
+from rma.exits import Exit
+from rma.process import run_service
 
 logger = logging.getLogger(__name__)
 
-EXIT_START_FAILED = 3
 STATE_SAVE_INTERVAL = 60.0
 
 
@@ -80,7 +80,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         await node.listen()
     except OSError as exc:
         logger.error("cannot bind %s:%s: %s", config.dht.host, config.dht.port, exc)
-        return EXIT_START_FAILED
+        return Exit.START_FAILED
     try:
         known = [(str(h), int(p)) for h, p in (saved or {}).get("neighbors", [])]
         peers = list(config.bootstrap) + known

@@ -19,9 +19,9 @@ from typing import Any
 
 import msgpack
 
+from dht_bridge.dht.shards import MAX_LEVEL, belongs
 from dht_bridge.errors import RecordError
 from dht_bridge.records import WorkerRecord, validate_parsed, verify
-from dht_bridge.shards import MAX_LEVEL, belongs
 from dht_bridge.tunnels import TunnelPolicy
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from typing import Any
 
 from kademlia.node import Node
 
-from dht_bridge.dht_address import contact_address
-from dht_bridge.dht_protocol import RMAProtocol
+from dht_bridge.dht.address import contact_address
+from dht_bridge.dht.protocol import RMAProtocol
 
 logger = logging.getLogger(__name__)
 

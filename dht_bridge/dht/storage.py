@@ -11,8 +11,8 @@ from typing import Any
 
 from kademlia.storage import IStorage
 
-from dht_bridge.dht_renew import Renewal
-from dht_bridge.dht_values import (
+from dht_bridge.dht.renew import Renewal
+from dht_bridge.dht.values import (
     MAX_RECORDS_BYTES,
     MAX_VALUE_BYTES,
     DecodedValue,

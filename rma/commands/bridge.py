@@ -1,4 +1,4 @@
-"""`rma bridge` (and `python -m dht_bridge`): a coordinator DHT node kept in sync with Redis."""
+"""`rma bridge` (and `python -m rma bridge`): a coordinator DHT node kept in sync with Redis."""
 
 from __future__ import annotations
 
@@ -13,27 +13,33 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dht_bridge.bridge import (
+from dht_bridge.bridge.bridge import (
     DEFAULT_PROBE_INTERVAL,
     DEFAULT_STALE_SHARE,
     DEFAULT_SYNC_INTERVAL,
     Bridge,
     BridgeSettings,
 )
-from dht_bridge.bridge_metrics import MetricsServer
-from dht_bridge.dht import DHTNode
+from dht_bridge.bridge.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, Journal
+from dht_bridge.bridge.metrics import MetricsServer
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
-from dht_bridge.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, Journal
-from dht_bridge.node_cli import load_state
-from dht_bridge.process import parse_hostport, run_service
 from dht_bridge.records import SERVICE_RE
-from dht_bridge.registry import open_registry
-from dht_bridge.settings import DHTSettings, Env, RegistrySettings, tunnel_policy_from_env
+from dht_bridge.registry.registry import open_registry
+from dht_bridge.settings import (
+    DHTSettings,
+    Env,
+    RegistrySettings,
+    parse_hostport,
+    tunnel_policy_from_env,
+)
 from dht_bridge.tunnels import TunnelPolicy
+from rma.commands.node import load_state
+from rma.exits import Exit
+from rma.process import run_service
 
 logger = logging.getLogger(__name__)
 
-EXIT_START_FAILED = 3
 DEFAULT_JOURNAL = "rma-bridge-journal.jsonl"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9464
@@ -209,13 +215,13 @@ async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
             await node.listen()
         except OSError as exc:
             logger.error("cannot bind %s:%s: %s", config.dht.host, config.dht.port, exc)
-            return EXIT_START_FAILED
+            return Exit.START_FAILED
         stack.push_async_callback(node.aclose)
         try:
             await asyncio.to_thread(journal.open)
         except OSError as exc:
             logger.error("cannot open the journal %s: %s", config.journal, exc)
-            return EXIT_START_FAILED
+            return Exit.START_FAILED
         stack.callback(journal.close)
         if saved:
             node.restore_levels(saved.get("levels"))
@@ -231,7 +237,7 @@ async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
         )
         metrics = await _start_metrics(config, bridge)
         if metrics is False:
-            return EXIT_START_FAILED
+            return Exit.START_FAILED
         if isinstance(metrics, MetricsServer):
             stack.push_async_callback(metrics.aclose)
         if config.state_file is not None:

@@ -40,11 +40,3 @@ def run_service(main: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> in
             await asyncio.gather(watcher, return_exceptions=True)
 
     return asyncio.run(runner())
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` to a tuple; ValueError names the bad input."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not host:port")
-    return host.strip("[]"), int(port)

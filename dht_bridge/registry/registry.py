@@ -49,15 +49,9 @@ from dht_bridge.errors import (
     RegistryError,
     RegistryUnavailable,
 )
+from dht_bridge.identity import WORKER_ID_RE
 from dht_bridge.records import SERVICE_RE, WorkerRecord
-from dht_bridge.redis_topology import (
-    Closer,
-    RedisClient,
-    initialize_cluster,
-    open_client,
-    parse_redis_url,
-)
-from dht_bridge.registry_events import (
+from dht_bridge.registry.events import (
     UNAVAILABLE,
     Event,
     EventSubscription,
@@ -65,6 +59,13 @@ from dht_bridge.registry_events import (
     ShardPubSubOpener,
     describe,
     leaked_transport_error,
+)
+from dht_bridge.registry.topology import (
+    Closer,
+    RedisClient,
+    initialize_cluster,
+    open_client,
+    parse_redis_url,
 )
 from dht_bridge.settings import DEFAULT_REDIS_TIMEOUT, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
@@ -84,20 +85,22 @@ UPSERT_CHUNK = 256
 SCAN_COUNT = 500
 
 
+LUA_DIR = Path(__file__).with_name("lua")
+
+
 def _lua(name: str) -> str:
-    """A registry script, after the helpers the scripts share (registry_services.lua)."""
-    shared = Path(__file__).with_name("registry_services.lua").read_text("utf-8")
-    return shared + Path(__file__).with_name(name).read_text("utf-8")
+    """A registry script, after the helpers the scripts share (lua/services.lua)."""
+    shared = (LUA_DIR / "services.lua").read_text("utf-8")
+    return shared + (LUA_DIR / name).read_text("utf-8")
 
 
-_UPSERT_SCRIPT = _lua("registry_upsert.lua")
-_HOLD_SCRIPT = _lua("registry_hold.lua")
-_RELEASE_SCRIPT = _lua("registry_release.lua")
+_UPSERT_SCRIPT = _lua("upsert.lua")
+_HOLD_SCRIPT = _lua("hold.lua")
+_RELEASE_SCRIPT = _lua("release.lua")
 
 # Service-set score of a held (stale) provider: above every load (0.0-1.0), so that a lookup,
 # which reads the set in score order, lists every fresh provider before any stale one.
 STALE_SCORE = 2.0
-_WORKER_ID = re.compile(r"[0-9a-f]{40}")
 
 # Removes ids whose worker key is gone. Checked and removed in one step: a worker that
 # re-registers between a lookup's read and its prune must not be dropped from the set.
@@ -501,7 +504,7 @@ class Registry:
         `until` by itself (the key's TTL) unless renewed: a bridge that dies does not pin
         records for ever.
         """
-        ids = [wid for wid in dict.fromkeys(worker_ids) if _WORKER_ID.fullmatch(wid)]
+        ids = [wid for wid in dict.fromkeys(worker_ids) if WORKER_ID_RE.fullmatch(wid)]
         if not ids:
             return 0
         held = 0

@@ -6,11 +6,9 @@ import argparse
 import os
 
 from dht_bridge.errors import ConfigError
-from dht_bridge.process import run_service
 from dht_bridge.records import SERVICE_RE
-from edge_router.demo import DemoConfig, run_demo
-
-EXIT_START_FAILED = 3
+from rma.demo import DemoConfig, run_demo
+from rma.process import run_service
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -26,13 +26,13 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
-from dht_bridge import dht_reach
-from dht_bridge.dht_address import sendable
-from dht_bridge.dht_renew import RENEW_RPC
-from dht_bridge.dht_routing import RMARoutingTable
-from dht_bridge.dht_rtt import RoundTrips
-from dht_bridge.dht_storage import RecordStorage
-from dht_bridge.dht_values import MAX_DATAGRAM_BODY
+from dht_bridge.dht import reach as dht_reach
+from dht_bridge.dht.address import sendable
+from dht_bridge.dht.renew import RENEW_RPC
+from dht_bridge.dht.routing import RMARoutingTable
+from dht_bridge.dht.rtt import RoundTrips
+from dht_bridge.dht.storage import RecordStorage
+from dht_bridge.dht.values import MAX_DATAGRAM_BODY
 
 logger = logging.getLogger(__name__)
 

@@ -30,19 +30,19 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from dht_bridge import shards
-from dht_bridge.backoff import Backoff
-from dht_bridge.bridge_metrics import BridgeCounters
-from dht_bridge.dht import DHTNode
+from dht_bridge.backoff import Backoff, BackoffPolicy, ExponentialBackoff
+from dht_bridge.bridge.journal import Journal
+from dht_bridge.bridge.metrics import BridgeCounters
+from dht_bridge.bridge.preservation import SelfPreservation
+from dht_bridge.dht import shards
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, DHTError, RecordError, RecordExpired, RegistryError
-from dht_bridge.journal import Journal
-from dht_bridge.preservation import SelfPreservation
+from dht_bridge.identity import WORKER_ID_RE
 from dht_bridge.records import (
     SERVICE_RE,
     WorkerRecord,
@@ -50,7 +50,7 @@ from dht_bridge.records import (
     supersedes,
     validate_parsed,
 )
-from dht_bridge.registry import Registry
+from dht_bridge.registry.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ MAX_VANISHED_READS = 256
 REMEMBERED_PEERS = 16
 # Services with no record seen on either side for this many sync intervals stop being polled.
 SERVICE_FORGET_INTERVALS = 30
-_WORKER_ID = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class BridgeSettings:
     # A hold lasts this many sync intervals unless renewed, so a dead bridge pins nothing long.
     hold_intervals: float = 3.0
     max_records: int = DEFAULT_MAX_RECORDS
-    backoff: Backoff | None = None
+    backoff: BackoffPolicy = field(default_factory=ExponentialBackoff)
 
     def __post_init__(self) -> None:
         if self.sync_interval <= 0 or self.probe_interval <= 0 or self.flush_delay < 0:
@@ -126,10 +125,9 @@ class Bridge:
         self.clock = clock
         self.counters = BridgeCounters()
         self._rng = rng or random.Random()
-        backoff = self.settings.backoff or Backoff(rng=self._rng)
-        self._redis_backoff = backoff.copy()
-        self._dht_backoff = backoff.copy()
-        self._events_backoff = backoff.copy()
+        self._redis_backoff = Backoff(self.settings.backoff, self._rng)
+        self._dht_backoff = Backoff(self.settings.backoff, self._rng)
+        self._events_backoff = Backoff(self.settings.backoff, self._rng)
         self._alone_logged = False
         self._probe_misses = 0
         self._bootstrap = list(dict.fromkeys(bootstrap))
@@ -535,7 +533,7 @@ class Bridge:
         if event.get("type") != "record" or event.get("origin") == BRIDGE_ORIGIN:
             return
         wid = event.get("worker_id")
-        if not isinstance(wid, str) or not _WORKER_ID.fullmatch(wid):
+        if not isinstance(wid, str) or not WORKER_ID_RE.fullmatch(wid):
             return
         try:
             record = await self.registry.get(wid)
