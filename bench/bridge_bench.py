@@ -52,8 +52,8 @@ from dht_bridge.records import WorkerRecord, sign_record  # noqa: E402
 from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
 from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
 from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
-from tests.bridge_helpers import Partition  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.support.bridge import Partition  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 logger = logging.getLogger("bridge_bench")
 

@@ -42,9 +42,9 @@ from dht_bridge.errors import RegistryError  # noqa: E402
 from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
 from dht_bridge.settings import RegistrySettings  # noqa: E402
 from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
-from tests.helpers import make_record  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
-from tests.redis_topologies import (  # noqa: E402
+from tests.support.helpers import make_record  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.redis_topologies import (  # noqa: E402
     CLUSTER_NODE_TIMEOUT_MS,
     SENTINEL_DOWN_AFTER_MS,
     ClusterTopology,

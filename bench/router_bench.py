@@ -62,7 +62,7 @@ from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
 from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
 from edge_router.app import create_app  # noqa: E402
 from edge_router.config import RouterConfig  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 logger = logging.getLogger("router_bench")
 

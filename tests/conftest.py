@@ -1,5 +1,6 @@
-"""Shared fixtures: our own redis-server (never the one on 6379) and registries on it, and a
-Sentinel deployment and a Cluster, started once per session when a test asks for them."""
+"""Shared fixtures: our own redis-server (never the one on 6379) and registries on it, a
+Sentinel deployment and a Cluster, started once per session when a test asks for them, and
+DHT networks on 127.0.0.1 that are stopped for the test (`network_factory`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
-from tests.helpers import POLICY
-from tests.redis_server import TEST_REDIS_TIMEOUT, RedisServer
-from tests.redis_topologies import ClusterTopology, SentinelTopology
+from tests.support import dht
+from tests.support.helpers import POLICY
+from tests.support.redis_server import TEST_REDIS_TIMEOUT, RedisServer
+from tests.support.redis_topologies import ClusterTopology, SentinelTopology
+
+network_factory = pytest.fixture(dht.network_factory)
 
 # Where the registry's own tests run: `registry_settings` is parametrized over these.
 TOPOLOGIES = ("single", "sentinel", "cluster")

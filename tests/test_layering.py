@@ -20,7 +20,7 @@ ALLOWED = {
 
 def imported_packages(path: Path) -> set[str]:
     """The top-level packages a module imports (at any depth of its code)."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)

@@ -1,0 +1,218 @@
+"""Overflow marks and the depth they carry: the codec, how holders keep and drop a depth, and
+readers with no history reaching every level of a deep service in two rounds of reads."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import msgpack
+import pytest
+from kademlia.node import Node
+
+from dht_bridge.dht import node as dht
+from dht_bridge.dht import shards
+from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
+from dht_bridge.dht.values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.identity import Identity
+from tests.support.dht import (
+    ManualClock,
+    NetworkFactory,
+    publish_all,
+    start_network,
+    start_node,
+    stop_all,
+)
+from tests.support.helpers import POLICY, make_record
+
+ROOT = shards.service_key("ocr", 0)
+DIGEST = key_digest(ROOT)
+
+
+def held_depth(storage: RecordStorage, now: float) -> tuple[bool, int]:
+    """(overflowed, deepest) of the value a holder serves for the root shard."""
+    value = storage.value(DIGEST)
+    if value is None:
+        return False, 0
+    decoded = decode_value(value, digest=DIGEST, verifier=RecordVerifier(POLICY), now=now)
+    return decoded.overflowed(now), decoded.deepest
+
+
+def test_a_mark_carries_its_depth_and_an_old_style_mark_still_decodes() -> None:
+    verifier = RecordVerifier(POLICY)
+    marked = decode_value(
+        encode_value(ROOT, [], 2000.0, 3), digest=DIGEST, verifier=verifier, now=1000.0
+    )
+    assert (marked.overflowed(1000.0), marked.deepest) == (True, 3)
+    plain = decode_value(
+        encode_value(ROOT, [], 2000.0), digest=DIGEST, verifier=verifier, now=1000.0
+    )
+    assert (plain.overflowed(1000.0), plain.deepest) == (True, 0)
+    assert len(msgpack.unpackb(encode_value(ROOT, [], 0.0, 3))) == 3  # no mark: no depth either
+
+
+@pytest.mark.parametrize("depth", [True, -1, shards.MAX_LEVEL + 1, "3", 2.5])
+def test_a_malformed_depth_is_refused(depth: object) -> None:
+    value = msgpack.packb(["rma1", ROOT, [], 2000.0, depth])
+    with pytest.raises(ValueError, match="depth"):
+        decode_value(value, digest=DIGEST, verifier=RecordVerifier(POLICY), now=1000.0)
+
+
+def test_a_holder_keeps_the_deepest_report_until_it_lapses() -> None:
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+
+    def mark(deepest: int) -> StoreResult:
+        return storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, deepest))
+
+    mark(2)
+    assert held_depth(storage, clock()) == (True, 2)
+    mark(3)
+    assert held_depth(storage, clock()) == (True, 3)
+    clock.advance(OVERFLOW_MEMORY / 2)
+    mark(1)  # a shallower report does not hide publishers filed deeper
+    assert held_depth(storage, clock()) == (True, 3)
+    clock.advance(OVERFLOW_MEMORY / 2 + 1)
+    # The level-3 hint was last renewed a memory ago: it lapses, the overflow mark stays.
+    assert held_depth(storage, clock()) == (True, 0)
+    mark(1)
+    assert held_depth(storage, clock()) == (True, 1)
+    clock.advance(OVERFLOW_MEMORY + 1)
+    assert held_depth(storage, clock()) == (False, 0)
+    assert len(storage) == 0
+
+
+def test_a_peer_cannot_pin_a_depth_beyond_the_memory() -> None:
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+    storage.merge(DIGEST, encode_value(ROOT, [], clock() + 100 * OVERFLOW_MEMORY, shards.MAX_LEVEL))
+    clock.advance(OVERFLOW_MEMORY + 1)
+    assert held_depth(storage, clock()) == (False, 0)
+
+
+def test_a_full_shard_keeps_its_depth_while_it_turns_newcomers_away() -> None:
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+    storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, 2))
+    results = [
+        storage.merge(DIGEST, encode_value(ROOT, [make_record(now=clock(), ttl=3000)]))
+        for _ in range(60)
+    ]
+    assert StoreResult.FULL in results
+    assert held_depth(storage, clock()) == (True, 2)
+
+
+async def test_a_cold_reader_reads_a_deep_service_in_two_rounds_and_rises_renew_the_depth(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = ManualClock()
+    nodes = await start_network(24, clock=clock)
+    readers = []
+    try:
+        identities = [Identity.generate() for _ in range(200)]
+        first = [
+            make_record(i, now=clock(), ttl=3000, load=(n % 50) / 50)
+            for n, i in enumerate(identities)
+        ]
+        reports = await publish_all(nodes, first)
+        assert all(report.stored for report in reports)
+        assert max(report.levels["ocr"] for report in reports) >= 2
+
+        async def cold_read() -> dht.LookupReport:
+            reader = await start_node(clock=clock, seeds=[nodes[0].address])
+            readers.append(reader)
+            return await reader.lookup_report("ocr", limit=10)
+
+        top = await cold_read()
+        # The root's holders said how deep publishers filed: every level below was read at once.
+        assert (top.rounds, len(top.providers)) == (2, 10)
+        assert top.shards_read >= 3
+
+        # Ten minutes on, every mark has lapsed. Workers placed below the root heartbeat and
+        # try one level up (every publish here, not every 8th); those turned away renew the
+        # marks, and the deep ones the root's depth (always here, by chance in production).
+        clock.advance(OVERFLOW_MEMORY + 1)
+        monkeypatch.setattr(dht, "RISE_EVERY", 1)
+        monkeypatch.setattr(random, "random", lambda: 0.0)
+        second = [
+            make_record(i, now=clock(), seq=2, ttl=3000, load=(n % 50) / 50)
+            for n, i in enumerate(identities)
+        ]
+        again = await publish_all(nodes, second)
+        assert all(report.stored for report in again)
+        renewed = await cold_read()
+        assert (renewed.rounds, len(renewed.providers)) == (2, 10)
+        assert renewed.shards_read >= 3
+        assert all(r.seq == 2 for r in renewed.providers)
+
+        # A reader whose hint is far too deep reads every level at once, but waits only for
+        # those down to where its path ends: the reads of keys nobody holds are cancelled.
+        stale = await start_node(clock=clock, seeds=[nodes[0].address])
+        readers.append(stale)
+        stale._depth_hint["ocr"] = shards.MAX_LEVEL
+        deep = await stale.lookup_report("ocr", limit=10)
+        assert (deep.rounds, len(deep.providers)) == (1, 10)
+        assert deep.shards_read <= max(report.levels["ocr"] for report in again) + 1
+        assert not [t for t in asyncio.all_tasks() if "_read_key" in repr(t.get_coro())]
+        assert stale._depth_hint["ocr"] == deep.shards_read - 1
+    finally:
+        await stop_all([*nodes, *readers])
+
+
+@pytest.mark.parametrize("region_len", range(33))
+def test_a_shard_filled_to_the_brim_still_takes_its_overflow_mark(region_len: int) -> None:
+    # Records of one size fill a shard to within a few bytes of the datagram limit for some
+    # sizes; the mark (a float and a level) must still fit, or readers never look below.
+    clock = ManualClock()
+    storage = RecordStorage(POLICY, clock=clock)
+    region = "r" * region_len
+    result = StoreResult.OK
+    while result is not StoreResult.FULL:
+        record = make_record(now=clock(), ttl=3000, region=region)
+        result = storage.merge(DIGEST, encode_value(ROOT, [record]))
+        assert result is not StoreResult.INVALID
+    assert held_depth(storage, clock()) == (True, 0)
+    storage.merge(DIGEST, encode_value(ROOT, [], clock() + OVERFLOW_MEMORY, shards.MAX_LEVEL))
+    assert held_depth(storage, clock()) == (True, shards.MAX_LEVEL)
+
+
+async def test_a_rise_refused_by_a_full_parent_sends_the_record_to_one_holder_only(
+    monkeypatch: pytest.MonkeyPatch, network_factory: NetworkFactory
+) -> None:
+    # A parent's holders hold the same set, so one "full" answer says the rest would refuse
+    # too: the record goes to them only when the first had room. The marks still go to all.
+    nodes = await network_factory(16)
+    # One publisher, so that every record goes to the same holders: all fill up alike, and
+    # a newcomer files below.
+    newcomer, publisher = Identity.generate(), nodes[0]
+    for _ in range(60):
+        await publisher.publish(make_record())
+    first = await publisher.publish(make_record(newcomer))
+    assert first.levels["ocr"] == 1
+    sent: list[tuple[bytes, bytes]] = []
+    store = publisher.rpc.call_store
+
+    async def counted(node: Node, key: bytes, value: bytes) -> tuple[bool, object]:
+        sent.append((node.id, value))
+        return await store(node, key, value)
+
+    monkeypatch.setattr(publisher.rpc, "call_store", counted)
+    monkeypatch.setattr(dht, "RISE_EVERY", 1)
+    again = await publisher.publish(make_record(newcomer, seq=2))
+    assert again.levels["ocr"] == 1
+    upper = again.keys[1]
+    assert (upper.key, upper.asked, upper.full) == (ROOT, 1, 1)
+    now = publisher.clock()
+    decoded = [
+        decode_value(v, digest=DIGEST, verifier=RecordVerifier(POLICY), now=now)
+        for _, v in sent
+        if _is_root(v)
+    ]
+    assert sum(1 for d in decoded if d.records) == 1
+    marks = [d for d in decoded if not d.records]
+    holders, _ = await publisher._holders(DIGEST)
+    assert len(marks) == len(holders)
+
+
+def _is_root(value: bytes) -> bool:
+    return bool(msgpack.unpackb(value)[1] == ROOT)

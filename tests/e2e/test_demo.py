@@ -1,0 +1,116 @@
+"""`rma demo` as a user runs it: a real subprocess, ready, looked up, routed through, stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.browser import chromium, require_browser
+from tests.support.helpers import free_port, wait_for
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+READY_DEADLINE = 90.0
+STOP_DEADLINE = 30.0
+
+
+@contextlib.asynccontextmanager
+async def demo(workers: int) -> AsyncIterator[str]:
+    """Run `rma demo` until the test is done; yields the router's URL once it says ready."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RMA_REDIS_URL"}  # the embedded default
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rma",
+        "demo",
+        "--workers",
+        str(workers),
+        "--port",
+        str(port),
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    try:
+        deadline = time.monotonic() + READY_DEADLINE
+        while not any("demo ready" in line for line in log):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "rma demo never said ready:\n" + "".join(log[-20:])
+            line = await asyncio.wait_for(proc.stderr.readline(), remaining)
+            assert line, "rma demo exited early:\n" + "".join(log[-20:])
+            log.append(line.decode(errors="replace"))
+        assert any("widened to loopback" in line for line in log)
+        assert any("NOT durable" in line for line in log)
+        drain = asyncio.ensure_future(_drain(proc.stderr, log))
+        yield f"http://127.0.0.1:{port}"
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), STOP_DEADLINE)
+        await drain
+        assert code == 0, "rma demo did not exit cleanly:\n" + "".join(log[-20:])
+        assert any("stopped cleanly" in line for line in log)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _drain(stream: asyncio.StreamReader, log: list[str]) -> None:
+    while line := await stream.readline():
+        log.append(line.decode(errors="replace"))
+
+
+async def test_demo_with_twenty_workers_looks_up_routes_and_stops_on_sigint() -> None:
+    async with demo(20) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def ocr_count() -> int:
+            answer = await client.get("/services/ocr?limit=50")
+            return len(answer.json()["providers"]) if answer.status_code == 200 else 0
+
+        await wait_for(lambda: _ge(ocr_count(), 10), timeout=30, message="10 ocr providers")
+        routed = await client.post("/route/gpu/hello", content=b"some work")
+        assert routed.status_code == 200
+        assert routed.json()["service"] == "gpu"
+        assert routed.json()["received_bytes"] == 9
+        assert routed.headers["x-rma-worker"]
+        topology = (await client.get("/topology")).json()  # "ready" waited for the registry
+        assert sum(1 for w in topology["workers"] if w["state"] == "live") == 20
+        assert topology["services"] == {"ocr": 10, "gpu": 10}
+
+
+async def _ge(count: object, want: int) -> bool:
+    return int(await count) >= want  # type: ignore[misc]
+
+
+async def test_the_page_of_a_running_demo_draws_its_workers(tmp_path: Path) -> None:
+    binaries = require_browser()
+    async with demo(20) as url, chromium(binaries, tmp_path / "chromium") as browser:
+        await browser.get(f"{url}/?refresh=0.5")
+        drawn: dict[str, object] = {}
+
+        async def all_drawn() -> bool:
+            drawn.update(
+                await browser.run(
+                    "return {workers: document.querySelectorAll('circle.worker').length,"
+                    " text: document.body.innerText};"
+                )
+            )
+            return drawn.get("workers") == 20
+
+        await wait_for(all_drawn, timeout=30, message="the page to draw 20 workers")
+        text = str(drawn["text"]).lower()
+        for figure in ("workers", "services", "cache hit", "edge requests", "bridge lag"):
+            assert figure in text, figure
+        ARTIFACTS.mkdir(exist_ok=True)
+        await browser.screenshot(ARTIFACTS / "demo-topology.png")
+    if not (ARTIFACTS / "demo-topology.png").stat().st_size:
+        pytest.fail("empty screenshot")

@@ -1,0 +1,371 @@
+"""The edge router through its real app: cache states, stampedes, fallbacks, registration,
+admin flush, bootstrap, Cloudflare headers, errors, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+from starlette.requests import Request
+
+from dht_bridge.identity import Identity
+from dht_bridge.records import tombstone_for
+from dht_bridge.registry.registry import Registry, open_registry
+from dht_bridge.settings import RegistrySettings
+from edge_router.config import CacheSettings, RouterConfig
+from tests.support.dht import ManualClock, publish_all, start_network, stop_all
+from tests.support.helpers import POLICY, make_record, wait_for
+from tests.support.redis_server import RedisServer
+from tests.support.router import ADMIN_TOKEN, client_for, router_app
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def private_registry(server: RedisServer) -> Registry:
+    return open_registry(RegistrySettings(redis_url=server.url, timeout=0.5), policy=POLICY)
+
+
+async def test_lookup_moves_through_miss_hit_stale_and_503(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    server = make_redis_server()
+    registry = await private_registry(server)
+    clock = ManualClock(0.0)
+    config = RouterConfig(admin_token=ADMIN_TOKEN, cache=CacheSettings(ttl=5, stale=60))
+    records = [make_record(services=["ocr"], load=load) for load in (0.5, 0.1, 0.3)]
+    for record in records:
+        await registry.upsert(record)
+    try:
+        async with client_for(router_app(registry, config=config, monotonic=clock)) as client:
+            first = await client.get("/services/ocr")
+            assert first.status_code == 200
+            assert first.headers["x-cache"] == "MISS"
+            assert first.json()["source"] == "redis"
+            assert [p["load"] for p in first.json()["providers"]] == [0.1, 0.3, 0.5]
+            assert "stale-if-error=60" in first.headers["cache-control"]
+            assert "stale-while-revalidate" in first.headers["cdn-cache-control"]
+            second = await client.get("/services/ocr?limit=2")
+            assert second.headers["x-cache"] == "HIT"
+            assert second.json()["source"] == "cache"
+            assert len(second.json()["providers"]) == 2
+            clock.advance(6)
+            assert (await client.get("/services/ocr")).headers["x-cache"] == "MISS"
+            server.kill()
+            clock.advance(6)
+            stale = await client.get("/services/ocr")
+            assert stale.status_code == 200
+            assert stale.headers["x-cache"] == "STALE"
+            assert "stale" in stale.headers["warning"].lower()
+            assert len(stale.json()["providers"]) == 3
+            clock.advance(61)
+            gone = await client.get("/services/ocr")
+            assert gone.status_code == 503
+            assert gone.json()["error"] == "unavailable"
+    finally:
+        await registry.aclose()
+
+
+async def test_concurrent_misses_make_one_backend_read(registry: Registry) -> None:
+    await registry.upsert(make_record(services=["gpu"]))
+    app = router_app(registry)
+    state = app.state.rma
+    calls = 0
+    release = asyncio.Event()
+    real_find = state.providers.find
+
+    async def gated_find(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return await real_find(*args, **kwargs)
+
+    state.providers.find = gated_find
+    async with client_for(app) as client:
+        requests = [asyncio.ensure_future(client.get("/services/gpu")) for _ in range(50)]
+        await wait_for(lambda: calls >= 1, timeout=10, message="the first backend read")
+        await asyncio.sleep(0)  # let the other 49 reach the cache
+        release.set()
+        answers = await asyncio.gather(*requests)
+    assert calls == 1
+    assert all(a.status_code == 200 and len(a.json()["providers"]) == 1 for a in answers)
+    assert sorted(a.headers["x-cache"] for a in answers).count("MISS") == 50
+
+
+async def test_lookups_come_from_the_dht_when_redis_is_down(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    server = make_redis_server()
+    registry = await private_registry(server)
+    nodes = await start_network(12)
+    try:
+        records = [make_record(services=["asr"], load=i / 10) for i in range(4)]
+        await publish_all(nodes, records)
+        server.kill()
+        async with client_for(router_app(registry, dht=nodes[0])) as client:
+            answer = await client.get("/services/asr")
+            assert answer.status_code == 200
+            assert answer.json()["source"] == "dht"
+            assert {p["worker_id"] for p in answer.json()["providers"]} == {
+                r.worker_id for r in records
+            }
+            health = await client.get("/healthz")
+            assert health.status_code == 200
+            assert health.json()["redis"] is False
+    finally:
+        await stop_all(nodes)
+        await registry.aclose()
+
+
+async def test_registration_fallback_path(registry: Registry) -> None:
+    identity = Identity.generate()
+    record = make_record(identity, seq=3, services=["ocr"])
+    async with client_for(router_app(registry)) as client:
+        stored = await client.post("/workers", json=record.to_dict())
+        assert stored.status_code == 200
+        assert stored.json() == {
+            "worker_id": record.worker_id,
+            "seq": 3,
+            "applied": True,
+            "stored_in": "redis",
+        }
+        again = await client.post("/workers", json=record.to_dict())
+        assert again.status_code == 409
+        assert again.json()["error"] == "stale_record"
+        assert len((await client.get("/services/ocr")).json()["providers"]) == 1
+        tombstone = tombstone_for(identity, record, now=time.time())
+        wrong = await client.request("DELETE", f"/workers/{'0' * 40}", json=tombstone.to_dict())
+        assert wrong.status_code == 400
+        not_tomb = await client.request(
+            "DELETE", f"/workers/{identity.worker_id}", json=make_record(identity, seq=9).to_dict()
+        )
+        assert not_tomb.status_code == 422
+        left = await client.request(
+            "DELETE", f"/workers/{identity.worker_id}", json=tombstone.to_dict()
+        )
+        assert left.status_code == 200
+        assert (await client.get("/services/ocr")).json()["providers"] == []
+    held = await registry.get(identity.worker_id)
+    assert held is not None
+    assert held.tombstone
+
+
+@pytest.mark.parametrize(
+    "tunnel_url",
+    [
+        "https://127.0.0.1",
+        "https://169.254.169.254/latest/meta-data",
+        "https://10.1.2.3",
+        "https://192.168.0.10:8443",
+        "https://[::1]:443",
+        "http://w1.trycloudflare.com",
+        "https://localhost",
+        "https://internal.example.com",
+    ],
+)
+async def test_ssrf_attempts_are_refused_at_registration(
+    registry: Registry, tunnel_url: str
+) -> None:
+    record = make_record(tunnel_url=tunnel_url)
+    async with client_for(router_app(registry)) as client:
+        answer = await client.post("/workers", json=record.to_dict())
+    assert answer.status_code == 422
+    assert answer.json()["error"] == "invalid_record"
+    assert "tunnel_url" in answer.json()["detail"]
+    assert await registry.get(record.worker_id) is None
+
+
+async def test_bad_bodies_get_clear_errors(registry: Registry) -> None:
+    config = RouterConfig(admin_token=ADMIN_TOKEN, max_body=2048)
+    record = make_record()
+    forged = dataclasses.replace(record, load=0.9).to_dict()
+    async with client_for(router_app(registry, config=config)) as client:
+        too_big = await client.post("/workers", content=b"x" * 4096)
+        assert too_big.status_code == 413
+        assert too_big.json()["error"] == "too_large"
+        bad_json = await client.post("/workers", content=b"{not json")
+        assert bad_json.status_code == 400
+        forged_answer = await client.post("/workers", json=forged)
+        assert forged_answer.status_code == 422
+        assert "signature" in forged_answer.json()["detail"]
+        missing = await client.post("/workers", json={"worker_id": record.worker_id})
+        assert missing.status_code == 422
+        assert (await client.get("/nowhere")).json()["error"] == "not_found"
+        assert (await client.put("/workers")).status_code == 405
+        assert (await client.get("/services/Bad_Name")).status_code == 400
+        assert (await client.get("/services/ocr?limit=0")).status_code == 400
+    assert await registry.get(record.worker_id) is None
+
+
+async def test_flush_requires_the_admin_token(registry: Registry) -> None:
+    await registry.upsert(make_record(services=["ocr"]))
+    async with client_for(router_app(registry)) as client:
+        await client.get("/services/ocr")
+        assert (await client.post("/admin/cache/flush", json={})).status_code == 401
+        wrong = await client.post(
+            "/admin/cache/flush", json={}, headers={"Authorization": "Bearer nope-nope-nope-nope"}
+        )
+        assert wrong.status_code == 403
+        assert (await client.get("/services/ocr")).headers["x-cache"] == "HIT"
+        one = await client.post("/admin/cache/flush", json={"service": "ocr"}, headers=AUTH)
+        assert one.status_code == 200
+        assert one.json() == {"flushed": 1, "service": "ocr", "propagated": True}
+        assert (await client.get("/services/ocr")).headers["x-cache"] == "MISS"
+        bad = await client.post("/admin/cache/flush", json={"service": 5}, headers=AUTH)
+        assert bad.status_code == 400
+    disabled = router_app(registry, config=RouterConfig())
+    async with client_for(disabled) as client:
+        answer = await client.post("/admin/cache/flush", json={}, headers=AUTH)
+        assert answer.status_code == 403
+        assert "disabled" in answer.json()["detail"]
+
+
+async def test_a_flush_on_one_router_reaches_another_sharing_redis(registry: Registry) -> None:
+    await registry.upsert(make_record(services=["ocr"]))
+    first, second = router_app(registry), router_app(registry)
+    async with client_for(first) as one, client_for(second) as two:
+        await wait_for(
+            lambda: second.state.rma.events_connected,
+            timeout=10,
+            message="the second router to subscribe",
+        )
+        await two.get("/services/ocr")
+        assert (await two.get("/services/ocr")).headers["x-cache"] == "HIT"
+        answer = await one.post("/admin/cache/flush", json={}, headers=AUTH)
+        assert answer.json()["propagated"] is True
+        await wait_for(
+            lambda: len(second.state.rma.lookups) == 0,
+            timeout=10,
+            message="the flush to reach the second router",
+        )
+        assert (await two.get("/services/ocr")).headers["x-cache"] == "MISS"
+
+
+async def test_bootstrap_hands_out_coordinators_then_server_workers(registry: Registry) -> None:
+    near = make_record(region="de", dht_host="127.0.0.1", dht_port=4101, seq=50)
+    far_old = make_record(region="us", dht_host="127.0.0.1", dht_port=4102, seq=90)
+    client_mode = make_record(region="de")  # no DHT address: never handed out
+    for record in (near, far_old, client_mode):
+        await registry.upsert(record)
+    config = RouterConfig(admin_token=ADMIN_TOKEN, coordinators=(("127.0.0.1", 4000),))
+    async with client_for(router_app(registry, config=config)) as client:
+        answer = await client.get("/dht/bootstrap?region=de")
+        assert answer.status_code == 200
+        peers = answer.json()["peers"]
+        assert [p["port"] for p in peers] == [4000, 4101, 4102]
+        assert peers[0]["kind"] == "coordinator"
+        assert peers[1]["node_id"] == near.worker_id
+        assert "max-age" in answer.headers["cache-control"]
+        assert "max-age" in answer.headers["cdn-cache-control"]
+        assert answer.json()["ttl"] > 0
+        us = (await client.get("/dht/bootstrap?region=us")).json()["peers"]
+        assert [p["port"] for p in us] == [4000, 4102, 4101]
+
+
+async def test_bootstrap_with_no_known_peer_is_503(registry: Registry) -> None:
+    await registry.upsert(make_record())  # a client-mode worker: not a peer
+    async with client_for(router_app(registry)) as client:
+        answer = await client.get("/dht/bootstrap")
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "no_provider"
+
+
+async def test_country_header_is_trusted_only_from_cloudflare(registry: Registry) -> None:
+    de = make_record(region="de", load=0.9)
+    us = make_record(region="us", load=0.1)
+    for record in (de, us):
+        await registry.upsert(record)
+    app = router_app(registry)
+    headers = {"CF-IPCountry": "DE", "CF-Connecting-IP": "198.51.100.9"}
+    async with client_for(app) as spoofed:
+        order = [
+            p["region"]
+            for p in (await spoofed.get("/services/ocr", headers=headers)).json()["providers"]
+        ]
+        assert order == ["us", "de"]  # header ignored: least loaded first
+    async with client_for(app, peer=("173.245.48.10", 443)) as cloudflare:
+        order = [
+            p["region"]
+            for p in (await cloudflare.get("/services/ocr", headers=headers)).json()["providers"]
+        ]
+        assert order == ["de", "us"]
+    resolver = app.state.rma.resolver
+    assert not resolver.peer_trusted(_fake_request(CLIENT_PEER, headers))
+    assert resolver.peer_trusted(_fake_request(("2606:4700::1", 443), headers))
+
+
+CLIENT_PEER = ("203.0.113.7", 40000)
+
+
+def _fake_request(peer: tuple[str, int], headers: dict[str, str]) -> Request:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": peer,
+    }
+    return Request(scope)
+
+
+def test_client_address_resolution_ignores_spoofing() -> None:
+    from edge_router.cloudflare import CLOUDFLARE_RANGES, ClientResolver
+
+    resolver = ClientResolver(CLOUDFLARE_RANGES, origin_secret="s3cret-shared-with-worker")
+    spoof = {"CF-Connecting-IP": "198.51.100.9", "X-Forwarded-For": "198.51.100.10"}
+    assert resolver.client_ip(_fake_request(CLIENT_PEER, spoof)) == "203.0.113.7"
+    assert resolver.client_ip(_fake_request(("162.158.1.1", 1), spoof)) == "198.51.100.9"
+    bad = _fake_request(("162.158.1.1", 1), {"CF-Connecting-IP": "not-an-ip"})
+    assert resolver.client_ip(bad) == "162.158.1.1"
+    worker = {**spoof, "X-RMA-Origin-Secret": "s3cret-shared-with-worker"}
+    assert resolver.client_ip(_fake_request(CLIENT_PEER, worker)) == "198.51.100.10"
+    wrong = {**spoof, "X-RMA-Origin-Secret": "guess"}
+    assert resolver.client_ip(_fake_request(CLIENT_PEER, wrong)) == "203.0.113.7"
+
+
+async def test_metrics_count_requests_by_class(registry: Registry) -> None:
+    await registry.upsert(make_record(services=["ocr"]))
+    await registry.upsert(make_record(services=["gpu"], dht_host="127.0.0.1", dht_port=4200))
+    async with client_for(router_app(registry)) as client:
+        await client.get("/services/ocr")
+        await client.get("/services/ocr")
+        await client.get("/dht/bootstrap")
+        await client.post("/workers", content=b"{}")
+        await client.get("/topology")  # the operator's page: not counted against the budget
+        await client.get("/healthz")
+        text = (await client.get("/metrics")).text
+        topology = (await client.get("/topology")).json()
+    assert 'rma_requests_total{class="lookup",status="200"} 2' in text
+    assert 'class="register",status="422"' in text
+    assert "rma_cache_hits 1" in text
+    assert "rma_edge_requests_today 4\n" in text  # 2 lookups, 1 bootstrap, 1 register
+    assert topology["services"] == {"ocr": 1, "gpu": 1}
+    assert topology["figures"]["cache_hits"] == 1
+    # Each worker's DHT mode, and the count of each (client: no DHT address in its record).
+    assert sorted(w["mode"] for w in topology["workers"]) == ["client", "server"]
+    assert "rma_dht_servers 1\n" in text
+    assert "rma_dht_clients 1\n" in text
+    assert topology["figures"]["dht_servers"] == 1
+    assert topology["figures"]["dht_clients"] == 1
+    assert json.dumps(topology)
+
+
+async def test_topology_and_metrics_say_when_the_registry_holds_more_than_they_read(
+    registry: Registry,
+) -> None:
+    for service in ("ocr", "gpu", "asr"):
+        await registry.upsert(make_record(services=[service]))
+    small = RouterConfig(topology_limit=2)
+    async with client_for(router_app(registry, config=small)) as client:
+        cut = (await client.get("/topology")).json()
+        cut_metrics = (await client.get("/metrics")).text
+    async with client_for(router_app(registry)) as client:
+        whole = (await client.get("/topology")).json()
+        whole_metrics = (await client.get("/metrics")).text
+    assert (len(cut["workers"]), cut["truncated"]) == (2, True)
+    assert "rma_topology_truncated 1\n" in cut_metrics
+    assert (len(whole["workers"]), whole["truncated"]) == (3, False)
+    assert "rma_topology_truncated 0\n" in whole_metrics

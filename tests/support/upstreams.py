@@ -1,0 +1,141 @@
+"""Real HTTP upstreams for the proxy tests: uvicorn servers in the test's loop, on OS ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from tests.support.helpers import wait_for
+
+START_TIMEOUT = 10.0
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that leaves signal handlers alone: several run at once and would swap them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve(app: ASGIApp, *, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    """Serve `app` on `sock` or on a port the OS picks; yield the base URL, stop on exit."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        log_config=None,  # leave the test process's logging configuration alone
+        access_log=False,
+        lifespan="off",
+        ws="none",
+    )
+    server = _Server(config)
+    task = asyncio.get_running_loop().create_task(
+        server.serve(sockets=None if sock is None else [sock]), name="uvicorn-upstream"
+    )
+    try:
+        await wait_for(
+            lambda: server.started or task.done(), timeout=START_TIMEOUT, message="uvicorn start"
+        )
+        if not server.started:
+            await task  # raises what stopped it
+            raise RuntimeError("uvicorn stopped before it started")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[socket.socket]:
+    """A loopback socket bound but not listening: connections are refused, the port stays ours."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield sock
+    finally:
+        sock.close()
+
+
+def url_of(sock: socket.socket) -> str:
+    """The http URL of a bound loopback socket."""
+    host, port = sock.getsockname()
+    return f"http://{host}:{port}"
+
+
+class Upstream:
+    """An upstream that answers every path with `status` and a JSON echo of the request.
+
+    `/slow` answers only once `release` is set (it is set when the server stops).
+    """
+
+    def __init__(
+        self, name: str, *, status: int = 200, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        self.name = name
+        self.status = status
+        self.headers = list(headers)
+        self.seen: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+        self.app = Starlette(
+            routes=[
+                Route("/slow", self._slow),
+                Route("/{path:path}", self._echo, methods=METHODS),
+            ]
+        )
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        """Serve this upstream; yield its base URL."""
+        async with serve(self.app) as url:
+            try:
+                yield url
+            finally:
+                self.release.set()  # uvicorn waits for handlers before it stops
+
+    async def _echo(self, request: Request) -> Response:
+        body = await request.body()
+        seen = {
+            "upstream": self.name,
+            "method": request.method,
+            "raw_path": request.scope["raw_path"].decode("latin-1"),
+            "query": request.scope["query_string"].decode("latin-1"),
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers.raw],
+            "body": body.decode("latin-1"),
+        }
+        self.seen.append(seen)
+        response = JSONResponse(seen, status_code=self.status)
+        # Appended raw so that repeated names (Set-Cookie) stay separate headers.
+        response.raw_headers.extend(
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers
+        )
+        return response
+
+    async def _slow(self, request: Request) -> Response:
+        await self.release.wait()
+        return JSONResponse({"upstream": self.name, "slow": True})
+
+
+def header_names(seen: dict[str, Any]) -> set[str]:
+    """The header names an upstream saw on one request."""
+    return {name for name, _ in seen["headers"]}
+
+
+def header(seen: dict[str, Any], name: str) -> str | None:
+    """The value of one header an upstream saw (the last, if repeated)."""
+    values = [v for k, v in seen["headers"] if k == name]
+    return values[-1] if values else None

@@ -1,0 +1,172 @@
+"""The agent's parts on their own: backoff, the edge client's accounting and error mapping,
+load sources, discovery without a DHT, and the edge-only path against a real router."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
+from dht_bridge.identity import Identity
+from dht_bridge.registry.registry import Registry
+from edge_router.config import RouterConfig
+from tests.support.helpers import POLICY, make_record, wait_for
+from tests.support.worker import EDGE_URL, running_edge, worker_config
+from worker.agent import Mode
+from worker.discovery import discover
+from worker.edge import EdgeClient, Registered
+from worker.errors import EdgeRefused, EdgeUnavailable
+from worker.load import HttpLoad, InFlightCounter, StaticLoad
+
+
+def test_backoff_grows_to_its_cap_with_jitter_and_resets() -> None:
+    backoff = Backoff(ExponentialBackoff(base=1, cap=8, jitter=0.5), random.Random(7))
+    delays = [backoff.next() for _ in range(6)]
+    for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    backoff.reset()
+    assert backoff.next() <= 1
+    rng = random.Random(3)
+    assert all(27 <= jittered(30, 0.1, rng) <= 33 for _ in range(100))
+    with pytest.raises(ValueError, match="backoff"):
+        ExponentialBackoff(base=2, cap=1)
+
+
+def edge_with(handler: httpx.MockTransport) -> EdgeClient:
+    return EdgeClient(EDGE_URL, policy=POLICY, transport=handler)
+
+
+async def test_edge_client_counts_every_request_by_kind_and_logs_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = make_record()
+    forged = make_record().to_dict() | {"load": 0.5}  # signature no longer matches
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/dht/bootstrap":
+            peers = [{"host": "10.0.0.1", "port": 4000}, {"host": "", "port": 1}, "junk"]
+            return httpx.Response(200, json={"peers": peers, "ttl": 120})
+        if path == "/services/ocr":
+            return httpx.Response(200, json={"providers": [good.to_dict(), forged]})
+        if request.method == "POST":
+            status = {1: 200, 2: 202, 3: 409}[json.loads(request.content)["seq"]]
+            return httpx.Response(status, json={})
+        return httpx.Response(200, json={})
+
+    edge = edge_with(httpx.MockTransport(answer))
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.edge"):
+            peers = await edge.bootstrap()
+            providers = await edge.services("ocr")
+            outcomes = [await edge.register(make_record(seq=seq)) for seq in (1, 2, 3)]
+            await edge.leave(make_record(seq=4, tombstone=True))
+    finally:
+        await edge.aclose()
+    assert (peers.peers, peers.ttl) == ((("10.0.0.1", 4000),), 120.0)
+    assert [p.worker_id for p in providers] == [good.worker_id]
+    assert outcomes == [Registered.APPLIED, Registered.STORED_IN_DHT, Registered.STALE]
+    assert edge.counts == {"bootstrap": 1, "services": 1, "register": 3, "leave": 1}
+    assert edge.total == 6
+    assert "(edge requests: 6 (bootstrap 1, leave 1, register 3, services 1))" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(503, EdgeUnavailable), (429, EdgeUnavailable), (422, EdgeRefused), (404, EdgeRefused)],
+)
+async def test_edge_errors_are_mapped(status: int, error: type[Exception]) -> None:
+    edge = edge_with(httpx.MockTransport(lambda _: httpx.Response(status, json={"detail": "no"})))
+    try:
+        with pytest.raises(error, match="no"):
+            await edge.register(make_record())
+    finally:
+        await edge.aclose()
+    assert edge.counts == {"register": 1}
+
+
+async def test_an_unreachable_edge_is_unavailable_and_still_counted() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    edge = edge_with(httpx.MockTransport(refuse))
+    try:
+        with pytest.raises(EdgeUnavailable, match="refused"):
+            await edge.bootstrap()
+        found = await discover("ocr", limit=5, node=None, edge=edge, deadline=0.3)
+    finally:
+        await edge.aclose()
+    assert (found.source, found.providers) == ("none", [])
+    assert "not on the DHT" in found.detail
+    assert edge.counts == {"bootstrap": 1, "services": 1}
+
+
+async def test_load_sources() -> None:
+    assert await StaticLoad(1.7)() == 1.0
+    counter = InFlightCounter(capacity=4)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def work(request: Request) -> JSONResponse:
+        entered.set()
+        await release.wait()
+        return JSONResponse({})
+
+    app = counter.middleware(Starlette(routes=[Route("/", work)]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=EDGE_URL) as c:
+        request = asyncio.get_running_loop().create_task(c.get("/"))
+        await asyncio.wait_for(entered.wait(), 5)
+        assert await counter() == 0.25
+        release.set()
+        assert (await request).status_code == 200
+    assert await counter() == 0.0
+
+    answers = iter(
+        [httpx.Response(200, json={"load": 0.3}), httpx.Response(200, json={"in_flight": 3})]
+    )
+    polled = HttpLoad(
+        "http://127.0.0.1:9/load",
+        capacity=6,
+        fallback=0.2,
+        transport=httpx.MockTransport(lambda _: next(answers, httpx.Response(500))),
+    )
+    try:
+        assert [await polled(), await polled(), await polled()] == [0.3, 0.5, 0.2]
+    finally:
+        await polled.aclose()
+
+
+async def test_edge_only_worker_heartbeats_through_the_edge_and_recovers_a_stale_seq(
+    tmp_path: Path, registry: Registry
+) -> None:
+    config = worker_config(tmp_path, "w-edge", edge_only=True)
+    identity = Identity.generate()
+    identity.save(config.state_file.with_suffix(".key"))
+    # A copy of this worker (state file lost since) registered seq 50 at the edge.
+    earlier = make_record(identity, seq=50, tunnel_url=config.tunnel_url, ttl=60)
+    assert await registry.upsert(earlier)
+    async with running_edge(registry, RouterConfig()) as edge:
+        async with edge.agent(config) as agent:
+            assert agent.node is None
+            assert agent.mode is Mode.EDGE
+            assert agent.record is not None
+            assert agent.record.seq == 51
+            # 409 stale, a lookup of its own record, then the registration that took.
+            assert agent.edge_requests == {"register": 2, "services": 1}
+            await wait_for(
+                lambda: agent.edge_requests["register"] >= 4,
+                timeout=10,
+                message="heartbeats through the edge",
+            )
+            assert await edge.lookup() == [agent.worker_id]
+        assert agent.edge_requests["leave"] == 1
+        assert await edge.lookup() == []

@@ -1,0 +1,192 @@
+"""The worker's state file and key: seq strictly increasing across restarts, and a corrupt or
+missing file handled with a clear log line (a new identity only when the key itself is gone)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.errors import IdentityError
+from dht_bridge.registry.registry import Registry
+from tests.support.dht import start_network, stop_all
+from tests.support.helpers import wait_for
+from tests.support.worker import Edge, router_config, running_edge, worker_config
+from worker.agent import Mode
+from worker.config import WorkerConfig
+from worker.state import LoadStatus, StateFile, WorkerState
+
+
+@pytest.fixture
+async def network() -> AsyncIterator[list[DHTNode]]:
+    """Two DHT nodes the edge hands out."""
+    nodes = await start_network(2)
+    try:
+        yield nodes
+    finally:
+        await stop_all(nodes)
+
+
+@pytest.fixture
+async def edge(registry: Registry, network: list[DHTNode]) -> AsyncIterator[Edge]:
+    """The router app handing out the network."""
+    async with running_edge(registry, router_config(network)) as running:
+        yield running
+
+
+async def run_once(edge: Edge, config: WorkerConfig) -> tuple[str, int]:
+    """Start a worker, let it publish, stop it; its id and the last seq it used."""
+    async with edge.agent(config) as agent:
+        assert agent.mode is Mode.DHT
+        worker_id = agent.worker_id
+    return worker_id, agent.state.seq
+
+
+def saved(config: WorkerConfig) -> dict[str, object]:
+    data: dict[str, object] = json.loads(config.state_file.read_text())
+    return data
+
+
+async def test_seq_is_saved_before_use_and_grows_across_restarts(
+    tmp_path: Path, edge: Edge, network: list[DHTNode]
+) -> None:
+    config = worker_config(tmp_path, "w-seq")
+    worker_id, first = await run_once(edge, config)
+    assert saved(config)["seq"] == first
+    assert stat.S_IMODE(config.state_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.state_file.with_suffix(".key").stat().st_mode) == 0o600
+    _, second = await run_once(edge, config)
+    assert second > first
+    record = await network[0].get_record(worker_id)
+    assert record is not None
+    assert record.tombstone
+    assert record.seq == second
+
+
+async def test_a_crash_never_reuses_a_seq_although_a_heartbeat_does_not_save(
+    tmp_path: Path, edge: Edge, network: list[DHTNode]
+) -> None:
+    config = worker_config(tmp_path, "w-crash")
+    async with edge.agent(config) as agent:
+        start = agent.heartbeats
+        await wait_for(lambda: agent.heartbeats >= start + 3, timeout=10, message="heartbeats")
+        image = config.state_file.read_bytes()  # what a crash now would leave on disk
+        assert json.loads(image)["seq"] >= agent.state.seq + 1  # a ceiling: beats do not save
+        used = agent.state.seq
+    assert (
+        cast(int, saved(config)["seq"]) > used
+    )  # the clean stop saved the exact seq of its tombstone
+    config.state_file.write_bytes(image)  # as if it had crashed instead
+    async with edge.agent(config) as again:
+        assert again.record is not None
+        assert again.record.seq > saved_seq(image) >= used
+        listed = await network[0].get_record(again.worker_id)
+        assert listed is not None
+        assert listed.live
+        assert listed.seq == again.record.seq
+
+
+def saved_seq(image: bytes) -> int:
+    seq: int = json.loads(image)["seq"]
+    return seq
+
+
+def test_a_late_save_never_rolls_the_ceiling_back(tmp_path: Path) -> None:
+    store = StateFile(tmp_path / "s.json")
+    assert store.save(WorkerState(seq=128))
+    assert not store.save(WorkerState(seq=64))  # a slow save of an older block, finishing late
+    assert store.load()[0].seq == 128
+    assert store.save(WorkerState(seq=100), final=True)  # the closing save: the exact last seq
+    assert store.load()[0].seq == 100
+
+
+async def test_corrupt_state_file_is_logged_moved_aside_and_seq_recovered_from_the_dht(
+    tmp_path: Path, edge: Edge, network: list[DHTNode], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = worker_config(tmp_path, "w-corrupt")
+    worker_id, last = await run_once(edge, config)
+    config.state_file.write_text('{"version": 1, "seq": "many"')  # cut off mid-write
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        async with edge.agent(config) as agent:
+            assert agent.state_status is LoadStatus.CORRUPT
+            assert agent.worker_id == worker_id  # the key is still there: same identity
+            assert agent.record is not None
+            assert agent.record.seq > last
+            assert agent.edge_requests == {"bootstrap": 1}  # no saved peers any more
+            listed = await network[1].get_record(worker_id)
+            assert listed is not None
+            assert listed.live
+            assert listed.seq == agent.record.seq
+    assert f"worker state file {config.state_file} is corrupt" in caplog.text
+    assert "seq is recovered from the DHT" in caplog.text
+    assert config.state_file.with_name("state.json.corrupt").exists()
+    assert "new identity" not in caplog.text
+
+
+async def test_missing_state_file_keeps_the_identity_and_recovers_seq(
+    tmp_path: Path, edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = worker_config(tmp_path, "w-lost")
+    worker_id, last = await run_once(edge, config)
+    config.state_file.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="worker"):
+        async with edge.agent(config) as agent:
+            assert agent.state_status is LoadStatus.MISSING
+            assert agent.worker_id == worker_id
+            assert agent.record is not None
+            assert agent.record.seq == last + 1
+    assert f"no worker state file at {config.state_file}" in caplog.text
+    assert f"the DHT holds seq {last} of this worker" in caplog.text
+
+
+async def test_a_new_identity_only_when_the_key_file_is_gone(
+    tmp_path: Path, edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = worker_config(tmp_path, "w-key")
+    worker_id, _ = await run_once(edge, config)
+    key = config.state_file.with_suffix(".key")
+    key.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        async with edge.agent(config) as agent:
+            assert agent.worker_id != worker_id
+            assert agent.record is not None
+            assert agent.record.seq == 1
+    assert f"no key file at {key}: created a new identity" in caplog.text
+    assert f"belongs to worker {worker_id}" in caplog.text
+
+
+async def test_an_unusable_key_file_stops_the_start_instead_of_replacing_it(
+    tmp_path: Path, edge: Edge
+) -> None:
+    config = worker_config(tmp_path, "w-badkey")
+    key = config.state_file.with_suffix(".key")
+    key.parent.mkdir(parents=True)
+    key.write_bytes(b"not a key")
+    key.chmod(0o600)
+    agent = edge.agent(config)
+    with pytest.raises(IdentityError, match="not a PEM private key"):
+        await agent.start()
+    assert key.read_bytes() == b"not a key"
+
+
+def test_state_round_trip_and_refusals(tmp_path: Path) -> None:
+    store = StateFile(tmp_path / "s.json")
+    state = WorkerState("ab" * 20, "/k.key", 7, [("127.0.0.1", 4000)], [["ocr", "ab", 1]], 5.5)
+    store.save(state)
+    assert store.load() == (state, LoadStatus.LOADED)
+    for bad in ('{"version": 2, "seq": 1}', '{"version": 1, "seq": -1}', "[]", "\xff"):
+        (tmp_path / "s.json").write_text(bad)
+        assert store.load() == (WorkerState(), LoadStatus.CORRUPT)
+    peers = {"version": 1, "seq": 1, "peers": [["h", 0]]}
+    (tmp_path / "s.json").write_text(json.dumps(peers))
+    assert store.load()[1] is LoadStatus.CORRUPT

@@ -1,0 +1,220 @@
+"""The worker agent against real DHT nodes on loopback and a real router app in process."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.registry.registry import Registry
+from edge_router.config import RouterConfig
+from tests.support.dht import TEST_SETTINGS, start_network, start_node, stop_all
+from tests.support.helpers import POLICY, free_port, make_record, wait_for
+from tests.support.worker import (
+    Edge,
+    dht_ids,
+    router_config,
+    running_edge,
+    worker_config,
+)
+from worker.agent import Mode
+from worker.discovery import Discovery
+
+
+@pytest.fixture
+async def network() -> AsyncIterator[list[DHTNode]]:
+    """Three DHT nodes: the coordinators the edge hands out."""
+    nodes = await start_network(3)
+    try:
+        yield nodes
+    finally:
+        await stop_all(nodes)
+
+
+@pytest.fixture
+async def edge(registry: Registry, network: list[DHTNode]) -> AsyncIterator[Edge]:
+    """The router app on the test Redis, handing out the network as bootstrap peers."""
+    async with running_edge(registry, router_config(network)) as running:
+        yield running
+
+
+async def test_joins_with_one_edge_request_and_restarts_with_none(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    config = worker_config(tmp_path, "w-join")
+    async with edge.agent(config) as agent:
+        assert agent.mode is Mode.DHT
+        assert agent.edge_requests == {"bootstrap": 1}
+        assert agent.node is not None
+        assert agent.node.node.id.hex() == agent.worker_id  # the id the edge hands out
+        assert agent.record is not None
+        assert (agent.record.dht_host, agent.record.dht_port) == agent.node.address
+        worker_id = agent.worker_id
+        assert worker_id in await dht_ids(network[0])
+        first_seq = agent.state.seq
+
+    async with edge.agent(config) as again:
+        assert again.worker_id == worker_id
+        assert again.mode is Mode.DHT
+        assert again.edge_requests == {}
+        assert again.state.seq > first_seq + 1  # past the tombstone the first run left
+        await wait_for(
+            lambda: _listed(network[1], worker_id), timeout=5, message="restarted worker listed"
+        )
+
+
+async def _listed(node: DHTNode, worker_id: str) -> bool:
+    return worker_id in await dht_ids(node)
+
+
+async def test_twenty_workers_heartbeat_for_many_leases_without_an_edge_request(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    # Twenty agents in one event loop, at 75 times the real pace, are CPU-bound on a loaded
+    # 2-core machine: a slower scale (0.5 s beats, 2 s leases; real: 30 s and 90 s) keeps the
+    # test about leases, not about how fast one loop can sign and verify.
+    heartbeat, ttl = 0.5, 2.0
+    agents = [
+        edge.agent(worker_config(tmp_path, f"w-{i:02d}", heartbeat=heartbeat, ttl=ttl))
+        for i in range(20)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for agent in agents:
+            await stack.enter_async_context(agent)
+        assert all(agent.mode is Mode.DHT for agent in agents)
+        joined = {agent.worker_id: dict(agent.edge_requests) for agent in agents}
+        assert all(counts == {"bootstrap": 1} for counts in joined.values())
+        beats = {agent.worker_id: agent.heartbeats for agent in agents}
+        leases = 3
+        target = math.ceil(leases * ttl / heartbeat)
+
+        # Time passes: every worker renews its lease `leases` times over, or the test fails.
+        await wait_for(
+            lambda: all(a.heartbeats - beats[a.worker_id] >= target for a in agents),
+            timeout=leases * ttl * 6,
+            message=f"{target} heartbeats from every worker",
+        )
+
+        assert {a.worker_id: a.edge_requests for a in agents} == joined  # not one more
+        assert all(agent.mode is Mode.DHT for agent in agents)
+        listed = await dht_ids(network[2])
+        assert sorted(listed) == sorted(beats)  # every lease is live
+        # ...though most beats renewed no holder: a copy lasts four beats, and waits for the
+        # next one while it outlives it with room.
+        held_older = [a for a in agents if a.record and a.dht_lease_until < a.record.expires_at]
+        assert held_older
+
+
+async def test_discovery_falls_back_to_the_edge_while_the_dht_is_down_and_returns(
+    tmp_path: Path, network: list[DHTNode], edge: Edge, registry: Registry
+) -> None:
+    provider = make_record(services=["ocr"], ttl=120)
+    assert await registry.upsert(provider)  # the edge knows it
+    await network[0].publish(provider)  # and so does the DHT
+    config = worker_config(tmp_path, "w-seeker", services=("gpu",))
+    async with edge.agent(config) as seeker:
+        found = await seeker.discover("ocr")
+        assert (found.source, _ids(found)) == ("dht", [provider.worker_id])
+
+        homes = [(node.node.id, node.address[1]) for node in network]
+        await stop_all(network)  # every DHT node the seeker knows
+        down = await seeker.discover("ocr")
+        assert (down.source, _ids(down)) == ("edge", [provider.worker_id]), down.detail
+        # Its heartbeats cannot reach the DHT either: before the lease ends it uses the edge.
+        await wait_for(lambda: seeker.mode is Mode.EDGE, timeout=10, message="edge fallback")
+        assert seeker.edge_requests["register"] >= 1
+
+        network[:] = await _restart(homes)  # same ids, same ports, empty storage
+        await network[0].publish(provider)
+
+        async def answered_by_dht() -> bool:
+            return (await seeker.discover("ocr")).source == "dht"
+
+        await wait_for(answered_by_dht, timeout=15, message="discovery back on the DHT")
+        back = await seeker.discover("ocr")
+        assert (back.source, _ids(back)) == ("dht", [provider.worker_id])
+        await wait_for(lambda: seeker.mode is Mode.DHT, timeout=10, message="back on the DHT")
+        seeker_id = seeker.worker_id
+        assert seeker_id in await dht_ids(network[1], "gpu")
+
+
+async def test_a_worker_off_the_dht_registers_through_the_edge_and_switches_back(
+    tmp_path: Path, registry: Registry
+) -> None:
+    dead_port = free_port(socket.SOCK_DGRAM)  # nothing listens there (yet)
+    config = RouterConfig(coordinators=(("127.0.0.1", dead_port),))
+    nodes: list[DHTNode] = []
+    async with running_edge(registry, config) as edge:
+        agent = edge.agent(worker_config(tmp_path, "w-off"))
+        try:
+            await agent.start()
+            assert agent.mode is Mode.EDGE
+            assert agent.edge_requests == {"bootstrap": 1, "register": 1}
+            assert await edge.lookup() == [agent.worker_id]  # lookups at the router find it
+
+            # The DHT comes up where the edge said it would: the agent rejoins on its own.
+            nodes.append(await start_node(settings=replace(TEST_SETTINGS, port=dead_port)))
+            await wait_for(lambda: agent.mode is Mode.DHT, timeout=10, message="back on the DHT")
+            assert agent.edge_requests["bootstrap"] == 1  # it retried the peers it had
+            assert agent.worker_id in await dht_ids(nodes[0])
+        finally:
+            await agent.aclose()
+        # It had registered at the edge: the tombstone went there too, and counts at once.
+        assert agent.edge_requests["leave"] == 1
+        assert await edge.lookup() == []
+        assert await dht_ids(nodes[0]) == []
+    await stop_all(nodes)
+
+
+async def _restart(homes: list[tuple[bytes, int]]) -> list[DHTNode]:
+    nodes: list[DHTNode] = []
+    for node_id, port in homes:
+        node = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=node_id)
+        await node.listen(port=port)
+        nodes.append(node)
+    for node in nodes[1:]:
+        await node.bootstrap([nodes[0].address])
+    return nodes
+
+
+def _ids(found: Discovery) -> list[str]:
+    return [record.worker_id for record in found.providers]
+
+
+async def test_leaving_publishes_a_tombstone_that_lookups_honour_at_once(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    seeker = edge.agent(worker_config(tmp_path, "w-seek", services=("gpu",)))
+    leaver = edge.agent(worker_config(tmp_path, "w-leave"))
+    async with seeker:
+        await leaver.start()
+        try:
+            assert (await seeker.discover("ocr")).providers[0].worker_id == leaver.worker_id
+        finally:
+            await leaver.aclose()
+        # No waiting: the stop path returns once the tombstone is stored.
+        assert await dht_ids(network[2]) == []
+        gone = await seeker.discover("ocr")
+        assert (gone.source, gone.providers) == ("dht", [])
+        record = await network[1].get_record(leaver.worker_id)
+        assert record is not None
+        assert record.tombstone
+        assert record.seq == leaver.state.seq
+        assert leaver.edge_requests == {"bootstrap": 1}  # the edge never held it: no DELETE
+
+
+async def test_client_mode_records_carry_no_dht_address(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    config = worker_config(tmp_path, "w-client", advertise="none")
+    async with edge.agent(config) as agent:
+        assert agent.mode is Mode.DHT
+        listed = await network[0].get_record(agent.worker_id)
+        assert listed is not None
+        assert (listed.dht_host, listed.dht_port) == ("", 0)
