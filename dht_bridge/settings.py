@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dht_bridge.errors import ConfigError
+from dht_bridge.options import Option, OptionTable, Values
 from dht_bridge.tunnels import DEFAULT_ALLOWED_HOSTS, TunnelPolicy
 
-ENV_PREFIX = "RMA_"
+__all__ = [
+    "DHT_OPTIONS",
+    "REGISTRY_OPTIONS",
+    "TUNNEL_OPTIONS",
+    "DHTSettings",
+    "RegistrySettings",
+    "tunnel_policy",
+]
 
 DEFAULT_KSIZE = 20
 DEFAULT_ALPHA = 3
@@ -27,63 +33,6 @@ DEFAULT_REFRESH_INTERVAL = 3600.0
 # pushed to it could lapse there.
 DEFAULT_HOLDER_CACHE_TTL = 60.0
 DEFAULT_REDIS_TIMEOUT = 1.0
-
-
-class Env:
-    """Typed access to `RMA_*` variables from a mapping that tests can replace."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None, prefix: str = ENV_PREFIX) -> None:
-        self._environ = os.environ if environ is None else environ
-        self._prefix = prefix
-
-    def raw(self, name: str) -> str | None:
-        """The variable's text, or None when it is unset or empty."""
-        value = self._environ.get(self._prefix + name)
-        return value if value not in (None, "") else None
-
-    def get_str(self, name: str, default: str) -> str:
-        """A text setting."""
-        value = self.raw(name)
-        return default if value is None else value
-
-    def get_int(self, name: str, default: int) -> int:
-        """An integer setting; ConfigError names the variable when it is not one."""
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{self._prefix}{name}={value!r} is not an integer") from None
-
-    def get_float(self, name: str, default: float) -> float:
-        """A number setting."""
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{self._prefix}{name}={value!r} is not a number") from None
-
-    def get_bool(self, name: str, default: bool) -> bool:
-        """A flag: 1/true/yes/on or 0/false/no/off."""
-        value = self.raw(name)
-        if value is None:
-            return default
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{self._prefix}{name}={value!r} is not a boolean")
-
-    def get_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        """A comma-separated list."""
-        value = self.raw(name)
-        if value is None:
-            return default
-        return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 @dataclass(frozen=True)
@@ -117,20 +66,18 @@ class DHTSettings:
             raise ConfigError("stall_floor must be > 0 and at most stall")
 
     @classmethod
-    def from_env(cls, env: Env) -> DHTSettings:
-        """Read `RMA_DHT_*` variables."""
+    def from_values(cls, values: Values) -> DHTSettings:
+        """The settings `DHT_OPTIONS` resolved to; the tuning internals keep their defaults."""
+        rpc_timeout: float = values["dht_rpc_timeout"]
+        # The stall rule is an internal: it follows a short RPC timeout down rather than
+        # refusing one the operator set.
+        stall = min(DEFAULT_STALL, rpc_timeout)
         return cls(
-            host=env.get_str("DHT_HOST", cls.host),
-            port=env.get_int("DHT_PORT", cls.port),
-            ksize=env.get_int("DHT_KSIZE", cls.ksize),
-            alpha=env.get_int("DHT_ALPHA", cls.alpha),
-            rpc_timeout=env.get_float("DHT_RPC_TIMEOUT", cls.rpc_timeout),
-            stall=env.get_float("DHT_STALL", cls.stall),
-            stall_floor=env.get_float("DHT_STALL_FLOOR", cls.stall_floor),
-            max_failures=env.get_int("DHT_MAX_FAILURES", cls.max_failures),
-            replicas=env.get_int("DHT_REPLICAS", cls.replicas),
-            refresh_interval=env.get_float("DHT_REFRESH_INTERVAL", cls.refresh_interval),
-            holder_cache_ttl=env.get_float("DHT_HOLDER_CACHE_TTL", cls.holder_cache_ttl),
+            host=values["dht_host"],
+            port=values["dht_port"],
+            rpc_timeout=rpc_timeout,
+            stall=stall,
+            stall_floor=min(DEFAULT_STALL_FLOOR, stall),
         )
 
 
@@ -144,26 +91,80 @@ class RegistrySettings:
     cluster: bool = False
 
     @classmethod
-    def from_env(cls, env: Env) -> RegistrySettings:
-        """Read `RMA_REDIS_URL`, `RMA_REDIS_TIMEOUT` and `RMA_REDIS_CLUSTER`."""
+    def from_values(cls, values: Values) -> RegistrySettings:
+        """The settings `REGISTRY_OPTIONS` resolved to."""
         return cls(
-            redis_url=env.raw("REDIS_URL"),
-            timeout=env.get_float("REDIS_TIMEOUT", cls.timeout),
-            cluster=env.get_bool("REDIS_CLUSTER", cls.cluster),
+            redis_url=values["redis_url"],
+            timeout=values["redis_timeout"],
+            cluster=values["redis_cluster"],
         )
 
 
-def tunnel_policy_from_env(env: Env) -> TunnelPolicy:
-    """`RMA_TUNNEL_ALLOWED_HOSTS` (comma list) and `RMA_TUNNEL_ALLOW_LOOPBACK` (demo/tests only)."""
+def tunnel_policy(values: Values) -> TunnelPolicy:
+    """The policy `TUNNEL_OPTIONS` resolved to; it must be the same on every process."""
     return TunnelPolicy(
-        allowed_hosts=env.get_list("TUNNEL_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
-        allow_loopback=env.get_bool("TUNNEL_ALLOW_LOOPBACK", False),
+        allowed_hosts=values["tunnel_allowed_hosts"],
+        allow_loopback=values["tunnel_allow_loopback"],
     )
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` to a tuple; ValueError names the bad input."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not host:port")
-    return host.strip("[]"), int(port)
+DHT_OPTIONS = OptionTable(
+    Option("dht_host", "DHT_HOST", "UDP address of the DHT node", default="127.0.0.1"),
+    Option("dht_port", "DHT_PORT", "UDP port of the DHT node, 0 for any free one", "int", 0),
+    Option(
+        "bootstrap",
+        "BOOTSTRAP",
+        "a DHT peer to join through; repeatable, comma-separated in the variable; host "
+        "names allowed, [v6]:port for IPv6",
+        "peers",
+        (),
+    ),
+    Option(
+        "dht_rpc_timeout",
+        "DHT_RPC_TIMEOUT",
+        "seconds before a DHT request counts as missed; raise it on links with round trips near it",
+        "float",
+        DEFAULT_RPC_TIMEOUT,
+    ),
+)
+
+REGISTRY_OPTIONS = OptionTable(
+    Option(
+        "redis_url",
+        "REDIS_URL",
+        "the registry: redis://, rediss://, unix://, redis+sentinel://, redis+cluster://; "
+        "none: the embedded, non-durable in-process registry",
+    ),
+    Option(
+        "redis_timeout",
+        "REDIS_TIMEOUT",
+        "seconds before Redis counts as unavailable",
+        "float",
+        DEFAULT_REDIS_TIMEOUT,
+    ),
+    Option(
+        "redis_cluster",
+        "REDIS_CLUSTER",
+        "a redis:// or rediss:// URL names a Cluster seed rather than one server",
+        "bool",
+        False,
+    ),
+)
+
+TUNNEL_OPTIONS = OptionTable(
+    Option(
+        "tunnel_allowed_hosts",
+        "TUNNEL_ALLOWED_HOSTS",
+        "tunnel hosts records may name (*.domain: any subdomain); the same on every process",
+        "list",
+        DEFAULT_ALLOWED_HOSTS,
+        metavar="PATTERN",
+    ),
+    Option(
+        "tunnel_allow_loopback",
+        "TUNNEL_ALLOW_LOOPBACK",
+        "admit http://127.0.0.1 tunnel URLs: demo and tests only, and then on every process",
+        "bool",
+        False,
+    ),
+)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from dht_bridge.errors import ConfigError
+from dht_bridge.options import Option, OptionTable
 from dht_bridge.settings import (
+    DHT_OPTIONS,
+    REGISTRY_OPTIONS,
+    TUNNEL_OPTIONS,
     DHTSettings,
-    Env,
     RegistrySettings,
-    parse_hostport,
-    tunnel_policy_from_env,
+    tunnel_policy,
 )
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.cloudflare import CLOUDFLARE_RANGES
@@ -30,6 +32,93 @@ DEFAULT_BOOTSTRAP_PEERS = 8
 DEFAULT_BOOTSTRAP_TTL = 300
 # /topology and /metrics read at most this many records from the registry per request.
 DEFAULT_TOPOLOGY_LIMIT = 5000
+
+
+DEFAULT_PROXY_CONNECT_TIMEOUT = 3.0
+DEFAULT_PROXY_READ_TIMEOUT = 60.0
+
+__all__ = ["ADMIN_TOKEN", "HTTP_PORT", "ROUTER_OPTIONS", "CacheSettings", "RouterConfig"]
+
+# Shared with `rma flush` and `rma demo`: declared here, once.
+ADMIN_TOKEN = Option(
+    "admin_token",
+    "ADMIN_TOKEN",
+    "bearer token for /admin/*, at least 16 characters; none: the admin API is off "
+    "(prefer the variable: a flag shows in the process list)",
+)
+HTTP_PORT = Option("port", "PORT", "the router's HTTP port", "int", DEFAULT_HTTP_PORT)
+
+ROUTER_OPTIONS = OptionTable(
+    Option("host", "HOST", "the router's HTTP address", default="127.0.0.1"),
+    HTTP_PORT,
+    ADMIN_TOKEN,
+    Option(
+        "coordinators",
+        "COORDINATORS",
+        "a coordinator (bridge) DHT node: joined at start and handed out first by "
+        "/dht/bootstrap; repeatable",
+        "peers",
+        (),
+    ),
+    Option(
+        "cache_ttl", "CACHE_TTL", "seconds a cached lookup is fresh", "float", DEFAULT_CACHE_TTL
+    ),
+    Option(
+        "cache_stale",
+        "CACHE_STALE",
+        "seconds more a cached lookup is served while Redis and the DHT both fail",
+        "float",
+        DEFAULT_CACHE_STALE,
+    ),
+    Option("cache_size", "CACHE_SIZE", "cached lookups kept", "int", DEFAULT_CACHE_SIZE),
+    Option(
+        "trusted_proxies",
+        "TRUSTED_PROXIES",
+        "CIDRs whose CF-Connecting-IP and CF-IPCountry are believed (behind cloudflared: "
+        "127.0.0.1/32); repeatable",
+        "list",
+        (),
+        metavar="CIDR",
+        shown="Cloudflare's published ranges",
+    ),
+    Option(
+        "origin_secret",
+        "ORIGIN_SECRET",
+        "the secret our Cloudflare Worker sends in X-RMA-Origin-Secret; none: not checked",
+    ),
+    Option("max_body", "MAX_BODY", "largest JSON body accepted, bytes", "int", DEFAULT_MAX_BODY),
+    Option(
+        "daily_budget",
+        "DAILY_BUDGET",
+        "edge requests a day that /metrics compares the count with",
+        "int",
+        DEFAULT_DAILY_BUDGET,
+    ),
+    Option(
+        "proxy_connect_timeout",
+        "PROXY_CONNECT_TIMEOUT",
+        "seconds to connect to a worker's tunnel",
+        "float",
+        DEFAULT_PROXY_CONNECT_TIMEOUT,
+    ),
+    Option(
+        "proxy_read_timeout",
+        "PROXY_READ_TIMEOUT",
+        "seconds a routed request may wait for the worker's answer",
+        "float",
+        DEFAULT_PROXY_READ_TIMEOUT,
+    ),
+    Option(
+        "topology_limit",
+        "TOPOLOGY_LIMIT",
+        "records /topology and /metrics read per request (beyond: marked truncated)",
+        "int",
+        DEFAULT_TOPOLOGY_LIMIT,
+    ),
+    DHT_OPTIONS,
+    REGISTRY_OPTIONS,
+    TUNNEL_OPTIONS,
+)
 
 
 @dataclass(frozen=True)
@@ -64,57 +153,38 @@ class RouterConfig:
     bootstrap_ttl: int = DEFAULT_BOOTSTRAP_TTL
     default_limit: int = 10
     max_limit: int = 100
-    proxy_connect_timeout: float = 3.0
-    proxy_read_timeout: float = 60.0
+    proxy_connect_timeout: float = DEFAULT_PROXY_CONNECT_TIMEOUT
+    proxy_read_timeout: float = DEFAULT_PROXY_READ_TIMEOUT
     topology_limit: int = DEFAULT_TOPOLOGY_LIMIT
 
     @classmethod
     def build(
         cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
     ) -> RouterConfig:
-        """Options win over variables, variables over defaults."""
-        env = Env(environ)
+        """Options win over variables, variables over defaults (see `ROUTER_OPTIONS`)."""
+        values = ROUTER_OPTIONS.resolve(args, environ)
         config = cls(
-            host=env.get_str("HOST", cls.host),
-            port=env.get_int("PORT", cls.port),
-            registry=RegistrySettings.from_env(env),
-            dht=DHTSettings.from_env(env),
-            dht_bootstrap=_peers(env.get_list("BOOTSTRAP", ()), "RMA_BOOTSTRAP"),
-            coordinators=_peers(env.get_list("COORDINATORS", ()), "RMA_COORDINATORS"),
-            policy=tunnel_policy_from_env(env),
-            admin_token=env.raw("ADMIN_TOKEN"),
+            host=values["host"],
+            port=values["port"],
+            registry=RegistrySettings.from_values(values),
+            dht=DHTSettings.from_values(values),
+            dht_bootstrap=values["bootstrap"],
+            coordinators=values["coordinators"],
+            policy=tunnel_policy(values),
+            admin_token=values["admin_token"],
             cache=CacheSettings(
-                ttl=env.get_float("CACHE_TTL", DEFAULT_CACHE_TTL),
-                stale=env.get_float("CACHE_STALE", DEFAULT_CACHE_STALE),
-                maxsize=env.get_int("CACHE_SIZE", DEFAULT_CACHE_SIZE),
+                ttl=values["cache_ttl"], stale=values["cache_stale"], maxsize=values["cache_size"]
             ),
-            trusted_proxies=_networks(env.get_list("TRUSTED_PROXIES", ())) or CLOUDFLARE_RANGES,
-            origin_secret=env.raw("ORIGIN_SECRET"),
-            max_body=env.get_int("MAX_BODY", DEFAULT_MAX_BODY),
-            daily_budget=env.get_int("DAILY_BUDGET", DEFAULT_DAILY_BUDGET),
-            proxy_connect_timeout=env.get_float("PROXY_CONNECT_TIMEOUT", 3.0),
-            proxy_read_timeout=env.get_float("PROXY_READ_TIMEOUT", 60.0),
-            topology_limit=env.get_int("TOPOLOGY_LIMIT", DEFAULT_TOPOLOGY_LIMIT),
+            trusted_proxies=_networks(values["trusted_proxies"]) or CLOUDFLARE_RANGES,
+            origin_secret=values["origin_secret"],
+            max_body=values["max_body"],
+            daily_budget=values["daily_budget"],
+            proxy_connect_timeout=values["proxy_connect_timeout"],
+            proxy_read_timeout=values["proxy_read_timeout"],
+            topology_limit=values["topology_limit"],
         )
-        if args is not None:
-            config = config.with_options(args)
         config.check()
         return config
-
-    def with_options(self, args: argparse.Namespace) -> RouterConfig:
-        """Apply command-line options that were given."""
-        changes: dict[str, object] = {}
-        for name in ("host", "port", "admin_token"):
-            value = getattr(args, name, None)
-            if value is not None:
-                changes[name] = value
-        if getattr(args, "redis_url", None):
-            changes["registry"] = replace(self.registry, redis_url=args.redis_url)
-        if getattr(args, "dht_port", None) is not None:
-            changes["dht"] = replace(self.dht, port=args.dht_port)
-        if getattr(args, "bootstrap", None):
-            changes["dht_bootstrap"] = _peers(args.bootstrap, "--bootstrap")
-        return replace(self, **changes)  # type: ignore[arg-type]
 
     def check(self) -> None:
         """Refuse settings that cannot work, naming them."""
@@ -128,13 +198,6 @@ class RouterConfig:
             raise ConfigError("RMA_MAX_BODY must be at least 1024 bytes")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("RMA_ADMIN_TOKEN must be at least 16 characters")
-
-
-def _peers(items: tuple[str, ...] | list[str], where: str) -> tuple[tuple[str, int], ...]:
-    try:
-        return tuple(parse_hostport(item) for item in items)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _networks(items: tuple[str, ...]) -> tuple[Network, ...]:

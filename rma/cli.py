@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from dht_bridge.errors import ConfigError
+from dht_bridge.options import OptionTable
 from rma.commands import bridge, demo, flush, node, router, worker
 from rma.exits import Exit
+from rma.logs import LOG_FORMAT, LOG_LEVEL
 
 SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
     "router": (router, "run the edge router (HTTP API, cache, proxy)"),
@@ -22,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
     "node": (node, "run a plain DHT node (a bootstrap or storage node)"),
 }
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+GLOBAL_OPTIONS = OptionTable(LOG_LEVEL)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,19 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rma",
         description="RMA discovery: service discovery and routing for a volunteer compute network.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("RMA_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="logging level (RMA_LOG_LEVEL)",
-    )
+    GLOBAL_OPTIONS.add_to(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        # Each option's help names its variable and real default itself: argparse's own
-        # defaults are None, so that an unset option falls through to RMA_* in the config.
-        sub = subparsers.add_parser(name, help=help_text)
+        # Each option's help names its variable and default (from its `Option`): argparse's
+        # own defaults are None, so that an unset option falls through to RMA_*.
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
         module.configure(sub)
         sub.set_defaults(handler=module.run)
     return parser
@@ -52,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rma` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        level = GLOBAL_OPTIONS.resolve(args)["log_level"]
+    except ConfigError as exc:
+        parser.exit(Exit.USAGE, f"rma: configuration error: {exc}\n")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
         code: int = args.handler(args)
     except ConfigError as exc:

@@ -24,8 +24,8 @@ from dht_bridge.dht.node import CLIENT, SERVER, DHTNode, Endpoint, udp_endpoint
 from dht_bridge.dht.reach import Reachability
 from dht_bridge.errors import BootstrapError, DHTError, PublishError, RecordError, RMAError
 from dht_bridge.identity import Identity
+from dht_bridge.options import parse_hostport
 from dht_bridge.records import WorkerRecord, sign_record
-from dht_bridge.settings import parse_hostport
 from worker.config import (
     ADVERTISE_AUTO,
     ADVERTISE_NONE,

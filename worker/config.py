@@ -9,14 +9,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from dht_bridge.backoff import ExponentialBackoff
 from dht_bridge.dht.mode import DHTMode
 from dht_bridge.errors import ConfigError, RecordError
 from dht_bridge.identity import Identity
+from dht_bridge.options import Option, OptionTable
 from dht_bridge.records import MAX_LEASE, REGION_RE, SERVICE_RE, CapabilityValue, sign_record
-from dht_bridge.settings import DHTSettings, Env, parse_hostport, tunnel_policy_from_env
+from dht_bridge.settings import DHT_OPTIONS, TUNNEL_OPTIONS, DHTSettings, tunnel_policy
 from dht_bridge.tunnels import TunnelPolicy
 
 DEFAULT_HEARTBEAT = 30.0
@@ -43,16 +43,9 @@ DEFAULT_DHT_HOST = "0.0.0.0"
 DEFAULT_WORKER_HOLDER_CACHE_TTL = 300.0
 
 
-def worker_dht_settings(env: Env | None = None) -> DHTSettings:
-    """`RMA_DHT_*` settings with the worker's own defaults for the bind address and the
-    holder cache, where those variables are unset."""
-    env = env or Env({})
-    dht = DHTSettings.from_env(env)
-    if env.raw("DHT_HOST") is None:
-        dht = replace(dht, host=DEFAULT_DHT_HOST)
-    if env.raw("DHT_HOLDER_CACHE_TTL") is None:
-        dht = replace(dht, holder_cache_ttl=DEFAULT_WORKER_HOLDER_CACHE_TTL)
-    return dht
+def worker_dht_settings() -> DHTSettings:
+    """The core's DHT settings with the worker's own bind address and holder cache."""
+    return DHTSettings(host=DEFAULT_DHT_HOST, holder_cache_ttl=DEFAULT_WORKER_HOLDER_CACHE_TTL)
 
 
 ADVERTISE_AUTO = "auto"
@@ -70,6 +63,106 @@ def default_state_file(environ: Mapping[str, str]) -> Path:
     """`$XDG_STATE_HOME/rma/worker.json`, else `~/.local/state/rma/worker.json`."""
     base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "~")) / ".local/state")
     return Path(base).expanduser() / "rma" / "worker.json"
+
+
+WORKER_OPTIONS = OptionTable(
+    Option(
+        "service",
+        "SERVICES",
+        "a service this worker offers, [a-z0-9-]{1,32}; repeatable (required)",
+        "list",
+        (),
+    ),
+    Option(
+        "tunnel_url",
+        "TUNNEL_URL",
+        "this worker's Cloudflare Tunnel URL (required)",
+        default="",
+        metavar="URL",
+    ),
+    Option(
+        "edge",
+        "EDGE_URL",
+        "the edge router's base URL: bootstrap peers, and the fallback when the DHT is out "
+        "of reach",
+        metavar="URL",
+    ),
+    Option("region", "REGION", "region label, [a-z0-9-]{0,32}", default=""),
+    Option(
+        "capability",
+        "CAPABILITIES",
+        "a capability; repeatable; numbers and true/false are typed",
+        "list",
+        (),
+        metavar="KEY=VALUE",
+    ),
+    Option(
+        "key_file",
+        "KEY_FILE",
+        "the Ed25519 key, created (0600) only if absent",
+        shown="the one the state file names, else beside it",
+        metavar="PATH",
+    ),
+    Option(
+        "state_file",
+        "STATE_FILE",
+        "JSON state (key path, seq, peers); one per worker: a second worker needs its own",
+        shown="$XDG_STATE_HOME/rma/worker.json",
+        metavar="PATH",
+    ),
+    Option(
+        "dht_advertise",
+        "DHT_ADVERTISE",
+        "the DHT address the record hands out in server mode (auto: the address servers see "
+        "us at); none: always client mode",
+        default=ADVERTISE_AUTO,
+        metavar="auto|none|HOST[:PORT]",
+    ),
+    Option(
+        "dht_mode",
+        "DHT_MODE",
+        "server: a DHT node others contact; client: behind NAT, looks up and publishes "
+        "through servers only; auto: a reachability check decides, again every "
+        "--reach-interval",
+        default=MODE_AUTO,
+        choices=DHT_MODES,
+    ),
+    Option(
+        "reach_interval",
+        "DHT_REACH_INTERVAL",
+        "seconds between reachability checks in auto mode",
+        "float",
+        DEFAULT_REACH_INTERVAL,
+    ),
+    Option("heartbeat", "HEARTBEAT", "seconds between heartbeats", "float", DEFAULT_HEARTBEAT),
+    Option(
+        "ttl",
+        "TTL",
+        "record lease, seconds: at least 1.5 heartbeats, jitter included",
+        "float",
+        DEFAULT_TTL,
+    ),
+    Option("load", "LOAD", "fixed load 0..1, or the fallback when --load-url fails", "float", 0.0),
+    Option(
+        "load_url",
+        "LOAD_URL",
+        'our own service\'s URL answering {"load": x} or {"in_flight": n}',
+        metavar="URL",
+    ),
+    Option("capacity", "CAPACITY", "in-flight requests that mean full load", "int", 1),
+    Option(
+        "edge_only",
+        "EDGE_ONLY",
+        "never use the DHT: register and heartbeat through the edge",
+        "bool",
+        False,
+    ),
+    DHT_OPTIONS.replacing(
+        DHT_OPTIONS["dht_host"].with_default(DEFAULT_DHT_HOST),
+        DHT_OPTIONS["bootstrap"].with_help("a DHT peer to try before asking the edge; repeatable"),
+    ),
+    TUNNEL_OPTIONS,
+)
 
 
 @dataclass(frozen=True)
@@ -168,72 +261,40 @@ class WorkerConfig:
     def build(
         cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
     ) -> WorkerConfig:
-        """Options win over variables, variables over defaults."""
+        """Options win over variables, variables over defaults (see `WORKER_OPTIONS`)."""
         environ = os.environ if environ is None else environ
-        env = Env(environ)
-        opt: dict[str, Any] = dict(vars(args)) if args is not None else {}
-
-        def pick(name: str, value: Any) -> Any:
-            given = opt.get(name)
-            return value if given is None or given == [] else given
-
-        dht = worker_dht_settings(env)
-        if opt.get("dht_host") is not None:
-            dht = replace(dht, host=opt["dht_host"])
-        if opt.get("dht_port") is not None:
-            dht = replace(dht, port=opt["dht_port"])
-        services = pick("service", list(env.get_list("SERVICES", ())))
-        capabilities = pick("capability", list(env.get_list("CAPABILITIES", ())))
-        key_file = pick("key_file", env.raw("KEY_FILE"))
+        values = WORKER_OPTIONS.resolve(args, environ)
+        dht = replace(
+            worker_dht_settings(),
+            host=values["dht_host"],
+            port=values["dht_port"],
+            rpc_timeout=values["dht_rpc_timeout"],
+        )
+        key_file = values["key_file"]
         try:
             return cls(
-                services=tuple(dict.fromkeys(services)),
-                tunnel_url=pick("tunnel_url", env.get_str("TUNNEL_URL", "")),
-                state_file=Path(
-                    pick("state_file", env.raw("STATE_FILE")) or default_state_file(environ)
-                ),
-                edge_url=pick("edge", env.raw("EDGE_URL")),
+                services=tuple(dict.fromkeys(values["service"])),
+                tunnel_url=values["tunnel_url"],
+                state_file=Path(values["state_file"] or default_state_file(environ)),
+                edge_url=values["edge"],
                 key_file=Path(key_file) if key_file else None,
-                region=pick("region", env.get_str("REGION", "")),
-                capabilities=parse_capabilities(capabilities),
+                region=values["region"],
+                capabilities=parse_capabilities(values["capability"]),
                 dht=dht,
-                advertise=pick("dht_advertise", env.get_str("DHT_ADVERTISE", ADVERTISE_AUTO)),
-                dht_mode=pick("dht_mode", env.get_str("DHT_MODE", MODE_AUTO)),
-                reach_interval=pick(
-                    "reach_interval", env.get_float("DHT_REACH_INTERVAL", DEFAULT_REACH_INTERVAL)
-                ),
-                bootstrap=_peers(pick("bootstrap", list(env.get_list("BOOTSTRAP", ())))),
-                policy=tunnel_policy_from_env(env),
-                heartbeat=pick("heartbeat", env.get_float("HEARTBEAT", DEFAULT_HEARTBEAT)),
-                ttl=pick("ttl", env.get_float("TTL", DEFAULT_TTL)),
-                jitter=pick("jitter", env.get_float("HEARTBEAT_JITTER", DEFAULT_JITTER)),
-                discovery_deadline=pick(
-                    "discovery_deadline",
-                    env.get_float("DISCOVERY_DEADLINE", DEFAULT_DISCOVERY_DEADLINE),
-                ),
-                fallback_heartbeat=pick(
-                    "fallback_heartbeat",
-                    env.get_float("FALLBACK_HEARTBEAT", DEFAULT_FALLBACK_HEARTBEAT),
-                ),
-                fallback_ttl=pick(
-                    "fallback_ttl", env.get_float("FALLBACK_TTL", DEFAULT_FALLBACK_TTL)
-                ),
-                retry=ExponentialBackoff(
-                    base=pick("retry_base", env.get_float("RETRY_BASE", DEFAULT_RETRY_BASE)),
-                    cap=pick("retry_cap", env.get_float("RETRY_CAP", DEFAULT_RETRY_CAP)),
-                ),
-                leave_timeout=pick(
-                    "leave_timeout", env.get_float("LEAVE_TIMEOUT", DEFAULT_LEAVE_TIMEOUT)
-                ),
-                edge_timeout=pick(
-                    "edge_timeout", env.get_float("EDGE_TIMEOUT", DEFAULT_EDGE_TIMEOUT)
-                ),
-                load=pick("load", env.get_float("LOAD", 0.0)),
-                load_url=pick("load_url", env.raw("LOAD_URL")),
-                capacity=pick("capacity", env.get_int("CAPACITY", 1)),
-                edge_only=bool(opt.get("edge_only")) or env.get_bool("EDGE_ONLY", False),
+                advertise=values["dht_advertise"],
+                dht_mode=values["dht_mode"],
+                reach_interval=values["reach_interval"],
+                bootstrap=values["bootstrap"],
+                policy=tunnel_policy(values),
+                heartbeat=values["heartbeat"],
+                ttl=values["ttl"],
+                load=values["load"],
+                load_url=values["load_url"],
+                capacity=values["capacity"],
+                edge_only=values["edge_only"],
+                retry=ExponentialBackoff(base=DEFAULT_RETRY_BASE, cap=DEFAULT_RETRY_CAP),
             )
-        except ValueError as exc:  # ExponentialBackoff, DHTSettings
+        except ValueError as exc:  # DHTSettings
             raise ConfigError(str(exc)) from None
 
 
@@ -246,13 +307,6 @@ def _lease(name: str, interval: float, ttl: float, jitter: float) -> None:
             f"{name} every {interval:g} s (jitter {jitter:g}) does not renew a {ttl:g} s lease "
             "in time: the interval, jitter included, must be at most two thirds of the lease"
         )
-
-
-def _peers(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
-    try:
-        return tuple(parse_hostport(item) for item in items)
-    except ValueError as exc:
-        raise ConfigError(f"--bootstrap (RMA_BOOTSTRAP): {exc}") from None
 
 
 def parse_capabilities(items: Sequence[str]) -> dict[str, CapabilityValue]:

@@ -9,9 +9,8 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dht_bridge.bridge.bridge import (
     DEFAULT_PROBE_INTERVAL,
@@ -24,14 +23,16 @@ from dht_bridge.bridge.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, Journal
 from dht_bridge.bridge.metrics import MetricsServer
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
+from dht_bridge.options import Option, OptionTable
 from dht_bridge.records import SERVICE_RE
 from dht_bridge.registry.registry import open_registry
 from dht_bridge.settings import (
+    DHT_OPTIONS,
+    REGISTRY_OPTIONS,
+    TUNNEL_OPTIONS,
     DHTSettings,
-    Env,
     RegistrySettings,
-    parse_hostport,
-    tunnel_policy_from_env,
+    tunnel_policy,
 )
 from dht_bridge.tunnels import TunnelPolicy
 from rma.commands.node import load_state
@@ -44,6 +45,72 @@ DEFAULT_JOURNAL = "rma-bridge-journal.jsonl"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9464
 STATE_VERSION = 1
+
+BRIDGE_OPTIONS = OptionTable(
+    Option("journal", "JOURNAL_PATH", "the journal file", default=DEFAULT_JOURNAL, metavar="PATH"),
+    Option(
+        "journal_max_bytes",
+        "JOURNAL_MAX_BYTES",
+        "journal size limit, bytes",
+        "int",
+        DEFAULT_MAX_BYTES,
+    ),
+    Option(
+        "state_file",
+        "STATE_FILE",
+        "JSON file: node id, contacts, known services",
+        metavar="PATH",
+    ),
+    Option(
+        "service",
+        "BRIDGE_SERVICES",
+        "a service to poll from the start (others are learnt); repeatable",
+        "list",
+        (),
+    ),
+    Option(
+        "sync_interval",
+        "SYNC_INTERVAL",
+        "seconds between full syncs of Redis and the DHT",
+        "float",
+        DEFAULT_SYNC_INTERVAL,
+    ),
+    Option(
+        "probe_interval",
+        "DHT_PROBE_INTERVAL",
+        "seconds between DHT and Redis health probes",
+        "float",
+        DEFAULT_PROBE_INTERVAL,
+    ),
+    Option(
+        "stale_share",
+        "STALE_SHARE",
+        "self-preservation: the share of leases lapsing within one sync interval, with the "
+        "DHT lost, above which they are held",
+        "float",
+        DEFAULT_STALE_SHARE,
+    ),
+    Option(
+        "metrics_host",
+        "BRIDGE_METRICS_HOST",
+        "address of the bridge's /metrics",
+        default=DEFAULT_METRICS_HOST,
+    ),
+    Option(
+        "metrics_port",
+        "BRIDGE_METRICS_PORT",
+        "port of the bridge's /metrics, 0 for any, -1 for none",
+        "int",
+        DEFAULT_METRICS_PORT,
+    ),
+    DHT_OPTIONS.replacing(
+        DHT_OPTIONS["bootstrap"].with_help(
+            "a DHT peer to join through, and to retry when cut off; repeatable"
+        )
+    ),
+    REGISTRY_OPTIONS,
+    TUNNEL_OPTIONS,
+)
 
 
 @dataclass(frozen=True)
@@ -68,49 +135,23 @@ class BridgeConfig:
     def build(
         cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
     ) -> BridgeConfig:
-        """Options win over variables, variables over defaults."""
-        env = Env(environ)
-        opts = vars(args) if args is not None else {}
-
-        def pick(option: str, value: Any) -> Any:
-            given = opts.get(option)
-            return value if given is None else given
-
-        dht = DHTSettings.from_env(env)
-        dht = replace(dht, host=pick("dht_host", dht.host), port=pick("dht_port", dht.port))
-        registry = RegistrySettings.from_env(env)
-        registry = replace(registry, redis_url=pick("redis_url", registry.redis_url))
-        peers = opts.get("bootstrap") or list(env.get_list("BOOTSTRAP", ()))
-        try:
-            bootstrap = tuple(parse_hostport(p) for p in peers)
-        except ValueError as exc:
-            raise ConfigError(f"--bootstrap / RMA_BOOTSTRAP: {exc}") from None
-        services = tuple(opts.get("service") or env.get_list("BRIDGE_SERVICES", ()))
-        state = pick("state_file", env.raw("STATE_FILE"))
-        metrics_port = pick(
-            "metrics_port", env.get_int("BRIDGE_METRICS_PORT", DEFAULT_METRICS_PORT)
-        )
+        """Options win over variables, variables over defaults (see `BRIDGE_OPTIONS`)."""
+        values = BRIDGE_OPTIONS.resolve(args, environ)
+        state = values["state_file"]
+        metrics_port = values["metrics_port"]
         config = cls(
-            registry=registry,
-            dht=dht,
-            policy=tunnel_policy_from_env(env),
-            bootstrap=bootstrap,
-            journal=Path(pick("journal", env.get_str("JOURNAL_PATH", DEFAULT_JOURNAL))),
-            journal_max_bytes=pick(
-                "journal_max_bytes", env.get_int("JOURNAL_MAX_BYTES", DEFAULT_MAX_BYTES)
-            ),
+            registry=RegistrySettings.from_values(values),
+            dht=DHTSettings.from_values(values),
+            policy=tunnel_policy(values),
+            bootstrap=values["bootstrap"],
+            journal=Path(values["journal"]),
+            journal_max_bytes=values["journal_max_bytes"],
             state_file=Path(state) if state else None,
-            services=services,
-            sync_interval=pick(
-                "sync_interval", env.get_float("SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL)
-            ),
-            probe_interval=pick(
-                "probe_interval", env.get_float("DHT_PROBE_INTERVAL", DEFAULT_PROBE_INTERVAL)
-            ),
-            stale_share=pick("stale_share", env.get_float("STALE_SHARE", DEFAULT_STALE_SHARE)),
-            metrics_host=pick(
-                "metrics_host", env.get_str("BRIDGE_METRICS_HOST", DEFAULT_METRICS_HOST)
-            ),
+            services=values["service"],
+            sync_interval=values["sync_interval"],
+            probe_interval=values["probe_interval"],
+            stale_share=values["stale_share"],
+            metrics_host=values["metrics_host"],
             metrics_port=None if metrics_port < 0 else metrics_port,
         )
         config.check()
@@ -140,60 +181,8 @@ class BridgeConfig:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of `rma bridge`; each also has an RMA_* variable."""
-    parser.add_argument("--redis-url", help="registry URL (RMA_REDIS_URL; none: embedded)")
-    parser.add_argument("--dht-host", help="UDP address of the bridge's DHT node (RMA_DHT_HOST)")
-    parser.add_argument("--dht-port", type=int, help="UDP port, 0 for any (RMA_DHT_PORT)")
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="DHT peer to join through and retry when cut off; repeatable (RMA_BOOTSTRAP)",
-    )
-    parser.add_argument(
-        "--journal", help=f"journal file (RMA_JOURNAL_PATH, default {DEFAULT_JOURNAL})"
-    )
-    parser.add_argument(
-        "--journal-max-bytes",
-        type=int,
-        help=f"journal size limit (RMA_JOURNAL_MAX_BYTES, default {DEFAULT_MAX_BYTES})",
-    )
-    parser.add_argument(
-        "--state-file", help="JSON file: node id, contacts, known services (RMA_STATE_FILE)"
-    )
-    parser.add_argument(
-        "--service",
-        action="append",
-        metavar="NAME",
-        help="a service to poll from the start; repeatable (RMA_BRIDGE_SERVICES)",
-    )
-    parser.add_argument(
-        "--sync-interval",
-        type=float,
-        help=f"seconds between full syncs (RMA_SYNC_INTERVAL, default {DEFAULT_SYNC_INTERVAL:g})",
-    )
-    parser.add_argument(
-        "--probe-interval",
-        type=float,
-        help="seconds between DHT and Redis health probes "
-        f"(RMA_DHT_PROBE_INTERVAL, default {DEFAULT_PROBE_INTERVAL:g})",
-    )
-    parser.add_argument(
-        "--stale-share",
-        type=float,
-        help="self-preservation: share of leases lapsing within one sync interval, with the "
-        f"DHT lost, above which they are held (RMA_STALE_SHARE, default {DEFAULT_STALE_SHARE})",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        help=f"address of /metrics (RMA_BRIDGE_METRICS_HOST, default {DEFAULT_METRICS_HOST})",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        help="port of /metrics, 0 for any, -1 for none "
-        f"(RMA_BRIDGE_METRICS_PORT, default {DEFAULT_METRICS_PORT})",
-    )
+    """Options of `rma bridge` (`BRIDGE_OPTIONS`)."""
+    BRIDGE_OPTIONS.add_to(parser)
 
 
 def run(args: argparse.Namespace) -> int:

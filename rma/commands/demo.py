@@ -3,48 +3,54 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from dht_bridge.errors import ConfigError
+from dht_bridge.options import Option, OptionTable
 from dht_bridge.records import SERVICE_RE
+from dht_bridge.settings import REGISTRY_OPTIONS
+from edge_router.config import HTTP_PORT
 from rma.demo import DemoConfig, run_demo
 from rma.process import run_service
 
+MAX_WORKERS = 500
+
+DEMO_OPTIONS = OptionTable(
+    Option("workers", "DEMO_WORKERS", f"worker agents to start, 1 to {MAX_WORKERS}", "int", 20),
+    Option("services", "DEMO_SERVICES", "services the workers offer", "list", ("ocr", "gpu")),
+    HTTP_PORT,
+    Option(
+        "heartbeat",
+        "DEMO_HEARTBEAT",
+        "worker heartbeat interval, seconds (lease: 3 times it)",
+        "float",
+        30.0,
+    ),
+    REGISTRY_OPTIONS["redis_url"],
+)
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of `rma demo`."""
-    parser.add_argument("--workers", type=int, default=20, help="worker agents to start")
-    parser.add_argument("--services", default="ocr,gpu", help="comma-separated services")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("RMA_PORT", "8080")),
-        help="the router's HTTP port (RMA_PORT)",
-    )
-    parser.add_argument(
-        "--heartbeat",
-        type=float,
-        default=30.0,
-        help="worker heartbeat interval, seconds (lease: 3x)",
-    )
+    """Options of `rma demo` (`DEMO_OPTIONS`)."""
+    DEMO_OPTIONS.add_to(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the demo's configuration and run it until Ctrl-C or SIGTERM."""
-    services = tuple(s.strip() for s in args.services.split(",") if s.strip())
+    values = DEMO_OPTIONS.resolve(args)
+    services: tuple[str, ...] = values["services"]
     if not services or not all(SERVICE_RE.fullmatch(s) for s in services):
-        raise ConfigError(f"--services {args.services!r}: names must match [a-z0-9-]{{1,32}}")
-    if not 1 <= args.workers <= 500:
-        raise ConfigError("--workers must be from 1 to 500")
-    if args.heartbeat <= 0:
+        raise ConfigError(f"--services {services!r}: names must match [a-z0-9-]{{1,32}}")
+    if not 1 <= values["workers"] <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be from 1 to {MAX_WORKERS}")
+    if values["heartbeat"] <= 0:
         raise ConfigError("--heartbeat must be > 0")
     config = DemoConfig(
-        workers=args.workers,
+        workers=values["workers"],
         services=services,
-        port=args.port,
-        redis_url=os.environ.get("RMA_REDIS_URL") or None,
-        heartbeat=args.heartbeat,
-        ttl=args.heartbeat * 3,
+        port=values["port"],
+        redis_url=values["redis_url"],
+        heartbeat=values["heartbeat"],
+        ttl=values["heartbeat"] * 3,
     )
     try:
         return run_service(lambda stop: run_demo(config, stop))

@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, ConfigError
-from dht_bridge.settings import DHTSettings, Env, parse_hostport, tunnel_policy_from_env
+from dht_bridge.options import Option, OptionTable
+from dht_bridge.settings import DHT_OPTIONS, TUNNEL_OPTIONS, DHTSettings, tunnel_policy
 from dht_bridge.tunnels import TunnelPolicy
 from rma.exits import Exit
 from rma.process import run_service
@@ -36,33 +37,25 @@ class NodeConfig:
     def build(
         cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None
     ) -> NodeConfig:
-        """Options win over variables, variables over defaults."""
-        env = Env(environ)
-        dht = DHTSettings.from_env(env)
-        if args.host is not None:
-            dht = replace(dht, host=args.host)
-        if args.port is not None:
-            dht = replace(dht, port=args.port)
-        peers = args.bootstrap or list(env.get_list("BOOTSTRAP", ()))
-        try:
-            bootstrap = tuple(parse_hostport(p) for p in peers)
-        except ValueError as exc:
-            raise ConfigError(f"--bootstrap: {exc}") from None
-        state = args.state_file or env.raw("STATE_FILE")
-        return cls(dht, tunnel_policy_from_env(env), bootstrap, Path(state) if state else None)
+        """Options win over variables, variables over defaults (see `NODE_OPTIONS`)."""
+        values = NODE_OPTIONS.resolve(args, environ)
+        state = values["state_file"]
+        dht = DHTSettings.from_values(values)
+        return cls(dht, tunnel_policy(values), values["bootstrap"], Path(state) if state else None)
+
+
+NODE_OPTIONS = OptionTable(
+    DHT_OPTIONS.replacing(
+        DHT_OPTIONS["dht_host"].with_flag("--host"), DHT_OPTIONS["dht_port"].with_flag("--port")
+    ),
+    Option("state_file", "STATE_FILE", "JSON file for id and contacts", metavar="PATH"),
+    TUNNEL_OPTIONS,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of `rma node`."""
-    parser.add_argument("--host", help="UDP address to bind (RMA_DHT_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="UDP port, 0 for any (RMA_DHT_PORT, default 0)")
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="a peer to join through; repeatable (RMA_BOOTSTRAP, comma-separated)",
-    )
-    parser.add_argument("--state-file", help="JSON file for id and contacts (RMA_STATE_FILE)")
+    """Options of `rma node` (`NODE_OPTIONS`)."""
+    NODE_OPTIONS.add_to(parser)
 
 
 def run(args: argparse.Namespace) -> int:

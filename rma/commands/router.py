@@ -14,7 +14,7 @@ from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, RegistryError
 from dht_bridge.registry.registry import Registry, open_registry
 from edge_router.app import create_app
-from edge_router.config import RouterConfig
+from edge_router.config import ROUTER_OPTIONS, RouterConfig
 from rma.exits import Exit
 from rma.process import wait_for_stop_signal
 
@@ -22,18 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of `rma router`; each also has an RMA_* variable."""
-    parser.add_argument("--host", help="HTTP address to bind (RMA_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (RMA_PORT, default 8080)")
-    parser.add_argument("--redis-url", help="registry URL (RMA_REDIS_URL; none: embedded)")
-    parser.add_argument("--admin-token", help="bearer token for /admin (RMA_ADMIN_TOKEN)")
-    parser.add_argument("--dht-port", type=int, help="UDP port of the router's DHT node")
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        metavar="HOST:PORT",
-        help="DHT peer to join through; repeatable (RMA_BOOTSTRAP)",
-    )
+    """Options of `rma router` (`ROUTER_OPTIONS`)."""
+    ROUTER_OPTIONS.add_to(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dht_bridge.errors import ConfigError
-from dht_bridge.settings import parse_hostport
+from dht_bridge.options import parse_hostport
 from rma.cli import build_parser, main
 from rma.commands.node import NodeConfig
 
@@ -48,7 +48,7 @@ def test_node_config_options_beat_variables_beat_defaults() -> None:
         {"RMA_DHT_PORT": "70000"},
         {"RMA_BOOTSTRAP": "nohost"},
         {"RMA_TUNNEL_ALLOW_LOOPBACK": "perhaps"},
-        {"RMA_DHT_REPLICAS": "50"},
+        {"RMA_DHT_RPC_TIMEOUT": "0"},
     ],
 )
 def test_bad_configuration_is_a_config_error(env: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from dht_bridge.errors import ConfigError
 from dht_bridge.registry.topology import Topology, parse_redis_url
-from dht_bridge.settings import Env, RegistrySettings
+from dht_bridge.settings import REGISTRY_OPTIONS, RegistrySettings
 
 
 def test_plain_urls_are_one_server() -> None:
@@ -46,11 +46,10 @@ def test_cluster_by_scheme_or_by_flag() -> None:
 
 
 def test_the_cluster_flag_comes_from_the_environment() -> None:
-    settings = RegistrySettings.from_env(
-        Env({"RMA_REDIS_URL": "redis://n1:7000", "RMA_REDIS_CLUSTER": "1"})
-    )
+    environ = {"RMA_REDIS_URL": "redis://n1:7000", "RMA_REDIS_CLUSTER": "1"}
+    settings = RegistrySettings.from_values(REGISTRY_OPTIONS.resolve(None, environ))
     assert settings.cluster
-    assert not RegistrySettings.from_env(Env({})).cluster
+    assert not RegistrySettings.from_values(REGISTRY_OPTIONS.resolve(None, {})).cluster
 
 
 @pytest.mark.parametrize(

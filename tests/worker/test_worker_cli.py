@@ -77,8 +77,7 @@ def test_options_beat_variables_beat_defaults() -> None:
         (["--service", "ocr", "--capability", "BAD=1"], {"RMA_TUNNEL_URL": TUNNEL}, "refused"),
         (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_HEARTBEAT": "soon"}, "number"),
         (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_BOOTSTRAP": "x"}, "host:port"),
-        (["--service", "ocr", "--retry-base", "0"], {"RMA_TUNNEL_URL": TUNNEL}, "backoff"),
-        (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_DHT_MODE": "relay"}, "dht-mode"),
+        (["--service", "ocr"], {"RMA_TUNNEL_URL": TUNNEL, "RMA_DHT_MODE": "relay"}, "DHT_MODE"),
         (
             ["--service", "ocr", "--dht-mode", "server", "--dht-advertise", "none"],
             {"RMA_TUNNEL_URL": TUNNEL},
