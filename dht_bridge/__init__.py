@@ -1,5 +1,52 @@
-"""The core of RMA discovery: signed records, the Kademlia node, the Redis registry, the bridge."""
+"""The core of RMA discovery: signed records, the Kademlia node, the Redis registry, the bridge.
+Layered bottom-up; each imports only what is above it in this list:
+
+- `errors`    `RMAError` and the project's one exception tree below it.
+- `options`   options declared once (flag, `RMA_*` variable, type, default, help).
+- `backoff`   retry delays: exponential with jitter, or none (for tests).
+- `identity`  Ed25519 keys and the worker id derived from them.
+- `tunnels`   which tunnel URLs a record may name, in one canonical form.
+- `records`   `WorkerRecord`: signing, validation, the merge rule.
+- `settings`  `DHTSettings`, `RegistrySettings` and their option tables.
+- `dht/`      the Kademlia node built on the `kademlia` library (`DHTNode`).
+- `registry/` the Redis registry the edge reads (`Registry`, `open_registry`).
+- `bridge/`   the bridge that keeps Redis and the DHT in sync through partitions (`Bridge`).
+"""
 
 from __future__ import annotations
 
+from dht_bridge.errors import (
+    BootstrapError,
+    ConfigError,
+    DHTError,
+    IdentityError,
+    PublishError,
+    RecordError,
+    RegistryError,
+    RegistryUnavailable,
+    RMAError,
+)
+from dht_bridge.identity import Identity
+from dht_bridge.records import WorkerRecord, sign_record
+from dht_bridge.settings import DHTSettings, RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BootstrapError",
+    "ConfigError",
+    "DHTError",
+    "DHTSettings",
+    "Identity",
+    "IdentityError",
+    "PublishError",
+    "RMAError",
+    "RecordError",
+    "RegistryError",
+    "RegistrySettings",
+    "RegistryUnavailable",
+    "TunnelPolicy",
+    "WorkerRecord",
+    "sign_record",
+]

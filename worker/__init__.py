@@ -1,3 +1,36 @@
-"""The worker agent: identity, join, heartbeat over the DHT, discovery with fallback."""
+"""The worker agent a volunteer runs, or embeds in their own service.
+
+- `config`    `WorkerConfig` (frozen) and `WORKER_OPTIONS`, the `rma worker` options.
+- `agent`     `WorkerAgent`: join once through the edge, heartbeat over the DHT, fall back to
+              the edge when the DHT is out of reach, leave with a tombstone.
+- `discovery` finding peers by service: the DHT first, the edge's `/services` on a deadline.
+- `edge`      the edge router's client: bootstrap peers, registration, lookups.
+- `load`      where the load in the record comes from: fixed, counted in flight, or polled.
+- `state`     the JSON state file: key path, seq, saved peers.
+- `errors`    `WorkerError` and its subclasses.
+"""
 
 from __future__ import annotations
+
+from worker.agent import WorkerAgent
+from worker.config import WORKER_OPTIONS, WorkerConfig
+from worker.discovery import Discovery, discover
+from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, WorkerError
+from worker.load import HttpLoad, InFlightCounter, LoadSource, StaticLoad
+
+__all__ = [
+    "WORKER_OPTIONS",
+    "Discovery",
+    "EdgeError",
+    "EdgeRefused",
+    "EdgeUnavailable",
+    "HttpLoad",
+    "InFlightCounter",
+    "LoadSource",
+    "StartError",
+    "StaticLoad",
+    "WorkerAgent",
+    "WorkerConfig",
+    "WorkerError",
+    "discover",
+]
