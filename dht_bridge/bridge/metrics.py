@@ -168,3 +168,6 @@ class MetricsServer:
             body = {"status": status, "redis": redis_up, "dht": dht_up}
             return "200 OK", json.dumps(body).encode(), "application/json"
         return "404 Not Found", b"not found\n", "text/plain"
+
+
+__all__ = ["METRICS", "BridgeCounters", "MetricsServer", "render"]

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from dht_bridge.bridge.metrics import BridgeCounters
+from dht_bridge.bridge.state import BridgeSettings
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
-
-if TYPE_CHECKING:
-    from dht_bridge.bridge.bridge import BridgeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +85,6 @@ class SelfPreservation:
             )
         self.active = False
         self.counters.held = 0
+
+
+__all__ = ["SelfPreservation"]
