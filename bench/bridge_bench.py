@@ -24,36 +24,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
-import platform
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/bridge_bench.py`, sys.path[0] is bench/: put the checkout first, so that
-# our packages (and the test helpers reused here) are this tree's.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import ROOT, machine, text_table, write_json
 
-from dht_bridge.backoff import ExponentialBackoff  # noqa: E402
-from dht_bridge.bridge.bridge import Bridge, BridgeSettings  # noqa: E402
-from dht_bridge.bridge.journal import Journal  # noqa: E402
-from dht_bridge.dht.node import DHTNode  # noqa: E402
-from dht_bridge.errors import PublishError, RegistryError  # noqa: E402
-from dht_bridge.identity import Identity  # noqa: E402
-from dht_bridge.records import WorkerRecord, sign_record  # noqa: E402
-from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
-from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
-from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
-from tests.support.bridge import Partition  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
+from dht_bridge.backoff import ExponentialBackoff
+from dht_bridge.bridge.bridge import Bridge, BridgeSettings
+from dht_bridge.bridge.journal import Journal
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.errors import PublishError, RegistryError
+from dht_bridge.identity import Identity
+from dht_bridge.records import WorkerRecord
+from dht_bridge.registry.registry import Registry, open_registry
+from dht_bridge.settings import DHTSettings, RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+from tests.support.bridge import Partition
+from tests.support.helpers import make_record, wait_for
+from tests.support.redis_server import RedisServer
 
 logger = logging.getLogger("bridge_bench")
 
@@ -80,9 +73,8 @@ class Workers:
         self.seq += 1
         now = time.time()
         self.records = [
-            sign_record(
+            make_record(
                 identity,
-                tunnel_url=f"https://w-{identity.worker_id[:12]}.trycloudflare.com",
                 services=services,
                 seq=self.seq,
                 now=now,
@@ -133,17 +125,11 @@ async def redis_holds(registry: Registry, records: list[WorkerRecord]) -> bool:
 async def until(
     condition: Callable[[], Awaitable[bool] | bool], *, poll: float, deadline: float, what: str
 ) -> float:
-    """Poll `condition`; seconds until it held. Raises TimeoutError naming `what`."""
+    """Poll `condition` every `poll` seconds; the seconds until it held (fails after
+    `deadline`, naming `what`)."""
     started = time.monotonic()
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > deadline:
-            raise TimeoutError(f"{what}: not within {deadline:.0f} s")
-        await asyncio.sleep(poll)
+    await wait_for(condition, timeout=deadline, interval=poll, message=what)
+    return time.monotonic() - started
 
 
 async def measure(count: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -292,33 +278,27 @@ async def measure(count: int, args: argparse.Namespace, workdir: Path) -> dict[s
         server.kill()
 
 
-def machine() -> dict[str, Any]:
-    """Where the figures came from."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+TABLE_COLUMNS = (
+    *(("records", ">7"), ("nodes", ">5"), ("scenario", "<14"), ("converge s", ">10")),
+    *(("passes", ">6"), ("write s", ">8"), ("sweep s", ">8"), ("x write", ">8")),
+)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The figures as a fixed-width table."""
-    head = (
-        f"{'records':>7} {'nodes':>5} {'scenario':<14} {'converge s':>10} {'passes':>6} "
-        f"{'write s':>8} {'sweep s':>8} {'x write':>8}"
+    return text_table(
+        TABLE_COLUMNS,
+        (
+            [
+                *(row["records"], row["nodes"], scenario, f"{row[scenario]['converge_s']:.3f}"),
+                *(row[scenario]["passes"], f"{row['baseline_write_s']:.3f}"),
+                f"{row['baseline_sweep_s']:.3f}",
+                f"{row[scenario]['x_baseline_write']:.1f}",
+            ]
+            for row in rows
+            for scenario in ("dht_partition", "redis_outage")
+        ),
     )
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        for scenario in ("dht_partition", "redis_outage"):
-            cell = row[scenario]
-            lines.append(
-                f"{row['records']:>7} {row['nodes']:>5} {scenario:<14} "
-                f"{cell['converge_s']:>10.3f} {cell['passes']:>6} "
-                f"{row['baseline_write_s']:>8.3f} {row['baseline_sweep_s']:>8.3f} "
-                f"{cell['x_baseline_write']:>8.1f}"
-            )
-    return "\n".join(lines)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -370,8 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     results = asyncio.run(run(args))
     print(table(results["rows"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"written to {args.out}")
     return 0
 

@@ -23,16 +23,15 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import dht_bench_report as report
+from common import BenchError, HelpFormatter, machine, spawn_child, write_json
 from dht_bench_plan import PHASES, SERVICES, Plan, PlanOptions, build_plan
 
 logger = logging.getLogger("dht_bench")
@@ -43,10 +42,6 @@ DEFAULT_TIME_LIMIT = 1800.0
 STREAM_LIMIT = 1 << 26
 PROGRESS_EVERY = 2.0
 IMPLS = ("ours", "raw")
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not finish: a child failed, or the time limit passed."""
 
 
 class Budget:
@@ -94,18 +89,9 @@ class Child:
     @classmethod
     async def spawn(cls, impl: str, index: int, log_level: str) -> Child:
         """Start `dht_bench.py --child` for one process of the run."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(SCRIPT),
-            "--child",
-            "--impl",
-            impl,
-            "--proc",
-            str(index),
-            "--log-level",
-            log_level,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        process = await spawn_child(
+            SCRIPT,
+            *("--impl", impl, "--proc", str(index), "--log-level", log_level),
             limit=STREAM_LIMIT,
         )
         return cls(index, process)
@@ -424,17 +410,6 @@ class ImplRun:
             await call_each(self.children, "kill", per_child, timeout=60)
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "kademlia": metadata.version("kademlia"),
-        "rpcudp": metadata.version("rpcudp"),
-    }
-
-
 def plan_options(args: argparse.Namespace) -> PlanOptions:
     """Defaults that depend on N, resolved."""
     nodes = args.nodes
@@ -496,7 +471,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_method": "every attempt counts, failures included; a timeout counts "
             "the deadline",
         },
-        "machine": machine(),
+        "machine": machine("kademlia", "rpcudp"),
         "rows": rows,
         "ratios": report.ratios(rows),
         "wall_s": time.monotonic() - started,
@@ -527,16 +502,12 @@ def print_results(results: dict[str, Any]) -> None:
     print(f"wall time {results['wall_s']:.1f}s ({walls})")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in --help; the docstring's example keeps its line breaks."""
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
     cpus = os.cpu_count() or 2
     parser = argparse.ArgumentParser(
         description=__doc__,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--nodes", type=int, default=200, help="network size N")
@@ -606,13 +577,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         write_json(args.out, results)
     return 0
-
-
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    """Write the results, strict JSON (NaN as null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.json_safe(results), indent=2, default=str) + "\n")
-    logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":

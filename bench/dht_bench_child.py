@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import IO, Any, Protocol
 
+from common import read_stdin
 from dht_bench_plan import identity_from_secret, raw_value
 from kademlia.network import Server
 from kademlia.utils import digest
@@ -30,16 +31,22 @@ from dht_bridge.dht import shards
 from dht_bridge.dht.node import DHTNode, KeyPublish, PublishReport
 from dht_bridge.dht.values import key_digest
 from dht_bridge.errors import BootstrapError, PublishError
-from dht_bridge.records import MAX_LEASE, sign_record
+from dht_bridge.records import MAX_LEASE, CapabilityValue
 from dht_bridge.settings import DHTSettings
 from dht_bridge.tunnels import TunnelPolicy
+from tests.support.helpers import free_port, make_record
 
 logger = logging.getLogger("dht_bench.child")
 
 HOST = "127.0.0.1"
 # Longer than any bounded run, so no record expires mid-benchmark; within the lease cap.
 RECORD_TTL = MAX_LEASE - 300
-CAPABILITIES = {"cpu": 8, "ram_gb": 32, "gpu": "rtx-3060", "os": "linux"}
+CAPABILITIES: dict[str, CapabilityValue] = {
+    "cpu": 8,
+    "ram_gb": 32,
+    "gpu": "rtx-3060",
+    "os": "linux",
+}
 PROGRESS_EVERY = 0.5
 STREAM_LIMIT = 1 << 26
 
@@ -86,13 +93,10 @@ class OursNode:
         return True, None, False
 
     async def store(self, spec: dict[str, Any]) -> Outcome:
-        identity = identity_from_secret(spec["secret"])
-        record = sign_record(
-            identity,
-            tunnel_url=f"https://w-{identity.worker_id[:12]}.trycloudflare.com",
+        record = make_record(
+            identity_from_secret(spec["secret"]),
             services=[spec["service"]],
             seq=spec["seq"],
-            now=time.time(),
             ttl=RECORD_TTL,
             capabilities=CAPABILITIES,
             region="eu",
@@ -188,7 +192,7 @@ class RawNode:
         # The library cannot bind port 0 usefully (it never reads the port back), so ask the
         # OS for a free port; another process may grab it in between, hence the retries.
         for attempt in range(20):
-            port = free_udp_port()
+            port = free_port(socket.SOCK_DGRAM)
             try:
                 await self.server.listen(port, interface=HOST)
             except OSError as exc:
@@ -241,14 +245,6 @@ class RawNode:
 
     def stored_bytes(self) -> int:
         return sum(len(value) for _, value in self.server.storage.data.values())
-
-
-def free_udp_port() -> int:
-    """A UDP port the OS just handed out on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def rss_kb() -> int:
@@ -516,9 +512,7 @@ def _configure_logging(proc: int, impl: str, level: str, counter: logging.Filter
 async def _amain(impl: str, proc: int, level: str, out: IO[bytes]) -> None:
     host = Host(impl, _writer(out))
     _configure_logging(proc, impl, level, host.log_counter)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    reader = await read_stdin(STREAM_LIMIT)
     await serve(host, reader)
 
 

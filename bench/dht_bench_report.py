@@ -1,4 +1,5 @@
-"""Figures of dht_bench: percentiles, one row per implementation and phase, the table, ratios."""
+"""Figures of dht_bench: quantiles (NaN when there is nothing to rank), one row per
+implementation and phase, the table, ratios."""
 
 from __future__ import annotations
 
@@ -6,54 +7,26 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-# Every figure a row carries; the smoke test checks that each is present.
-ROW_FIGURES = (
-    "nodes",
-    "procs",
-    "build_s",
-    "join_p50_ms",
-    "join_p99_ms",
-    "join_failures",
-    "lookups",
-    "lookup_p50_ms",
-    "lookup_p95_ms",
-    "lookup_p99_ms",
-    "lookup_max_ms",
-    "success_pct",
-    "timeouts",
-    "hops_mean",
-    "mem_per_node_kb",
-    "stored_kb_mean",
-    "stored_kb_max",
-    "pkts_per_lookup",
-    "idle_bytes_per_node_s",
-    "alive_nodes",
-)
-# Figures compared as ours/raw: below 1 is better for ours except success (above 1).
-RATIO_FIGURES = (
-    "build_s",
-    "join_p50_ms",
-    "join_p99_ms",
-    "lookup_p50_ms",
-    "lookup_p95_ms",
-    "lookup_p99_ms",
-    "lookup_max_ms",
-    "success_pct",
-    "mem_per_node_kb",
-    "pkts_per_lookup",
-    "idle_bytes_per_node_s",
-)
+from common import quantile, text_table
 
+# Figures compared as ours/raw (below 1 is better for ours, except success) and their labels.
+RATIO_LABELS = {
+    "build_s": "build s",
+    "join_p50_ms": "join p50 ms",
+    "join_p99_ms": "join p99 ms",
+    "lookup_p50_ms": "lookup p50 ms",
+    "lookup_p95_ms": "lookup p95 ms",
+    "lookup_p99_ms": "lookup p99 ms",
+    "lookup_max_ms": "lookup max ms",
+    "success_pct": "success %",
+    "mem_per_node_kb": "mem/node KB",
+    "pkts_per_lookup": "pkts/lookup",
+    "idle_bytes_per_node_s": "idle B/s/node",
+}
+RATIO_FIGURES = tuple(RATIO_LABELS)
+
+NAN = math.nan
 Result = Sequence[Any]  # [ok, seconds, hops, status, local] from a child
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of `values`; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return float(ordered[rank - 1])
 
 
 def latency_figures(results: Sequence[Result]) -> dict[str, Any]:
@@ -64,9 +37,9 @@ def latency_figures(results: Sequence[Result]) -> dict[str, Any]:
     ok = sum(1 for r in results if r[0])
     return {
         "lookups": len(results),
-        "lookup_p50_ms": percentile(ms, 50),
-        "lookup_p95_ms": percentile(ms, 95),
-        "lookup_p99_ms": percentile(ms, 99),
+        "lookup_p50_ms": quantile(ms, 0.5, empty=NAN),
+        "lookup_p95_ms": quantile(ms, 0.95, empty=NAN),
+        "lookup_p99_ms": quantile(ms, 0.99, empty=NAN),
         "lookup_max_ms": max(ms, default=math.nan),
         "success_pct": 100.0 * ok / len(results) if results else math.nan,
         "timeouts": sum(1 for r in results if r[3] == "timeout"),
@@ -83,8 +56,8 @@ def join_figures(results: Sequence[Result], build_s: float) -> dict[str, Any]:
     ms = [r[1] * 1000 for r in results]
     return {
         "build_s": build_s,
-        "join_p50_ms": percentile(ms, 50),
-        "join_p99_ms": percentile(ms, 99),
+        "join_p50_ms": quantile(ms, 0.5, empty=NAN),
+        "join_p99_ms": quantile(ms, 0.99, empty=NAN),
         "join_max_ms": max(ms, default=math.nan),
         "join_failures": sum(1 for r in results if not r[0]),
     }
@@ -96,8 +69,8 @@ def store_figures(results: Sequence[Result]) -> dict[str, Any]:
     return {
         "keys": len(results),
         "stored": sum(1 for r in results if r[0]),
-        "store_p50_ms": percentile(ms, 50),
-        "store_p99_ms": percentile(ms, 99),
+        "store_p50_ms": quantile(ms, 0.5, empty=NAN),
+        "store_p99_ms": quantile(ms, 0.99, empty=NAN),
     }
 
 
@@ -110,28 +83,29 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+TABLE_COLUMNS = (
+    *(("impl", "<5"), ("phase", "<7"), ("lookup", "<8"), ("N", ">5"), ("procs", ">5")),
+    *(("build s", ">8"), ("join p50/p99 ms", ">16"), ("lookup p50/p95/p99/max ms", ">30")),
+    *(("success %", ">9"), ("hops", ">5"), ("mem/node KB", ">11")),
+    *(("stored KB mean/max", ">18"), ("pkts/lookup", ">11"), ("idle B/s/node", ">13")),
+)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per implementation, phase and kind of lookup."""
-    header = (
-        f"{'impl':<5} {'phase':<7} {'lookup':<8} {'N':>5} {'procs':>5} {'build s':>8} "
-        f"{'join p50/p99 ms':>16} {'lookup p50/p95/p99/max ms':>30} {'success %':>9} "
-        f"{'hops':>5} {'mem/node KB':>11} {'stored KB mean/max':>18} {'pkts/lookup':>11} "
-        f"{'idle B/s/node':>13}"
-    )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        join = f"{_fmt(row['join_p50_ms'])}/{_fmt(row['join_p99_ms'])}"
-        lookup = "/".join(_fmt(row[f"lookup_{p}_ms"]) for p in ("p50", "p95", "p99", "max"))
-        stored = f"{_fmt(row['stored_kb_mean'])}/{_fmt(row['stored_kb_max'])}"
-        lines.append(
-            f"{row['impl']:<5} {row['phase']:<7} {row['kind']:<8} {row['nodes']:>5} "
-            f"{row['procs']:>5} {_fmt(row['build_s'], 2):>8} {join:>16} {lookup:>30} "
-            f"{_fmt(row['success_pct'], 2):>9} {_fmt(row['hops_mean'], 2):>5} "
-            f"{_fmt(row['mem_per_node_kb'], 0):>11} {stored:>18} "
-            f"{_fmt(row['pkts_per_lookup'], 1):>11} "
-            f"{_fmt(row['idle_bytes_per_node_s'], 0):>13}"
-        )
-    return "\n".join(lines)
+    return text_table(TABLE_COLUMNS, (_table_row(row) for row in rows))
+
+
+def _table_row(row: dict[str, Any]) -> list[Any]:
+    return [
+        *(row["impl"], row["phase"], row["kind"], row["nodes"], row["procs"]),
+        _fmt(row["build_s"], 2),
+        f"{_fmt(row['join_p50_ms'])}/{_fmt(row['join_p99_ms'])}",
+        "/".join(_fmt(row[f"lookup_{p}_ms"]) for p in ("p50", "p95", "p99", "max")),
+        *(_fmt(row["success_pct"], 2), _fmt(row["hops_mean"], 2), _fmt(row["mem_per_node_kb"], 0)),
+        f"{_fmt(row['stored_kb_mean'])}/{_fmt(row['stored_kb_max'])}",
+        *(_fmt(row["pkts_per_lookup"], 1), _fmt(row["idle_bytes_per_node_s"], 0)),
+    ]
 
 
 def format_mixed(rows: Sequence[dict[str, Any]]) -> str:
@@ -165,21 +139,6 @@ def _ratio(ours: Any, raw: Any) -> float | None:
     return float(ours) / float(raw)
 
 
-RATIO_LABELS = {
-    "build_s": "build s",
-    "join_p50_ms": "join p50 ms",
-    "join_p99_ms": "join p99 ms",
-    "lookup_p50_ms": "lookup p50 ms",
-    "lookup_p95_ms": "lookup p95 ms",
-    "lookup_p99_ms": "lookup p99 ms",
-    "lookup_max_ms": "lookup max ms",
-    "success_pct": "success %",
-    "mem_per_node_kb": "mem/node KB",
-    "pkts_per_lookup": "pkts/lookup",
-    "idle_bytes_per_node_s": "idle B/s/node",
-}
-
-
 def format_ratios(table: dict[str, dict[str, float | None]]) -> str:
     """One line per figure: ours/raw before and after churn (< 1 is better for ours, except
     success)."""
@@ -193,14 +152,3 @@ def format_ratios(table: dict[str, dict[str, float | None]]) -> str:
             cells.append(f"{'n/a' if value is None else f'{value:.3g}x':>14}")
         lines.append(f"{RATIO_LABELS[name]:<14}" + "".join(cells))
     return "\n".join(lines)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN becomes None, so the JSON file is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,19 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/failover_bench.py`, sys.path[0] is bench/: put the checkout first, so
-# that our packages (and the test helpers reused here) are this tree's.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import ROOT, machine, markdown_table, write_json
 
-from dht_bridge.errors import RegistryError  # noqa: E402
-from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
-from dht_bridge.settings import RegistrySettings  # noqa: E402
-from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
-from tests.support.helpers import make_record  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
-from tests.support.redis_topologies import (  # noqa: E402
+from dht_bridge.errors import RegistryError
+from dht_bridge.registry.registry import Registry, open_registry
+from dht_bridge.settings import RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+from tests.support.helpers import make_record
+from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import (
     CLUSTER_NODE_TIMEOUT_MS,
     SENTINEL_DOWN_AFTER_MS,
     ClusterTopology,
@@ -156,16 +149,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(summary: dict[str, Any], records: int) -> None:
     """The table on stdout."""
-    print(
-        "| topology | first registration after kill, median / max s | detection floor s |"
-        " x floor | records kept of " + str(records) + " (worst round) |"
+    header = (
+        *("topology", "first registration after kill, median / max s", "detection floor s"),
+        *("x floor", f"records kept of {records} (worst round)"),
     )
-    print("|---|---|---|---|---|")
-    for kind, row in summary.items():
-        print(
-            f"| {kind} | {row['median_s']:.2f} / {row['max_s']:.2f} | {row['detection_s']:.1f}"
-            f" | {row['x_detection']:.2f} | {row['kept_min']} |"
-        )
+    rows = [
+        [
+            *(kind, f"{row['median_s']:.2f} / {row['max_s']:.2f}", f"{row['detection_s']:.1f}"),
+            *(f"{row['x_detection']:.2f}", row["kept_min"]),
+        ]
+        for kind, row in summary.items()
+    ]
+    print(markdown_table(header, rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     summary = asyncio.run(run(args))
     report(summary, args.records)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
-        "topologies": summary,
-    }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, {"args": vars(args), "machine": machine(), "topologies": summary})
     return 0
 
 

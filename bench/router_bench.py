@@ -26,8 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -37,32 +35,26 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+from common import ROOT, BenchError, HelpFormatter, machine, markdown_table, write_json
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-# Run as `python bench/router_bench.py`, sys.path[0] is bench/: the checkout goes first, so that
-# our packages (and tests/redis_server.py) are this tree's whatever state the install is in.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dht_bridge.dht.node import DHTNode  # noqa: E402
-from dht_bridge.identity import Identity  # noqa: E402
-from dht_bridge.records import WorkerRecord, sign_record  # noqa: E402
-from dht_bridge.registry.registry import Registry, open_registry  # noqa: E402
-from dht_bridge.settings import DHTSettings, RegistrySettings  # noqa: E402
-from dht_bridge.tunnels import TunnelPolicy  # noqa: E402
-from edge_router.app import create_app  # noqa: E402
-from edge_router.config import RouterConfig  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.records import WorkerRecord
+from dht_bridge.registry.registry import Registry, open_registry
+from dht_bridge.settings import DHTSettings, RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+from edge_router.app import create_app
+from edge_router.config import RouterConfig
+from tests.support.helpers import make_record
+from tests.support.redis_server import RedisServer
 
 logger = logging.getLogger("router_bench")
 
@@ -94,32 +86,22 @@ EXPECT: dict[str, tuple[str, str]] = {
 }
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not finish: a process failed, or a case got no good answer."""
-
-
 # -- the data ------------------------------------------------------------------------------
 
 
 def make_records(count: int) -> list[WorkerRecord]:
     """`count` providers of SERVICE with distinct loads (so every source orders them alike)."""
     now = time.time()
-    records = []
-    for i in range(count):
-        identity = Identity.generate()
-        records.append(
-            sign_record(
-                identity,
-                tunnel_url=f"https://w-{identity.worker_id[:12]}.trycloudflare.com",
-                services=[SERVICE],
-                seq=1,
-                now=now,
-                ttl=LEASE,
-                load=round((i + 1) / (count + 1), 4),
-                capabilities={"gpu": i % 2 == 0, "mem_gb": 8 + i},
-            )
+    return [
+        make_record(
+            services=[SERVICE],
+            now=now,
+            ttl=LEASE,
+            load=round((i + 1) / (count + 1), 4),
+            capabilities={"gpu": i % 2 == 0, "mem_gb": 8 + i},
         )
-    return records
+        for i in range(count)
+    ]
 
 
 async def start_dht(count: int) -> list[DHTNode]:
@@ -527,7 +509,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_method": "closed loop: each client sends its next request when the last "
             "is answered; figures are answers completed inside the window after the warm-up",
         },
-        "machine": machine(),
+        "machine": machine(
+            *("uvicorn", "starlette", "httpx", "redis", "h11"),
+            http_impl="httptools" if _has("httptools") else "h11",
+            loop="uvloop" if _has("uvloop") else "asyncio",
+        ),
         "rows": [{"case": case, "label": CASES[case], **rows[case]} for case in CASES],
         "ratios": ratios(rows),
         "wall_s": time.monotonic() - started,
@@ -594,23 +580,6 @@ def _div(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def machine() -> dict[str, Any]:
-    """Where the figures came from."""
-    versions = {}
-    for name in ("uvicorn", "starlette", "httpx", "redis", "h11"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return {
-        "cpu_count": os.cpu_count(),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "http_impl": "httptools" if _has("httptools") else "h11",
-        "loop": "uvloop" if _has("uvloop") else "asyncio",
-        **versions,
-    }
-
-
 def _has(module: str) -> bool:
     try:
         __import__(module)
@@ -619,31 +588,34 @@ def _has(module: str) -> bool:
     return True
 
 
+TABLE_HEADER = (
+    *("case", "p50 ms", "p99 ms", "req/s", "ok %", "backend reads/req"),
+    *("p50 x bare", "p99 x bare", "req/s / bare"),
+)
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The rows and their ratios to the baseline as a Markdown table."""
-    header = (
-        "| case | p50 ms | p99 ms | req/s | ok % | backend reads/req "
-        "| p50 x bare | p99 x bare | req/s / bare |"
-    )
-    lines = [header, "|" + "---|" * 9]
+    lines = []
     for row in results["rows"]:
         ratio = results["ratios"].get(row["case"])
         reads = row.get("backend_reads_per_req")
-        cells = [
-            row["label"],
-            f"{row['p50_ms']:.2f}",
-            f"{row['p99_ms']:.2f}",
-            f"{row['rps']:.0f}",
-            f"{row['ok_pct']:.1f}",
-            "-" if reads is None else f"{reads:.2f}",
-            *(
-                ["1 (baseline)", "1", "1"]
-                if ratio is None
-                else [f"{ratio['p50_x']:.2f}", f"{ratio['p99_x']:.2f}", f"{ratio['rps_share']:.2f}"]
-            ),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(
+            [
+                row["label"],
+                f"{row['p50_ms']:.2f}",
+                f"{row['p99_ms']:.2f}",
+                f"{row['rps']:.0f}",
+                f"{row['ok_pct']:.1f}",
+                "-" if reads is None else f"{reads:.2f}",
+                *(
+                    ["1 (baseline)", "1", "1"]
+                    if ratio is None
+                    else [f"{ratio[k]:.2f}" for k in ("p50_x", "p99_x", "rps_share")]
+                ),
+            ]
+        )
+    return markdown_table(TABLE_HEADER, lines)
 
 
 def print_results(results: dict[str, Any]) -> None:
@@ -658,29 +630,8 @@ def print_results(results: dict[str, Any]) -> None:
     print(f"wall time {results['wall_s']:.1f}s")
 
 
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    """Strict JSON: NaN becomes null."""
-
-    def safe(value: Any) -> Any:
-        if isinstance(value, float) and value != value:
-            return None
-        if isinstance(value, dict):
-            return {k: safe(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [safe(v) for v in value]
-        return value
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(safe(results), indent=2) + "\n")
-    logger.info("wrote %s", path)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in --help; the docstring's example keeps its line breaks."""
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--clients", type=int, default=64, help="concurrent keep-alive clients")
     add("--seconds", type=float, default=5.0, help="measured seconds per case")
