@@ -1,18 +1,10 @@
 """The bridge: keeps the Redis registry and the DHT in sync, through partitions, losing nothing.
 
 One long-lived DHT node (a coordinator) and a Redis client, both injected. `Bridge` supervises
-three parts that share one `BridgeState` and run as rounds in one task group:
+three parts that share one `BridgeState` and run as rounds in one task group: the DHT side
+(`dht_side`: records reaching the node, DHT health, publishing), the Redis side (`redis_side`:
+writes, the journal, change events, holds) and the anti-entropy pass (`sync`).
 
-- DHT to Redis (`dht_side`, `redis_side`). Records that reach the bridge's node (its storage's
-  `on_merge` hook) are merged into Redis by the merge rule (the upsert script). Services are
-  learned from Redis, from the DHT, and from options.
-- Redis to DHT (`redis_side`, `dht_side`). Records registered through the router's fallback path
-  arrive as change events on `rma:events`; the bridge reads each and publishes it into the DHT.
-  Its own writes carry `origin: bridge` in their event, so no bridge copies a record that came
-  from the DHT back into it.
-- The sync pass (`sync`). Every sync interval, every record in the shards of every known
-  service is compared with what Redis holds, each side's newer records go to the other: it
-  catches what the hook and the events missed while a side was away.
 - Redis down. The DHT side keeps going; what Redis must learn goes into the journal (fsynced,
   bounded). When Redis answers again the journal is replayed, merged and truncated, then a full
   pass rewrites whatever a restarted, empty Redis lacks.
@@ -23,9 +15,10 @@ three parts that share one `BridgeState` and run as rounds in one task group:
   every lease that would lapse before the hold ends is held in Redis, marked stale, renewed each
   interval until the DHT is back (then records whose lease ended are removed). Tombstones still
   remove at once.
-
-Several bridges may run over one Redis and one DHT: every write goes through the merge rule, so
-they converge on the same newest records and never undo each other.
+- Loops. A bridge's own writes carry `origin: bridge` in their event, so no bridge copies a
+  record that came from the DHT back into it. Several bridges may run over one Redis and one
+  DHT: every write goes through the merge rule, so they converge on the same newest records and
+  never undo each other.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The bridge's Redis side: writes what the DHT taught it into Redis (or, while Redis is down,
-into the journal, replayed when Redis is back), reads the change events of records registered
-through the router, and holds leases while the DHT side is lost (self-preservation)."""
+"""The bridge's Redis side: writes what the DHT taught it into Redis by the merge rule (the upsert
+script) or, while Redis is down, into the journal, replayed when Redis is back; reads the change
+events (`rma:events`) of records registered through the router, to publish them into the DHT;
+and holds leases while the DHT side is lost (self-preservation)."""
 
 from __future__ import annotations
 

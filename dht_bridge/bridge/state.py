@@ -109,7 +109,7 @@ class BridgeState:
         self.dht_up = False
         # Services from the options are polled even while nobody offers them.
         self.configured = frozenset(s for s in services if SERVICE_RE.fullmatch(s))
-        # Services polled, and when a record of each was last seen.
+        # Services polled (learned from Redis, the DHT and options), and when each was last seen.
         self.services: dict[str, float] = dict.fromkeys(self.configured, clock())
         # Records waiting for Redis, and when the oldest of them arrived.
         self.pending: dict[str, WorkerRecord] = {}
