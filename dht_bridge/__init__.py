@@ -30,8 +30,7 @@ from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord, sign_record
 from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
-
-__version__ = "0.1.0"
+from dht_bridge.version import __version__
 
 __all__ = [
     "BootstrapError",
@@ -47,6 +46,7 @@ __all__ = [
     "RegistrySettings",
     "RegistryUnavailable",
     "TunnelPolicy",
+    "__version__",
     "WorkerRecord",
     "sign_record",
 ]

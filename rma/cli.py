@@ -10,6 +10,7 @@ from types import ModuleType
 
 from dht_bridge.errors import ConfigError
 from dht_bridge.options import OptionTable
+from dht_bridge.version import __version__
 from rma.commands import bridge, demo, flush, node, router, worker
 from rma.exits import Exit
 from rma.logs import LOG_FORMAT, LOG_LEVEL
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rma",
         description="RMA discovery: service discovery and routing for a volunteer compute network.",
     )
+    parser.add_argument("--version", action="version", version=f"rma {__version__}")
     GLOBAL_OPTIONS.add_to(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -15,6 +15,7 @@ from dht_bridge.dht.mode import DHTMode
 from dht_bridge.errors import ConfigError, RecordError
 from dht_bridge.identity import Identity
 from dht_bridge.options import Option, OptionTable
+from dht_bridge.paths import STATE_DIR_TEXT, state_dir
 from dht_bridge.records import MAX_LEASE, REGION_RE, SERVICE_RE, CapabilityValue, sign_record
 from dht_bridge.settings import DHT_OPTIONS, TUNNEL_OPTIONS, DHTSettings, tunnel_policy
 from dht_bridge.tunnels import TunnelPolicy
@@ -60,9 +61,8 @@ DEFAULT_REACH_INTERVAL = 300.0
 
 
 def default_state_file(environ: Mapping[str, str]) -> Path:
-    """`$XDG_STATE_HOME/rma/worker.json`, else `~/.local/state/rma/worker.json`."""
-    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "~")) / ".local/state")
-    return Path(base).expanduser() / "rma" / "worker.json"
+    """`worker.json` in the state directory (see `dht_bridge.paths.state_dir`)."""
+    return state_dir(environ) / "worker.json"
 
 
 WORKER_OPTIONS = OptionTable(
@@ -107,7 +107,7 @@ WORKER_OPTIONS = OptionTable(
         "state_file",
         "STATE_FILE",
         "JSON state (key path, seq, peers); one per worker: a second worker needs its own",
-        shown="$XDG_STATE_HOME/rma/worker.json",
+        shown=f"worker.json in {STATE_DIR_TEXT}",
         metavar="PATH",
     ),
     Option(

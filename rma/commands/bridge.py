@@ -24,6 +24,7 @@ from dht_bridge.bridge.metrics import MetricsServer
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
 from dht_bridge.options import Option, OptionTable
+from dht_bridge.paths import STATE_DIR_TEXT, state_dir
 from dht_bridge.records import SERVICE_RE
 from dht_bridge.registry.registry import open_registry
 from dht_bridge.settings import (
@@ -41,13 +42,19 @@ from rma.process import run_service
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_JOURNAL = "rma-bridge-journal.jsonl"
+JOURNAL_NAME = "bridge-journal.jsonl"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9464
 STATE_VERSION = 1
 
 BRIDGE_OPTIONS = OptionTable(
-    Option("journal", "JOURNAL_PATH", "the journal file", default=DEFAULT_JOURNAL, metavar="PATH"),
+    Option(
+        "journal",
+        "JOURNAL_PATH",
+        "the journal file",
+        shown=f"{JOURNAL_NAME} in {STATE_DIR_TEXT}",
+        metavar="PATH",
+    ),
     Option(
         "journal_max_bytes",
         "JOURNAL_MAX_BYTES",
@@ -121,7 +128,7 @@ class BridgeConfig:
     dht: DHTSettings = field(default_factory=DHTSettings)
     policy: TunnelPolicy = field(default_factory=TunnelPolicy)
     bootstrap: tuple[tuple[str, int], ...] = ()
-    journal: Path = Path(DEFAULT_JOURNAL)
+    journal: Path = field(default_factory=lambda: state_dir(os.environ) / JOURNAL_NAME)
     journal_max_bytes: int = DEFAULT_MAX_BYTES
     state_file: Path | None = None
     services: tuple[str, ...] = ()
@@ -136,6 +143,7 @@ class BridgeConfig:
         cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
     ) -> BridgeConfig:
         """Options win over variables, variables over defaults (see `BRIDGE_OPTIONS`)."""
+        environ = os.environ if environ is None else environ
         values = BRIDGE_OPTIONS.resolve(args, environ)
         state = values["state_file"]
         metrics_port = values["metrics_port"]
@@ -144,7 +152,7 @@ class BridgeConfig:
             dht=DHTSettings.from_values(values),
             policy=tunnel_policy(values),
             bootstrap=values["bootstrap"],
-            journal=Path(values["journal"]),
+            journal=Path(values["journal"] or state_dir(environ) / JOURNAL_NAME),
             journal_max_bytes=values["journal_max_bytes"],
             state_file=Path(state) if state else None,
             services=values["service"],
