@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +32,8 @@ from edge_router.state import RouterState
 logger = logging.getLogger(__name__)
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# nginx's status for a client that closed the connection before the answer: counted, never sent.
+CLIENT_CLOSED = 499
 # The events listener notices the stop flag within one poll window (about a second).
 LISTENER_STOP_SECONDS = 5.0
 
@@ -79,7 +82,10 @@ def create_app(
         proxy=Proxy(
             client,
             ProxySettings(
-                connect_timeout=config.proxy_connect_timeout, read_timeout=config.proxy_read_timeout
+                connect_timeout=config.proxy_connect_timeout,
+                read_timeout=config.proxy_read_timeout,
+                # Every body the router accepts whole can be sent again to another provider.
+                replay_limit=config.max_body,
             ),
             clock=monotonic,
         ),
@@ -139,7 +145,11 @@ def create_app(
 
 
 class Accounting:
-    """Counts every answered request by class and status, and logs CF-Ray with failures."""
+    """Counts every answered request by class and status, and logs CF-Ray with failures.
+
+    A client that hangs up before its answer (ClientDisconnect, raised wherever its body is
+    read) is counted as 499 and logged at debug: it is not a server error.
+    """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
@@ -159,6 +169,9 @@ class Accounting:
 
         try:
             await self.app(scope, receive, send_counted)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+            logger.debug("%s %s: the client hung up first", scope["method"], scope["path"])
         finally:
             self.metrics.count(request_class(scope["path"]), status)
             if status >= 500:

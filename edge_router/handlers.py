@@ -4,7 +4,6 @@ the app's one exception handler turns errors into JSON."""
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from typing import Any
 
@@ -24,6 +23,7 @@ from edge_router.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from edge_router.limits import parse_json
 from edge_router.state import Peer, RouterState
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ async def _store(state: RouterState, record: WorkerRecord) -> Response:
 
 
 async def read_json(request: Request, state: RouterState) -> Any:
-    """The request body as JSON, refusing bodies over the configured limit (413)."""
+    """The request body as JSON: 413 over the configured size, 400 when not JSON or nested
+    deeper than MAX_JSON_DEPTH."""
     limit = state.config.max_body
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -215,10 +216,7 @@ async def read_json(request: Request, state: RouterState) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks) or b"null")
-    except ValueError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    return parse_json(b"".join(chunks))
 
 
 # Operator.

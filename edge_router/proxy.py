@@ -1,9 +1,13 @@
 """The routing proxy: `* /route/{service}/{path}` forwarded to a provider's tunnel URL.
 
-Providers are chosen load-aware (the less loaded of two random healthy ones). A connect failure
-is retried once on another provider; a provider that keeps failing is ejected for a while; one
-that answers 429 is skipped for its Retry-After. Bodies stream both ways: only a request body up
-to `replay_limit` bytes is held in memory, so that it can be sent again on a retry.
+Providers are chosen load-aware (the less loaded of two random healthy ones). A connect failure,
+or a reused keep-alive connection that broke before any answer, is retried once on another
+provider; a record whose tunnel URL cannot be requested is skipped; a provider that keeps
+failing is ejected for a while; one that answers 429 is skipped for its Retry-After. Bodies
+stream both ways: only a request body up to `replay_limit` bytes is held in memory, so that it
+can be sent again on a retry. The upstream request is built from parsed, checked parts only:
+httpx frames the body itself, and no Content-Length or Transfer-Encoding of the client's is
+passed on.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -27,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from dht_bridge.records import WorkerRecord
 from edge_router.errors import BadRequest, NoProvider, UpstreamTimeout, UpstreamUnavailable
+from edge_router.framing import header_problem
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +55,14 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Host is set by httpx from the tunnel URL; the X-Forwarded-* and CF-Ray are rebuilt from what
-# the app trusts; other client-address claims are unverified, and Expect: 100-continue is a
+# Host is set by httpx from the tunnel URL, and Content-Length from the body it sends (a client's
+# framing is never passed on); the X-Forwarded-* and CF-Ray are rebuilt from what the app
+# trusts; other client-address claims are unverified, and Expect: 100-continue is a
 # conversation with us, not with the provider.
 REQUEST_DROP = frozenset(
     {
         b"host",
+        b"content-length",
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
@@ -240,6 +248,13 @@ class Proxy:
         UpstreamTimeout (the provider did not answer in time).
         """
         target = target_path(path, request.scope.get("query_string", b""))
+        # The server refuses these already (edge_router.server); checked again so that the app
+        # never forwards ambiguous framing whatever server runs it.
+        problem = header_problem(
+            request.headers.raw, str(request.scope.get("http_version", "1.1")).encode("ascii")
+        )
+        if problem is not None:
+            raise BadRequest(problem)
         provider = self.choose(providers)
         if provider is None:
             raise NoProvider(self._nothing_healthy(service, providers))
@@ -264,6 +279,7 @@ class Proxy:
     ) -> Response:
         tried: list[str] = []
         reasons: list[str] = []
+        attempts = 0  # tries that reached the network: a skipped record costs none
         while True:
             tried.append(provider.worker_id)
             logger.debug(
@@ -273,16 +289,17 @@ class Proxy:
                 target,
                 provider.worker_id,
                 provider.load,
-                len(tried),
+                attempts + 1,
             )
-            response, reason, retry = await self._attempt(
+            response, reason, retry, attempted = await self._attempt(
                 provider, method, target, headers, body, earlier=reasons
             )
             if reason is None and response is not None:
                 return relay(response, provider.worker_id)
+            attempts += attempted
             reasons.append(f"worker {provider.worker_id}: {reason}")
             following = None
-            if retry and len(tried) < self.settings.max_attempts:
+            if retry and attempts < self.settings.max_attempts:
                 following = self.choose(providers, exclude=tried)
                 if following is None:
                     reasons.append("no other healthy provider")
@@ -305,15 +322,23 @@ class Proxy:
         body: _RequestBody,
         *,
         earlier: Sequence[str],
-    ) -> tuple[httpx.Response | None, str | None, bool]:
-        """One try: (response, why it failed or None, may another provider be tried)."""
+    ) -> tuple[httpx.Response | None, str | None, bool, bool]:
+        """One try: (response, why it failed or None, may another provider be tried, did the
+        try reach the network)."""
         wid = provider.worker_id
         before = f" (before that: {'; '.join(earlier)})" if earlier else ""
+        trace = _ConnectionTrace()
         try:
-            response = await self._send(provider, method, target, headers, body)
+            url = upstream_url(provider.tunnel_url, target)
+            response = await self._send(url, method, headers, body, trace)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as exc:
+            # httpx cannot request this record's URL at all (an IDNA error included): nothing
+            # was sent, and the next provider is tried as if this one were not listed.
+            self._failed(wid, exc)
+            return None, f"tunnel URL cannot be requested ({_describe(exc)})", True, False
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self._failed(wid, exc)
-            return None, f"connection failed ({_describe(exc)})", body.resendable
+            return None, f"connection failed ({_describe(exc)})", body.resendable, True
         except httpx.ReadTimeout as exc:
             raise UpstreamTimeout(
                 f"worker {wid} did not answer within {self.settings.read_timeout:g} s{before}"
@@ -330,14 +355,20 @@ class Proxy:
                 f"while connecting to worker {wid}{before}"
             ) from exc
         except httpx.TransportError as exc:
-            # The provider took the request and then broke the exchange: it may have acted on it.
             self._failed(wid, exc)
+            if trace.reused and not trace.answered and isinstance(exc, _IDLE_CLOSE_ERRORS):
+                # The provider closed a kept-alive connection as the request went out (it
+                # stopped, or its idle timeout won the race): a server that closes an idle
+                # connection has not read the request, so another provider may take it.
+                why = f"reused connection closed before any answer ({_describe(exc)})"
+                return None, why, body.resendable, True
+            # The provider took the request and then broke the exchange: it may have acted on it.
             retry = method in SAFE_METHODS and body.resendable
-            return None, f"exchange broken ({_describe(exc)})", retry
+            return None, f"exchange broken ({_describe(exc)})", retry, True
         if response.status_code == TUNNEL_DOWN:
             await response.aclose()
             self._failed(wid, f"HTTP {TUNNEL_DOWN}")
-            return None, f"tunnel not connected (HTTP {TUNNEL_DOWN})", body.resendable
+            return None, f"tunnel not connected (HTTP {TUNNEL_DOWN})", body.resendable, True
         if response.status_code == 429:
             busy = retry_after_seconds(
                 response.headers.get("retry-after"),
@@ -347,26 +378,26 @@ class Proxy:
             )
             self.health.mark_busy(wid, busy)
             logger.debug("worker %s answered 429: busy for %.1f s", wid, busy)
-            return response, f"busy (429, retry after {busy:g} s)", body.resendable
+            return response, f"busy (429, retry after {busy:g} s)", body.resendable, True
         self.health.record_success(wid)
-        return response, None, False
+        return response, None, False, True
 
     async def _send(
         self,
-        provider: WorkerRecord,
+        url: httpx.URL,
         method: str,
-        target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: _RequestBody,
+        trace: _ConnectionTrace,
     ) -> httpx.Response:
         # A bare httpx.Request, not client.build_request: the client's default headers (its
         # Accept-Encoding above all) and cookies must not be added to a client's request.
         upstream = httpx.Request(
             method,
-            upstream_url(provider.tunnel_url, target),
-            headers=body.headers(headers),
+            url,
+            headers=headers,
             content=body.content(),
-            extensions={"timeout": self._timeout},
+            extensions={"timeout": self._timeout, "trace": trace},
         )
         return await self.client.send(upstream, stream=True)
 
@@ -390,6 +421,32 @@ class Proxy:
         ]
         counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
         return f"no healthy provider of {service!r} ({len(providers)} known: {counts})"
+
+
+# What a reused connection that the provider had closed fails with, before any answer: httpcore
+# reads the close as "Server disconnected without sending a response" (a RemoteProtocolError), a
+# reset as a ReadError; a WriteError shows when the close came mid-request.
+_IDLE_CLOSE_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class _ConnectionTrace:
+    """httpcore's trace events of one try: whether it opened a connection or reused an idle
+    one, and whether the provider's answer had begun."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.answered = False
+
+    @property
+    def reused(self) -> bool:
+        """True when the try went out on a kept-alive connection from the pool."""
+        return not self.connected
+
+    async def __call__(self, event: str, info: Mapping[str, Any]) -> None:
+        if event.startswith(("connection.connect_tcp.", "connection.connect_unix_socket.")):
+            self.connected = True
+        elif event.endswith(".receive_response_headers.complete"):
+            self.answered = True
 
 
 class _RequestBody:
@@ -423,12 +480,6 @@ class _RequestBody:
     def resendable(self) -> bool:
         """True when another provider can still get the whole body: buffered, or not yet read."""
         return self._rest is None or not self.started
-
-    def headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """`headers` fit for this body: httpx sets Content-Length itself for buffered bytes."""
-        if self.replayable:
-            return [(k, v) for k, v in headers if k != b"content-length"]
-        return headers
 
     def content(self) -> bytes | AsyncIterator[bytes]:
         """What httpx sends: the buffered bytes, or an iterator over the stream."""

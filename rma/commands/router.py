@@ -54,6 +54,9 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 log_level=log_level,
                 proxy_headers=False,
                 server_header=False,
+                # Strict framing (400 and close on ambiguity), head and body read deadlines and a
+                # bound on slow connections per client address: see edge_router.server.
+                http=protocol_class(),
             )
         )
         watcher = asyncio.get_running_loop().create_task(_stop_on_signal(server))

@@ -30,8 +30,16 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp, *, sock: socket.socket | None = None) -> AsyncIterator[str]:
-    """Serve `app` on `sock` or on a port the OS picks; yield the base URL, stop on exit."""
+async def serve(
+    app: ASGIApp,
+    *,
+    sock: socket.socket | None = None,
+    http: type[asyncio.Protocol] | None = None,
+) -> AsyncIterator[str]:
+    """Serve `app` on `sock` or on a port the OS picks; yield the base URL, stop on exit.
+
+    `http` is the HTTP protocol class (the router's own, say); uvicorn's h11 one by default.
+    """
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -41,6 +49,7 @@ async def serve(app: ASGIApp, *, sock: socket.socket | None = None) -> AsyncIter
         access_log=False,
         lifespan="off",
         ws="none",
+        http=http or "h11",
     )
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(

@@ -1,0 +1,237 @@
+"""The router's HTTP/1.1 server protocol: uvicorn's h11 protocol with strict framing, a deadline
+for each request head, an idle timeout while a body is read, and a bound on how many slow
+connections one client address may hold.
+
+uvicorn alone arms no timer until a first response is complete (measured: a connection sending
+nothing, one sending a header byte every 0.5 s, and one stalled mid-body were all still open
+after 8 s), and any byte received cancels its keep-alive timer. Pass `protocol_class()` as
+`uvicorn.Config(http=...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import h11
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+from uvicorn.server import ServerState
+
+from edge_router.framing import StrictConnection
+
+logger = logging.getLogger(__name__)
+
+# Tunables an operator may want as options; constants until the router's options are reworked.
+HEAD_TIMEOUT = 10.0  # seconds from connection (or the end of the last response) to a full head
+BODY_TIMEOUT = 30.0  # seconds without a body byte while the router is ready to read the body
+SLOW_AFTER = 2.0  # seconds after which a connection still without a full head counts as slow
+MAX_SLOW_PER_ADDRESS = 8  # slow connections one client address may hold at once
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's max_incomplete_event_size)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-connection read deadlines and the slow-connection bound of the router's server."""
+
+    head_timeout: float = HEAD_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    slow_after: float = SLOW_AFTER
+    max_slow_per_address: int = MAX_SLOW_PER_ADDRESS
+    max_head_bytes: int = MAX_HEAD_BYTES
+
+
+class SlowHeads:
+    """How many connections each client address holds whose request head is late."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+
+    def count(self, address: str) -> int:
+        """Slow connections `address` holds now."""
+        return self._counts.get(address, 0)
+
+    def admit(self, address: str) -> bool:
+        """Count one more slow connection of `address`; False (not counted) when at the limit."""
+        held = self._counts.get(address, 0)
+        if held >= self.limit:
+            return False
+        self._counts[address] = held + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """One slow connection of `address` completed its head or closed."""
+        held = self._counts.get(address, 0) - 1
+        if held > 0:
+            self._counts[address] = held
+        else:
+            self._counts.pop(address, None)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with strict framing, read deadlines and the slow-connection bound.
+
+    Use a subclass from `protocol_class`, which gives it its limits and one shared `SlowHeads`.
+    """
+
+    limits: ClassVar[ServerLimits]
+    slow_heads: ClassVar[SlowHeads]
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.conn: StrictConnection = StrictConnection(
+            config.h11_max_incomplete_event_size or self.limits.max_head_bytes
+        )
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._slow_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._slow_address: str | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the first head's deadline with the connection."""
+        super().connection_made(transport)
+        self._follow_state()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the timers and give back the slow-connection count."""
+        self._stop_head_timers()
+        self._stop_body_timer()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        """uvicorn's event loop over h11, then the timers that fit the client's new state."""
+        super().handle_events()
+        if not self.transport.is_closing():
+            self._follow_state()
+
+    def send_400_response(self, msg: str) -> None:
+        """Refuse a malformed or ambiguous request, saying why, and close the connection."""
+        self._answer_and_close(400, "bad_request", self.conn.refused or msg)
+
+    def _follow_state(self) -> None:
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self._head_timer is None:
+                loop = asyncio.get_running_loop()
+                self._head_timer = loop.call_later(self.limits.head_timeout, self._head_late)
+                self._slow_timer = loop.call_later(self.limits.slow_after, self._head_slow)
+        else:
+            self._stop_head_timers()
+        if state is h11.SEND_BODY:
+            # Every call follows received data: each read restarts the idle timeout.
+            self._stop_body_timer()
+            self._body_timer = asyncio.get_running_loop().call_later(
+                self.limits.body_timeout, self._body_late
+            )
+        else:
+            self._stop_body_timer()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        buffered, _ = self.conn.trailing_data
+        if not buffered:  # an idle connection: closed as a keep-alive timeout would close it
+            self.transport.close()
+            return
+        logger.debug("%s: request head late (%g s)", self.client, self.limits.head_timeout)
+        self._answer_and_close(
+            408,
+            "request_timeout",
+            f"request head not complete within {self.limits.head_timeout:g} s",
+        )
+
+    def _head_slow(self) -> None:
+        self._slow_timer = None
+        if self.transport.is_closing():
+            return
+        address = self.client[0] if self.client else ""
+        if self.slow_heads.admit(address):
+            self._slow_address = address
+            return
+        logger.debug("%s: too many slow connections from this address", self.client)
+        self._answer_and_close(
+            408, "request_timeout", "too many connections from this address are slow to send"
+        )
+
+    def _body_late(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        if self.flow.read_paused:  # we stopped reading (the app is behind), not the client
+            self._body_timer = asyncio.get_running_loop().call_later(
+                self.limits.body_timeout, self._body_late
+            )
+            return
+        # A response may be under way, so nothing more is written: the app sees a disconnect.
+        logger.debug("%s: no request body byte for %g s", self.client, self.limits.body_timeout)
+        self.transport.close()
+
+    def _stop_head_timers(self) -> None:
+        for timer in (self._head_timer, self._slow_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._slow_timer = None
+        if self._slow_address is not None:
+            self.slow_heads.release(self._slow_address)
+            self._slow_address = None
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _answer_and_close(self, status: int, code: str, detail: str) -> None:
+        body = json.dumps({"error": code, "detail": detail}).encode("ascii")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
+        ]
+        try:
+            for event in (
+                h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                output = self.conn.send(event)
+                if output:
+                    self.transport.write(output)
+        except h11.LocalProtocolError:
+            pass  # a response had already begun: closing is all that is left
+        self.transport.close()
+
+
+def protocol_class(limits: ServerLimits | None = None) -> type[GuardedH11Protocol]:
+    """A protocol class for `uvicorn.Config(http=...)`, with its own count of slow connections
+    (one per server: every connection of a server shares it)."""
+    chosen = limits or ServerLimits()
+
+    class EdgeH11Protocol(GuardedH11Protocol):
+        limits = chosen
+        slow_heads = SlowHeads(chosen.max_slow_per_address)
+
+    return EdgeH11Protocol
+
+
+__all__ = [
+    "BODY_TIMEOUT",
+    "HEAD_TIMEOUT",
+    "MAX_HEAD_BYTES",
+    "MAX_SLOW_PER_ADDRESS",
+    "SLOW_AFTER",
+    "GuardedH11Protocol",
+    "ServerLimits",
+    "SlowHeads",
+    "protocol_class",
+]
