@@ -15,6 +15,7 @@ from dht_bridge.errors import BootstrapError, RegistryError
 from dht_bridge.registry.registry import Registry, open_registry
 from edge_router.app import create_app
 from edge_router.config import ROUTER_OPTIONS, RouterConfig
+from edge_router.server import protocol_class
 from rma.exits import Exit
 from rma.process import wait_for_stop_signal
 
