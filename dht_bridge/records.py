@@ -22,7 +22,7 @@ from dht_bridge.errors import (
     RecordTooLarge,
 )
 from dht_bridge.identity import Identity, verify_signature, worker_id_for
-from dht_bridge.tunnels import TunnelPolicy
+from dht_bridge.tunnels import TunnelPolicy, canonical_tunnel_url
 
 DEFAULT_TTL = 90.0
 # A record may not claim a lease longer than this; it bounds how long a record outlives its
@@ -141,6 +141,8 @@ class WorkerRecord:
             signature=_typed(data, "signature", str),
         )
         check_shape(record)
+        # Here, not only in `validate`: a record read back from Redis is parsed, not validated.
+        check_canonical_url(record.tunnel_url)
         return record
 
     @classmethod
@@ -330,13 +332,22 @@ def validate_parsed(
     if not record.signature:
         raise RecordSignatureError("record is not signed")
     if not url_checked:
-        policy.check(record.tunnel_url)
+        check_canonical_url(record.tunnel_url, policy.check(record.tunnel_url))
     if record.is_expired(now):
         raise RecordExpired(f"lease of worker {record.worker_id} ended at {record.expires_at}")
     if record.expires_at > now + MAX_LEASE:
         raise RecordInvalid("expires_at", f"lease longer than {MAX_LEASE:.0f} s from now")
     if not verified:
         verify(record)
+
+
+def check_canonical_url(url: str, canonical: str | None = None) -> None:
+    """Raise RecordInvalid unless `url` is its own canonical form (`canonical`, when the caller
+    has it already): what is signed is exactly what every reader, Python or WHATWG, reads."""
+    if canonical is None:
+        canonical = canonical_tunnel_url(url)
+    if url != canonical:
+        raise RecordInvalid("tunnel_url", f"not in canonical form (that is {canonical!r})")
 
 
 def supersedes(new: WorkerRecord, old: WorkerRecord) -> bool:
@@ -441,6 +452,7 @@ __all__ = [
     "RecordError",
     "WorkerRecord",
     "canonical_json",
+    "check_canonical_url",
     "check_shape",
     "merge_into",
     "parse_and_validate",
