@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from common import ROOT, BenchError, HelpFormatter, machine, markdown_table, write_json
+from common import ROOT, BenchError, HelpFormatter, machine, markdown_table, quantile, write_json
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -230,21 +230,14 @@ class Tally:
         return {
             "requests": answered,
             "ok_pct": round(100.0 * self.ok / answered, 2) if answered else 0.0,
-            "p50_ms": _quantile(self.latencies, 0.50) * 1000,
-            "p99_ms": _quantile(self.latencies, 0.99) * 1000,
+            "p50_ms": quantile(self.latencies, 0.50) * 1000,
+            "p99_ms": quantile(self.latencies, 0.99) * 1000,
             "mean_ms": (statistics.fmean(self.latencies) * 1000) if self.latencies else 0.0,
             "rps": self.ok / seconds if seconds > 0 else 0.0,
             "total": self.total,
             "x_cache": dict(self.cache),
             "statuses": {str(k): v for k, v in self.statuses.items()},
         }
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _header(head: bytes, name: bytes) -> bytes | None:

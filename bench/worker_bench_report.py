@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from common import markdown_table
+from common import markdown_table, quantile
 from worker_bench_plan import REAL_HEARTBEAT, REAL_TTL
 
 from dht_bridge.settings import DHTSettings
@@ -66,8 +66,8 @@ def summarise(
         "window_real_s": round(seconds * scale, 1),
         "join_s": round(max(j["join_s"] for j in joined), 2),
         "join_edge_per_worker": round(statistics.mean(join_edge), 3),
-        "join_one_ms_p50": _quantile_ms(join_one, 0.5),
-        "join_one_ms_p99": _quantile_ms(join_one, 0.99),
+        "join_one_ms_p50": round(1000 * quantile(join_one, 0.5), 1),
+        "join_one_ms_p99": round(1000 * quantile(join_one, 0.99), 1),
         "restart_edge_per_worker": (
             round(statistics.mean(r["restart_edge"] for r in restarts), 3) if restarts else None
         ),
@@ -78,7 +78,7 @@ def summarise(
         "edge_per_day_all_workers": round(n * (per_day + fresh), 1),
         "edge_per_day_20_workers": round(20 * (per_day + fresh), 1),
         "dht_bytes_per_worker_s_mean": round(statistics.mean(rates), 1),
-        "dht_bytes_per_worker_s_p95": round(_quantile(rates, 0.95), 1),
+        "dht_bytes_per_worker_s_p95": round(quantile(rates, 0.95), 1),
         "dht_bytes_per_worker_s_max": round(rates[-1], 1),
         # A loaded machine stretches the scaled intervals (a publish takes as long as ever):
         # per heartbeat, then at exactly one heartbeat per real interval.
@@ -91,7 +91,7 @@ def summarise(
         "workers_on_dht": sum(1 for m in modes if m == Mode.DHT.value),
         # Health of the run: every figure above assumes the loops kept up with the pace.
         "dht_packets_per_worker_s_mean": round(statistics.mean(packets), 2),
-        "dht_packets_per_worker_s_p95": round(_quantile(packets, 0.95), 2),
+        "dht_packets_per_worker_s_p95": round(quantile(packets, 0.95), 2),
         "dht_packets_per_worker_s_max": round(packets[-1], 2),
         "dht_packets_per_heartbeat": round(
             sum(x for end in ends for x in end["packets"]) / max(sum(beats), 1), 1
@@ -158,15 +158,6 @@ def _merge(counts: Iterable[dict[str, int]]) -> dict[str, int]:
         for key, n in one.items():
             total[key] = total.get(key, 0) + n
     return total
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    """The value at quantile `q` of a sorted list (nearest rank below), 0.0 when empty."""
-    return ordered[int(q * (len(ordered) - 1))] if ordered else 0.0
-
-
-def _quantile_ms(ordered: list[float], q: float) -> float:
-    return round(1000 * _quantile(ordered, q), 1)
 
 
 TABLE_HEADER = (
@@ -301,10 +292,9 @@ def _verdict(row: dict[str, Any]) -> str:
 
 def lag_summary(lags: list[float]) -> dict[str, float]:
     """How late a loop woke up: p50, p99, the worst, and how often by more than an RPC timeout."""
-    ordered = sorted(lags)
     return {
-        "p50": _quantile(ordered, 0.5),
-        "p99": _quantile(ordered, 0.99),
-        "max": _quantile(ordered, 1.0),
-        "over_rpc_timeout": sum(1 for x in ordered if x > DHTSettings().rpc_timeout),
+        "p50": quantile(lags, 0.5),
+        "p99": quantile(lags, 0.99),
+        "max": max(lags, default=0.0),
+        "over_rpc_timeout": sum(1 for x in lags if x > DHTSettings().rpc_timeout),
     }
