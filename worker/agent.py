@@ -26,6 +26,7 @@ from dht_bridge.errors import BootstrapError, DHTError, PublishError, RecordErro
 from dht_bridge.identity import Identity
 from dht_bridge.options import parse_hostport
 from dht_bridge.records import WorkerRecord, sign_record
+from dht_bridge.tunnels import canonical_tunnel_url
 from worker.config import (
     ADVERTISE_AUTO,
     ADVERTISE_NONE,
@@ -153,12 +154,19 @@ class WorkerAgent:
     async def start(self) -> None:
         """Load state and identity, join the DHT (or register at the edge), start heartbeats.
 
-        Raises StartError when the DHT socket cannot be bound and IdentityError when the key
-        file exists but cannot be used; nothing else stops a start: whatever side is out of
-        reach is retried in the background.
+        Raises StartError when the DHT socket cannot be bound, another agent holds the state
+        file (StateInUse) or there is nowhere to join, and IdentityError when the key file
+        exists but cannot be used; nothing else stops a start: whatever side is out of reach
+        is retried in the background.
         """
-        self.state, self.state_status = self._state_file.load()
-        self.identity = self._load_identity()
+        self._state_file.acquire()
+        try:
+            self.state, self.state_status = self._state_file.load()
+            self.identity = self._load_identity()
+            self._check_somewhere_to_go()
+        except BaseException:
+            self._state_file.release()
+            raise
         try:
             if not self.config.edge_only:
                 await self._open_node()
@@ -220,6 +228,16 @@ class WorkerAgent:
         if self.edge is not None:
             await self.edge.aclose()
         await self.load.aclose()
+        self._state_file.release()
+
+    def _check_somewhere_to_go(self) -> None:
+        """Refuse to start with no edge, no bootstrap peer and no saved peer: such an agent
+        would retry for ever, alone."""
+        if self.edge is None and not self.config.bootstrap and not self.state.peers:
+            raise StartError(
+                "nowhere to join: give the edge router's URL (--edge, RMA_EDGE_URL) or a DHT "
+                "peer (--bootstrap, RMA_BOOTSTRAP); the state file has no saved peers"
+            )
 
     # Discovery.
 
@@ -247,9 +265,9 @@ class WorkerAgent:
         else:
             identity = Identity.generate()
             identity.save(path)
-            logger.warning(
-                "no key file at %s: created a new identity, worker %s", path, identity.worker_id
-            )
+            # Expected on a first start; a state file of some worker with no key is not.
+            log = logger.warning if self.state.worker_id else logger.info
+            log("no key file at %s: created a new identity, worker %s", path, identity.worker_id)
         if self.state.worker_id and self.state.worker_id != identity.worker_id:
             logger.warning(
                 "state file %s belongs to worker %s, not %s: its seq is dropped, its peers kept",
@@ -438,7 +456,8 @@ class WorkerAgent:
         host, port = self._advertised() if advertise else ("", 0)
         return sign_record(
             self.identity,
-            tunnel_url=self.config.tunnel_url,
+            # What the user typed may be any spelling; what is signed is the one all read alike.
+            tunnel_url=canonical_tunnel_url(self.config.tunnel_url),
             services=self.config.services,
             seq=self.state.seq,
             now=self.clock(),

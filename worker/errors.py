@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dht_bridge.errors import RMAError
 
-__all__ = ["EdgeError", "EdgeRefused", "EdgeUnavailable", "StartError", "WorkerError"]
+__all__ = [
+    "EdgeError",
+    "EdgeRefused",
+    "EdgeUnavailable",
+    "StartError",
+    "StateInUse",
+    "WorkerError",
+]
 
 
 class WorkerError(RMAError):
@@ -12,7 +19,11 @@ class WorkerError(RMAError):
 
 
 class StartError(WorkerError):
-    """The agent could not start (the DHT socket could not be bound)."""
+    """The agent could not start: its socket, its state file, or nowhere to join."""
+
+
+class StateInUse(StartError):
+    """Another agent runs on the same state file: two agents would be one worker twice."""
 
 
 class EdgeError(WorkerError):

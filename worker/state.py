@@ -7,7 +7,9 @@ carrying a seq up to it leaves the process (one fsync per block of seqs, not per
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from worker.errors import StateInUse
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,43 @@ class StateFile:
         # Saves may run in worker threads: one at a time, and never an older seq over a newer.
         self._lock = threading.Lock()
         self._written_seq = -1
+        self._held: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        """The file whose lock says an agent runs on this state."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def acquire(self) -> None:
+        """Hold this state for the running agent, or raise StateInUse.
+
+        Two agents on one state file sign with one key: the second's tunnel URL would replace
+        the first's and either one's stop would tombstone both. The lock is the kernel's
+        (flock), so it goes with the process, however it ends.
+        """
+        if self._held is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateInUse(
+                f"state file {self.path} is in use by another worker agent (pid {holder}); "
+                "give each worker its own --state-file (RMA_STATE_FILE)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._held = fd
+
+    def release(self) -> None:
+        """Let another agent use this state (closing the descriptor drops the lock)."""
+        if self._held is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._held)
+            self._held = None
 
     def load(self) -> tuple[WorkerState, LoadStatus]:
         """The saved state, or an empty one with a clear log line saying why."""

@@ -18,8 +18,9 @@ from dht_bridge.registry.registry import Registry
 from tests.support.dht import start_network, stop_all
 from tests.support.helpers import wait_for
 from tests.support.worker import Edge, router_config, running_edge, worker_config
-from worker.agent import Mode
+from worker.agent import Mode, WorkerAgent
 from worker.config import WorkerConfig
+from worker.errors import StartError, StateInUse
 from worker.state import LoadStatus, StateFile, WorkerState
 
 
@@ -190,3 +191,42 @@ def test_state_round_trip_and_refusals(tmp_path: Path) -> None:
     peers = {"version": 1, "seq": 1, "peers": [["h", 0]]}
     (tmp_path / "s.json").write_text(json.dumps(peers))
     assert store.load()[1] is LoadStatus.CORRUPT
+
+
+async def test_a_first_start_creates_its_identity_without_a_warning(
+    tmp_path: Path, edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="worker"):
+        await run_once(edge, worker_config(tmp_path, "w-first"))
+    created = [r for r in caplog.records if "created a new identity" in r.getMessage()]
+    assert [r.levelno for r in created] == [logging.INFO]
+
+
+async def test_a_second_agent_on_the_same_state_file_refuses_to_start(
+    tmp_path: Path, edge: Edge
+) -> None:
+    config = worker_config(tmp_path, "w-twice")
+    async with edge.agent(config) as first:
+        second = edge.agent(config)
+        with pytest.raises(StateInUse, match="--state-file"):
+            await second.start()
+        assert first.mode is Mode.DHT
+        # The refused agent touched nothing: the first's record is the one published.
+        assert first.record is not None
+        assert first.record.tunnel_url == config.tunnel_url
+    # Once the first has stopped, the state is free again.
+    worker_id, _ = await run_once(edge, config)
+    assert worker_id == first.worker_id
+
+
+async def test_an_agent_with_nowhere_to_join_says_so_instead_of_retrying(
+    tmp_path: Path,
+) -> None:
+    config = worker_config(tmp_path, "w-alone", edge_url=None)
+    agent = WorkerAgent(config)
+    with pytest.raises(StartError, match="nowhere to join"):
+        await agent.start()
+    # Its lock is released: a configured retry can start at once.
+    again = StateFile(config.state_file)
+    again.acquire()
+    again.release()
