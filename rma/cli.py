@@ -11,7 +11,7 @@ from types import ModuleType
 from dht_bridge.errors import ConfigError
 from dht_bridge.options import OptionTable
 from dht_bridge.version import __version__
-from rma.commands import bridge, demo, flush, node, router, worker
+from rma.commands import bridge, demo, flush, lookup, node, router, worker
 from rma.exits import Exit
 from rma.logs import LOG_FORMAT, LOG_LEVEL
 
@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
     "worker": (worker, "run a worker agent"),
     "demo": (demo, "run everything on loopback, no Redis needed"),
     "flush": (flush, "flush the routers' lookup caches"),
+    "lookup": (lookup, "ask a router which workers offer a service"),
     "node": (node, "run a plain DHT node (a bootstrap or storage node)"),
 }
 
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(Exit.USAGE, f"rma: configuration error: {exc}\n")
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # httpx logs every request at info: per request, on the router's hot path, and noise in
+    # the client commands' output.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.handler(args)
     except ConfigError as exc:

@@ -302,12 +302,13 @@ async def metrics_of(client: httpx.AsyncClient, router: RouterProcess) -> dict[s
     return figures
 
 
-async def rma_flush(router: RouterProcess, token: str, *args: str) -> tuple[int, str]:
-    """`rma flush ... --router URL` as a process; its exit code and output."""
+async def rma_client(router: RouterProcess, token: str, *args: str) -> tuple[int, str]:
+    """`rma flush|lookup ... --router URL` as a process; its exit code and output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMA_")}
     env["RMA_ADMIN_TOKEN"] = token
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "rma", "flush", *args, "--router", router.url),
+        # The router first: a later --router in `args` wins, as argparse has it.
+        *(sys.executable, "-m", "rma", args[0], "--router", router.url, *args[1:]),
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -361,13 +362,30 @@ async def test_rma_router_processes_share_a_flush_and_stop_on_sigterm(
             assert (await lookup(client, two)).headers["x-cache"] == "HIT"
             assert (await metrics_of(client, two))["rma_cache_entries"] == 1
 
-            code, output = await rma_flush(one, "wrong-token-0123456789", "--service", "ocr")
+            code, output = await rma_client(one, ADMIN_TOKEN, "lookup", "ocr")
+            assert code == 0, output
+            assert record.worker_id[:12] in output
+            assert "1 provider(s) of 'ocr'" in output
+            code, output = await rma_client(one, ADMIN_TOKEN, "lookup", "asr")
+            assert code == 1, output
+            assert "no live providers of 'asr'" in output
+
+            code, output = await rma_client(
+                one, "wrong-token-0123456789", "flush", "--service", "ocr"
+            )
             assert code == 1, output
             assert "403" in output
+            code, output = await rma_client(
+                one, ADMIN_TOKEN, "flush", "--service", "ocr", "--router", "not-a-url"
+            )
+            assert code == 2, output
+            assert "not an http(s) URL" in output
 
-            code, output = await rma_flush(one, ADMIN_TOKEN, "--service", "ocr")
+            code, output = await rma_client(one, ADMIN_TOKEN, "flush", "--service", "ocr")
             assert code == 0, output
-            assert "flushed 1 entries" in output
+            assert "flushed 1 cached lookups (service ocr)" in output
+            assert "other routers told: yes" in output
+            assert "HTTP Request" not in output
 
             async def second_emptied() -> bool:
                 return (await metrics_of(client, two))["rma_cache_entries"] == 0
