@@ -28,6 +28,7 @@ from starlette.routing import Route
 from dht_bridge.bridge.bridge import Bridge, BridgeSettings
 from dht_bridge.bridge.journal import Journal
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.errors import RegistryError
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
@@ -78,7 +79,7 @@ async def run_demo(config: DemoConfig, stop: asyncio.Event) -> int:
             token = secrets.token_urlsafe(18)
             router_url = await _start_router(stack, config, registry, bridge, token)
             agents = await _start_workers(stack, config, router_url, Path(workdir))
-            await _until_registered(registry, agents)
+            await until_registered(registry, {agent.worker_id for agent in agents})
             _say_ready(config, router_url, token, agents)
             await stop.wait()
             logger.info("demo: stopping (workers leave with a tombstone)...")
@@ -239,13 +240,23 @@ async def _serve(
     return bound
 
 
-async def _until_registered(registry: Registry, agents: list[WorkerAgent]) -> None:
+async def until_registered(
+    registry: Registry, wanted: set[str], *, within: float = START_DEADLINE
+) -> None:
     """Wait until the bridge has copied every worker into Redis, so "ready" means lookups see
     them all; after the deadline go on and say how many are there."""
-    wanted = {agent.worker_id for agent in agents}
-    deadline = time.monotonic() + START_DEADLINE
+    held: set[str] = set()
+    said = False
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        held = {r.worker_id for r in await registry.records(limit=len(wanted) * 2 + 10)}
+        try:
+            held = {r.worker_id for r in await registry.records(limit=len(wanted) * 2 + 10)}
+        except RegistryError as exc:
+            # A Redis that stops during start-up is an outage like any other: the bridge
+            # journals and the router serves from the DHT; the demo must not die of it.
+            if not said:
+                logger.warning("demo: the registry is out of reach while starting (%s)", exc)
+                said = True
         if wanted <= held:
             return
         await asyncio.sleep(0.1)

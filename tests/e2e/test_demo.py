@@ -8,14 +8,18 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from dht_bridge.registry.registry import open_registry
+from dht_bridge.settings import RegistrySettings
+from rma.demo import until_registered
 from tests.support.browser import chromium, require_browser
-from tests.support.helpers import free_port, wait_for
+from tests.support.helpers import POLICY, free_port, wait_for
+from tests.support.redis_server import TEST_REDIS_TIMEOUT, RedisServer
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 READY_DEADLINE = 90.0
@@ -114,3 +118,18 @@ async def test_the_page_of_a_running_demo_draws_its_workers(tmp_path: Path) -> N
         await browser.screenshot(ARTIFACTS / "demo-topology.png")
     if not (ARTIFACTS / "demo-topology.png").stat().st_size:
         pytest.fail("empty screenshot")
+
+
+async def test_the_demo_start_up_wait_survives_a_registry_outage(
+    make_redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_redis_server()
+    settings = RegistrySettings(redis_url=server.url, timeout=TEST_REDIS_TIMEOUT)
+    registry = open_registry(settings, policy=POLICY)
+    try:
+        server.kill()
+        # Once it died of RegistryUnavailable; now it waits out its deadline and says why.
+        await until_registered(registry, {"a" * 40}, within=1.0)
+    finally:
+        await registry.aclose()
+    assert "the registry is out of reach while starting" in caplog.text
