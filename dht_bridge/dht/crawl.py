@@ -9,6 +9,10 @@ lookup that has found nothing yet is slower to conclude "absent": it waits up to
 than a few milliseconds. A lookup for the nodes that are to hold a value likewise waits up to
 `settle` for a slow contact that would be among them: a busy node answers late, and a value
 stored past it is missed by readers, who ask the closest first.
+
+One address cannot crowd a lookup: its shortlist (and the closest nodes it returns) holds at
+most a few candidates per IP and per subnet (the routing table's `DiversityLimits`, per
+bucket), so fakes minted next to the target at one address cannot hide the real holders.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -23,6 +28,7 @@ from typing import Any
 from kademlia.node import Node
 
 from dht_bridge.dht.address import contact_address
+from dht_bridge.dht.admission import Groups
 from dht_bridge.dht.protocol import RMAProtocol
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ class CrawlResult:
 class _Candidate:
     node: Node
     hop: int
+    groups: Groups
     state: _State = _State.WAITING
     asked_at: float = 0.0
 
@@ -90,17 +97,42 @@ class Crawl:
 
     def _learn(self, node: Node, hop: int) -> None:
         if node.id != self._me and node.id not in self._candidates:
-            self._candidates[node.id] = _Candidate(node, hop)
+            groups = self.protocol.router.groups(node)
+            self._candidates[node.id] = _Candidate(node, hop, groups)
 
     def _shortlist(self, now: float | None = None) -> list[_Candidate]:
-        """The k closest candidates that have not failed (nor stalled, when `now` is given)."""
+        """The k closest candidates that have not failed (nor stalled, when `now` is given),
+        at most a few per IP and subnet."""
         alive = [
             c
             for c in self._candidates.values()
             if c.state is not _State.FAILED and (now is None or not self._stalled(c, now))
         ]
         alive.sort(key=lambda c: c.node.long_id ^ self.target.long_id)
-        return alive[: self.ksize]
+        return self._diverse(alive)
+
+    def _diverse(self, ordered: list[_Candidate]) -> list[_Candidate]:
+        """The first k of `ordered` within the per-bucket diversity limits."""
+        limits = self.protocol.router.limits
+        if not limits.enabled:
+            return ordered[: self.ksize]
+        pinned = self.protocol.router.pinned
+        per_ip: Counter[str] = Counter()
+        per_subnet: Counter[str] = Counter()
+        kept: list[_Candidate] = []
+        for candidate in ordered:
+            ip, subnet = candidate.groups
+            if (candidate.node.ip, candidate.node.port) not in pinned:
+                if per_ip[ip] >= limits.per_ip_bucket:
+                    continue
+                if per_subnet[subnet] >= limits.per_subnet_bucket:
+                    continue
+                per_ip[ip] += 1
+                per_subnet[subnet] += 1
+            kept.append(candidate)
+            if len(kept) == self.ksize:
+                break
+        return kept
 
     def _active(self, now: float) -> int:
         return sum(1 for c in self._pending.values() if now - c.asked_at < self.stall)
@@ -132,7 +164,7 @@ class Crawl:
         # cost the result a place (a narrow lookup would come back one holder short).
         answered = [c for c in self._candidates.values() if c.state is _State.ANSWERED]
         answered.sort(key=lambda c: c.node.long_id ^ self.target.long_id)
-        closest = answered[: self.ksize]
+        closest = self._diverse(answered)
         self.result.closest = [c.node for c in closest]
         self.result.seconds = time.monotonic() - started
         if not self.result.hops:

@@ -28,6 +28,7 @@ from kademlia.node import Node
 from dht_bridge.backoff import Backoff, ExponentialBackoff
 from dht_bridge.dht import reach as dht_reach
 from dht_bridge.dht import shards
+from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits
 from dht_bridge.dht.crawl import Crawl, CrawlResult, parse_contacts
 from dht_bridge.dht.mode import DHTMode
 from dht_bridge.dht.protocol import RMAProtocol
@@ -168,6 +169,8 @@ class DHTNode(Server):  # type: ignore[misc]
     `settings` holds timeouts and sizes. With `client=True` the node starts in client mode
     (see dht_protocol): it looks up and publishes through server nodes but is nobody's
     contact; `set_mode` switches at run time, `check_reachability` tells which mode fits.
+    `diversity` bounds the contacts per IP and subnet (see dht_admission); contacts at a
+    `coordinators` address are exempt from it.
     """
 
     protocol_class = RMAProtocol
@@ -182,6 +185,8 @@ class DHTNode(Server):  # type: ignore[misc]
         storage: RecordStorage | None = None,
         client: bool = False,
         endpoint: Endpoint = udp_endpoint,
+        diversity: DiversityLimits = DEFAULT_DIVERSITY,
+        coordinators: Iterable[tuple[str, int]] = (),
     ) -> None:
         super().__init__(
             ksize=settings.ksize,
@@ -200,6 +205,8 @@ class DHTNode(Server):  # type: ignore[misc]
         self.protocol: RMAProtocol | None = None
         self._client = client
         self._endpoint = endpoint
+        self.diversity = diversity
+        self.coordinators = tuple(coordinators)
         # Shard level and publish count per (service, worker): a bridge publishes for many
         # workers, and each worker's place in the trie is its own.
         self._levels: dict[tuple[str, str], int] = {}
@@ -229,6 +236,8 @@ class DHTNode(Server):  # type: ignore[misc]
             rpc_timeout=self.settings.rpc_timeout,
             max_failures=self.settings.max_failures,
             client=self._client,
+            limits=self.diversity,
+            pinned=self.coordinators,
         )
 
     async def listen(self, port: int | None = None, interface: str | None = None) -> None:

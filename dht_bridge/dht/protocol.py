@@ -7,11 +7,20 @@ start of the message id, answers nothing but `stun` (the reachability probe), an
 added to a routing table: a server that sees the tag answers the request and forgets the
 sender. The message id is opaque to the stock library, which echoes it back unread, so the wire
 format stays the library's.
+
+Admission and reflection (see dht_admission): a node that sends us a request is not taken as
+a contact; we ping it (a client: `stun`) and take whoever answers from that address with the
+id it answered, within the routing table's diversity limits. An answer larger than
+`AMPLIFICATION` times the request waits until that check is answered, as the full answer; if
+the check goes unanswered, the caller gets what fits in the budget (the closest contacts), so
+a spoofed source never gets more than `AMPLIFICATION` times what was sent in its name. A stock
+node answers our ping, so it gets full answers one round trip later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -28,6 +37,12 @@ from rpcudp.protocol import RPCProtocol
 
 from dht_bridge.dht import reach as dht_reach
 from dht_bridge.dht.address import sendable
+from dht_bridge.dht.admission import (
+    AMPLIFICATION,
+    DEFAULT_DIVERSITY,
+    DiversityLimits,
+    ValidatedAddresses,
+)
 from dht_bridge.dht.renew import RENEW_RPC
 from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.rtt import RoundTrips
@@ -58,6 +73,17 @@ MAX_PROBES = 16
 # A timeout that fires this share of the RPC timeout late says more about our own event loop
 # than about the peer: the request gets one more RPC timeout (see `_expire`).
 LATE_SHARE = 0.5
+# Address checks (a ping, or `stun` to a client) in flight at most; more callers wait for a
+# later request. One at a time per address.
+MAX_CHECKS = 64
+# An address that left a check unanswered is not checked again for this long: a spoofed
+# source gets at most one datagram from us per this many seconds, whatever id it claims.
+CHECK_COOLDOWN = 60.0
+MAX_UNANSWERED = 4096
+# Answers that can outgrow an unproved caller's budget: held for its check, or cut to fit.
+BOUNDED_RPCS = frozenset({"find_node", "find_value"})
+# Answers held per address while its check is under way; more are cut to fit at once.
+MAX_HELD = 8
 
 Address = tuple[str, int]
 Reply = tuple[bool, Any]
@@ -96,6 +122,13 @@ class TrafficStats:
     # Requests from client-mode nodes answered (they never enter the routing table).
     client_requests: int = 0
     probes: int = 0
+    # Address checks sent (see dht_admission) and those left unanswered.
+    checks: int = 0
+    checks_failed: int = 0
+    # Answers held until the caller's address answered our check, and those cut to fit its
+    # budget instead (the check went unanswered, or none could be sent).
+    held_answers: int = 0
+    bounded_answers: int = 0
     # Bytes in and out by RPC, requests and their replies together (e.g. "store": what
     # heartbeats cost, "find_node": what crawls cost), plus "malformed" and "unmatched" (a
     # reply after its request timed out): where a node's traffic goes, summing to bytes in+out.
@@ -118,6 +151,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         rpc_timeout: float,
         max_failures: int,
         client: bool = False,
+        limits: DiversityLimits = DEFAULT_DIVERSITY,
+        pinned: tuple[Address, ...] = (),
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=rpc_timeout)
         self.transport: asyncio.DatagramTransport | None = None
@@ -126,7 +161,17 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         # Set while answering a request from a client-mode node: its sender is not a contact.
         self._from_client = False
         self._probing = 0
-        self.router = RMARoutingTable(self, ksize, source_node, max_failures=max_failures)
+        self.router = RMARoutingTable(
+            self, ksize, source_node, max_failures=max_failures, limits=limits, pinned=pinned
+        )
+        # Addresses that answered one of our requests: they get full answers.
+        self.validated = ValidatedAddresses()
+        self._checking: set[Address] = set()
+        self._unanswered: OrderedDict[Address, float] = OrderedDict()
+        # Per address under check: full answers and, should the check fail, what fits instead.
+        self._held: dict[Address, list[tuple[str, bytes, Callable[[], bytes]]]] = {}
+        # Bytes sent in checks while answering the current request (its budget pays for them).
+        self._spent = 0
         self.storage = storage
         self.source_node = source_node
         self.stats = TrafficStats()
@@ -253,6 +298,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.count_rpc(name, size)
             return
         self._from_client = msg_id.startswith(CLIENT_TAG)
+        self._spent = 0
         try:
             if self._from_client:
                 self.stats.client_requests += 1
@@ -261,7 +307,37 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self._from_client = False
         # Counted once answered: a request with bad arguments is counted as malformed.
         self.stats.count_rpc(name, size)
-        self._send(RESPONSE + msg_id + msgpack.packb(response), addr, name)
+        datagram = RESPONSE + msg_id + msgpack.packb(response)
+        budget = AMPLIFICATION * size - self._spent
+        if len(datagram) > budget and name in BOUNDED_RPCS and addr not in self.validated:
+            cut = functools.partial(self._bounded_answer, msg_id, addr, args, budget)
+            held = self._held.get(addr)
+            if held is not None and len(held) < MAX_HELD:
+                # Sent when the caller answers our check (see `_finish_check`).
+                self.stats.held_answers += 1
+                held.append((name, datagram, cut))
+                return
+            datagram = cut()
+        self._send(datagram, addr, name)
+
+    def _bounded_answer(self, msg_id: bytes, addr: Address, args: list[Any], budget: int) -> bytes:
+        """A FIND_NODE / FIND_VALUE answer within `budget` bytes for a caller that did not
+        prove its address: the closest contacts that fit (a stock client reads a short list)."""
+        self.stats.bounded_answers += 1
+        caller = Node(args[0], addr[0], addr[1])
+        neighbors = self.router.find_neighbors(Node(args[1]), exclude=caller)
+        entries: list[tuple[bytes, str, int]] = []
+        # A list header is 1 byte up to 15 entries and 3 beyond.
+        used = len(RESPONSE + msg_id) + 3
+        for node in neighbors:
+            entry = (node.id, node.ip, node.port)
+            cost = len(msgpack.packb(entry))
+            if used + cost > budget:
+                break
+            entries.append(entry)
+            used += cost
+        body: bytes = msgpack.packb(entries)
+        return RESPONSE + msg_id + body
 
     def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address, size: int) -> None:
         pending = self._outstanding.get(msg_id)
@@ -274,6 +350,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             raise ValueError(f"reply for {pending.address} came from {addr}")
         del self._outstanding[msg_id]
         pending.timer.cancel()
+        # It answered our random message id: the address receives what we send it.
+        self.validated.prove(addr)
         self.stats.count_rpc(pending.name, size)
         if not pending.future.done():
             pending.future.set_result((True, payload))
@@ -305,6 +383,15 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self, address: Address, name: str, *args: Any, wait: float | None = None
     ) -> Reply:
         """Send one RPC; `(True, reply)` or `(False, None)` after the timeout, never raises."""
+        sent = self._send_request(address, name, args, wait)
+        if sent is None:
+            return False, None
+        return await self._reply_to(*sent)
+
+    def _send_request(
+        self, address: Address, name: str, args: Any, wait: float | None
+    ) -> tuple[bytes, asyncio.Future[Reply], float] | None:
+        """Put a request on the wire now; (message id, reply future, time sent) or None."""
         body = msgpack.packb([name, list(args)])
         if len(body) > MAX_DATAGRAM_BODY:
             raise ValueError(f"{name} request of {len(body)} bytes exceeds {MAX_DATAGRAM_BODY}")
@@ -312,7 +399,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if target is None:
             # Not an address a reply could come from; no timeout to wait for.
             self.stats.unsendable += 1
-            return False, None
+            return None
         loop = asyncio.get_running_loop()
         msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
@@ -323,8 +410,11 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if not self._send(REQUEST + msg_id + body, target, name):
             del self._outstanding[msg_id]
             timer.cancel()
-            return False, None
-        sent = loop.time()
+            return None
+        return msg_id, future, loop.time()
+
+    async def _reply_to(self, msg_id: bytes, future: asyncio.Future[Reply], sent: float) -> Reply:
+        loop = asyncio.get_running_loop()
         try:
             reply = await future
             if reply[0]:
@@ -378,9 +468,20 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         return self.handle_call_response(result, node_to_ask)
 
     async def call_ping(self, node_to_ask: Node) -> Reply:
-        """PING a contact, with failure accounting."""
-        result = await self.request((node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id)
-        return self.handle_call_response(result, node_to_ask)
+        """PING a contact, with failure accounting: an answer with another id than the
+        contact's is a miss for the contact (another node lives at its address now)."""
+        ok, reply = await self.request(
+            (node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id
+        )
+        if ok and reply != node_to_ask.id:
+            self.router.record_failure(node_to_ask)
+            self._admit_answer((node_to_ask.ip, node_to_ask.port), reply)
+            return False, None
+        if ok:
+            self.router.record_success(node_to_ask)
+            self.welcome_if_new(node_to_ask)
+            return ok, reply
+        return self.handle_call_response((ok, reply), node_to_ask)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> Reply:
         """STORE on a contact, with failure accounting."""
@@ -397,27 +498,93 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         return self.handle_call_response(result, node_to_ask)
 
     def handle_call_response(self, result: Reply, node: Node) -> Reply:
-        """Count a missed reply (dropping the contact after several) or welcome the responder."""
+        """Count a missed reply (dropping the contact after several), or note the answer: a
+        held contact is refreshed; a new one is pinged first, since the id we asked it under
+        came from someone else's answer and only a ping answer states its own."""
         if not result[0]:
             self.router.record_failure(node)
             return result
         self.router.record_success(node)
-        self.welcome_if_new(node)
+        self._consider(node, client=False)
         return result
+
+    # Admission: a caller or a contact someone named is pinged before it enters the table.
+
+    def _consider(self, node: Node, *, client: bool) -> None:
+        """Refresh `node` if held at its address; otherwise check its address (and for a
+        server its id) when that could prove the address or admit a contact."""
+        held = self.router.held(node)
+        home = (node.ip, node.port)
+        at_home = held is not None and (held.ip, held.port) == home
+        if at_home and node.id in self.router.buckets[self.router.get_bucket_for(node)].nodes:
+            self.router.add_contact(node)  # refresh its place in the LRU order
+        wanted = not client and held is None and self.router.admissible(node)
+        if wanted or home not in self.validated:
+            self._check(node, client=client)
+
+    def _check(self, node: Node, *, client: bool) -> None:
+        """Ping `node` (a client: `stun`) now, before our answer to it leaves; admit whoever
+        answers from that address (see `_admit_answer`). At most one check per address."""
+        home = (node.ip, node.port)
+        if home in self._checking or len(self._checking) >= MAX_CHECKS:
+            return
+        failed = self._unanswered.get(home)
+        if failed is not None and time.monotonic() - failed < CHECK_COOLDOWN:
+            return
+        name, args = ("stun", ()) if client else ("ping", (self.source_node.id,))
+        before = self.stats.bytes_out
+        sent = self._send_request(home, name, args, None)
+        if sent is None:
+            return
+        self._spent += self.stats.bytes_out - before
+        self.stats.checks += 1
+        self._checking.add(home)
+        self._held[home] = []
+        if self.spawn(self._finish_check(home, client, sent), name=f"check-{node.port}") is None:
+            self._checking.discard(home)
+            self._held.pop(home, None)
+
+    async def _finish_check(
+        self, home: Address, client: bool, sent: tuple[bytes, asyncio.Future[Reply], float]
+    ) -> None:
+        try:
+            ok, reply = await self._reply_to(*sent)
+        finally:
+            self._checking.discard(home)
+            held = self._held.pop(home, [])
+        for name, full, cut in held:
+            self._send(full if ok else cut(), home, name)
+        if not ok:
+            self.stats.checks_failed += 1
+            self._unanswered[home] = time.monotonic()
+            self._unanswered.move_to_end(home)
+            while len(self._unanswered) > MAX_UNANSWERED:
+                self._unanswered.popitem(last=False)
+            return
+        self._unanswered.pop(home, None)
+        if not client:
+            self._admit_answer(home, reply)
+
+    def _admit_answer(self, home: Address, reply: Any) -> None:
+        """A ping answered from `home` with `reply`: the contact is that id at that address."""
+        if isinstance(reply, bytes) and len(reply) == NODE_ID_BYTES:
+            self.welcome_if_new(Node(reply, home[0], home[1]))
 
     # Inbound RPCs. Arguments come from the network: check them before use.
 
     def _caller(self, nodeid: Any, sender: Address) -> Node:
-        """The caller as a contact: welcomed if it is a server, forgotten if in client mode
-        (a server that turned client must leave every table it told, at once)."""
+        """The caller: a server is checked before it becomes a contact (see `_consider`);
+        a client is forgotten (a server that turned client must leave every table it told,
+        at once), its address checked with `stun` so that it gets full answers."""
         node = Node(_node_id(nodeid), sender[0], sender[1])
         if not self._from_client:
-            self.welcome_if_new(node)
+            self._consider(node, client=False)
             return node
         # Only from the address we know it at: anyone can claim an id, not its address.
         known = self.router.buckets[self.router.get_bucket_for(node)].nodes.get(node.id)
         if known is not None and (known.ip, known.port) == sender:
             self.router.remove_contact(node)
+        self._consider(node, client=True)
         return node
 
     def _start_probe(self, msg_id: bytes, addr: Address, args: list[Any]) -> None:
@@ -470,32 +637,40 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
     def rpc_find_node(self, sender: Address, nodeid: Any, key: Any) -> list[tuple[bytes, str, int]]:
         """The k contacts we know closest to `key`, never the caller."""
         source = self._caller(nodeid, sender)
-        neighbors = self.router.find_neighbors(Node(_node_id(key)), exclude=source)
-        return [(n.id, n.ip, n.port) for n in neighbors]
+        return self._neighbors(source, key)
 
     def rpc_find_value(self, sender: Address, nodeid: Any, key: Any) -> Any:
         """The merged record set under `key`, or the closest contacts when we hold none."""
+        source = self._caller(nodeid, sender)
         value = self.storage.value(_node_id(key))
         if value is None:
-            return self.rpc_find_node(sender, nodeid, key)
+            return self._neighbors(source, key)
         return {"value": value}
+
+    def _neighbors(self, source: Node, key: Any) -> list[tuple[bytes, str, int]]:
+        neighbors = self.router.find_neighbors(Node(_node_id(key)), exclude=source)
+        return [(n.id, n.ip, n.port) for n in neighbors]
 
     # Replication: a newcomer gets the values it is now among the closest holders of.
 
     def welcome_if_new(self, node: Node) -> None:
-        """Add a contact; if it is new, push it the values it should hold (once)."""
+        """Add a contact that answered us from its address (within the diversity limits);
+        if it is new, push it the values it should hold (once)."""
         if node.id == self.source_node.id:
             return
         if self.router.knows(node):
             if node.id in self.router.buckets[self.router.get_bucket_for(node)].nodes:
                 self.router.add_contact(node)  # refresh its place in the LRU order
             return
+        if not self.router.admissible(node):
+            self.router.refused += 1
+            return
         if self._welcomed_lately(node.id):
             self.router.add_contact(node)
             return
         due = self._values_for(node)
         self.router.add_contact(node)
-        if due and len(self._tasks) < MAX_PUSH_TASKS:
+        if due and len(self._tasks) - len(self._checking) < MAX_PUSH_TASKS:
             self.spawn(self._push(node, due), name=f"push-{node.port}")
 
     def _welcomed_lately(self, node_id: bytes) -> bool:

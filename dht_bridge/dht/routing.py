@@ -1,15 +1,23 @@
-"""Our routing table: a correct k-closest search and patience with contacts that miss a reply."""
+"""Our routing table: a correct k-closest search, patience with contacts that miss a reply,
+and at most a few contacts per network (see dht_admission)."""
 
 from __future__ import annotations
 
 import heapq
 import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kademlia.node import Node
-from kademlia.routing import RoutingTable
+from kademlia.routing import KBucket, RoutingTable
+
+from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits, Groups
 
 logger = logging.getLogger(__name__)
+
+# Addresses whose groups are memoised (the memo is dropped when it grows past 4x this).
+MAX_MEMO = 4096
 
 
 class RMARoutingTable(RoutingTable):  # type: ignore[misc]
@@ -20,9 +28,33 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
     - a contact is dropped only after `max_failures` consecutive missed replies, so one lost
       packet does not shrink the table.
     - replacement-list contacts count as known, which ends the library's STORE storm.
+    - a bucket (replacement list included) and the whole table hold at most a few contacts
+      per IP and per subnet (`limits`); a newcomer over a limit is refused, never an old
+      contact evicted for it. Contacts at a `pinned` address (coordinators) are exempt.
+    - a contact keeps its address: the same id claimed from elsewhere is refused while the
+      contact is held (it is dropped after missed replies if it really moved).
     """
 
-    def __init__(self, protocol: Any, ksize: int, node: Node, *, max_failures: int) -> None:
+    def __init__(
+        self,
+        protocol: Any,
+        ksize: int,
+        node: Node,
+        *,
+        max_failures: int,
+        limits: DiversityLimits = DEFAULT_DIVERSITY,
+        pinned: Iterable[tuple[str, int]] = (),
+    ) -> None:
+        self.limits = limits
+        self.pinned = frozenset(pinned)
+        self._groups: dict[tuple[str, int], Groups] = {}
+        # Per-group counts over the whole table, recounted after the table changed.
+        self._mutations = 0
+        self._counted = -1
+        self._ip_counts: Counter[str] = Counter()
+        self._subnet_counts: Counter[str] = Counter()
+        # Newcomers turned away by the diversity limits or for claiming a held id.
+        self.refused = 0
         super().__init__(protocol, ksize, node)
         self.max_failures = max_failures
         self._failures: dict[bytes, int] = {}
@@ -73,11 +105,69 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         bucket = self.buckets[self.get_bucket_for(node)]
         return node.id in bucket.nodes or node.id in bucket.replacement_nodes
 
+    def flush(self) -> None:
+        """Empty the table (the library's), noting that it changed."""
+        self._mutations += 1
+        super().flush()
+
+    def groups(self, node: Node) -> Groups:
+        """The (IP, subnet) groups a contact counts against, memoised per address."""
+        home = (node.ip, node.port)
+        groups = self._groups.get(home)
+        if groups is None:
+            if len(self._groups) > 4 * MAX_MEMO:
+                self._groups.clear()
+            groups = self._groups[home] = self.limits.groups(node.ip, node.port)
+        return groups
+
+    def admissible(self, node: Node) -> bool:
+        """May `node` be added? A held contact may at its own address only; a newcomer if
+        its IP and subnet are under their limits in its bucket and in the table."""
+        held = self.held(node)
+        if held is not None:
+            return bool((held.ip, held.port) == (node.ip, node.port))
+        bucket = self.buckets[self.get_bucket_for(node)]
+        if not self.limits.enabled or (node.ip, node.port) in self.pinned:
+            return True
+        ip, subnet = self.groups(node)
+        limits = self.limits
+        ip_table, subnet_table = self._table_counts()
+        if ip_table[ip] >= limits.per_ip_table or subnet_table[subnet] >= limits.per_subnet_table:
+            return False
+        same_ip = same_subnet = 0
+        for contact in self._counted_in(bucket):
+            other_ip, other_subnet = self.groups(contact)
+            same_ip += other_ip == ip
+            same_subnet += other_subnet == subnet
+        return same_ip < limits.per_ip_bucket and same_subnet < limits.per_subnet_bucket
+
+    def _counted_in(self, bucket: KBucket) -> Iterator[Node]:
+        for contact in (*bucket.nodes.values(), *bucket.replacement_nodes.values()):
+            if (contact.ip, contact.port) not in self.pinned:
+                yield contact
+
+    def _table_counts(self) -> tuple[Counter[str], Counter[str]]:
+        if self._counted != self._mutations:
+            self._ip_counts.clear()
+            self._subnet_counts.clear()
+            for bucket in self.buckets:
+                for contact in self._counted_in(bucket):
+                    ip, subnet = self.groups(contact)
+                    self._ip_counts[ip] += 1
+                    self._subnet_counts[subnet] += 1
+            self._counted = self._mutations
+        return self._ip_counts, self._subnet_counts
+
     def add_contact(self, node: Node) -> None:
-        """Add or refresh a contact; a full bucket pings its oldest contact, once at a time."""
+        """Add or refresh a contact (within the diversity limits); a full bucket pings its
+        oldest contact, once at a time, and keeps it if it answers."""
+        if not self.admissible(node):
+            self.refused += 1
+            return
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
         known = node.id in bucket.nodes
+        self._mutations += 1
         if bucket.add_node(node):
             if not known:
                 self.version += 1
@@ -94,11 +184,13 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
     def split_bucket(self, index: int) -> None:
         """Split a bucket in two (the library's), noting that the table changed."""
         self.version += 1
+        self._mutations += 1
         super().split_bucket(index)
 
     def remove_contact(self, node: Node) -> None:
         """Remove a contact (a replacement may take its place), noting that the table changed."""
         self.version += 1
+        self._mutations += 1
         super().remove_contact(node)
 
     async def _ping_head(self, head: Node) -> None:
@@ -115,8 +207,19 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         """A reply arrived: forget past misses."""
         self._failures.pop(node.id, None)
 
+    def held(self, node: Node) -> Node | None:
+        """The contact held under `node`'s id (in its bucket or replacement list), if any."""
+        bucket = self.buckets[self.get_bucket_for(node)]
+        held: Node | None = bucket.nodes.get(node.id) or bucket.replacement_nodes.get(node.id)
+        return held
+
     def record_failure(self, node: Node) -> bool:
-        """A reply was missed; returns True when the contact was dropped for it."""
+        """A reply was missed; returns True when the contact was dropped for it. A miss at
+        another address than the one held (a forged contact in someone's answer) is not the
+        held contact's."""
+        held = self.held(node)
+        if held is not None and (held.ip, held.port) != (node.ip, node.port):
+            return False
         misses = self._failures.get(node.id, 0) + 1
         if misses < self.max_failures:
             self._failures[node.id] = misses

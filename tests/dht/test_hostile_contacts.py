@@ -82,8 +82,9 @@ async def ping_from_outside(node: DHTNode) -> bool:
 
     class Probe(asyncio.DatagramProtocol):
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-            if not answered.done():
-                answered.set_result(data[:1] == RESPONSE)
+            # The node may ping this fresh address back first (its admission check).
+            if data[:1] == RESPONSE and not answered.done():
+                answered.set_result(True)
 
     transport, _ = await loop.create_datagram_endpoint(Probe, local_addr=("127.0.0.1", 0))
     try:

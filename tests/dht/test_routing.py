@@ -120,7 +120,7 @@ async def test_values_due_to_a_newcomer_match_the_rule_while_the_table_changes()
             newcomer = Node(rng.randbytes(20), "127.0.0.1", 1)
             assert {d for d, _ in protocol._values_for(newcomer)} == expected(newcomer)
             if step % 3 == 0:  # the table grows (and splits) between some of the checks
-                router.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1))
+                router.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1024 + step))
             if step % 17 == 0 and router.contacts():
                 router.remove_contact(rng.choice(router.contacts()))
     finally:
@@ -132,8 +132,8 @@ async def test_only_buckets_nobody_searched_lately_are_refreshed() -> None:
     try:
         router = node.rpc.router
         rng = random.Random(5)
-        for _ in range(300):
-            router.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1))
+        for index in range(300):
+            router.add_contact(Node(rng.randbytes(20), "127.0.0.1", 1024 + index))
         assert len(router.buckets) > 4
         for bucket in router.buckets:
             bucket.last_updated -= 2 * node.settings.refresh_interval  # nobody used them

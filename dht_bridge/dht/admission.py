@@ -1,0 +1,116 @@
+"""Who may enter a routing table and how much a node may send to an address that has not
+shown it receives: the answers to a Sybil flood and to reflection.
+
+Node ids are free: one socket can claim thousands. Addresses are not. So the routing table
+(and each lookup's shortlist) counts contacts per network group and admits at most a few per
+IP and per /24 (IPv6: per /64 and per /48), as libp2p's kad-dht and libtorrent do. And an
+address counts as proved only once it answered a request of ours (a reply carries our random
+20-byte message id, which an off-path spoofer never sees), as QUIC's address validation and
+BEP 5's tokens do: until then our answers to it stay within `AMPLIFICATION` times what it
+sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "AMPLIFICATION",
+    "DEFAULT_DIVERSITY",
+    "VALIDATION_TTL",
+    "DiversityLimits",
+    "Groups",
+    "ValidatedAddresses",
+]
+
+# Bytes we send an unproved address, at most, per byte it sent us (QUIC's limit is 3).
+AMPLIFICATION = 3
+# How long an address that answered one of our requests counts as proved (BEP 5 tokens live
+# 10 minutes). Contacts in use answer our lookups far more often than that.
+VALIDATION_TTL = 600.0
+# Proved addresses remembered at most (oldest forgotten first).
+MAX_VALIDATED = 16384
+
+# (IP group, subnet group) of an address; equal keys count against the same limit.
+Groups = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class DiversityLimits:
+    """At most this many contacts per IP group and per subnet group, per bucket (and per
+    lookup's shortlist) and per routing table.
+
+    The IP group is the IPv4 address or the IPv6 /64 (what one subscriber gets); the subnet
+    group the IPv4 /24 or the IPv6 /48. With k = 20, 2 per IP per bucket leaves 18 of any
+    bucket to others; 4 per IP per table (k/5) bounds what one address puts in any FIND_NODE
+    answer, which draws on the one or two buckets nearest the key. Loopback addresses
+    (127.0.0.0/8, ::1) are grouped by ip:port when `loopback_by_port` is set: a test
+    network or the demo runs hundreds of nodes on 127.0.0.1, and only processes of this
+    machine can send from there. `enabled=False` switches the limits off (measurements only).
+    """
+
+    per_ip_bucket: int = 2
+    per_ip_table: int = 4
+    per_subnet_bucket: int = 3
+    per_subnet_table: int = 8
+    loopback_by_port: bool = True
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.per_ip_bucket, self.per_ip_table) < 1:
+            raise ValueError("diversity limits must be at least 1")
+        if self.per_subnet_bucket < self.per_ip_bucket or self.per_subnet_table < self.per_ip_table:
+            raise ValueError("a subnet's limits cannot be below an IP's")
+
+    def groups(self, ip: str, port: int) -> Groups:
+        """The IP group and subnet group that `ip:port` counts against."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip, ip  # never a contact (see dht_address), but never a crash either
+        if addr.is_loopback and self.loopback_by_port:
+            home = f"{addr}:{port}"
+            return home, home
+        if isinstance(addr, ipaddress.IPv4Address):
+            return str(addr), str(ipaddress.ip_network(f"{addr}/24", strict=False))
+        return (
+            str(ipaddress.ip_network(f"{addr}/64", strict=False)),
+            str(ipaddress.ip_network(f"{addr}/48", strict=False)),
+        )
+
+
+DEFAULT_DIVERSITY = DiversityLimits()
+
+
+class ValidatedAddresses:
+    """Addresses that answered one of our requests lately: they receive what we send them."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float = VALIDATION_TTL,
+        capacity: int = MAX_VALIDATED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.capacity = capacity
+        self.clock = clock
+        self._seen: OrderedDict[tuple[str, int], float] = OrderedDict()
+
+    def prove(self, addr: tuple[str, int]) -> None:
+        """`addr` answered a request of ours just now."""
+        self._seen[addr] = self.clock()
+        self._seen.move_to_end(addr)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def __contains__(self, addr: object) -> bool:
+        seen = self._seen.get(addr)  # type: ignore[call-overload]
+        return seen is not None and self.clock() - seen < self.ttl
+
+    def __len__(self) -> int:
+        return len(self._seen)
