@@ -45,6 +45,7 @@ from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from tests.support.bridge import Partition
+from tests.support.dht import start_network, start_node
 from tests.support.helpers import make_record, wait_for
 from tests.support.redis_server import RedisServer
 
@@ -144,18 +145,10 @@ async def measure(count: int, args: argparse.Namespace, workdir: Path) -> dict[s
     nodes: list[DHTNode] = []
     row: dict[str, Any] = {"records": count}
     try:
-        first = DHTNode(settings, policy=POLICY)
-        await first.listen()
-        nodes.append(first)
-        for _ in range(min(count, args.nodes) - 1):
-            node = DHTNode(settings, policy=POLICY)
-            await node.listen()
-            await node.bootstrap([first.address, nodes[-1].address])
-            nodes.append(node)
-        bridge_node = DHTNode(settings, policy=POLICY)
-        await bridge_node.listen()
+        nodes += await start_network(min(count, args.nodes), settings=settings)
+        first = nodes[0]
+        bridge_node = await start_node(settings=settings, seeds=[first.address])
         nodes.append(bridge_node)
-        await bridge_node.bootstrap([first.address])
         partition = Partition(bridge_node)
         workers = Workers(count, rng)
         workers_nodes = nodes[:-1]  # every node but the bridge's publishes

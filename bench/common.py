@@ -19,18 +19,18 @@ import sys
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "ROOT",
     "BenchError",
+    "ChildProcess",
     "HelpFormatter",
     "json_safe",
     "machine",
     "markdown_table",
     "quantile",
     "read_stdin",
-    "spawn_child",
     "text_table",
     "write_json",
 ]
@@ -50,19 +50,61 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults shown in --help; the docstring's example keeps its line breaks."""
 
 
-async def spawn_child(script: Path, *args: str, limit: int) -> asyncio.subprocess.Process:
-    """`script --child ARGS` with this interpreter: commands go down its stdin and answers come
-    back on its stdout, one JSON line each (lines up to `limit` bytes)."""
-    return await asyncio.create_subprocess_exec(
-        *(sys.executable, str(script), "--child", *args),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        limit=limit,
-    )
+class ChildProcess:
+    """A child process of the benchmark (`script --child ARGS` with this interpreter) and its
+    channel: commands go down its stdin and answers come back on its stdout, one JSON line
+    each (up to `limit` bytes)."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+
+    @classmethod
+    async def spawn(cls, name: str, script: Path, *args: str, limit: int) -> Self:
+        """Start `script --child ARGS`."""
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, str(script), "--child", *args),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=limit,
+        )
+        return cls(name, process)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """One command."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def receive(self, during: str) -> Any:
+        """The next answer; BenchError if the child exited instead (`during` says what it was
+        doing)."""
+        assert self.process.stdout is not None
+        line = await self.process.stdout.readline()
+        if not line:
+            code = await self.process.wait()
+            raise BenchError(f"{self.name} exited with {code} during {during}")
+        return json.loads(line)
+
+    async def ask(self, op: str, *, timeout: float) -> Any:  # noqa: ASYNC109 - per command
+        """Send command `op` and wait up to `timeout` seconds for its answer."""
+        await self.send({"op": op})
+        async with asyncio.timeout(timeout):
+            return await self.receive(op)
+
+    async def wait_or_kill(self, grace: float) -> None:
+        """Wait up to `grace` seconds for the child to exit, then kill it."""
+        if self.process.returncode is None:
+            try:
+                async with asyncio.timeout(grace):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
 
 
 async def read_stdin(limit: int) -> asyncio.StreamReader:
-    """A child's end of `spawn_child`: this process's stdin as a stream on the running loop."""
+    """A child's end of its channel: this process's stdin as a stream on the running loop."""
     reader = asyncio.StreamReader(limit=limit)
     protocol = asyncio.StreamReaderProtocol(reader)
     await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, sys.stdin)

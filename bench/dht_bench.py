@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import dht_bench_report as report
-from common import BenchError, HelpFormatter, machine, spawn_child, write_json
+from common import BenchError, ChildProcess, HelpFormatter, machine, write_json
 from dht_bench_plan import PHASES, SERVICES, Plan, PlanOptions, build_plan
 
 logger = logging.getLogger("dht_bench")
@@ -65,13 +64,13 @@ class Progress:
     def __init__(self, label: str, total: int) -> None:
         self.label = label
         self.total = total
-        self.done: dict[int, int] = {}
+        self.done: dict[str, int] = {}
         self.started = time.monotonic()
         self.last = self.started
 
-    def update(self, proc: int, done: int) -> None:
-        """A child reports how many of its items are done."""
-        self.done[proc] = done
+    def update(self, source: str, done: int) -> None:
+        """A child (or the parent) reports how many of its items are done."""
+        self.done[source] = done
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY:
             self.last = now
@@ -79,22 +78,8 @@ class Progress:
             logger.info("%s: %d/%d (%.0fs)", self.label, done, self.total, now - self.started)
 
 
-class Child:
-    """One child process hosting a share of the nodes; commands go as JSON lines."""
-
-    def __init__(self, index: int, process: asyncio.subprocess.Process) -> None:
-        self.index = index
-        self.process = process
-
-    @classmethod
-    async def spawn(cls, impl: str, index: int, log_level: str) -> Child:
-        """Start `dht_bench.py --child` for one process of the run."""
-        process = await spawn_child(
-            SCRIPT,
-            *("--impl", impl, "--proc", str(index), "--log-level", log_level),
-            limit=STREAM_LIMIT,
-        )
-        return cls(index, process)
+class Child(ChildProcess):
+    """One child process hosting a share of the nodes."""
 
     async def call(
         self,
@@ -105,39 +90,27 @@ class Child:
         **args: Any,
     ) -> Any:
         """Send one command and wait for its reply, relaying progress lines."""
-        assert self.process.stdin is not None
-        assert self.process.stdout is not None
-        self.process.stdin.write(json.dumps({"op": op, "args": args}).encode() + b"\n")
-        await self.process.stdin.drain()
+        await self.send({"op": op, "args": args})
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    line = await self.process.stdout.readline()
-                    if not line:
-                        code = await self.process.wait()
-                        raise BenchError(f"child {self.index} exited with {code} during {op}")
-                    message = json.loads(line)
-                    if message["type"] == "progress":
-                        if progress is not None:
-                            progress.update(self.index, message["done"])
-                        continue
-                    if not message["ok"]:
-                        raise BenchError(f"child {self.index}: {op} failed: {message['error']}")
-                    return message["result"]
+                while (message := await self.receive(op))["type"] == "progress":
+                    if progress is not None:
+                        progress.update(self.name, message["done"])
         except TimeoutError:
-            raise BenchError(f"child {self.index}: {op} took over {timeout:.0f}s") from None
+            raise BenchError(f"{self.name}: {op} took over {timeout:.0f}s") from None
+        if not message["ok"]:
+            raise BenchError(f"{self.name}: {op} failed: {message['error']}")
+        return message["result"]
 
     async def close(self) -> None:
         """Ask the child to close its nodes and exit; kill it if it does not."""
         try:
             if self.process.returncode is None:
                 await self.call("shutdown", timeout=20)
-                await asyncio.wait_for(self.process.wait(), 10)
-        except (BenchError, TimeoutError, BrokenPipeError, ConnectionResetError) as exc:
-            logger.warning("child %d did not shut down cleanly (%s); killing it", self.index, exc)
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
+        except (BenchError, BrokenPipeError, ConnectionResetError) as exc:
+            logger.warning("%s did not shut down cleanly (%s); killing it", self.name, exc)
+            await self.wait_or_kill(0)
+        await self.wait_or_kill(10)
 
 
 async def call_each(
@@ -178,11 +151,7 @@ class ImplRun:
         """Spawn, build, store, read, kill, read again; always stop the children."""
         started = time.monotonic()
         procs = self.plan.options.procs
-        self.children = list(
-            await asyncio.gather(
-                *(Child.spawn(self.impl, p, self.args.child_log_level) for p in range(procs))
-            )
-        )
+        self.children = list(await asyncio.gather(*(self._spawn(p) for p in range(procs))))
         try:
             await call_each(self.children, "hello", {p: {} for p in range(procs)}, timeout=60)
             await self._create()
@@ -197,6 +166,10 @@ class ImplRun:
             await asyncio.gather(*(child.close() for child in self.children))
         self.stats["wall_s"] = time.monotonic() - started
         logger.info("%s: done in %.1fs", self.impl, self.stats["wall_s"])
+
+    async def _spawn(self, proc: int) -> Child:
+        args = ("--impl", self.impl, "--proc", str(proc), "--log-level", self.args.child_log_level)
+        return await Child.spawn(f"child {proc}", SCRIPT, *args, limit=STREAM_LIMIT)
 
     def _by_proc(self, indices: Sequence[int]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = defaultdict(list)
@@ -243,7 +216,7 @@ class ImplRun:
             )
             for reply in replies.values():
                 results.extend(reply)
-            progress.update(0, len(results))
+            progress.update("parent", len(results))
         self.build = report.join_figures(results, time.perf_counter() - started)
         logger.info(
             "%s: built in %.1fs, %d join failures",

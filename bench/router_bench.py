@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -53,8 +52,10 @@ from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from tests.support.dht import start_network
 from tests.support.helpers import make_record
 from tests.support.redis_server import RedisServer
+from tests.support.upstreams import refusing_port
 
 logger = logging.getLogger("router_bench")
 
@@ -65,6 +66,7 @@ SERVICE = "ocr"
 READ_LIMIT = RouterConfig.max_limit
 LEASE = 1800.0  # seconds: the records outlive any run
 POLICY = TunnelPolicy()
+LOOPBACK = DHTSettings(host="127.0.0.1", port=0)
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 30.0
@@ -102,19 +104,6 @@ def make_records(count: int) -> list[WorkerRecord]:
         )
         for i in range(count)
     ]
-
-
-async def start_dht(count: int) -> list[DHTNode]:
-    """`count` nodes on 127.0.0.1 in this process, each joined through node 0 and its elder."""
-    settings = DHTSettings(host="127.0.0.1", port=0)
-    nodes: list[DHTNode] = []
-    for _ in range(count):
-        node = DHTNode(settings, policy=POLICY)
-        await node.listen()
-        if nodes:
-            await node.bootstrap(list({nodes[0].address, nodes[-1].address}))
-        nodes.append(node)
-    return nodes
 
 
 # -- a server process (`--serve KIND`) -------------------------------------------------------
@@ -156,7 +145,7 @@ async def serve_child(args: argparse.Namespace) -> int:
         dht = None
         seeds = tuple(_hostport(s) for s in args.seed)
         if seeds:
-            dht = DHTNode(DHTSettings(host="127.0.0.1", port=0), policy=POLICY)
+            dht = DHTNode(LOOPBACK, policy=POLICY)
             await dht.listen()
             closers.append(dht.aclose)
             await dht.bootstrap(list(seeds))
@@ -442,17 +431,6 @@ def expected_body(hit_body: bytes, source: str) -> bytes:
     return hit_body.replace(marker, f'"source":"{source}"'.encode())
 
 
-@contextlib.contextmanager
-def refusing_port() -> Iterator[int]:
-    """A loopback port bound but never listening: connections to it are refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every case in one run; the results as a JSON-ready dict."""
     started = time.monotonic()
@@ -470,7 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for record in records:
                     if not await registry.upsert(record):
                         raise BenchError("a record was refused by Redis")
-            nodes = await start_dht(args.dht_nodes)
+            nodes = await start_network(args.dht_nodes, settings=LOOPBACK)
             for i, record in enumerate(records):
                 await nodes[i % len(nodes)].publish(record)
             found = await nodes[-1].lookup(SERVICE, limit=READ_LIMIT)
@@ -481,7 +459,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with httpx.AsyncClient(trust_env=False, timeout=REQUEST_TIMEOUT) as client:
                 rows.update(await _redis_side(args, client, workdir, redis.url))
                 with refusing_port() as dead:
-                    dead_url = f"redis://127.0.0.1:{dead}/0"
+                    dead_url = "redis://{}:{}/0".format(*dead.getsockname())
                     rows["dht"] = await _dht_side(args, client, workdir, dead_url, seed)
         finally:
             for node in nodes:

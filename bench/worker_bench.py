@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from common import machine, spawn_child, write_json
+from common import ChildProcess, machine, write_json
 from worker_bench_child import child_main
 from worker_bench_plan import JOIN_PARALLEL, REAL_HEARTBEAT, SERVICES, STREAM_LIMIT, dht_settings
 from worker_bench_plan import shares as plan_shares
@@ -48,6 +46,7 @@ from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from tests.support.upstreams import serve
 
 logger = logging.getLogger("worker_bench")
 
@@ -57,75 +56,17 @@ CHILD_TIMEOUT = 600.0
 JOIN_TIMEOUT_PER_WORKER = 1.0
 
 
-class Child:
-    """One child process and its command channel."""
-
-    def __init__(self, process: asyncio.subprocess.Process, count: int) -> None:
-        self.process = process
-        self.count = count
-
-    @classmethod
-    async def spawn(cls, args: list[str], log_level: str, count: int) -> Child:
-        """Start this script with `--child`."""
-        process = await spawn_child(SCRIPT, "--log-level", log_level, *args, limit=STREAM_LIMIT)
-        return cls(process, count)
-
-    async def call(self, op: str) -> dict[str, Any]:
-        """Send one command and wait for its answer."""
-        assert self.process.stdin is not None
-        assert self.process.stdout is not None
-        self.process.stdin.write(json.dumps({"op": op}).encode() + b"\n")
-        await self.process.stdin.drain()
-        limit = CHILD_TIMEOUT + (JOIN_TIMEOUT_PER_WORKER * self.count if op == "join" else 0)
-        async with asyncio.timeout(limit):
-            line = await self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"child exited during {op} (code {await self.process.wait()})")
-        answer: dict[str, Any] = json.loads(line)["result"]
-        return answer
-
-    async def close(self) -> None:
-        """Wait for the child to exit (it does after `stop`), killing it if it hangs."""
-        if self.process.returncode is None:
-            try:
-                async with asyncio.timeout(30):
-                    await self.process.wait()
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-
-
-class QuietServer(uvicorn.Server):
-    """uvicorn without its signal handlers (the benchmark is stopped with the rest)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @contextlib.asynccontextmanager
 async def edge_router(coordinators: list[DHTNode]) -> AsyncIterator[tuple[str, Any]]:
     """The router app on an OS port over the embedded registry; its URL and state."""
     config = RouterConfig(coordinators=tuple(node.address for node in coordinators))
     registry = open_registry(RegistrySettings(), policy=TunnelPolicy())
     app = create_app(config, registry=registry, listen_events=False)
-    server = QuietServer(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    async with app.router.lifespan_context(app):
-        task = asyncio.get_running_loop().create_task(server.serve())
-        try:
-            while not server.started:
-                if task.done():
-                    await task
-                    raise RuntimeError("the router stopped before it started")
-                await asyncio.sleep(0.05)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            yield f"http://127.0.0.1:{port}", app.state.rma
-        finally:
-            server.should_exit = True
-            await task
-            await registry.aclose()
+    try:
+        async with app.router.lifespan_context(app), serve(app) as url:
+            yield url, app.state.rma
+    finally:
+        await registry.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -165,43 +106,53 @@ async def measure(
     procs = len(shares)
     kind = "edge-only baseline" if edge_only else "agent"
     with tempfile.TemporaryDirectory(prefix="worker-bench-") as workdir:
-        children: list[Child] = []
+        children: list[ChildProcess] = []
         first = 0
         for share in shares:
             child_args = [
-                *("--edge", edge_url, "--scale", str(scale), "--workdir", workdir),
-                *("--first", str(first), "--count", str(share)),
+                *("--log-level", args.log_level, "--edge", edge_url, "--scale", str(scale)),
+                *("--workdir", workdir, "--first", str(first), "--count", str(share)),
                 *(["--edge-only"] if edge_only else []),
                 *(["--holder-cache", str(args.holder_cache)] if args.holder_cache else []),
                 *("--services", str(args.services)),
                 *(["--no-gc-freeze"] if args.no_gc_freeze else []),
                 *("--join-parallel", str(args.join_parallel), "--join-lag", str(args.join_lag)),
             ]
-            children.append(await Child.spawn(child_args, args.log_level, share))
+            name = f"the child of workers {first} to {first + share - 1}"
+            children.append(await ChildProcess.spawn(name, SCRIPT, *child_args, limit=STREAM_LIMIT))
             first += share
+
+        async def each(op: str, per_worker: float = 0.0) -> list[dict[str, Any]]:
+            """`op` to every child at once (each given `per_worker` seconds more per worker)."""
+            answers = await asyncio.gather(
+                *(
+                    child.ask(op, timeout=CHILD_TIMEOUT + per_worker * share)
+                    for child, share in zip(children, shares, strict=True)
+                )
+            )
+            return [answer["result"] for answer in answers]
+
         try:
-            joined = await asyncio.gather(*(c.call("join") for c in children))
+            joined = await each("join", JOIN_TIMEOUT_PER_WORKER)
             logger.info("%d workers (%s) joined; steady window %.1fs", n, kind, window)
             # Let the joins' own traffic (crawls, first stores) settle for one heartbeat.
             await asyncio.sleep(REAL_HEARTBEAT / scale)
             coord_before = sum(_node_bytes(node) for node in coordinators)
             router_before = _router_requests(router)
-            await asyncio.gather(*(c.call("window_start") for c in children))
+            await each("window_start")
             started = time.monotonic()
             parent_cpu = time.process_time()
             await asyncio.sleep(window)
-            ends = await asyncio.gather(*(c.call("window_end") for c in children))
+            ends = await each("window_end")
             elapsed = time.monotonic() - started
             parent_cpu = time.process_time() - parent_cpu
             coord_bytes = sum(_node_bytes(node) for node in coordinators) - coord_before
             router_seen = _router_requests(router) - router_before
-            restarts = []
-            if not edge_only:
-                restarts = await asyncio.gather(*(c.call("restart") for c in children))
-            await asyncio.gather(*(c.call("stop") for c in children))
+            restarts = [] if edge_only else await each("restart")
+            await each("stop")
         finally:
             for child in children:
-                await child.close()
+                await child.wait_or_kill(30)
     row = summarise(
         n,
         procs,
