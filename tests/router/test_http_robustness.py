@@ -1,0 +1,385 @@
+"""The router's HTTP under attack (issue 20, cases 6, 7 and 9), byte for byte: the real app under
+a real uvicorn with the router's own protocol (edge_router.server) on a port from the OS, raw
+client sockets, and raw upstreams that record every byte they receive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from dht_bridge.records import WorkerRecord
+from dht_bridge.registry.registry import Registry, open_registry
+from dht_bridge.settings import RegistrySettings
+from dht_bridge.tunnels import TunnelPolicy
+from edge_router.config import RouterConfig
+from edge_router.server import GuardedH11Protocol, ServerLimits, protocol_class
+from tests.support.helpers import make_record, wait_for
+from tests.support.rawhttp import RawUpstream, hang_up, send_raw
+from tests.support.redis_server import TEST_REDIS_TIMEOUT
+from tests.support.router import ADMIN_TOKEN, router_app
+from tests.support.upstreams import serve
+
+# The tests, and only they, let tunnel URLs point at loopback.
+LOOPBACK = TunnelPolicy(allow_loopback=True)
+WAIT = 10.0  # deadline of every wait: generous for a loaded 2-core machine
+
+
+@dataclass
+class Router:
+    """A router app served by uvicorn with the router's protocol."""
+
+    app: Starlette
+    port: int
+    protocol: type[GuardedH11Protocol]
+
+    @property
+    def url(self) -> str:
+        """Its base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def count(self, klass: str, status: int) -> int:
+        """Requests of `klass` the app counted with `status`."""
+        return int(self.app.state.rma.metrics.requests[(klass, status)])
+
+
+@pytest.fixture
+async def registry(redis_url: str) -> AsyncIterator[Registry]:
+    """A registry that admits loopback tunnel URLs, on the emptied session server."""
+    opened = open_registry(
+        RegistrySettings(redis_url=redis_url, timeout=TEST_REDIS_TIMEOUT), policy=LOOPBACK
+    )
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running(registry: Registry, limits: ServerLimits | None = None) -> AsyncIterator[Router]:
+    """The router app (lifespan included) under uvicorn on an OS port."""
+    protocol = protocol_class(limits)
+    app = router_app(registry, config=RouterConfig(admin_token=ADMIN_TOKEN, policy=LOOPBACK))
+    async with app.router.lifespan_context(app), serve(app, http=protocol) as base:
+        yield Router(app, int(base.rsplit(":", 1)[1]), protocol)
+
+
+async def register(registry: Registry, url: str, *, load: float = 0.0) -> WorkerRecord:
+    """A provider of `ocr` at `url`, in the registry."""
+    record = make_record(tunnel_url=url, load=load, services=["ocr"])
+    assert await registry.upsert(record)
+    return record
+
+
+# -- case 6: request smuggling -------------------------------------------------------------
+
+SMUGGLED = b"GET /route/ocr/smuggled HTTP/1.1\r\nHost: router\r\n\r\n"
+AMBIGUOUS = {
+    # Transfer-Encoding wins in h11: a front that reads Content-Length sees a second request.
+    "content-length-then-transfer-encoding": (
+        b"POST /route/ocr/x HTTP/1.1\r\nHost: router\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED
+    ),
+    "transfer-encoding-then-content-length": (
+        b"POST /route/ocr/x HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 4\r\n\r\n2f\r\n" + SMUGGLED + b"\r\n0\r\n\r\n"
+    ),
+    "transfer-encoding-in-http-1.0": (
+        b"POST /route/ocr/x HTTP/1.0\r\nHost: router\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    ),
+    # h11 splits at a bare LF: one header line for a front that needs CRLF, two for h11.
+    "bare-lf-in-a-header-line": (
+        b"GET /route/ocr/x HTTP/1.1\r\nHost: router\r\nX-Note: a\nX-Admin: yes\r\n\r\n"
+    ),
+    "bare-lf-line-ends": b"GET /route/ocr/x HTTP/1.1\nHost: router\n\n",
+    "obsolete-line-folding": (
+        b"GET /route/ocr/x HTTP/1.1\r\nHost: router\r\nX-Note: a\r\n X-Admin: yes\r\n\r\n"
+    ),
+    "two-host-headers": b"GET /route/ocr/x HTTP/1.1\r\nHost: router\r\nHost: other\r\n\r\n",
+    # Refused by h11 already; kept so that a change of parser cannot let them through.
+    "bare-cr-in-a-header-line": (
+        b"GET /route/ocr/x HTTP/1.1\r\nHost: router\r\nX-Note: a\rX-Admin: yes\r\n\r\n"
+    ),
+    "conflicting-content-lengths": (
+        b"POST /route/ocr/x HTTP/1.1\r\nHost: router\r\nContent-Length: 3\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    ),
+}
+
+
+@pytest.mark.parametrize("raw", AMBIGUOUS.values(), ids=AMBIGUOUS.keys())
+async def test_ambiguous_framing_is_refused_with_400_and_a_closed_connection(
+    registry: Registry, raw: bytes
+) -> None:
+    upstream = RawUpstream()
+    async with upstream.running() as url, running(registry) as router:
+        await register(registry, url)
+        answer = await send_raw(router.port, raw, timeout=WAIT)
+        # The router still serves well-framed requests, on a new connection.
+        fine = await send_raw(
+            router.port,
+            b"GET /route/ocr/fine HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n",
+            timeout=WAIT,
+        )
+
+    assert answer.status == 400, answer.raw
+    assert answer.closed, "the connection must be closed after a framing error"
+    assert answer.raw.count(b"HTTP/1.1") == 1  # nothing after the refusal was answered
+    assert answer.json() == {"error": "bad_request", "detail": answer.json()["detail"]}  # type: ignore[index]
+    assert fine.status == 200
+    # The upstream saw the well-framed request alone.
+    assert [r.target for r in upstream.requests] == ["/fine"]
+    assert b"smuggled" not in upstream.all_bytes()
+    assert b"x-admin" not in upstream.all_bytes().lower()
+
+
+async def test_chunked_and_streamed_bodies_reach_the_upstream_framed_by_the_router(
+    registry: Registry,
+) -> None:
+    upstream = RawUpstream()
+    big = bytes(range(256)) * 400  # 100 KiB, over the replay limit: streamed, not buffered
+    chunked_big = b"".join(
+        b"%x\r\n%s\r\n" % (len(big[i : i + 8000]), big[i : i + 8000])
+        for i in range(0, len(big), 8000)
+    )
+    async with upstream.running() as url, running(registry) as router:
+        await register(registry, url)
+        small = await send_raw(
+            router.port,
+            b"POST /route/ocr/small HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            timeout=WAIT,
+        )
+        large = await send_raw(
+            router.port,
+            b"POST /route/ocr/large HTTP/1.1\r\nHost: router\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(big), big),
+            timeout=WAIT,
+        )
+        chunked = await send_raw(
+            router.port,
+            b"POST /route/ocr/chunked HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" + chunked_big + b"0\r\n\r\n",
+            timeout=WAIT,
+        )
+
+    assert (small.status, large.status, chunked.status) == (200, 200, 200)
+    first, second, third = upstream.requests
+    assert (first.target, first.body) == ("/small", b"hello world")
+    assert first.header(b"content-length") == b"11"  # the router's framing, not the client's
+    assert first.header(b"transfer-encoding") is None
+    for seen in (second, third):
+        assert seen.body == big
+        assert seen.header(b"transfer-encoding") == b"chunked"
+        assert seen.header(b"content-length") is None
+    assert not upstream.errors
+
+
+# -- case 7: JSON limits, hang-ups, slow clients ---------------------------------------------
+
+
+async def test_deeply_nested_json_is_a_clear_400_everywhere_json_is_read(
+    registry: Registry,
+) -> None:
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with running(registry) as router, httpx.AsyncClient(base_url=router.url) as client:
+        deep = await client.post("/workers", content=b"[" * 60_000)
+        nested = await client.post("/workers", content=b"[" * 40 + b"]" * 40)
+        leave = await client.request("DELETE", "/workers/w1", content=b'{"a":' * 5000)
+        flush = await client.post("/admin/cache/flush", content=b"[" * 60_000, headers=admin)
+        shallow = await client.post("/workers", content=b"[" * 30 + b"]" * 30)
+        metrics = router.count("register", 500) + router.count("admin", 500)
+
+    for response in (deep, nested, leave, flush):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "bad_request"
+        assert "nests deeper than 32 levels" in response.json()["detail"]
+    assert shallow.status_code == 422  # parsed; then refused as a record
+    assert metrics == 0
+
+
+async def test_clients_that_hang_up_mid_body_leave_no_traceback_and_no_500(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    upstream = RawUpstream()
+    # Under the 64 KiB body limit where the body is read whole, over it where it is streamed.
+    head = b"Host: router\r\nContent-Length: 60000\r\n"
+    long = b"Host: router\r\nContent-Length: 100000\r\n"
+    token = b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\n"
+    async with upstream.running() as url, running(registry) as router:
+        await register(registry, url)
+        await hang_up(router.port, b"POST /workers HTTP/1.1\r\n" + head + b"\r\n{" + b" " * 5000)
+        await hang_up(
+            router.port, b"POST /route/ocr/x HTTP/1.1\r\n" + long + b"\r\n" + b"z" * 70_000
+        )
+        await hang_up(
+            router.port, b"POST /admin/cache/flush HTTP/1.1\r\n" + head + token + b"\r\n{"
+        )
+        await wait_for(
+            lambda: sum(router.count(k, 499) for k in ("register", "route", "admin")) == 3,
+            timeout=WAIT,
+            message=f"three hang-ups counted as 499: {dict(router.app.state.rma.metrics.requests)}",
+        )
+        errors = sum(router.count(k, 500) for k in ("register", "route", "admin"))
+
+    assert errors == 0
+    noisy = [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert not noisy, [r.getMessage() for r in noisy]
+    assert not upstream.requests  # the streamed body was cut: no request reached it whole
+
+
+FAST = ServerLimits(head_timeout=2.0, slow_after=0.4, max_slow_per_address=3, body_timeout=1.0)
+
+
+@dataclass
+class Dribble:
+    """A client that sends a valid request head one byte at a time."""
+
+    port: int
+    answer: bytes = b""
+    closed: bool = False
+
+    async def run(self) -> None:
+        """Send a byte every 0.1 s (the pace of the attack, not a wait for anything) until the
+        server closes the connection."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = b"GET /healthz HTTP/1.1\r\nHost: router\r\n" + b"X-Pad: " + b"a" * 1000
+        try:
+            for byte in head:
+                writer.write(bytes([byte]))
+                with contextlib.suppress(TimeoutError):
+                    data = await asyncio.wait_for(reader.read(4096), 0.1)
+                    self.answer += data
+                    if not data:
+                        break
+            self.answer += await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            self.closed = True
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def test_slow_heads_are_bounded_per_address_and_time_out(registry: Registry) -> None:
+    async with running(registry, FAST) as router:
+        slow = [Dribble(router.port) for _ in range(10)]
+        tasks = [asyncio.create_task(d.run()) for d in slow]
+        try:
+            await wait_for(
+                lambda: sum(d.closed for d in slow) >= 7,
+                timeout=WAIT,
+                message="all but three slow connections closed",
+            )
+            assert router.protocol.slow_heads.count("127.0.0.1") == 3
+            # A client that sends its head at once is not slow, whatever the others do.
+            async with httpx.AsyncClient(base_url=router.url) as client:
+                assert (await client.get("/healthz")).status_code == 200
+            await wait_for(
+                lambda: all(d.closed for d in slow), timeout=WAIT, message="every slow head closed"
+            )
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    answers = sorted(d.answer for d in slow)
+    refused = [a for a in answers if b"too many connections" in a]
+    late = [a for a in answers if b"request head not complete" in a]
+    assert len(refused) == 7, answers
+    assert len(late) == 3, answers
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+
+
+async def test_idle_connections_and_stalled_bodies_are_closed(registry: Registry) -> None:
+    async with running(registry, FAST) as router:
+        idle = await send_raw(router.port, b"", timeout=WAIT)
+        stalled = await send_raw(
+            router.port,
+            b"POST /workers HTTP/1.1\r\nHost: router\r\nContent-Length: 500\r\n\r\n{",
+            timeout=WAIT,
+        )
+        await wait_for(lambda: router.count("register", 499) == 1, timeout=WAIT, message="a 499")
+
+    assert idle.closed
+    assert idle.raw == b""
+    assert stalled.closed
+    assert stalled.raw == b""
+    assert router.count("register", 500) == 0
+
+
+async def test_a_burst_of_fast_connections_from_one_address_is_not_slow(
+    registry: Registry,
+) -> None:
+    async with running(registry, FAST) as router:
+        limits = httpx.Limits(max_connections=40, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=router.url, limits=limits) as client:
+            answers = await asyncio.gather(*(client.get("/healthz") for _ in range(40)))
+    assert [a.status_code for a in answers] == [200] * 40
+
+
+# -- case 9: a request on a kept-alive connection the provider had closed ----------------------
+
+
+async def test_a_post_on_a_reused_connection_closed_before_any_answer_goes_to_another_provider(
+    registry: Registry,
+) -> None:
+    closing = RawUpstream(hang_up_on=2)  # answers once, then closes as the next request comes
+    other = RawUpstream()
+    async with (
+        closing.running() as closing_url,
+        other.running() as other_url,
+        running(registry) as router,
+        httpx.AsyncClient(base_url=router.url) as client,
+    ):
+        first_choice = await register(registry, closing_url, load=0.0)
+        second_choice = await register(registry, other_url, load=0.9)
+        first = await client.post("/route/ocr/job", content=b"one")
+        second = await client.post("/route/ocr/job", content=b"two")
+
+    assert first.status_code == 200
+    assert first.headers["x-rma-worker"] == first_choice.worker_id
+    assert second.status_code == 200, second.text
+    assert second.headers["x-rma-worker"] == second_choice.worker_id
+    assert len(closing.received) == 1  # the second POST went out on the kept-alive connection
+    assert [r.body for r in closing.requests] == [b"one"]
+    assert [r.body for r in other.requests] == [b"two"]
+
+
+# -- records that cannot be routed ---------------------------------------------------------
+
+
+def unroutable(urls: Sequence[str]) -> list[WorkerRecord]:
+    """Signed records whose tunnel URLs no policy would admit, as if one had slipped through."""
+    return [make_record(tunnel_url=u, load=0.0, services=["ocr"]) for u in urls]
+
+
+async def test_a_record_that_cannot_be_routed_is_skipped_never_a_500(registry: Registry) -> None:
+    upstream = RawUpstream()
+    async with upstream.running() as url, running(registry) as router:
+        good = await register(registry, url, load=0.9)
+        bad = unroutable(
+            ["http://127.0.0.1\t.trycloudflare.com", "ftp://w.trycloudflare.com", "http://xn--"]
+        )
+        state = router.app.state.rma
+
+        async def listed(service: str, **_: Any) -> tuple[list[WorkerRecord], str]:
+            return [*bad, good], "redis"
+
+        state.providers.find = listed
+        async with httpx.AsyncClient(base_url=router.url) as client:
+            answers = [await client.post("/route/ocr/job", content=b"x") for _ in range(6)]
+
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+    assert {a.headers["x-rma-worker"] for a in answers} == {good.worker_id}
+    assert len(upstream.requests) == 6
