@@ -46,6 +46,7 @@ from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from tests.support.dht import start_node, stop_all
 from tests.support.upstreams import serve
 
 logger = logging.getLogger("worker_bench")
@@ -75,15 +76,12 @@ async def coordinator_nodes(args: argparse.Namespace) -> AsyncIterator[list[DHTN
     settings = dht_settings(args.scale, worker=False)
     nodes: list[DHTNode] = []
     try:
-        for i in range(args.coordinators):
-            node = DHTNode(settings, policy=TunnelPolicy())
-            nodes.append(node)
-            await node.listen()
-            if i:
-                await node.bootstrap([nodes[0].address])
+        for _ in range(args.coordinators):
+            seeds = [node.address for node in nodes[:1]]
+            nodes.append(await start_node(settings=settings, seeds=seeds))
         yield nodes
     finally:
-        await asyncio.gather(*(node.aclose() for node in nodes))
+        await stop_all(nodes)
 
 
 def _router_requests(state: Any) -> int:
@@ -186,14 +184,8 @@ async def parent_main(args: argparse.Namespace) -> int:
                 continue
             # Fresh coordinators and router for every run: the last run's workers are gone,
             # and dead contacts would tax the next run's joins.
-            async with (
-                coordinator_nodes(args) as coordinators,
-                edge_router(coordinators) as (
-                    url,
-                    router,
-                ),
-            ):
-                rows.append(await measure(n, args, url, router, coordinators, edge_only=edge_only))
+            async with coordinator_nodes(args) as nodes, edge_router(nodes) as (url, router):
+                rows.append(await measure(n, args, url, router, nodes, edge_only=edge_only))
     print_report(rows, args.scale)
     if args.out:
         out = Path(args.out)
