@@ -3,6 +3,8 @@ records. Layered bottom-up; each module imports only those above it in this list
 
 - `address`  which (ip, port) a contact may have; checked before anything is sent.
 - `rtt`      round-trip estimates that set how long a lookup waits for a slow node.
+- `admission` who may enter a routing table (per-IP and per-subnet limits) and which
+             addresses have proved they receive (what bounds our answers to the others).
 - `routing`  the routing table: buckets, failure counts, the k closest contacts.
 - `shards`   where a service's providers are filed: a trie of shard keys that splits as it fills.
 - `values`   the wire form of record sets (size-bounded) and the cached signature check.
@@ -17,6 +19,7 @@ records. Layered bottom-up; each module imports only those above it in this list
 from __future__ import annotations
 
 from dht_bridge.dht.address import contact_address
+from dht_bridge.dht.admission import DiversityLimits
 from dht_bridge.dht.mode import DHTMode
 from dht_bridge.dht.node import (
     CLIENT,
@@ -35,6 +38,7 @@ __all__ = [
     "SERVER",
     "DHTMode",
     "DHTNode",
+    "DiversityLimits",
     "KeyPublish",
     "LookupReport",
     "PublishReport",

@@ -18,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dht_bridge.errors import ConfigError
+
 __all__ = [
     "AMPLIFICATION",
     "DEFAULT_DIVERSITY",
@@ -62,9 +64,9 @@ class DiversityLimits:
 
     def __post_init__(self) -> None:
         if min(self.per_ip_bucket, self.per_ip_table) < 1:
-            raise ValueError("diversity limits must be at least 1")
+            raise ConfigError("diversity limits must be at least 1")
         if self.per_subnet_bucket < self.per_ip_bucket or self.per_subnet_table < self.per_ip_table:
-            raise ValueError("a subnet's limits cannot be below an IP's")
+            raise ConfigError("a subnet's limits cannot be below an IP's")
 
     def groups(self, ip: str, port: int) -> Groups:
         """The IP group and subnet group that `ip:port` counts against."""

@@ -4,8 +4,6 @@ what a node does for contacts it cannot keep."""
 from __future__ import annotations
 
 import random
-from collections.abc import Coroutine
-from typing import Any
 
 import pytest
 from kademlia.node import Node
@@ -13,15 +11,8 @@ from kademlia.node import Node
 from dht_bridge.dht import shards
 from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.values import encode_value, key_digest
-from tests.support.dht import start_node, stop_all
+from tests.support.dht import NoNetwork, start_node, stop_all
 from tests.support.helpers import make_record, wait_for
-
-
-class NoNetwork:
-    """Stands in for the protocol: a full bucket's ping of its oldest contact goes nowhere."""
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> None:
-        coro.close()
 
 
 def table_of(rng: random.Random, contacts: int, ksize: int = 20) -> RMARoutingTable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from dht_bridge.dht.node import DHTNode, PublishReport
@@ -16,6 +16,7 @@ __all__ = [
     "TEST_SETTINGS",
     "ManualClock",
     "NetworkFactory",
+    "NoNetwork",
     "network_factory",
     "network_of",
     "publish_all",
@@ -25,6 +26,15 @@ __all__ = [
 ]
 
 TEST_SETTINGS = DHTSettings(host="127.0.0.1", port=0, rpc_timeout=1.0)
+
+
+class NoNetwork:
+    """Stands in for the protocol under a bare routing table: a full bucket's ping of its
+    oldest contact goes nowhere."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> None:
+        """Drop the coroutine unrun."""
+        coro.close()
 
 
 async def start_node(

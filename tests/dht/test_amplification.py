@@ -1,0 +1,114 @@
+"""No amplification towards an address that has not shown it receives: measured on the wire
+at a raw socket that never answers (what a spoofed victim looks like from the node), the node
+sends it at most `AMPLIFICATION` times the bytes sent in its name, and pushes no STOREs to it;
+an address that answers our check gets the full answer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dht_bridge.dht import shards
+from dht_bridge.dht.admission import AMPLIFICATION
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.values import key_digest
+from tests.support.dht import NetworkFactory, publish_all
+from tests.support.helpers import make_record, wait_for
+from tests.support.raw_peer import RESPONSE, RawPeer, open_raw_peer
+
+NETWORK = 8
+PROVIDERS = 12
+
+
+async def quiet(nodes: list[DHTNode]) -> None:
+    """Wait until no node has a background task left (checks, pushes): all it will send."""
+    await wait_for(
+        lambda: not any(node.rpc._tasks for node in nodes),
+        timeout=10,
+        message="the nodes' background tasks to end",
+    )
+
+
+async def published(network_factory: NetworkFactory) -> list[DHTNode]:
+    nodes = await network_factory(NETWORK)
+    await publish_all(nodes, [make_record(services=["ocr"]) for _ in range(PROVIDERS)])
+    return nodes
+
+
+@pytest.mark.parametrize("rpc", ["find_value", "find_node"])
+async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
+    rpc: str, network_factory: NetworkFactory
+) -> None:
+    nodes = await published(network_factory)
+    digest = key_digest(shards.service_key("ocr", 0))
+    holders = [n for n in nodes if n.storage.value(digest) is not None]
+    value = holders[0].storage.value(digest)
+    assert value is not None
+    assert len(value) > 2000
+    transport, victim = await open_raw_peer(None)  # never answers: a spoofed source
+    try:
+        for node in holders:
+            answer = await victim.ask(node.address, rpc, os.urandom(20), digest)
+            assert isinstance(answer, list), "the full answer went to an unproved address"
+        await quiet(nodes)
+        ratio = victim.received.bytes / victim.sent_bytes
+        assert ratio <= AMPLIFICATION, (victim.received.bytes, victim.sent_bytes)
+        assert victim.received.requests.get("store", 0) == 0
+    finally:
+        transport.close()
+
+
+async def test_fresh_ids_from_an_unproved_address_draw_no_stores_and_one_check(
+    network_factory: NetworkFactory,
+) -> None:
+    nodes = await published(network_factory)
+    transport, victim = await open_raw_peer(None)
+    try:
+        for _ in range(5):  # every round a new id: each would be a newcomer to welcome
+            for node in nodes:
+                await victim.ask(node.address, "ping", os.urandom(20))
+        await quiet(nodes)
+        assert victim.received.requests.get("store", 0) == 0
+        # One check per node: a silent address is not checked again for a while.
+        assert victim.received.requests.get("ping", 0) <= len(nodes)
+        ratio = victim.received.bytes / victim.sent_bytes
+        assert ratio <= AMPLIFICATION, (victim.received.bytes, victim.sent_bytes)
+        assert all((c.ip, c.port) != victim.address for n in nodes for c in n.rpc.router.contacts())
+    finally:
+        transport.close()
+
+
+async def test_a_sender_that_answers_our_check_gets_the_full_answer_and_its_values(
+    network_factory: NetworkFactory,
+) -> None:
+    nodes = await published(network_factory)
+    digest = key_digest(shards.service_key("ocr", 0))
+    # The node closest to the key: no contact is closer, so it is the one to push the value.
+    holder = min(nodes, key=lambda n: n.node.long_id ^ int.from_bytes(digest, "big"))
+    assert holder.storage.value(digest) is not None
+    peer_id = bytes(a ^ b for a, b in zip(digest, b"\x00" * 19 + b"\x01", strict=True))
+
+    def node_like(_sender: tuple[str, int], name: str, _args: list[object]) -> object:
+        return peer_id if name == "ping" else "ok"
+
+    transport, peer = await open_raw_peer(node_like)
+    try:
+        answer = await peer.ask(holder.address, "find_value", peer_id, digest)
+        assert answer == {"value": holder.storage.value(digest)}
+        # It answered from its address with its id: a contact now, and one next to the key,
+        # so the values it should hold are pushed to it.
+        await wait_for(
+            lambda: peer.received.requests.get("store", 0) > 0,
+            timeout=5,
+            message="values pushed to the new contact",
+        )
+        assert any((c.ip, c.port) == peer.address for c in holder.rpc.router.contacts())
+    finally:
+        transport.close()
+
+
+def test_the_raw_peer_counts_what_it_receives() -> None:
+    peer = RawPeer(None)
+    peer.datagram_received(RESPONSE + os.urandom(20) + b"\xc0", ("127.0.0.1", 9))
+    assert (peer.received.datagrams, peer.received.bytes) == (1, 22)
