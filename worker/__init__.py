@@ -5,7 +5,9 @@
               the edge when the DHT is out of reach, leave with a tombstone.
 - `discovery` finding peers by service: the DHT first, the edge's `/services` on a deadline.
 - `edge`      the edge router's client: bootstrap peers, registration, lookups.
-- `load`      where the load in the record comes from: fixed, counted in flight, or polled.
+- `embed`     `BackgroundAgent`: the agent in a thread, for programs that are not async.
+- `load`      where the load in the record comes from: fixed, counted in flight (with an ASGI
+              middleware), or polled.
 - `state`     the JSON state file: key path, seq, saved peers.
 - `errors`    `WorkerError` and its subclasses.
 """
@@ -15,17 +17,20 @@ from __future__ import annotations
 from worker.agent import WorkerAgent
 from worker.config import WORKER_OPTIONS, WorkerConfig
 from worker.discovery import Discovery, discover
+from worker.embed import BackgroundAgent
 from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, WorkerError
-from worker.load import HttpLoad, InFlightCounter, LoadSource, StaticLoad
+from worker.load import HttpLoad, InFlightCounter, InFlightMiddleware, LoadSource, StaticLoad
 
 __all__ = [
     "WORKER_OPTIONS",
+    "BackgroundAgent",
     "Discovery",
     "EdgeError",
     "EdgeRefused",
     "EdgeUnavailable",
     "HttpLoad",
     "InFlightCounter",
+    "InFlightMiddleware",
     "LoadSource",
     "StartError",
     "StaticLoad",

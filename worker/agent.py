@@ -13,19 +13,27 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
 from dht_bridge.dht.node import CLIENT, SERVER, DHTNode, Endpoint, udp_endpoint
 from dht_bridge.dht.reach import Reachability
-from dht_bridge.errors import BootstrapError, DHTError, PublishError, RecordError, RMAError
+from dht_bridge.errors import (
+    BootstrapError,
+    ConfigError,
+    DHTError,
+    PublishError,
+    RecordError,
+    RMAError,
+)
 from dht_bridge.identity import Identity
 from dht_bridge.options import parse_hostport
-from dht_bridge.records import WorkerRecord, sign_record
+from dht_bridge.records import CapabilityValue, WorkerRecord, sign_record
 from dht_bridge.tunnels import canonical_tunnel_url
 from worker.config import (
     ADVERTISE_AUTO,
@@ -38,7 +46,7 @@ from worker.config import (
 from worker.discovery import Discovery, discover
 from worker.edge import BootstrapPeers, EdgeClient, Registered
 from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError
-from worker.load import HttpLoad, LoadSource, StaticLoad
+from worker.load import HttpLoad, LoadSource, StaticLoad, clamp
 from worker.state import LoadStatus, StateFile, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -122,6 +130,8 @@ class WorkerAgent:
         self._next_beat = 0.0
         self._next_dht_try = 0.0
         self._task: asyncio.Task[None] | None = None
+        # Set by `update`: the loop wakes and republishes at once.
+        self._wake = asyncio.Event()
 
     # Life cycle.
 
@@ -238,6 +248,40 @@ class WorkerAgent:
                 "nowhere to join: give the edge router's URL (--edge, RMA_EDGE_URL) or a DHT "
                 "peer (--bootstrap, RMA_BOOTSTRAP); the state file has no saved peers"
             )
+
+    # Live changes.
+
+    async def update(
+        self,
+        *,
+        services: Sequence[str] | None = None,
+        capabilities: Mapping[str, CapabilityValue] | None = None,
+        load: float | None = None,
+    ) -> None:
+        """Change what this worker offers while it runs; the record is republished at once.
+
+        `services` and `capabilities` are checked as at start (ConfigError names what is
+        wrong, and nothing changes). `load` sets a fixed load; it needs the fixed-load source
+        (not an in-flight counter or a polled URL, which measure it themselves). A worker
+        that leaves a service stays in that service's DHT answers until its last copy there
+        lapses (one lease at most); the registry drops it at once.
+        """
+        changes: dict[str, Any] = {}
+        if services is not None:
+            changes["services"] = tuple(dict.fromkeys(services))
+        if capabilities is not None:
+            changes["capabilities"] = dict(capabilities)
+        config = replace(self.config, **changes) if changes else self.config
+        if load is not None:
+            if not isinstance(self.load, StaticLoad):
+                raise ConfigError(
+                    f"load comes from {type(self.load).__name__}: it cannot be set by hand"
+                )
+            self.load.value = clamp(load)
+        self.config = config
+        if self.mode in (Mode.DHT, Mode.EDGE, Mode.OFFLINE):
+            self._next_beat = _now()
+            self._wake.set()
 
     # Discovery.
 
@@ -515,7 +559,9 @@ class WorkerAgent:
                 wake = min(wake, self._next_dht_try)
             elif self.mode is Mode.DHT and self.config.mode == MODE_AUTO:
                 wake = min(wake, self._next_reach)
-            await asyncio.sleep(max(0.0, wake - _now()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wake - _now()))
+            self._wake.clear()
             try:
                 if self.mode is Mode.DHT:
                     reach_due = self.config.mode == MODE_AUTO and _now() >= self._next_reach

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+__all__ = ["HttpLoad", "InFlightCounter", "InFlightMiddleware", "LoadSource", "StaticLoad", "clamp"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,15 +70,7 @@ class InFlightCounter:
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
         """An ASGI app that counts every HTTP request `app` is serving."""
-
-        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            with self.track():
-                await app(scope, receive, send)
-
-        return counted
+        return InFlightMiddleware(app, counter=self)
 
     async def __call__(self) -> float:
         """In-flight work over capacity."""
@@ -84,6 +78,23 @@ class InFlightCounter:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+class InFlightMiddleware:
+    """Pure ASGI middleware counting the HTTP requests in flight into `counter`, for
+    `Starlette(middleware=[Middleware(InFlightMiddleware, counter=counter)])`."""
+
+    def __init__(self, app: ASGIApp, *, counter: InFlightCounter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count an HTTP request while the app serves it; pass anything else through."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with self.counter.track():
+            await self.app(scope, receive, send)
 
 
 class HttpLoad:

@@ -1,0 +1,1 @@
+"""Examples the tests run: a service that embeds the worker agent."""
