@@ -28,6 +28,8 @@ from dht_bridge.identity import Identity
 from worker.agent import WorkerAgent
 from worker.config import WorkerConfig
 
+__all__ = ["ChildAgents", "GCPauses", "WarningCount", "child_main"]
+
 LEAVE_PARALLEL = 32
 # With --join-lag, a loop that ran late holds new joins for this long.
 JOIN_HOLD = 1.0

@@ -11,6 +11,17 @@ from dht_bridge.backoff import ExponentialBackoff
 from dht_bridge.settings import DHTSettings
 from worker.config import DEFAULT_REACH_INTERVAL, WorkerConfig, worker_dht_settings
 
+__all__ = [
+    "JOIN_PARALLEL",
+    "REAL_HEARTBEAT",
+    "REAL_TTL",
+    "SERVICES",
+    "STREAM_LIMIT",
+    "agent_config",
+    "dht_settings",
+    "shares",
+]
+
 REAL_HEARTBEAT = 30.0
 REAL_TTL = 90.0
 SERVICES = ("ocr", "gpu", "asr", "tts")

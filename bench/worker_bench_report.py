@@ -13,6 +13,8 @@ from worker_bench_plan import REAL_HEARTBEAT, REAL_TTL
 from dht_bridge.settings import DHTSettings
 from worker.agent import Mode
 
+__all__ = ["TARGETS", "lag_summary", "print_report", "summarise"]
+
 DAY = 86_400.0
 TARGET_EDGE_20_PER_DAY = 25
 TARGET_BYTES_PER_S = 1024
