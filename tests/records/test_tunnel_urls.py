@@ -6,8 +6,10 @@ same file to `new URL()` inside workerd and checks each `whatwg_host` there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from dht_bridge import tunnels
 from dht_bridge.dht import shards
 from dht_bridge.dht.storage import RecordStorage, StoreResult
 from dht_bridge.dht.values import encode_value, key_digest
@@ -62,6 +65,25 @@ def test_python_and_httpx_read_the_canonical_form_as_written(url: str) -> None:
     read = httpx.URL(url)
     assert read.netloc.decode("ascii") == authority
     assert read.raw_path.decode("ascii") == (slash + path or "/")
+
+
+def _outcome(parse: Callable[[str], object], url: str) -> object:
+    try:
+        return parse(url)
+    except RecordInvalid:
+        return "refused"
+
+
+def test_the_one_regex_for_common_urls_agrees_with_the_full_walk() -> None:
+    labels = ["w", "W", "a-b", "-a", "a-", "xn--bcher-kva", "xn--zz", "0x7f", "127", "1", "0", "z9"]
+    hosts = [".".join(parts) for n in (1, 2, 3, 4) for parts in itertools.product(labels, repeat=n)]
+    ports = ["", ":443", ":80", ":0", ":8443", ":65535", ":65536", ":08443", ":"]
+    paths = ["", "/", "/a", "/a/", "/.", "/..", "/.a", "/a.", "//", "/a//b", "/a:b", "/~x"]
+    schemes = ["https", "http", "HTTPS", "ftp"]
+    rng = random.Random(20)
+    for _ in range(5000):
+        url = f"{rng.choice(schemes)}://{rng.choice(hosts)}{rng.choice(ports)}{rng.choice(paths)}"
+        assert _outcome(tunnels._parse, url) == _outcome(tunnels._walk, url), url
 
 
 @pytest.mark.parametrize("url", NOT_CANONICAL)
