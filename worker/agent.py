@@ -35,6 +35,7 @@ from dht_bridge.identity import Identity
 from dht_bridge.options import parse_hostport
 from dht_bridge.records import CapabilityValue, WorkerRecord, sign_record
 from dht_bridge.tunnels import canonical_tunnel_url
+from worker.cloudflared import QuickTunnel
 from worker.config import (
     ADVERTISE_AUTO,
     ADVERTISE_NONE,
@@ -45,7 +46,7 @@ from worker.config import (
 )
 from worker.discovery import Discovery, discover
 from worker.edge import BootstrapPeers, EdgeClient, Registered
-from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError
+from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, TunnelError
 from worker.load import HttpLoad, LoadSource, StaticLoad, clamp
 from worker.state import LoadStatus, StateFile, WorkerState
 
@@ -132,6 +133,17 @@ class WorkerAgent:
         self._task: asyncio.Task[None] | None = None
         # Set by `update`: the loop wakes and republishes at once.
         self._wake = asyncio.Event()
+        # The URL our record names: the configured one, or the quick tunnel's latest.
+        self.tunnel_url = config.tunnel_url
+        self.tunnel: QuickTunnel | None = None
+        if config.cloudflared:
+            self.tunnel = QuickTunnel(
+                config.service_url,
+                binary=config.cloudflared_bin,
+                on_url=self._tunnel_moved,
+                backoff=config.retry,
+                rng=self.rng,
+            )
 
     # Life cycle.
 
@@ -178,6 +190,8 @@ class WorkerAgent:
             self._state_file.release()
             raise
         try:
+            if self.tunnel is not None:
+                self.tunnel_url = self._checked_tunnel_url(await self.tunnel.start())
             if not self.config.edge_only:
                 await self._open_node()
                 if await self._join(allow_edge=True):
@@ -229,6 +243,9 @@ class WorkerAgent:
         await self._close_resources()
 
     async def _close_resources(self) -> None:
+        if self.tunnel is not None:
+            # After the leave: the tombstone names the URL that is going away.
+            await self.tunnel.aclose()
         if self.node is not None:
             self._remember_dht()
             await self.node.aclose()
@@ -248,6 +265,28 @@ class WorkerAgent:
                 "nowhere to join: give the edge router's URL (--edge, RMA_EDGE_URL) or a DHT "
                 "peer (--bootstrap, RMA_BOOTSTRAP); the state file has no saved peers"
             )
+
+    # The quick tunnel.
+
+    def _checked_tunnel_url(self, url: str) -> str:
+        try:
+            self.config.policy.check(url)
+        except RecordError as exc:
+            raise TunnelError(f"cloudflared gave a URL the tunnel policy refuses: {exc}") from exc
+        return canonical_tunnel_url(url)
+
+    async def _tunnel_moved(self, url: str) -> None:
+        """cloudflared came back with another URL: the next record names it, at once."""
+        try:
+            checked = self._checked_tunnel_url(url)
+        except TunnelError as exc:
+            logger.error("%s", exc)
+            return
+        logger.warning("the quick tunnel moved from %s to %s: republishing", self.tunnel_url, url)
+        self.tunnel_url = checked
+        if self.mode in (Mode.DHT, Mode.EDGE, Mode.OFFLINE):
+            self._next_beat = _now()
+            self._wake.set()
 
     # Live changes.
 
@@ -501,7 +540,7 @@ class WorkerAgent:
         return sign_record(
             self.identity,
             # What the user typed may be any spelling; what is signed is the one all read alike.
-            tunnel_url=canonical_tunnel_url(self.config.tunnel_url),
+            tunnel_url=canonical_tunnel_url(self.tunnel_url),
             services=self.config.services,
             seq=self.state.seq,
             now=self.clock(),

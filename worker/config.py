@@ -76,9 +76,31 @@ WORKER_OPTIONS = OptionTable(
     Option(
         "tunnel_url",
         "TUNNEL_URL",
-        "this worker's Cloudflare Tunnel URL (required)",
+        "this worker's Cloudflare Tunnel URL (required, unless --cloudflared gets one)",
         default="",
         metavar="URL",
+    ),
+    Option(
+        "cloudflared",
+        "CLOUDFLARED",
+        "start a quick tunnel (cloudflared tunnel --url SERVICE_URL) and publish the URL it "
+        "gets; restarted and republished when it dies",
+        "bool",
+        False,
+    ),
+    Option(
+        "service_url",
+        "SERVICE_URL",
+        "where this worker's own service listens, for --cloudflared",
+        default="",
+        metavar="URL",
+    ),
+    Option(
+        "cloudflared_bin",
+        "CLOUDFLARED_BIN",
+        "the cloudflared program",
+        default="cloudflared",
+        metavar="PATH",
     ),
     Option(
         "edge",
@@ -196,6 +218,9 @@ class WorkerConfig:
     capacity: int = 1
     edge_only: bool = False
     saved_peers: int = DEFAULT_SAVED_PEERS
+    cloudflared: bool = False
+    service_url: str = ""
+    cloudflared_bin: str = "cloudflared"
 
     def __post_init__(self) -> None:
         self.check()
@@ -207,10 +232,19 @@ class WorkerConfig:
         for name in self.services:
             if not SERVICE_RE.fullmatch(name):
                 raise ConfigError(f"service {name!r} does not match [a-z0-9-]{{1,32}}")
-        try:
-            self.policy.check(self.tunnel_url)
-        except RecordError as exc:
-            raise ConfigError(f"--tunnel-url (RMA_TUNNEL_URL): {exc}") from None
+        if self.cloudflared:
+            if not self.service_url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    "--cloudflared needs --service-url (RMA_SERVICE_URL), the http(s) URL "
+                    "of this worker's own service"
+                )
+            if self.tunnel_url:
+                raise ConfigError("--cloudflared gets the tunnel URL: not with --tunnel-url")
+        else:
+            try:
+                self.policy.check(self.tunnel_url)
+            except RecordError as exc:
+                raise ConfigError(f"--tunnel-url (RMA_TUNNEL_URL): {exc}") from None
         if not REGION_RE.fullmatch(self.region):
             raise ConfigError(f"region {self.region!r} does not match [a-z0-9-]{{0,32}}")
         if self.edge_url is not None and not self.edge_url.startswith(("http://", "https://")):
@@ -234,10 +268,13 @@ class WorkerConfig:
             raise ConfigError("load must be from 0.0 to 1.0")
         if self.capacity < 1 or self.saved_peers < 1:
             raise ConfigError("capacity and saved peers must be >= 1")
-        try:  # whatever a record refuses (capability shapes, overall size) fails here, at start
+        # Whatever a record refuses (capability shapes, overall size) fails here, at start;
+        # a quick tunnel's URL is known later, so a long one stands in for it.
+        trial_url = self.tunnel_url or "https://" + "x" * 40 + ".trycloudflare.com"
+        try:
             sign_record(
                 Identity.generate(),
-                tunnel_url=self.tunnel_url,
+                tunnel_url=trial_url,
                 services=self.services,
                 seq=1,
                 now=time.time(),
@@ -292,6 +329,9 @@ class WorkerConfig:
                 load_url=values["load_url"],
                 capacity=values["capacity"],
                 edge_only=values["edge_only"],
+                cloudflared=values["cloudflared"],
+                service_url=values["service_url"],
+                cloudflared_bin=values["cloudflared_bin"],
                 retry=ExponentialBackoff(base=DEFAULT_RETRY_BASE, cap=DEFAULT_RETRY_CAP),
             )
         except ValueError as exc:  # DHTSettings

@@ -10,6 +10,7 @@ __all__ = [
     "EdgeUnavailable",
     "StartError",
     "StateInUse",
+    "TunnelError",
     "WorkerError",
 ]
 
@@ -24,6 +25,10 @@ class StartError(WorkerError):
 
 class StateInUse(StartError):
     """Another agent runs on the same state file: two agents would be one worker twice."""
+
+
+class TunnelError(StartError):
+    """cloudflared could not be run, or gave no quick-tunnel URL."""
 
 
 class EdgeError(WorkerError):

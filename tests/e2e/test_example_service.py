@@ -13,36 +13,20 @@ import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
-from dht_bridge.registry.registry import open_registry
-from dht_bridge.settings import RegistrySettings
-from dht_bridge.tunnels import TunnelPolicy
-from edge_router.app import create_app
-from edge_router.config import RouterConfig
 from examples.ocr_service import create_app as create_example
 from tests.support.dht import TEST_SETTINGS
 from tests.support.helpers import wait_for
+from tests.support.router import LOOPBACK, loopback_router
 from tests.support.upstreams import serve, url_of
 from worker import BackgroundAgent, InFlightCounter, InFlightMiddleware, WorkerConfig
-
-LOOPBACK = TunnelPolicy(allow_loopback=True)
 
 
 @pytest.fixture
 async def router() -> AsyncIterator[str]:
-    """A router on a real port with the embedded registry and one coordinator DHT node."""
-    node = DHTNode(TEST_SETTINGS, policy=LOOPBACK)
-    await node.listen()
-    registry = open_registry(RegistrySettings(), policy=LOOPBACK)
-    config = RouterConfig(policy=LOOPBACK, coordinators=(node.address,))
-    app = create_app(config, registry=registry, dht=node, listen_events=False)
-    try:
-        async with app.router.lifespan_context(app), serve(app) as url:
-            yield url
-    finally:
-        await registry.aclose()
-        await node.aclose()
+    """A router on a real port admitting loopback tunnels."""
+    async with loopback_router() as url:
+        yield url
 
 
 def worker_config(tmp_path: Path, tunnel: str, router: str) -> WorkerConfig:
