@@ -24,7 +24,7 @@ from edge_router.server import GuardedH11Protocol, ServerLimits, protocol_class
 from tests.support.helpers import make_record, wait_for
 from tests.support.rawhttp import RawUpstream, hang_up, send_raw
 from tests.support.redis_server import TEST_REDIS_TIMEOUT
-from tests.support.router import ADMIN_TOKEN, router_app
+from tests.support.router import ADMIN_TOKEN, client_for, router_app
 from tests.support.upstreams import serve
 
 # The tests, and only they, let tunnel URLs point at loopback.
@@ -383,3 +383,22 @@ async def test_a_record_that_cannot_be_routed_is_skipped_never_a_500(registry: R
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
     assert {a.headers["x-rma-worker"] for a in answers} == {good.worker_id}
     assert len(upstream.requests) == 6
+
+
+async def test_the_app_refuses_ambiguous_framing_whatever_server_runs_it(
+    registry: Registry,
+) -> None:
+    upstream = RawUpstream()
+    app = router_app(registry, config=RouterConfig(admin_token=ADMIN_TOKEN, policy=LOOPBACK))
+    async with upstream.running() as url, client_for(app) as client:
+        await register(registry, url)
+        # httpx adds Content-Length to these bytes: both framings reach the app in one request.
+        both = await client.post(
+            "/route/ocr/x", content=b"abc", headers={"transfer-encoding": "chunked"}
+        )
+        tabbed = await client.get("/route/ocr/x", headers={"x-note": "a\tb"})
+
+    assert both.status_code == 400
+    assert "Content-Length and Transfer-Encoding" in both.json()["detail"]
+    assert tabbed.status_code == 200  # a tab inside a value is allowed (RFC 9110 section 5.5)
+    assert [r.target for r in upstream.requests] == ["/x"]

@@ -160,7 +160,7 @@ async def test_get_passes_status_headers_path_query_and_body(
         headers=[("x-upstream-note", "hi"), ("set-cookie", "a=1"), ("set-cookie", "b=2")],
     )
     url = await start(stack, up)
-    record = provider(url + "/base/")
+    record = provider(url + "/base")
     async with edge(make_proxy(http, clock), [record]) as client:
         response = await client.get(
             "/ocr/some/path%3Fx/%C3%A9", params=[("q", "a b"), ("q", "2")], headers={"x-c": "y"}
