@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -13,7 +11,7 @@ from dht_bridge.options import OptionTable
 from dht_bridge.version import __version__
 from rma.commands import bridge, demo, flush, lookup, node, router, worker
 from rma.exits import Exit
-from rma.logs import LOG_FORMAT, LOG_LEVEL
+from rma.logs import LOG_LEVEL, LOG_STYLE, configure_logging
 
 SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
     "router": (router, "run the edge router (HTTP API, cache, proxy)"),
@@ -25,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
     "node": (node, "run a plain DHT node (a bootstrap or storage node)"),
 }
 
-GLOBAL_OPTIONS = OptionTable(LOG_LEVEL)
+GLOBAL_OPTIONS = OptionTable(LOG_LEVEL, LOG_STYLE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        level = GLOBAL_OPTIONS.resolve(args)["log_level"]
+        values = GLOBAL_OPTIONS.resolve(args)
     except ConfigError as exc:
         parser.exit(Exit.USAGE, f"rma: configuration error: {exc}\n")
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    # httpx logs every request at info: per request, on the router's hot path, and noise in
-    # the client commands' output.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
+    configure_logging(values["log_level"], values["log_format"])
     try:
         code: int = args.handler(args)
     except ConfigError as exc:

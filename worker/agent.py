@@ -32,6 +32,7 @@ from dht_bridge.errors import (
     RMAError,
 )
 from dht_bridge.identity import Identity
+from dht_bridge.logcontext import add_log_fields
 from dht_bridge.options import parse_hostport
 from dht_bridge.records import CapabilityValue, WorkerRecord, sign_record
 from dht_bridge.tunnels import canonical_tunnel_url
@@ -185,6 +186,7 @@ class WorkerAgent:
         try:
             self.state, self.state_status = self._state_file.load()
             self.identity = self._load_identity()
+            add_log_fields(worker=self.identity.worker_id)
             self._check_somewhere_to_go()
         except BaseException:
             self._state_file.release()
