@@ -1,23 +1,31 @@
-"""The bridge's figures and a small HTTP endpoint serving them as Prometheus text.
+"""The bridge's figures, and its `/metrics` and `/healthz` endpoint.
 
 The bridge serves its own `/metrics` (and `/healthz`) rather than writing figures where the router
 reads them: a bridge is a separate process, often on another machine, and an operator scrapes it
-like any exporter. Plain asyncio streams: the endpoint answers two paths and needs no framework.
+like any exporter. The figures are plain counters kept where the bridge works, exposed at scrape
+time through prometheus_client (see `dht_bridge.exposition`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-logger = logging.getLogger(__name__)
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-REQUEST_TIMEOUT = 5.0
-MAX_REQUEST_BYTES = 8192
+from dht_bridge.exposition import FiguresCollector, process_registry
+from dht_bridge.version import __version__
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,19 +86,9 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
-def render(figures: Mapping[str, float]) -> str:
-    """Prometheus text exposition of the bridge's figures."""
-    lines: list[str] = []
-    for name, value in sorted(figures.items()):
-        kind, text = METRICS.get(name, ("gauge", name))
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name} {value:g}")
-    return "\n".join(lines) + "\n"
-
-
 class MetricsServer:
-    """Answers `GET /metrics` (Prometheus text) and `GET /healthz` (JSON) on host:port."""
+    """The bridge's `GET /metrics` (prometheus_client's exposition, process figures included)
+    and `GET /healthz` (200 while it syncs both sides, 503 with what is down otherwise)."""
 
     def __init__(
         self,
@@ -102,72 +100,71 @@ class MetricsServer:
         self._figures = figures
         self._host = host
         self._port = port
-        self._server: asyncio.Server | None = None
+        self.registry = process_registry()
+        self.registry.register(FiguresCollector(figures, METRICS))
+        self._app = Starlette(
+            routes=[
+                Route("/metrics", self._metrics, methods=["GET", "HEAD"]),
+                Route("/healthz", self._health, methods=["GET", "HEAD"]),
+            ]
+        )
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         """Bind and serve (port 0: the OS picks); OSError when the port is taken."""
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        sock = socket.create_server((self._host, self._port), reuse_port=False)
+        host, port = sock.getsockname()[:2]
+        self._address = (str(host), int(port))
+        config = uvicorn.Config(
+            self._app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            server_header=False,
+            timeout_graceful_shutdown=1,
+        )
+        self._server = _Server(config)
+        self._task = asyncio.get_running_loop().create_task(
+            self._server.serve(sockets=[sock]), name="bridge-metrics"
+        )
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port)."""
-        if self._server is None or not self._server.sockets:
+        if self._address is None:
             raise RuntimeError("metrics server is not started")
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return str(host), int(port)
+        return self._address
 
     async def aclose(self) -> None:
-        """Stop accepting and close the listening socket."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Stop serving and close the listening socket."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._server = self._task = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            status, body, kind = self._answer(head)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            status, body, kind = "400 Bad Request", b"bad request\n", "text/plain"
-        except ConnectionError:
-            writer.close()
-            return
-        try:
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def _answer(self, head: bytes) -> tuple[str, bytes, str]:
-        if len(head) > MAX_REQUEST_BYTES:
-            return "431 Request Header Fields Too Large", b"too large\n", "text/plain"
-        method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-        path = rest.split(" ", 1)[0].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", b"GET only\n", "text/plain"
+    async def _health(self, request: Request) -> JSONResponse:
         figures = self._figures()
-        if path == "/metrics":
-            return (
-                "200 OK",
-                render(figures).encode(),
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-        if path == "/healthz":
-            redis_up = bool(figures.get("rma_bridge_redis_up"))
-            dht_up = bool(figures.get("rma_bridge_dht_up"))
-            status = "ok" if redis_up and dht_up else "degraded"
-            body = {"status": status, "redis": redis_up, "dht": dht_up}
-            return "200 OK", json.dumps(body).encode(), "application/json"
-        return "404 Not Found", b"not found\n", "text/plain"
+        redis_up = bool(figures.get("rma_bridge_redis_up"))
+        dht_up = bool(figures.get("rma_bridge_dht_up"))
+        # A bridge with one side cut off keeps what it can (the journal, Redis serving the
+        # edge), but it is not syncing: an orchestrator or a probe should see that.
+        status = "ok" if redis_up and dht_up else "degraded" if redis_up or dht_up else "down"
+        body = {"status": status, "redis": redis_up, "dht": dht_up, "version": __version__}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
-__all__ = ["METRICS", "BridgeCounters", "MetricsServer", "render"]
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: the bridge process owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+__all__ = ["METRICS", "BridgeCounters", "MetricsServer"]

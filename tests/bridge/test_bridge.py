@@ -13,8 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-from dht_bridge.bridge.metrics import MetricsServer, render
+from dht_bridge.bridge.metrics import MetricsServer
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.identity import Identity
 from dht_bridge.records import tombstone_for
@@ -201,7 +202,13 @@ async def test_two_bridges_converge_and_stay_still(registry: Registry, tmp_path:
 
 
 async def test_metrics_endpoint_serves_prometheus_text_and_health() -> None:
-    figures = {"rma_bridge_journal_records": 3.0, "rma_bridge_redis_up": 1.0}
+    figures = {
+        "rma_bridge_journal_records": 3.0,
+        "rma_bridge_journaled_total": 7.0,
+        "rma_bridge_last_redis_sync_timestamp": 1796310123.25,
+        "rma_bridge_redis_up": 1.0,
+        "rma_bridge_dht_up": 0.0,
+    }
     server = MetricsServer(lambda: figures)
     await server.start()
     try:
@@ -210,11 +217,22 @@ async def test_metrics_endpoint_serves_prometheus_text_and_health() -> None:
             metrics = await http.get("/metrics")
             health = await http.get("/healthz")
             missing = await http.get("/nope")
+            figures["rma_bridge_dht_up"] = 1.0
+            healthy = await http.get("/healthz")
     finally:
         await server.aclose()
     assert metrics.status_code == 200
-    assert "# TYPE rma_bridge_journal_records gauge" in metrics.text
-    assert "rma_bridge_journal_records 3" in metrics.text
-    assert health.json() == {"status": "degraded", "redis": True, "dht": False}
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    assert families["rma_bridge_journal_records"].type == "gauge"
+    assert families["rma_bridge_journaled"].type == "counter"
+    assert families["rma_bridge_journaled"].samples[0].value == 7.0
+    # Full precision: a timestamp keeps its seconds (it was written with :g once).
+    stamp = families["rma_bridge_last_redis_sync_timestamp"].samples[0].value
+    assert stamp == 1796310123.25
+    assert "process_cpu_seconds" in families  # the process's own figures
+    assert health.status_code == 503
+    assert health.json()["status"] == "degraded"
+    assert (health.json()["redis"], health.json()["dht"]) == (True, False)
+    assert healthy.status_code == 200
+    assert healthy.json()["status"] == "ok"
     assert missing.status_code == 404
-    assert render({"x": 1.5}) == "# HELP x x\n# TYPE x gauge\nx 1.5\n"
