@@ -46,7 +46,7 @@ __all__ = [
     "RegistrySettings",
     "RegistryUnavailable",
     "TunnelPolicy",
-    "__version__",
     "WorkerRecord",
+    "__version__",
     "sign_record",
 ]
