@@ -1,0 +1,236 @@
+"""The emulated internet (dht_bridge.netem): round trips within the model, loss at its rate,
+cut links, NAT filtering, and DHT networks (ours and the stock library's gets) running on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dht_bridge.dht.values import RecordVerifier, decode_value, key_digest
+from dht_bridge.errors import ConfigError
+from dht_bridge.netem import (
+    CONTINENT,
+    LAN,
+    PROFILES,
+    WORLD,
+    Address,
+    EmulatedNetwork,
+    EmulatedTransport,
+    Host,
+    profile,
+)
+from dht_bridge.records import WorkerRecord
+from tests.support.helpers import POLICY, make_record, wait_for
+from tests.support.netem import Field, bounded, start_field, start_stock
+
+# Timers fire late on a loaded machine, never early: slack on the upper bounds only.
+SCHEDULING_SLACK = 0.025
+# The clock's resolution: a timer may be run this much before its time.
+EARLY = 0.001
+
+
+class Echo:
+    """A datagram protocol that answers every datagram with the same bytes."""
+
+    transport: EmulatedTransport
+
+    def connection_made(self, transport: EmulatedTransport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.transport.sendto(data, addr)
+
+
+class Sink:
+    """A datagram protocol that notes when each datagram (a sequence number) arrived."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, float] = {}
+        self.senders: set[Address] = set()
+        self.lost: list[Exception | None] = []
+
+    def connection_made(self, transport: EmulatedTransport) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.arrived[int.from_bytes(data[:4], "big")] = time.monotonic()
+        self.senders.add(addr)
+
+
+async def bind(host: Host, protocol: Echo | Sink, port: int = 0) -> EmulatedTransport:
+    transport, _ = await host.endpoint(lambda: protocol, (host.ip, port))
+    assert isinstance(transport, EmulatedTransport)
+    return transport
+
+
+def send_numbered(transport: EmulatedTransport, to: Address, count: int) -> dict[int, float]:
+    sent = {}
+    for seq in range(count):
+        sent[seq] = time.monotonic()
+        transport.sendto(seq.to_bytes(4, "big") + b"x" * 60, to)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("regions", "bounds"),
+    [(("europe", "europe"), (0.010, 0.040)), (("europe", "asia"), (0.150, 0.250))],
+)
+async def test_round_trips_stay_within_the_model(
+    regions: tuple[str, str], bounds: tuple[float, float]
+) -> None:
+    network = EmulatedNetwork(dataclasses.replace(WORLD, loss=0.0), seed=3)
+    near, far = network.add_host(regions[0]), network.add_host(regions[1])
+    base = network.rtt(near, far)
+    assert bounds[0] <= base <= bounds[1]
+    sink = Sink()
+    sender = await bind(near, sink)
+    echo = await bind(far, Echo())
+    sent = send_numbered(sender, echo.address, 300)
+    await wait_for(lambda: len(sink.arrived) == 300, timeout=10, message="300 echoes")
+    rtts = sorted(sink.arrived[seq] - sent[seq] for seq in sent)
+    ceiling = base * (1 + WORLD.jitter)
+    assert rtts[0] >= base - EARLY, "a datagram went faster than its link"
+    # The jitter spreads the round trips over [base, ceiling]: the median sits near the middle.
+    assert base * (1 + WORLD.jitter * 0.3) - EARLY <= rtts[150] <= ceiling + SCHEDULING_SLACK
+    assert rtts[int(0.9 * 300)] <= ceiling + SCHEDULING_SLACK
+    assert sink.senders == {echo.address}
+
+
+async def test_loss_rate_matches_the_profile() -> None:
+    network = EmulatedNetwork(dataclasses.replace(LAN, loss=0.05), seed=4)
+    a, b = network.add_host(), network.add_host()
+    sink = Sink()
+    sender, receiver = await bind(a, Sink()), await bind(b, sink)
+    send_numbered(sender, receiver.address, 4000)
+    lost = a.traffic.lost
+    await wait_for(lambda: len(sink.arrived) == 4000 - lost, timeout=10, message="the survivors")
+    # 4000 draws at 5%: the standard deviation is 0.35 points; 2 points is a wide margin.
+    assert 0.03 <= lost / 4000 <= 0.07
+    assert (b.traffic.received, a.traffic.sent) == (4000 - lost, 4000)
+
+
+async def test_a_cut_link_drops_everything_until_healed() -> None:
+    network = EmulatedNetwork(dataclasses.replace(CONTINENT, loss=0.0), seed=5)
+    a, b, c = network.add_host(), network.add_host(), network.add_host()
+    sink_b, sink_c = Sink(), Sink()
+    sender = await bind(a, Sink())
+    to_b, to_c = await bind(b, sink_b), await bind(c, sink_c)
+    # Datagrams already in flight when the link is cut are lost too.
+    send_numbered(sender, to_b.address, 100)
+    network.cut(a, b)
+    send_numbered(sender, to_b.address, 100)
+    send_numbered(sender, to_c.address, 50)
+    await wait_for(lambda: a.traffic.cut == 200, timeout=10, message="every datagram to b cut")
+    await wait_for(lambda: len(sink_c.arrived) == 50, timeout=10, message="a to c untouched")
+    assert sink_b.arrived == {}
+    network.heal(a, b)
+    send_numbered(sender, to_b.address, 20)
+    await wait_for(lambda: len(sink_b.arrived) == 20, timeout=10, message="the healed link")
+    network.isolate(c)
+    send_numbered(sender, to_c.address, 10)
+    assert a.traffic.cut == 210
+
+
+async def test_a_host_behind_nat_gets_only_what_answers_its_own_datagrams() -> None:
+    network = EmulatedNetwork(dataclasses.replace(LAN, loss=0.0), seed=6)
+    inside, outside, stranger = network.add_host(nat=True), network.add_host(), network.add_host()
+    sink = Sink()
+    behind = await bind(inside, sink)
+    peer, other = await bind(outside, Echo()), await bind(stranger, Sink())
+    send_numbered(other, behind.address, 5)
+    await wait_for(lambda: inside.traffic.filtered == 5, timeout=10, message="refused")
+    send_numbered(behind, peer.address, 5)
+    await wait_for(lambda: len(sink.arrived) == 5, timeout=10, message="the echoes")
+    assert sink.senders == {peer.address}
+
+
+async def test_a_crashed_host_vanishes_without_its_protocol_being_told() -> None:
+    network = EmulatedNetwork(LAN, seed=7)
+    a, b = network.add_host(), network.add_host()
+    sink = Sink()
+    receiver = await bind(b, sink)
+    sender = await bind(a, Sink())
+    b.crash()
+    send_numbered(sender, receiver.address, 3)
+    await wait_for(lambda: a.traffic.undeliverable == 3, timeout=10, message="undeliverable")
+    assert (receiver.is_closing(), sink.lost, sink.arrived) == (True, [], {})
+    # Its port is free again: a restart binds it.
+    assert (await bind(b, Sink(), receiver.address[1])).address == receiver.address
+
+
+def test_profiles_are_named_and_describe_themselves() -> None:
+    assert set(PROFILES) == {"lan", "continent", "world"}
+    assert profile("world") is WORLD
+    assert WORLD.describe().startswith("world: 5 region(s)")
+    assert "loss 1.0%" in WORLD.describe()
+    assert 0.070 <= WORLD.median_rtt() <= 0.250
+    assert 0.010 <= CONTINENT.median_rtt() <= 0.060
+    with pytest.raises(ConfigError):
+        profile("moon")
+
+
+# DHT networks on the emulated internet.
+
+
+@pytest.fixture
+async def field() -> AsyncIterator[Field]:
+    """8 servers (3 coordinators) and 12 clients behind NAT on the `continent` profile."""
+    built = await start_field(EmulatedNetwork(CONTINENT, seed=8), servers=8, clients=12, seed=8)
+    try:
+        yield built
+    finally:
+        await built.aclose()
+
+
+async def publish_from_clients(field: Field, services: tuple[str, ...]) -> list[WorkerRecord]:
+    records = [make_record(services=services) for _ in field.clients]
+    jobs = [functools.partial(c.publish, r) for c, r in zip(field.clients, records, strict=True)]
+    reports = await bounded(jobs)
+    assert all(report.stored for report in reports)
+    return records
+
+
+async def test_our_nodes_join_publish_and_look_up_on_a_continent(field: Field) -> None:
+    records = await publish_from_clients(field, ("ocr",))
+    reader = field.clients[0]
+    found = await reader.lookup("ocr", limit=20)
+    assert {r.worker_id for r in found} == {r.worker_id for r in records}
+    got = await field.clients[-1].get_record(records[3].worker_id)
+    assert got is not None
+    assert got.worker_id == records[3].worker_id
+    # Clients stay out of routing tables, and no server started a conversation with one.
+    client_addresses = {c.address for c in field.clients}
+    for server in field.servers:
+        known = {(n.ip, n.port) for n in server.rpc.router.find_neighbors(server.node, k=100)}
+        assert not known & client_addresses
+    assert sum(field.host_of(c).traffic.filtered for c in field.clients) == 0
+    # The emulated network carried every byte the nodes counted, and lost about 1% of it.
+    for node in field.nodes:
+        assert field.host_of(node).traffic.sent_bytes == node.rpc.stats.bytes_out
+    traffic = field.network.traffic
+    assert 0 < traffic.lost < 0.03 * traffic.sent
+
+
+async def test_a_stock_server_joins_and_gets_through_the_emulation(field: Field) -> None:
+    records = await publish_from_clients(field, ("ocr",))
+    stock = await start_stock(field.network, [field.coordinators[0].address])
+    try:
+        value = await stock.get("svc:ocr:0")
+        assert value is not None
+        decoded = decode_value(
+            value, digest=key_digest("svc:ocr:0"), verifier=RecordVerifier(POLICY), now=time.time()
+        )
+        assert {r.worker_id for r in decoded.records} == {r.worker_id for r in records}
+        assert await stock.get(f"worker:{records[0].worker_id}") is not None
+    finally:
+        stock.stop()
