@@ -110,6 +110,8 @@ class RawUpstream:
     requests: list[Seen] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     url: str = ""
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set, repr=False)
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -120,6 +122,10 @@ class RawUpstream:
             yield self.url
         finally:
             server.close()
+            # Connections a client keeps alive would outlive the test: end them and their tasks.
+            for writer in self._writers:
+                writer.close()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await server.wait_closed()
 
     def all_bytes(self) -> bytes:
@@ -133,6 +139,10 @@ class RawUpstream:
         )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        self._writers.add(writer)
         raw = bytearray()
         self.received.append(raw)
         conn = h11.Connection(h11.SERVER)
@@ -180,6 +190,7 @@ class RawUpstream:
         except (h11.ProtocolError, ConnectionError) as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
