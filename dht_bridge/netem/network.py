@@ -198,7 +198,8 @@ class Host:
 class EmulatedNetwork:
     """Hosts placed in the regions of `profile`, and the datagrams between them.
 
-    `seed` fixes the placement, the links and the losses (for a given order of sends). Cut
+    `seed` fixes the placement (the n-th host added is in the same region whatever was sent
+    before), the links, and the losses and jitter for a given order of sends. Cut
     links with `cut`/`heal`, take a host off the network with `isolate`/`rejoin`, and read
     what each host sent and received in `Host.traffic`.
     """
@@ -207,6 +208,7 @@ class EmulatedNetwork:
         self.profile = profile
         self.seed = seed
         self.rng = random.Random(seed)
+        self._placement = random.Random(f"{seed}:placement")
         self.hosts: list[Host] = []
         self.by_ip: dict[str, Host] = {}
         self.bound: dict[Address, EmulatedTransport] = {}
@@ -230,7 +232,7 @@ class EmulatedNetwork:
         if len(self.hosts) >= MAX_HOSTS:
             raise ValueError(f"at most {MAX_HOSTS} hosts")
         if region is None:
-            region = self.rng.choices(self._regions, self._weights)[0]
+            region = self._placement.choices(self._regions, self._weights)[0]
         elif region not in self._regions:
             raise ValueError(f"profile {self.profile.name} has no region {region!r}")
         number = len(self.hosts) + 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.errors import BootstrapError
 from dht_bridge.netem import EmulatedNetwork, Host, StockServer
 from dht_bridge.settings import DHTSettings
 from tests.support.helpers import POLICY
@@ -26,6 +27,8 @@ __all__ = ["FIELD_SETTINGS", "Field", "bounded", "start_field", "start_stock"]
 FIELD_SETTINGS = DHTSettings(host="0.0.0.0", port=0)
 # Joins under way at once: one event loop hosts the whole network.
 DEFAULT_GATE = 16
+# A node whose seeds all went unanswered (lost datagrams) tries other seeds this many times.
+JOIN_ATTEMPTS = 3
 
 T = TypeVar("T")
 
@@ -50,6 +53,7 @@ class Field:
     servers: list[DHTNode] = field(default_factory=list)  # coordinators included
     clients: list[DHTNode] = field(default_factory=list)
     hosts: dict[int, Host] = field(default_factory=dict)  # id(node) -> its host
+    join_failures: int = 0  # nodes that found no answering seed in JOIN_ATTEMPTS tries
 
     @property
     def nodes(self) -> list[DHTNode]:
@@ -96,7 +100,8 @@ async def start_field(
     gate: int = DEFAULT_GATE,
 ) -> Field:
     """`servers` server nodes (the first `coordinators` of them coordinators) and `clients`
-    client nodes, all joined; the network's nodes are closed if a join fails."""
+    client nodes, joined (`join_failures` counts those that never could); the nodes are
+    closed if building fails."""
     rng = random.Random(seed)
     built = Field(network)
     try:
@@ -111,11 +116,18 @@ async def start_field(
         async def join(client: bool) -> None:
             node = await built.new_node(client=client, settings=settings)
             pool = built.servers if client else built.coordinators
-            seeds = rng.sample(pool, min(2, len(pool)))
-            if not client and len(built.servers) > len(built.coordinators):
-                seeds.append(rng.choice(built.servers[len(built.coordinators) :]))
             (built.clients if client else built.servers).append(node)
-            await node.bootstrap([s.address for s in seeds])
+            for _ in range(JOIN_ATTEMPTS):
+                seeds = rng.sample(pool, min(2, len(pool)))
+                earlier = [s for s in built.servers[len(built.coordinators) :] if s is not node]
+                if not client and earlier:
+                    seeds.append(rng.choice(earlier))
+                try:
+                    await node.bootstrap([s.address for s in seeds])
+                    return
+                except BootstrapError:
+                    continue
+            built.join_failures += 1
 
         others = servers - len(built.coordinators)
         await bounded([lambda: join(False)] * max(0, others), gate)

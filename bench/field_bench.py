@@ -1,0 +1,497 @@
+"""Benchmark on an emulated internet: our DHT's lookups, their success and the traffic per node
+under a network profile (round trips, jitter, loss, NAT), beside the stock library's gets.
+
+One process, one event loop, no socket: every node runs on its own host of a
+`dht_bridge.netem` network (`--profile`: lan, continent, world), so the figures carry the
+profile's round trips rather than loopback's. The run, for ours and then for the stock
+`kademlia.network.Server` on a network of the same profile and seed (the n-th host in the
+same region):
+
+1. build: a few coordinators, then servers, then clients behind NAT (`--clients`, 80%; the
+   stock library has no client mode, so all its nodes are servers), each joining through
+   two coordinators or servers;
+2. every node is a worker: it publishes its signed record offering one of `--services`
+   services (the stock nodes `set` a value of the same size under the same key name);
+3. steady window (`--window` s): every worker heartbeats every `--heartbeat` s (+-10%), as
+   the agent does (the stock nodes `set` again); bytes per second per node are counted on
+   the emulated links, clients, servers and coordinators apart;
+4. lookups, heartbeats going on: cold service lookups (a reader's first lookup of that
+   service, `lookup(service, limit=10)`), gets of random workers' records (`get_record`),
+   and for the stock library gets of the same keys; each timed in ms and in median round
+   trips of the profile (the median base RTT between the run's hosts).
+
+Every node shares one event loop: its lateness (p50, p99) is printed beside the lookups, since
+it adds to every figure. Quantiles are nearest-rank (common.quantile).
+
+    .venv/bin/python bench/field_bench.py --profile world --nodes 200 \\
+        --out bench/results/field-world-200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import field_bench_report as report
+from common import ROOT, HelpFormatter, machine, write_json
+from dht_bench_child import RawLogCounter
+from kademlia.utils import digest
+
+from dht_bridge.dht.values import encode_value
+from dht_bridge.errors import DHTError
+from dht_bridge.identity import Identity
+from dht_bridge.netem import PROFILES, EmulatedNetwork, Host, Profile, StockServer
+from dht_bridge.records import WorkerRecord
+from tests.support.helpers import make_record
+from tests.support.netem import FIELD_SETTINGS, Field, bounded, start_field
+
+logger = logging.getLogger("field_bench")
+
+DEFAULT_DEADLINE = 30.0
+HEARTBEAT_JITTER = 0.1
+LOOKUP_LIMIT = 10
+LAG_TICK = 0.01
+# Lookups and publishes under way at once (all nodes share one loop).
+DEFAULT_CONCURRENCY = 8
+PUBLISH_GATE = 16
+# A publish or stock `set` that failed (ValueError: the stock set's max([]) when no neighbour
+# answered); the worker tries again at its next heartbeat.
+BEAT_ERRORS = (DHTError, OSError, ValueError)
+
+_ = ROOT  # importing common puts the checkout on sys.path
+
+
+@dataclass
+class Op:
+    """One timed operation: seconds taken, whether it found what it should, and its cost."""
+
+    seconds: float
+    ok: bool
+    hops: int = 0
+    rounds: int = 0
+    local: bool = False
+
+
+@dataclass
+class Worker:
+    """A worker of the run: its node (ours or stock), host, identity and service."""
+
+    node: Any
+    host: Host
+    identity: Identity
+    service: str
+    role: str  # coordinator, server or client
+    seq: int = 1
+    heartbeats: int = 0
+    failed: int = 0
+    key: str = ""
+    value: bytes = b""
+
+    def record(self, lease: float) -> WorkerRecord:
+        """The worker's next record (seq one up)."""
+        self.seq += 1
+        return make_record(
+            self.identity,
+            services=(self.service,),
+            seq=self.seq,
+            ttl=lease,
+            region=self.host.region,
+        )
+
+
+@dataclass
+class Run:
+    """What one implementation's run produced."""
+
+    impl: str
+    workers: list[Worker] = field(default_factory=list)
+    build_s: float = 0.0
+    join_failures: int = 0
+    published: int = 0
+    window_s: float = 0.0
+    sent: dict[str, list[float]] = field(default_factory=dict)  # role -> bytes/s per node
+    received: dict[str, list[float]] = field(default_factory=dict)
+    ops: dict[str, list[Op]] = field(default_factory=dict)
+    lag: list[float] = field(default_factory=list)
+    loss_seen: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LagProbe:
+    """Measures how late the shared event loop runs a timer, while it is open."""
+
+    def __init__(self) -> None:
+        self.late: list[float] = []
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[LagProbe]:
+        """Probe until the block ends."""
+        task = asyncio.get_running_loop().create_task(self._probe(), name="lag-probe")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_TICK)
+            self.late.append(loop.time() - before - LAG_TICK)
+
+
+async def timed(
+    op: Callable[[], Awaitable[Op]], deadline: float
+) -> Op:  # the op fills in everything but the time
+    """Run `op` within `deadline`; its time, or a failure at the deadline."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(deadline):
+            result = await op()
+    except (TimeoutError, DHTError, OSError):
+        return Op(time.monotonic() - started, False)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# Heartbeats: ours publish a new record, the stock nodes set their value again.
+
+
+async def heartbeat(
+    worker: Worker, beat: Callable[[Worker], Awaitable[None]], interval: float, rng: random.Random
+) -> None:
+    """Beat every `interval` (+-10%), the first within one interval."""
+    await asyncio.sleep(rng.uniform(0, interval))
+    while True:
+        try:
+            await beat(worker)
+            worker.heartbeats += 1
+        except BEAT_ERRORS as exc:
+            worker.failed += 1
+            logger.debug("heartbeat failed: %s", exc)
+        await asyncio.sleep(interval * rng.uniform(1 - HEARTBEAT_JITTER, 1 + HEARTBEAT_JITTER))
+
+
+async def publish_all(workers: Sequence[Worker], beat: Callable[[Worker], Awaitable[None]]) -> int:
+    """Every worker's first publish, a few at a time; how many of them landed."""
+
+    async def first(worker: Worker) -> bool:
+        try:
+            await beat(worker)
+        except BEAT_ERRORS:
+            return False
+        return True
+
+    return sum(await bounded([partial(first, w) for w in workers], PUBLISH_GATE))
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(
+    workers: Sequence[Worker], beat: Callable[[Worker], Awaitable[None]], args: argparse.Namespace
+) -> AsyncIterator[None]:
+    """Every worker heartbeats while the block runs; the tasks are cancelled after it."""
+    rng = random.Random(args.seed)
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(heartbeat(w, beat, args.heartbeat, rng), name="heartbeat") for w in workers
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def steady_window(run: Run, workers: Sequence[Worker], args: argparse.Namespace) -> None:
+    """Count each host's bytes over `--window` seconds (heartbeats running)."""
+    before = {id(w): (w.host.traffic.sent_bytes, w.host.traffic.received_bytes) for w in workers}
+    started = time.monotonic()
+    await asyncio.sleep(args.window)
+    run.window_s = time.monotonic() - started
+    for w in workers:
+        sent0, received0 = before[id(w)]
+        run.sent.setdefault(w.role, []).append((w.host.traffic.sent_bytes - sent0) / run.window_s)
+        run.received.setdefault(w.role, []).append(
+            (w.host.traffic.received_bytes - received0) / run.window_s
+        )
+
+
+async def measure(
+    run: Run,
+    network: EmulatedNetwork,
+    beat: Callable[[Worker], Awaitable[None]],
+    lookups: Callable[[], Awaitable[dict[str, list[Op]]]],
+    args: argparse.Namespace,
+) -> None:
+    """Phases 2 to 4 on a built network: first publishes, the steady window, the lookups."""
+    run.published = await publish_all(run.workers, beat)
+    async with heartbeating(run.workers, beat, args):
+        await steady_window(run, run.workers, args)
+        probe = LagProbe()
+        async with probe.running():
+            run.ops = await lookups()
+        run.lag = probe.late
+    traffic = network.traffic
+    run.loss_seen = traffic.lost / max(1, traffic.sent)
+    run.extra = {
+        "median_rtt_s": network.median_rtt(),
+        "heartbeats": sum(w.heartbeats for w in run.workers),
+        "heartbeats_failed": sum(w.failed for w in run.workers),
+    }
+
+
+def services(args: argparse.Namespace) -> list[str]:
+    """The run's service names."""
+    return [f"svc-{i}" for i in range(args.services)]
+
+
+def roles(args: argparse.Namespace) -> tuple[int, int]:
+    """(servers, clients) of our network: at least the coordinators are servers."""
+    clients = min(round(args.nodes * args.clients), args.nodes - args.coordinators)
+    return args.nodes - clients, clients
+
+
+# Our DHT.
+
+
+async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
+    """Build, publish, window and lookups on our DHTNode."""
+    run = Run("ours")
+    network = EmulatedNetwork(profile, seed=args.seed)
+    servers, clients = roles(args)
+    started = time.monotonic()
+    built = await start_field(
+        network,
+        servers=servers,
+        clients=clients,
+        coordinators=args.coordinators,
+        settings=FIELD_SETTINGS,
+        seed=args.seed,
+        gate=args.join_parallel,
+    )
+    try:
+        run.build_s = time.monotonic() - started
+        run.join_failures = built.join_failures
+        run.workers = workers_of(built, args)
+        lease = args.heartbeat * 3
+
+        async def publish(worker: Worker) -> None:
+            await worker.node.publish(
+                worker.record(lease), again_within=args.heartbeat * (1 + HEARTBEAT_JITTER)
+            )
+
+        await measure(run, network, publish, lambda: our_lookups(run.workers, args), args)
+        run.extra |= {
+            "reprieves": sum(w.node.rpc.stats.reprieves for w in run.workers),
+            "rpc_timeouts": sum(w.node.rpc.stats.timeouts for w in run.workers),
+            "nat_filtered": network.traffic.filtered,
+        }
+    finally:
+        await built.aclose()
+    return run
+
+
+def workers_of(built: Field, args: argparse.Namespace) -> list[Worker]:
+    """One worker per node of `built`, services dealt round-robin."""
+    names = services(args)
+    coordinators = {id(c) for c in built.coordinators}
+    workers = []
+    for i, node in enumerate(built.nodes):
+        role = (
+            "coordinator"
+            if id(node) in coordinators
+            else ("client" if node in built.clients else "server")
+        )
+        workers.append(
+            Worker(node, built.host_of(node), Identity.generate(), names[i % len(names)], role)
+        )
+    return workers
+
+
+async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[str, list[Op]]:
+    """Cold service lookups and record gets from random readers."""
+    rng = random.Random(args.seed + 1)
+    providers = {name: sum(w.service == name for w in workers) for name in services(args)}
+    pairs = [(w, name) for w in workers for name in services(args)]
+    cold = rng.sample(pairs, min(args.lookups, len(pairs)))
+
+    def service_lookup(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
+        async def op() -> Op:
+            got = await reader.node.lookup_report(name, limit=LOOKUP_LIMIT)
+            ok = len(got.providers) >= min(LOOKUP_LIMIT, providers[name])
+            return Op(0.0, ok, got.hops, got.rounds)
+
+        return lambda: timed(op, args.deadline)
+
+    def record_get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
+        async def op() -> Op:
+            record, hops = await reader.node.get_record_report(target.identity.worker_id)
+            ok = record is not None and record.worker_id == target.identity.worker_id
+            return Op(0.0, ok, hops)
+
+        return lambda: timed(op, args.deadline)
+
+    gets = [tuple(rng.sample(workers, 2)) for _ in range(args.lookups)]
+    return {
+        "service_lookup": await bounded([service_lookup(r, n) for r, n in cold], args.concurrency),
+        "record_get": await bounded([record_get(r, t) for r, t in gets], args.concurrency),
+    }
+
+
+# The stock library.
+
+
+async def run_stock(args: argparse.Namespace, profile: Profile, value_size: int) -> Run:
+    """The same plan on `kademlia.network.Server` as it ships: all servers, `set` and `get`."""
+    run = Run("stock")
+    network = EmulatedNetwork(profile, seed=args.seed)
+    rng = random.Random(args.seed)
+    nodes: list[StockServer] = []
+    started = time.monotonic()
+    try:
+        names = services(args)
+        for i in range(args.nodes):
+            node = StockServer(network.add_host())
+            await node.listen()
+            nodes.append(node)
+            role = "coordinator" if i < args.coordinators else "server"
+            worker = Worker(node, node.host, Identity.generate(), names[i % len(names)], role)
+            worker.key = f"worker:{worker.identity.worker_id}"
+            worker.value = rng.randbytes(value_size)
+            run.workers.append(worker)
+
+        async def join(i: int) -> bool:
+            seeds = [nodes[j].address for j in rng.sample(range(min(i, args.coordinators)), 1)]
+            if i > args.coordinators:
+                seeds.append(nodes[rng.randrange(args.coordinators, i)].address)
+            return bool(await nodes[i].bootstrap(seeds))
+
+        joined = await bounded([partial(join, i) for i in range(1, args.nodes)], args.join_parallel)
+        run.build_s = time.monotonic() - started
+        run.join_failures = joined.count(False)
+
+        async def store(worker: Worker) -> None:
+            if not await worker.node.set(worker.key, worker.value):
+                raise OSError("no node stored the value")
+
+        async def lookups() -> dict[str, list[Op]]:
+            return {"record_get": await stock_gets(run.workers, args)}
+
+        await measure(run, network, store, lookups, args)
+    finally:
+        for node in nodes:
+            node.stop()
+    return run
+
+
+async def stock_gets(workers: list[Worker], args: argparse.Namespace) -> list[Op]:
+    """Gets of random workers' keys from random readers that do not hold the key themselves
+    (the stock get answers from its own storage without asking anyone when it can; ours
+    always asks the network), unless every node holds it (counted as local)."""
+    rng = random.Random(args.seed + 1)
+
+    def holds(reader: Worker, target: Worker) -> bool:
+        return reader.node.storage.get(digest(target.key)) is not None
+
+    def draw() -> tuple[Worker, Worker]:
+        target = rng.choice(workers)
+        readers = [w for w in workers if w is not target and not holds(w, target)]
+        return rng.choice(readers or [w for w in workers if w is not target]), target
+
+    def get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
+        async def op() -> Op:
+            local = holds(reader, target)
+            value = await reader.node.get(target.key)
+            return Op(0.0, value == target.value, local=local)
+
+        return lambda: timed(op, args.deadline)
+
+    pairs = [draw() for _ in range(args.lookups)]
+    return await bounded([get(r, t) for r, t in pairs], args.concurrency)
+
+
+def record_size(args: argparse.Namespace) -> int:
+    """Bytes of one worker's value under `worker:<id>`, for the stock values."""
+    record = make_record(Identity.generate(), services=("svc-0",), ttl=args.heartbeat * 3)
+    return len(encode_value(f"worker:{record.worker_id}", [record]))
+
+
+# The command.
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    """Run ours, then the stock library, and report."""
+    profile = PROFILES[args.profile]
+    print(profile.describe(), flush=True)
+    runs = [await run_ours(args, profile)]
+    if not args.no_stock:
+        runs.append(await run_stock(args, profile, record_size(args)))
+    figures = report.figures(runs, args)
+    print(report.render(figures, profile))
+    if args.out:
+        write_json(
+            Path(args.out),
+            {
+                "profile": profile.as_dict(),
+                "profile_line": profile.describe(),
+                "options": vars(args),
+                "machine": machine("kademlia", "rpcudp"),
+                "figures": figures,
+            },
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="world")
+    parser.add_argument("--nodes", type=int, default=200)
+    parser.add_argument("--clients", type=float, default=0.8, help="share of nodes in client mode")
+    parser.add_argument("--coordinators", type=int, default=3)
+    parser.add_argument("--services", type=int, default=4)
+    parser.add_argument("--lookups", type=int, default=400, help="of each kind")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--join-parallel", type=int, default=16)
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds")
+    parser.add_argument("--window", type=float, default=60.0, help="steady window, seconds")
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="per lookup")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock library")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    if args.coordinators < 1 or args.nodes <= args.coordinators:
+        print("--nodes must exceed --coordinators (at least 1)", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # The stock library logs every RPC at INFO and every timeout at ERROR: counted, not printed.
+    counter = RawLogCounter()
+    for name in ("kademlia", "rpcudp"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("rpcudp.protocol", "asyncio"):
+        logging.getLogger(name).addFilter(counter)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

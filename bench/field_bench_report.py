@@ -1,0 +1,182 @@
+"""The field bench's figures and tables: lookups in ms and in median round trips of the profile,
+success, traffic per node by role, and the shared loop's lateness that every figure includes."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any, Protocol
+
+from common import quantile, text_table
+
+from dht_bridge.netem import Profile
+
+__all__ = ["OP_FIGURES", "ROLES", "figures", "render"]
+
+ROLES = ("client", "server", "coordinator")
+# What every operation kind's row carries.
+OP_FIGURES = (
+    "count",
+    "p50_ms",
+    "p99_ms",
+    "p50_rtts",
+    "p99_rtts",
+    "success_pct",
+    "hops_mean",
+    "rounds_mean",
+    "local_pct",
+)
+
+
+class _Op(Protocol):
+    seconds: float
+    ok: bool
+    hops: int
+    rounds: int
+    local: bool
+
+
+def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
+    seconds = [op.seconds for op in ops]
+    n = max(1, len(ops))
+    return {
+        "count": len(ops),
+        "p50_ms": round(quantile(seconds, 0.5) * 1000, 1),
+        "p99_ms": round(quantile(seconds, 0.99) * 1000, 1),
+        "p50_rtts": round(quantile(seconds, 0.5) / rtt, 2),
+        "p99_rtts": round(quantile(seconds, 0.99) / rtt, 2),
+        "success_pct": round(100 * sum(op.ok for op in ops) / n, 2),
+        "hops_mean": round(sum(op.hops for op in ops) / n, 2),
+        "rounds_mean": round(sum(op.rounds for op in ops) / n, 2),
+        "local_pct": round(100 * sum(op.local for op in ops) / n, 1),
+    }
+
+
+def _traffic(sent: list[float], received: list[float]) -> dict[str, float]:
+    both = [s + r for s, r in zip(sent, received, strict=True)]
+    return {
+        "nodes": len(both),
+        "bytes_s_mean": round(statistics.fmean(both), 1) if both else 0.0,
+        "bytes_s_p99": round(quantile(both, 0.99), 1),
+        "sent_bytes_s_mean": round(statistics.fmean(sent), 1) if sent else 0.0,
+    }
+
+
+def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure of every run, by implementation."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        rtt = run.extra["median_rtt_s"]
+        counts = {role: sum(w.role == role for w in run.workers) for role in ROLES}
+        out[run.impl] = {
+            "nodes": len(run.workers),
+            **{f"{role}s": counts[role] for role in ROLES},
+            "median_rtt_ms": round(rtt * 1000, 1),
+            "build_s": round(run.build_s, 2),
+            "join_failures": run.join_failures,
+            "published_pct": round(100 * run.published / max(1, len(run.workers)), 2),
+            "window_s": round(run.window_s, 1),
+            "heartbeat_s": args.heartbeat,
+            "traffic": {
+                role: _traffic(run.sent.get(role, []), run.received.get(role, []))
+                for role in ROLES
+                if run.sent.get(role)
+            },
+            "ops": {kind: _ops(ops, rtt) for kind, ops in run.ops.items()},
+            "loop_lag_p50_ms": round(quantile(run.lag, 0.5) * 1000, 1),
+            "loop_lag_p99_ms": round(quantile(run.lag, 0.99) * 1000, 1),
+            "loss_seen_pct": round(100 * run.loss_seen, 2),
+            **{k: v for k, v in run.extra.items() if k != "median_rtt_s"},
+        }
+    return out
+
+
+def render(figures: dict[str, Any], profile: Profile) -> str:
+    """The tables, each under the profile's line."""
+    ops = text_table(
+        [
+            ("impl", "<6"),
+            ("operation", "<15"),
+            ("n", ">5"),
+            ("p50 ms", ">8"),
+            ("p99 ms", ">8"),
+            ("p50 RTT", ">8"),
+            ("p99 RTT", ">8"),
+            ("ok %", ">7"),
+            ("hops", ">5"),
+            ("rounds", ">6"),
+            ("local %", ">7"),
+        ],
+        [
+            [
+                impl,
+                kind,
+                op["count"],
+                op["p50_ms"],
+                op["p99_ms"],
+                op["p50_rtts"],
+                op["p99_rtts"],
+                op["success_pct"],
+                op["hops_mean"],
+                op["rounds_mean"],
+                op["local_pct"],
+            ]
+            for impl, fig in figures.items()
+            for kind, op in fig["ops"].items()
+        ],
+    )
+    traffic = text_table(
+        [
+            ("impl", "<6"),
+            ("role", "<12"),
+            ("nodes", ">6"),
+            ("B/s mean", ">9"),
+            ("B/s p99", ">9"),
+            ("out B/s", ">8"),
+        ],
+        [
+            [impl, role, t["nodes"], t["bytes_s_mean"], t["bytes_s_p99"], t["sent_bytes_s_mean"]]
+            for impl, fig in figures.items()
+            for role, t in fig["traffic"].items()
+        ],
+    )
+    runs = text_table(
+        [
+            ("impl", "<6"),
+            ("nodes", ">6"),
+            ("clients", ">7"),
+            ("build s", ">8"),
+            ("join fail", ">9"),
+            ("publish %", ">9"),
+            ("loss %", ">7"),
+            ("lag p50", ">8"),
+            ("lag p99", ">8"),
+        ],
+        [
+            [
+                impl,
+                fig["nodes"],
+                fig["clients"],
+                fig["build_s"],
+                fig["join_failures"],
+                fig["published_pct"],
+                fig["loss_seen_pct"],
+                fig["loop_lag_p50_ms"],
+                fig["loop_lag_p99_ms"],
+            ]
+            for impl, fig in figures.items()
+        ],
+    )
+    rtt = next(iter(figures.values()))["median_rtt_ms"]
+    head = f"profile {profile.describe()}\nmedian RTT between this run's hosts: {rtt} ms"
+    window = next(iter(figures.values()))
+    return "\n\n".join(
+        [
+            head,
+            "Lookups (cold service lookups; gets of random workers' records)\n" + ops,
+            f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
+            f"every {window['heartbeat_s']} s\n" + traffic,
+            "Runs (lag: how late the shared event loop ran a timer during the lookups, ms)\n"
+            + runs,
+        ]
+    )

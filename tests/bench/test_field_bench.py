@@ -1,0 +1,63 @@
+"""Smoke test of bench/field_bench.py: a tiny run on the emulated internet finishes and writes
+every figure for ours and for the stock library, labelled with its profile. How good the
+figures are is the benchmark's business, not a test's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support.bench import bench_module, run_bench_script
+
+# Every run's figures, beside its operations and traffic.
+RUN_FIGURES = (
+    "nodes",
+    "clients",
+    "servers",
+    "coordinators",
+    "median_rtt_ms",
+    "build_s",
+    "join_failures",
+    "published_pct",
+    "window_s",
+    "heartbeat_s",
+    "traffic",
+    "ops",
+    "loop_lag_p50_ms",
+    "loop_lag_p99_ms",
+    "loss_seen_pct",
+    "heartbeats",
+)
+TRAFFIC_FIGURES = ("nodes", "bytes_s_mean", "bytes_s_p99", "sent_bytes_s_mean")
+
+
+def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> None:
+    out = tmp_path / "field.json"
+    result = run_bench_script(
+        "field_bench.py",
+        *("--profile", "continent", "--nodes", "14", "--coordinators", "2"),
+        *("--lookups", "12", "--window", "1", "--heartbeat", "1", "--out", str(out)),
+        timeout=300,
+    )
+    data = json.loads(out.read_text())
+    assert data["profile"]["name"] == "continent"
+    assert data["profile_line"].startswith("continent: ")
+    assert result.stdout.count("continent: ") >= 2  # printed first, and over the tables
+    figures = data["figures"]
+    assert set(figures) == {"ours", "stock"}
+    op_figures = bench_module("field_bench_report").OP_FIGURES
+    ours, stock = figures["ours"], figures["stock"]
+    for run in (ours, stock):
+        assert all(run.get(name) is not None for name in RUN_FIGURES), run
+        assert run["nodes"] == 14
+        for ops in run["ops"].values():
+            assert set(op_figures) <= set(ops)
+            assert ops["count"] == 12
+        for traffic in run["traffic"].values():
+            assert set(TRAFFIC_FIGURES) <= set(traffic)
+            assert traffic["bytes_s_mean"] > 0
+    assert set(ours["ops"]) == {"service_lookup", "record_get"}
+    assert set(stock["ops"]) == {"record_get"}
+    assert set(ours["traffic"]) == {"client", "server", "coordinator"}
+    assert (ours["clients"], stock["clients"]) == (11, 0)
+    assert "p50 RTT" in result.stdout
