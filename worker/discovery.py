@@ -1,13 +1,22 @@
-"""Finding providers of a service: the DHT first, the edge's `/services` when it does not answer."""
+"""Finding providers of a service: the DHT first, the edge's `/services` when it does not answer.
+
+`discover` asks afresh on every call. `DiscoveryCache` keeps its answers and refreshes them in
+the background (stale-while-revalidate), so a warm discovery sends nothing: on the internet a
+DHT lookup costs a few round trips of 100 ms and more, a cached answer microseconds.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.storage import RecordStorage
 from dht_bridge.errors import DHTError
 from dht_bridge.records import WorkerRecord
 from worker.edge import EdgeClient
@@ -18,17 +27,39 @@ logger = logging.getLogger(__name__)
 SOURCE_DHT = "dht"
 SOURCE_EDGE = "edge"
 SOURCE_NONE = "none"
+# Answers kept at most (services x limits asked for); the least recently used goes first.
+DEFAULT_MAX_ENTRIES = 256
+# A cached answer is refreshed in the background once it is this share of `max_age` old.
+DEFAULT_FRESH_SHARE = 0.5
+
+__all__ = [
+    "DEFAULT_FRESH_SHARE",
+    "DEFAULT_MAX_ENTRIES",
+    "SOURCE_DHT",
+    "SOURCE_EDGE",
+    "SOURCE_NONE",
+    "Discovery",
+    "DiscoveryCache",
+    "Fetch",
+    "MergeHook",
+    "discover",
+]
 
 
 @dataclass(frozen=True)
 class Discovery:
-    """Providers found, least loaded first, and which side answered (`dht`, `edge` or `none`)."""
+    """Providers found, least loaded first, and which side answered (`dht`, `edge` or `none`).
+
+    `age` is how old the answer is: 0 for a lookup made for this call, the seconds since its
+    lookup started for an answer from a `DiscoveryCache`."""
 
     service: str
     providers: list[WorkerRecord] = field(default_factory=list)
     source: str = SOURCE_NONE
     seconds: float = 0.0
     detail: str = ""
+    age: float = 0.0
+    cached: bool = False
 
 
 async def discover(
@@ -78,3 +109,154 @@ async def discover(
 
 def _since(started: float) -> float:
     return time.monotonic() - started
+
+
+# A fresh discovery: (service, limit) -> answer. The agent's is `discover` with its node and edge.
+Fetch = Callable[[str, int], Awaitable[Discovery]]
+# RecordStorage's `on_merge`: told of the records that changed what a node holds under a key.
+MergeHook = Callable[[str, list[WorkerRecord]], None]
+
+
+@dataclass
+class _Entry:
+    answer: Discovery
+    fetched_at: float  # when the lookup that gave it started (monotonic)
+
+
+class DiscoveryCache:
+    """Discovery answers per (service, limit), refreshed in the background.
+
+    An answer younger than `fresh_for` is returned as it is; an older one is returned at once
+    while one refresh runs behind it (stale-while-revalidate); one `max_age` old (one heartbeat
+    interval) is never returned: the caller waits for a new lookup. Providers whose lease has
+    run out (`wall` clock) are left out of every answer. A tombstone merged into a watched
+    node's storage, or `forget(worker_id)`, takes that worker out of every answer at once and
+    refreshes them. Answers that found nothing through no fault of the DHT or the edge
+    (`none`) are not kept. Refresh tasks are owned here and cancelled by `aclose`.
+    """
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        *,
+        max_age: float,
+        fresh_for: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        if max_age <= 0:
+            raise ValueError("max_age must be > 0")
+        self._fetch = fetch
+        self.max_age = max_age
+        self.fresh_for = max_age * DEFAULT_FRESH_SHARE if fresh_for is None else fresh_for
+        self._clock = clock
+        self._wall = wall
+        self._max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+        self._pending: dict[tuple[str, int], asyncio.Task[Discovery]] = {}
+        self._watched: list[tuple[RecordStorage, MergeHook | None]] = []
+        self.hits = 0  # answered from the cache, fresh or stale
+        self.misses = 0  # waited for a lookup
+        self.refreshes = 0  # background lookups started
+
+    async def discover(self, service: str, limit: int = 10) -> Discovery:
+        """Up to `limit` providers of `service`, from the cache when it has a young enough
+        answer, else from a lookup (one at a time per service and limit)."""
+        started = self._clock()
+        key = (service, limit)
+        entry = self._entries.get(key)
+        age = started - entry.fetched_at if entry is not None else self.max_age
+        if entry is None or age >= self.max_age:
+            self.misses += 1
+            answer = await self._lookup(key)
+            return dataclasses.replace(answer, seconds=self._clock() - started)
+        self.hits += 1
+        self._entries.move_to_end(key)
+        if age >= self.fresh_for and key not in self._pending:
+            self.refreshes += 1
+            self._start(key)
+        now = self._wall()
+        return dataclasses.replace(
+            entry.answer,
+            providers=[r for r in entry.answer.providers if r.expires_at > now],
+            seconds=self._clock() - started,
+            age=age,
+            cached=True,
+        )
+
+    def _start(self, key: tuple[str, int]) -> asyncio.Task[Discovery]:
+        task = asyncio.get_running_loop().create_task(
+            self._refresh(key), name=f"discovery-{key[0]}"
+        )
+        self._pending[key] = task
+        task.add_done_callback(lambda done: self._done(key, done))
+        return task
+
+    def _done(self, key: tuple[str, int], task: asyncio.Task[Discovery]) -> None:
+        if self._pending.get(key) is task:
+            del self._pending[key]
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("refreshing the discovery of %s failed: %r", key[0], task.exception())
+
+    async def _lookup(self, key: tuple[str, int]) -> Discovery:
+        task = self._pending.get(key) or self._start(key)
+        # A caller that gives up must not cancel the lookup others wait for.
+        return await asyncio.shield(task)
+
+    async def _refresh(self, key: tuple[str, int]) -> Discovery:
+        started = self._clock()
+        answer = await self._fetch(*key)
+        if answer.source != SOURCE_NONE:
+            self._entries[key] = _Entry(answer, started)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return answer
+
+    def forget(self, worker_id: str) -> int:
+        """Take `worker_id` out of every cached answer (it is gone: a tombstone, a failed
+        request) and refresh the answers it was in; how many answers held it."""
+        touched = 0
+        for key, entry in list(self._entries.items()):
+            kept = [r for r in entry.answer.providers if r.worker_id != worker_id]
+            if len(kept) == len(entry.answer.providers):
+                continue
+            touched += 1
+            entry.answer = dataclasses.replace(entry.answer, providers=kept)
+            if key not in self._pending:
+                self.refreshes += 1
+                self._start(key)
+        return touched
+
+    def observe(self, key: str, records: list[WorkerRecord]) -> None:
+        """A storage merge hook: every tombstone among `records` is a worker gone."""
+        for record in records:
+            if record.tombstone:
+                self.forget(record.worker_id)
+
+    def watch(self, storage: RecordStorage) -> None:
+        """Hear of the tombstones merged into `storage` (its `on_merge` hook, chained)."""
+        previous = storage.on_merge
+
+        def hook(key: str, records: list[WorkerRecord]) -> None:
+            if previous is not None:
+                previous(key, records)
+            self.observe(key, records)
+
+        storage.on_merge = hook
+        self._watched.append((storage, previous))
+
+    def clear(self) -> None:
+        """Forget every answer (the next discovery of each waits for a lookup)."""
+        self._entries.clear()
+
+    async def aclose(self) -> None:
+        """Cancel refreshes under way and stop watching storages."""
+        for storage, previous in reversed(self._watched):
+            storage.on_merge = previous
+        self._watched.clear()
+        tasks = list(self._pending.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
