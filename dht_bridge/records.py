@@ -1,8 +1,9 @@
 """The signed worker record: canonical encoding, signing, validation, and the merge rule.
 
 A record is self-certifying: `worker_id` is derived from `public_key`, and `signature` is an
-Ed25519 signature over the canonical JSON of every other field. Any node can check a record
-without asking anyone, so one volunteer cannot forge, overwrite, or erase another's record.
+Ed25519 signature over the RFC 8785 (JCS) form of every other field, so a signer in any language
+can produce it. Any node can check a record without asking anyone, so one volunteer cannot
+forge, overwrite, or erase another's record.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import rfc8785
 
 from dht_bridge.errors import (
     RecordError,
@@ -33,12 +36,18 @@ MAX_SERVICES = 16
 MAX_CAPABILITIES = 16
 MAX_CAPABILITY_VALUE = 64
 MAX_SEQ = 2**53 - 1  # the largest integer every JSON reader keeps exactly
+# What the signature covers, by the record's `v`: 2 is RFC 8785 (JCS) of every field but the
+# signature, `v` included. 1 (records of 0.1, which have no `v`) is Python's JSON; it is still
+# verified so that a network can upgrade node by node (docs/design.md says until when).
+RECORD_VERSION = 2
+LEGACY_VERSION = 1
 
 SERVICE_RE = re.compile(r"[a-z0-9-]{1,32}")
 REGION_RE = re.compile(r"[a-z0-9-]{0,32}")
 CAPABILITY_KEY_RE = re.compile(r"[a-z0-9_.-]{1,32}")
 HOST_RE = re.compile(r"[A-Za-z0-9.:_-]{0,253}")
 _HEX = re.compile(r"[0-9a-f]*")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 CapabilityValue = str | int | float | bool
 
@@ -57,6 +66,11 @@ FIELDS = (
     "tombstone",
     "signature",
 )
+# Fields a record may lack: a record without `v` is version 1.
+OPTIONAL_FIELDS = ("v",)
+# The wire form's items after the key and signature, in order; version 2 appends `v`.
+_WIRE_FIELDS = FIELDS[2:12]
+_WIRE_ITEMS = 2 + len(_WIRE_FIELDS)  # 12, then 13 with `v`
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +90,11 @@ class WorkerRecord:
     expires_at: float
     tombstone: bool
     signature: str
+    v: int = RECORD_VERSION
 
     def signed_fields(self) -> dict[str, Any]:
-        """Every field but the signature, as plain JSON types."""
-        return {
+        """Every field but the signature, as plain JSON types (`v` absent in version 1)."""
+        fields: dict[str, Any] = {
             "worker_id": self.worker_id,
             "public_key": self.public_key,
             "tunnel_url": self.tunnel_url,
@@ -93,10 +108,16 @@ class WorkerRecord:
             "expires_at": self.expires_at,
             "tombstone": self.tombstone,
         }
+        if self.v != LEGACY_VERSION:
+            fields["v"] = self.v
+        return fields
 
     def canonical_bytes(self) -> bytes:
-        """The exact bytes that are signed: sorted-key compact ASCII JSON."""
-        return canonical_json(self.signed_fields())
+        """The exact bytes that are signed: RFC 8785 (JCS) of `signed_fields`, or for a
+        version 1 record the sorted-key compact ASCII JSON that 0.1 signed."""
+        if self.v == LEGACY_VERSION:
+            return canonical_json(self.signed_fields())
+        return jcs_bytes(self.signed_fields())
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSON object of DESIGN.md (Redis values, HTTP bodies)."""
@@ -113,7 +134,7 @@ class WorkerRecord:
         """Parse the JSON object form; raises RecordInvalid on any missing or mistyped field."""
         if not isinstance(data, Mapping):
             raise RecordInvalid("record", "must be a JSON object")
-        unknown = set(data) - set(FIELDS)
+        unknown = set(data) - set(FIELDS) - set(OPTIONAL_FIELDS)
         if unknown:
             raise RecordInvalid("record", f"unknown fields: {', '.join(sorted(unknown))}")
         missing = [name for name in FIELDS if name not in data]
@@ -139,6 +160,7 @@ class WorkerRecord:
             expires_at=_number(data, "expires_at"),
             tombstone=_typed(data, "tombstone", bool),
             signature=_typed(data, "signature", str),
+            v=_version(data["v"]) if "v" in data else LEGACY_VERSION,
         )
         check_shape(record)
         # Here, not only in `validate`: a record read back from Redis is parsed, not validated.
@@ -157,8 +179,9 @@ class WorkerRecord:
         return cls.from_dict(data)
 
     def to_wire(self) -> list[Any]:
-        """The compact positional form carried in DHT values (binary key and signature)."""
-        return [
+        """The compact positional form carried in DHT values (binary key and signature);
+        `v` is a 13th item, absent in version 1 (as 0.1 nodes expect those)."""
+        wire = [
             bytes.fromhex(self.public_key),
             bytes.fromhex(self.signature),
             self.tunnel_url,
@@ -172,17 +195,21 @@ class WorkerRecord:
             self.expires_at,
             self.tombstone,
         ]
+        if self.v != LEGACY_VERSION:
+            wire.append(self.v)
+        return wire
 
     @classmethod
     def from_wire(cls, item: Any) -> WorkerRecord:
         """Parse `to_wire` output; the worker id is derived from the key, not trusted."""
-        if not isinstance(item, list | tuple) or len(item) != 12:
-            raise RecordInvalid("record", "wire form must be a 12-item array")
+        if not isinstance(item, list | tuple) or len(item) not in (_WIRE_ITEMS, _WIRE_ITEMS + 1):
+            raise RecordInvalid("record", f"wire form must be a {_WIRE_ITEMS}- or 13-item array")
         public_key, signature = item[0], item[1]
         if not isinstance(public_key, bytes) or not isinstance(signature, bytes):
             raise RecordInvalid("record", "wire key and signature must be bytes")
-        keys = FIELDS[2:12]
-        data = dict(zip(keys, item[2:], strict=True))
+        data = dict(zip(_WIRE_FIELDS, item[2:_WIRE_ITEMS], strict=True))
+        if len(item) > _WIRE_ITEMS:
+            data["v"] = item[_WIRE_ITEMS]
         data["worker_id"] = worker_id_for(public_key)
         data["public_key"] = public_key.hex()
         data["signature"] = signature.hex()
@@ -199,10 +226,18 @@ class WorkerRecord:
 
 
 def canonical_json(value: Mapping[str, Any]) -> bytes:
-    """Sorted-key, compact, ASCII-only JSON: one byte string per value, for signing."""
+    """Sorted-key, compact, ASCII-only JSON: the signed form of version 1 records only."""
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode("ascii")
+
+
+def jcs_bytes(value: Mapping[str, Any]) -> bytes:
+    """RFC 8785 (JCS) of `value`: what JSON.stringify with sorted keys writes, as UTF-8."""
+    try:
+        return rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError as exc:
+        raise RecordInvalid("record", f"has no RFC 8785 form: {exc}") from exc
 
 
 def sign_record(
@@ -220,7 +255,9 @@ def sign_record(
     load: float = 0.0,
     tombstone: bool = False,
 ) -> WorkerRecord:
-    """Build and sign a record for `identity`, with a lease of `ttl` seconds from `now`."""
+    """Build and sign a record for `identity`, with a lease of `ttl` seconds from `now`.
+
+    It is always a record of the current version (`RECORD_VERSION`)."""
     unsigned = WorkerRecord(
         worker_id=identity.worker_id,
         public_key=identity.public_key.hex(),
@@ -257,6 +294,8 @@ def tombstone_for(identity: Identity, latest: WorkerRecord, *, now: float) -> Wo
 
 def check_shape(record: WorkerRecord) -> None:
     """Check every field's type and range (not the signature, not the URL policy)."""
+    if record.v not in (LEGACY_VERSION, RECORD_VERSION):
+        raise RecordInvalid("v", f"unknown record version {record.v!r}")
     _check_hex(record.worker_id, "worker_id", 40)
     _check_hex(record.public_key, "public_key", 64)
     if record.signature:
@@ -284,8 +323,8 @@ def check_shape(record: WorkerRecord) -> None:
             raise RecordTooLarge("record", f"{size} bytes encoded, limit {MAX_RECORD_BYTES}")
 
 
-# The JSON of a record without its text fields: names, punctuation, key, id, signature, and
-# the numbers at their longest (seq 16 digits, times and load with their decimals).
+# The JSON of a record without its text fields: names, punctuation, `v`, key, id, signature,
+# and the numbers at their longest (seq 16 digits, times and load with 17 significant digits).
 _FIXED_JSON = 500
 
 
@@ -404,6 +443,13 @@ def _int(data: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def _version(value: Any) -> int:
+    # A version 1 record has no `v` at all: an explicit 1 would be a field nobody signed.
+    if isinstance(value, bool) or not isinstance(value, int) or value != RECORD_VERSION:
+        raise RecordInvalid("v", f"must be {RECORD_VERSION} (a record without v is version 1)")
+    return RECORD_VERSION
+
+
 def _number(data: Mapping[str, Any], name: str) -> float:
     value = data[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -437,10 +483,17 @@ def _check_capabilities(capabilities: Mapping[str, Any]) -> None:
         if isinstance(value, str):
             if len(value) > MAX_CAPABILITY_VALUE:
                 raise RecordInvalid("capabilities", f"value of {key!r} is too long")
+            if not value.isascii() and _SURROGATE.search(value):
+                # A lone surrogate has no UTF-8 form: neither JCS nor another language signs it.
+                raise RecordInvalid("capabilities", f"value of {key!r} is not Unicode text")
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise RecordInvalid("capabilities", f"value of {key!r} is not finite")
-        elif not isinstance(value, int | bool):
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not -MAX_SEQ <= value <= MAX_SEQ:
+                # JSON readers in other languages read numbers as doubles; JCS refuses the rest.
+                raise RecordInvalid("capabilities", f"value of {key!r} is beyond +-(2**53 - 1)")
+        elif not isinstance(value, bool):
             raise RecordInvalid(
                 "capabilities", f"value of {key!r} must be a string, number or bool"
             )
@@ -448,12 +501,15 @@ def _check_capabilities(capabilities: Mapping[str, Any]) -> None:
 
 __all__ = [
     "DEFAULT_TTL",
+    "LEGACY_VERSION",
     "MAX_RECORD_BYTES",
+    "RECORD_VERSION",
     "RecordError",
     "WorkerRecord",
     "canonical_json",
     "check_canonical_url",
     "check_shape",
+    "jcs_bytes",
     "merge_into",
     "parse_and_validate",
     "sign_record",
