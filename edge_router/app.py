@@ -18,13 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RMAError
 from dht_bridge.registry.registry import Registry
-from edge_router import handlers, page
+from edge_router import handlers, health, page
 from edge_router.cache import LookupCache
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig
 from edge_router.errors import handle_error
 from edge_router.events import listen_for_events
-from edge_router.metrics import Metrics, request_class
+from edge_router.metrics import Metrics, request_class, route_label
 from edge_router.providers import ProviderSource
 from edge_router.proxy import Proxy, ProxySettings
 from edge_router.state import RouterState
@@ -103,9 +103,11 @@ def create_app(
             listener = asyncio.get_running_loop().create_task(
                 listen_for_events(state, stop), name="router-events"
             )
+        state.started = True
         try:
             yield
         finally:
+            state.draining = True
             stop.set()
             if listener is not None:
                 done, _ = await asyncio.wait({listener}, timeout=LISTENER_STOP_SECONDS)
@@ -124,8 +126,10 @@ def create_app(
         Route("/route/{service}", handlers.route, methods=ALL_METHODS),
         Route("/admin/cache/flush", handlers.flush, methods=["POST"]),
         Route("/topology", handlers.topology, methods=["GET"]),
-        Route("/healthz", handlers.healthz, methods=["GET"]),
-        Route("/metrics", handlers.metrics, methods=["GET"]),
+        Route("/livez", health.livez, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/metrics", health.metrics, methods=["GET"]),
         *page.routes(),
     ]
     app = Starlette(
@@ -160,11 +164,16 @@ class Accounting:
             await self.app(scope, receive, send)
             return
         status = 500
+        cache: str | None = None
+        started = time.perf_counter()
 
         async def send_counted(message: Message) -> None:
-            nonlocal status
+            nonlocal status, cache
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"x-cache":
+                        cache = value.decode("latin-1")
             await send(message)
 
         try:
@@ -173,7 +182,14 @@ class Accounting:
             status = CLIENT_CLOSED
             logger.debug("%s %s: the client hung up first", scope["method"], scope["path"])
         finally:
-            self.metrics.count(request_class(scope["path"]), status)
+            path = scope["path"]
+            klass = request_class(path)
+            self.metrics.count(
+                klass,
+                status,
+                time.perf_counter() - started,
+                route_label(klass, path, cache),
+            )
             if status >= 500:
                 ray = dict(scope.get("headers") or []).get(b"cf-ray", b"-").decode("latin-1")
                 logger.warning(

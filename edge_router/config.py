@@ -34,6 +34,8 @@ DEFAULT_BOOTSTRAP_TTL = 300
 DEFAULT_TOPOLOGY_LIMIT = 5000
 
 
+DEFAULT_DRAIN_SECONDS = 2.0
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_PROXY_CONNECT_TIMEOUT = 3.0
 DEFAULT_PROXY_READ_TIMEOUT = 60.0
 
@@ -115,6 +117,21 @@ ROUTER_OPTIONS = OptionTable(
         "int",
         DEFAULT_TOPOLOGY_LIMIT,
     ),
+    Option(
+        "drain_seconds",
+        "DRAIN_SECONDS",
+        "on SIGTERM, seconds /readyz says 503 (draining) while requests are still served, so "
+        "that a load balancer moves traffic first",
+        "float",
+        DEFAULT_DRAIN_SECONDS,
+    ),
+    Option(
+        "shutdown_timeout",
+        "SHUTDOWN_TIMEOUT",
+        "then seconds open requests (a long stream) may take before they are cut",
+        "float",
+        DEFAULT_SHUTDOWN_TIMEOUT,
+    ),
     DHT_OPTIONS,
     REGISTRY_OPTIONS,
     TUNNEL_OPTIONS,
@@ -156,6 +173,8 @@ class RouterConfig:
     proxy_connect_timeout: float = DEFAULT_PROXY_CONNECT_TIMEOUT
     proxy_read_timeout: float = DEFAULT_PROXY_READ_TIMEOUT
     topology_limit: int = DEFAULT_TOPOLOGY_LIMIT
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
 
     @classmethod
     def build(
@@ -182,6 +201,8 @@ class RouterConfig:
             proxy_connect_timeout=values["proxy_connect_timeout"],
             proxy_read_timeout=values["proxy_read_timeout"],
             topology_limit=values["topology_limit"],
+            drain_seconds=values["drain_seconds"],
+            shutdown_timeout=values["shutdown_timeout"],
         )
         config.check()
         return config
@@ -194,6 +215,8 @@ class RouterConfig:
             raise ConfigError("cache ttl must be > 0, stale >= 0, size >= 1")
         if self.topology_limit < 1:
             raise ConfigError("RMA_TOPOLOGY_LIMIT must be at least 1")
+        if self.drain_seconds < 0 or self.shutdown_timeout <= 0:
+            raise ConfigError("RMA_DRAIN_SECONDS must be >= 0 and RMA_SHUTDOWN_TIMEOUT > 0")
         if self.max_body < 1024:
             raise ConfigError("RMA_MAX_BODY must be at least 1024 bytes")
         if self.admin_token is not None and len(self.admin_token) < 16:

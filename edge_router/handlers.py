@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from dht_bridge.errors import RecordInvalid, RegistryError, RegistryUnavailable
 from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
@@ -362,43 +362,3 @@ def figures(state: RouterState) -> dict[str, float]:
         "events_received": state.events_received,
         "events_connected": int(state.events_connected),
     }
-
-
-async def healthz(request: Request) -> Response:
-    """GET /healthz: 200 while Redis or the DHT can answer, 503 when neither can."""
-    state = state_of(request)
-    try:
-        await state.registry.ping()
-        redis_ok = True
-    except RegistryError:
-        redis_ok = False
-    # A node whose socket closed (and is being reopened) answers nobody, whatever it knows.
-    dht_ok = (
-        state.dht is not None
-        and state.dht.listening
-        and (len(state.dht.rpc.router) > 0 or not state.config.dht_bootstrap)
-    )
-    status = "ok" if redis_ok and (dht_ok or state.dht is None) else "degraded"
-    if not redis_ok and not dht_ok:
-        status = "down"
-    return JSONResponse(
-        {"status": status, "redis": redis_ok, "dht": dht_ok if state.dht else None},
-        status_code=503 if status == "down" else 200,
-    )
-
-
-async def metrics(request: Request) -> Response:
-    """GET /metrics: Prometheus text."""
-    state = state_of(request)
-    counted = dict(figures(state))
-    try:
-        records, truncated = await _registry_records(state)
-        counted.update(mode_counts(records, state.clock()))
-        counted["topology_truncated"] = int(truncated)
-    except RegistryError as exc:
-        # The counts are left out rather than shown as zero: no registry is not no workers.
-        logger.warning("metrics: registry unavailable, no DHT mode counts: %s", exc)
-    gauges = {f"rma_{name}": float(value) for name, value in counted.items()}
-    return PlainTextResponse(
-        state.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )

@@ -1,21 +1,73 @@
-"""Request counters per class and the Prometheus text exposition of /metrics."""
+"""The router's metrics: requests by class and status, latency histograms, today's edge budget,
+and the operator's figures, exposed through prometheus_client.
+
+Counting stays cheap on the hot path (a dict increment and one histogram observation); the
+figures are read at scrape time (`dht_bridge.exposition`).
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+
+from prometheus_client import Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dht_bridge.bridge.metrics import METRICS as BRIDGE_METRICS
+from dht_bridge.exposition import FiguresCollector, MetricTable, process_registry
+from dht_bridge.records import SERVICE_RE
+
+__all__ = [
+    "FIGURES",
+    "OPERATOR_CLASSES",
+    "REQUEST_CLASSES",
+    "Metrics",
+    "request_class",
+    "route_label",
+]
 
 REQUEST_CLASSES = ("bootstrap", "lookup", "register", "route", "admin", "topology", "health")
 OPERATOR_CLASSES = frozenset({"health", "topology"})
+# Latency buckets from a cache hit (tens of µs) to a slow routed request (a minute).
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Distinct services given their own latency series; past it they share "other", so that a
+# client inventing service names cannot grow the exposition without bound.
+MAX_SERVICE_LABELS = 256
+
+# The operator's figures (`handlers.figures`, prefixed rma_): counters typed as such.
+FIGURES: MetricTable = {
+    "rma_cache_entries": ("gauge", "Lookups held in this router's cache."),
+    "rma_cache_hits_total": ("counter", "Lookups answered fresh from the cache."),
+    "rma_cache_misses_total": ("counter", "Lookups that read a backend."),
+    "rma_cache_stale_total": ("counter", "Lookups answered stale while backends failed."),
+    "rma_cache_hit_ratio": ("gauge", "Hits over all lookups since start."),
+    "rma_backend_reads_total": ("counter", "Backend reads (concurrent misses share one)."),
+    "rma_registry_failures_total": ("counter", "Lookups the registry could not answer."),
+    "rma_dht_reads_total": ("counter", "Lookups answered from the DHT."),
+    "rma_edge_requests_today": ("gauge", "Requests since 00:00 UTC, operator pages excluded."),
+    "rma_edge_daily_budget": ("gauge", "Edge requests a day the plan allows."),
+    "rma_events_received_total": ("counter", "Change events heard on rma:events."),
+    "rma_events_connected": ("gauge", "1 while subscribed to rma:events."),
+    "rma_dht_servers": ("gauge", "Live workers in DHT server mode (from the registry)."),
+    "rma_dht_clients": ("gauge", "Live workers in DHT client mode (from the registry)."),
+    "rma_topology_truncated": ("gauge", "1 when the registry holds more than was read."),
+    # An in-process bridge's (the demo's).
+    **BRIDGE_METRICS,
+}
+
+
+# Exposed by the requests collector itself; left out of the figures to keep one series each.
+_OWN = frozenset({"rma_edge_requests_today", "rma_edge_daily_budget"})
 
 
 def request_class(path: str) -> str:
     """The budget class of a request path."""
     if path.startswith("/dht/bootstrap"):
         return "bootstrap"
-    if path.startswith("/services/"):
+    if path.startswith("/services"):
         return "lookup"
     if path.startswith("/workers"):
         return "register"
@@ -25,13 +77,23 @@ def request_class(path: str) -> str:
         return "admin"
     if path in ("/topology", "/") or path.startswith("/static/"):
         return "topology"
-    if path in ("/healthz", "/metrics"):
+    if path in ("/healthz", "/livez", "/readyz", "/metrics", "/openapi.json"):
         return "health"
     return "other"
 
 
+def route_label(klass: str, path: str, cache: str | None) -> str:
+    """The latency series of a request: lookups by hit or miss, routes by service."""
+    if klass == "lookup" and cache:
+        return f"lookup_{cache.lower()}"
+    if klass == "route":
+        service = path.split("/", 3)[2] if path.count("/") >= 2 else ""
+        return f"route:{service}" if SERVICE_RE.fullmatch(service) else "route:other"
+    return klass
+
+
 class Metrics:
-    """Counts requests by class and status, and today's edge requests against the daily budget."""
+    """Counts requests by class and status, times them, and keeps today's edge requests."""
 
     def __init__(self, *, daily_budget: int, clock: Callable[[], float] = time.time) -> None:
         self.daily_budget = daily_budget
@@ -39,12 +101,31 @@ class Metrics:
         self.requests: Counter[tuple[str, int]] = Counter()
         self._day = self._today()
         self.today: Counter[str] = Counter()
+        self.registry = process_registry()
+        self.registry.register(_RequestsCollector(self))
+        self._figures: Mapping[str, float] = {}
+        self.registry.register(FiguresCollector(lambda: self._figures, FIGURES))
+        self._latency = Histogram(
+            "rma_request_duration_seconds",
+            "Time to answer, by route class (lookup hit or miss, route per service, ...).",
+            ["route"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self._upstream = Histogram(
+            "rma_upstream_duration_seconds",
+            "Time from sending a routed request to a worker to its answer's head, by service.",
+            ["service"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self._series: dict[tuple[int, str], Histogram] = {}
 
     def _today(self) -> str:
         return datetime.fromtimestamp(self._clock(), UTC).strftime("%Y-%m-%d")
 
-    def count(self, klass: str, status: int) -> None:
-        """Record one answered request."""
+    def count(self, klass: str, status: int, seconds: float | None = None, route: str = "") -> None:
+        """Record one answered request (and how long it took, under `route`)."""
         self.requests[(klass, status)] += 1
         day = self._today()
         if day != self._day:
@@ -53,28 +134,57 @@ class Metrics:
         # open topology page alone would add tens of thousands of requests a day.
         if klass not in OPERATOR_CLASSES:
             self.today[klass] += 1
+        if seconds is not None:
+            self._observe(self._latency, route or klass, seconds)
+
+    def upstream(self, service: str, seconds: float) -> None:
+        """Record a worker's answer time for `service`."""
+        self._observe(self._upstream, service, seconds)
+
+    def _observe(self, histogram: Histogram, label: str, seconds: float) -> None:
+        key = (id(histogram), label)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= MAX_SERVICE_LABELS:
+                key, label = (id(histogram), "other"), "other"
+                series = self._series.get(key)
+            if series is None:
+                series = histogram.labels(label)
+                self._series[key] = series
+        series.observe(seconds)
 
     @property
     def edge_requests_today(self) -> int:
         """Requests today (UTC) in every class but the operator's probes and pages."""
         return sum(self.today.values())
 
-    def render(self, gauges: Mapping[str, float]) -> str:
-        """Prometheus text format: request counters plus the given gauges (name -> value)."""
-        lines = [
-            "# HELP rma_requests_total Requests answered, by class and status.",
-            "# TYPE rma_requests_total counter",
-        ]
-        for (klass, status), value in sorted(self.requests.items()):
-            lines.append(f'rma_requests_total{{class="{klass}",status="{status}"}} {value}')
-        lines += [
-            "# HELP rma_edge_requests_today Requests since 00:00 UTC, operator pages excluded.",
-            "# TYPE rma_edge_requests_today gauge",
-            f"rma_edge_requests_today {self.edge_requests_today}",
-            "# TYPE rma_edge_daily_budget gauge",
-            f"rma_edge_daily_budget {self.daily_budget}",
-        ]
-        for name, gauge in sorted(gauges.items()):
-            lines.append(f"# TYPE {name} gauge")
-            lines.append(f"{name} {gauge:g}")
-        return "\n".join(lines) + "\n"
+    def expose(self, figures: Mapping[str, float]) -> bytes:
+        """The Prometheus exposition: requests, histograms, process, and `figures` (rma_*)."""
+        self._figures = {k: v for k, v in figures.items() if k not in _OWN}
+        return generate_latest(self.registry)
+
+
+class _RequestsCollector(Collector):
+    """`rma_requests_total{class,status}` from the plain counter the hot path increments."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        """The request counter, and today's edge figures."""
+        family = CounterMetricFamily(
+            "rma_requests", "Requests answered, by class and status.", labels=["class", "status"]
+        )
+        for (klass, status), value in sorted(self._metrics.requests.items()):
+            family.add_metric([klass, str(status)], value)
+        yield family
+        yield GaugeMetricFamily(
+            "rma_edge_requests_today",
+            "Requests since 00:00 UTC, operator pages excluded.",
+            value=self._metrics.edge_requests_today,
+        )
+        yield GaugeMetricFamily(
+            "rma_edge_daily_budget",
+            "Edge requests a day the plan allows.",
+            value=self._metrics.daily_budget,
+        )

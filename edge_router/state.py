@@ -40,4 +40,7 @@ class RouterState:
     extra_figures: Callable[[], Mapping[str, float]] | None = None
     events_connected: bool = False
     events_received: int = 0
+    # Readiness: set once the lifespan has started; draining from SIGTERM until the exit.
+    started: bool = False
+    draining: bool = False
     notes: dict[str, float] = field(default_factory=dict)

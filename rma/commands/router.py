@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -58,9 +58,13 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 # Strict framing (400 and close on ambiguity), head and body read deadlines and a
                 # bound on slow connections per client address: see edge_router.server.
                 http=protocol_class(),
+                timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
             )
         )
-        watcher = asyncio.get_running_loop().create_task(_stop_on_signal(server))
+        state = app.state.rma
+        watcher = asyncio.get_running_loop().create_task(
+            _stop_on_signal(server, lambda: setattr(state, "draining", True), config.drain_seconds)
+        )
         try:
             await server.serve()
         finally:
@@ -82,9 +86,17 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-async def _stop_on_signal(server: uvicorn.Server) -> None:
+async def _stop_on_signal(
+    server: uvicorn.Server, drain: Callable[[], None], drain_seconds: float
+) -> None:
+    """On SIGTERM/SIGINT: /readyz says draining for `drain_seconds` while requests are still
+    served, then uvicorn stops accepting and gives open requests its graceful timeout."""
     await wait_for_stop_signal()
-    logger.info("stopping on signal")
+    drain()
+    logger.info("stopping on signal: draining for %gs", drain_seconds)
+    with contextlib.suppress(TimeoutError):
+        # A second signal cuts the drain short.
+        await asyncio.wait_for(wait_for_stop_signal(), drain_seconds)
     server.should_exit = True
 
 

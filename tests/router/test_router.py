@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
 from dht_bridge.identity import Identity
@@ -338,19 +339,52 @@ async def test_metrics_count_requests_by_class(registry: Registry) -> None:
         await client.get("/healthz")
         text = (await client.get("/metrics")).text
         topology = (await client.get("/topology")).json()
-    assert 'rma_requests_total{class="lookup",status="200"} 2' in text
-    assert 'class="register",status="422"' in text
-    assert "rma_cache_hits 1" in text
-    assert "rma_edge_requests_today 4\n" in text  # 2 lookups, 1 bootstrap, 1 register
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert samples[("rma_requests_total", (("class", "lookup"), ("status", "200")))] == 2
+    assert ("rma_requests_total", (("class", "register"), ("status", "422"))) in samples
+    assert samples[("rma_cache_hits_total", ())] == 1
+    assert samples[("rma_edge_requests_today", ())] == 4  # 2 lookups, 1 bootstrap, 1 register
     assert topology["services"] == {"ocr": 1, "gpu": 1}
     assert topology["figures"]["cache_hits"] == 1
     # Each worker's DHT mode, and the count of each (client: no DHT address in its record).
     assert sorted(w["mode"] for w in topology["workers"]) == ["client", "server"]
-    assert "rma_dht_servers 1\n" in text
-    assert "rma_dht_clients 1\n" in text
+    assert samples[("rma_dht_servers", ())] == 1
+    assert samples[("rma_dht_clients", ())] == 1
     assert topology["figures"]["dht_servers"] == 1
     assert topology["figures"]["dht_clients"] == 1
     assert json.dumps(topology)
+
+
+async def test_metrics_parse_with_prometheus_types_histograms_and_no_duplicates(
+    registry: Registry,
+) -> None:
+    await registry.upsert(make_record(services=["ocr"]))
+    async with client_for(router_app(registry)) as client:
+        await client.get("/services/ocr")  # a miss
+        await client.get("/services/ocr")  # a hit
+        await client.get("/route/nobody/x")  # 503: no provider
+        answer = await client.get("/metrics")
+    assert answer.headers["content-type"].startswith("text/plain; version=")
+    families = list(text_string_to_metric_families(answer.text))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), "a metric family is exposed twice"
+    series = [(s.name, tuple(sorted(s.labels.items()))) for f in families for s in f.samples]
+    assert len(series) == len(set(series)), "a series is exposed twice"
+    kinds = {f.name: f.type for f in families}
+    # Every counter is typed as one (they were gauges once, without _total).
+    for name in ("rma_requests", "rma_cache_hits", "rma_backend_reads", "rma_events_received"):
+        assert kinds[name] == "counter", name
+    assert kinds["rma_request_duration_seconds"] == "histogram"
+    assert kinds["rma_upstream_duration_seconds"] == "histogram"
+    routes = {dict(s.labels).get("route") for f in families for s in f.samples}
+    assert {"lookup_miss", "lookup_hit", "route:nobody"} <= routes
+    assert "process_cpu_seconds" in kinds
+    assert all(f.documentation for f in families), "a family without HELP"
 
 
 async def test_topology_and_metrics_say_when_the_registry_holds_more_than_they_read(
@@ -366,6 +400,6 @@ async def test_topology_and_metrics_say_when_the_registry_holds_more_than_they_r
         whole = (await client.get("/topology")).json()
         whole_metrics = (await client.get("/metrics")).text
     assert (len(cut["workers"]), cut["truncated"]) == (2, True)
-    assert "rma_topology_truncated 1\n" in cut_metrics
+    assert "rma_topology_truncated 1.0\n" in cut_metrics
     assert (len(whole["workers"]), whole["truncated"]) == (3, False)
-    assert "rma_topology_truncated 0\n" in whole_metrics
+    assert "rma_topology_truncated 0.0\n" in whole_metrics
