@@ -337,15 +337,18 @@ async def test_expired_holders_are_rechecked_by_asking_them_and_a_newcomer_is_ta
     # Joined through the last node: the publisher has never heard of it.
     newcomer_id = bytes([*digest[:-1], digest[-1] ^ 1])
     newcomer = await start_node(settings=stale, node_id=newcomer_id, seeds=[nodes[-1].address])
-    nodes.append(newcomer)
-    assert publisher.rpc.router.find_neighbors(newcomer.node, k=1)[0].id != newcomer_id
-    crawled = dict(publisher.crawl_queries)
-    again, cached = await publisher._holders(digest)
-    assert cached
-    assert [n.id for n in again] == true_closest(nodes, publisher, digest, stale.replicas)
-    assert again[0].id == newcomer_id
-    assert publisher.crawl_queries.get("holders") == crawled.get("holders")
-    assert publisher.crawl_queries["recheck"] == crawled.get("recheck", 0) + 2
+    try:
+        nodes.append(newcomer)
+        assert publisher.rpc.router.find_neighbors(newcomer.node, k=1)[0].id != newcomer_id
+        crawled = dict(publisher.crawl_queries)
+        again, cached = await publisher._holders(digest)
+        assert cached
+        assert [n.id for n in again] == true_closest(nodes, publisher, digest, stale.replicas)
+        assert again[0].id == newcomer_id
+        assert publisher.crawl_queries.get("holders") == crawled.get("holders")
+        assert publisher.crawl_queries["recheck"] == crawled.get("recheck", 0) + 2
+    finally:
+        await newcomer.aclose()  # not the factory's: it stops only the network it started
 
 
 async def test_a_contact_is_dropped_after_several_missed_replies_not_one() -> None:
