@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RMAError
 from dht_bridge.registry.registry import Registry
-from edge_router import handlers, health, page
+from edge_router import catalog, handlers, health, openapi, page
 from edge_router.cache import LookupCache
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig
@@ -79,6 +79,12 @@ def create_app(
             maxsize=256,
             clock=monotonic,
         ),
+        catalog=LookupCache(
+            ttl=config.cache.ttl,
+            stale=config.cache.stale,
+            maxsize=1,
+            clock=monotonic,
+        ),
         proxy=Proxy(
             client,
             ProxySettings(
@@ -119,6 +125,7 @@ def create_app(
 
     routes = [
         Route("/dht/bootstrap", handlers.bootstrap, methods=["GET"]),
+        Route("/services", catalog.services, methods=["GET"]),
         Route("/services/{service}", handlers.lookup, methods=["GET"]),
         Route("/workers", handlers.register, methods=["POST"]),
         Route("/workers/{worker_id}", handlers.leave, methods=["DELETE"]),
@@ -130,6 +137,7 @@ def create_app(
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi, methods=["GET"]),
         *page.routes(),
     ]
     app = Starlette(

@@ -14,6 +14,7 @@ from dht_bridge.errors import RecordInvalid, RegistryError, RegistryUnavailable
 from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
 from edge_router.bootstrap import choose_peers
 from edge_router.cache import CacheState
+from edge_router.capabilities import parse_filters, select
 from edge_router.dht_modes import mode_counts, mode_of
 from edge_router.errors import (
     BackendUnavailable,
@@ -44,7 +45,9 @@ async def lookup(request: Request) -> Response:
     service = _service(request.path_params["service"])
     limit = _limit(request, state)
     region = _region(request, state)
+    filters = parse_filters(request.query_params.getlist("cap"))
     providers, cache_state, age, source = await cached_providers(state, service, region)
+    providers = select(providers, filters)
     body = {
         "service": service,
         "providers": [record.to_dict() for record in providers[:limit]],
@@ -261,7 +264,7 @@ async def flush(request: Request) -> Response:
 def flush_local(state: RouterState, service: str | None) -> int:
     """Drop this router's cached lookups (one service, or all and the bootstrap peers)."""
     if service is None:
-        return state.lookups.flush() + state.peers.flush()
+        return state.lookups.flush() + state.peers.flush() + state.catalog.flush()
     return state.lookups.flush(("svc", service))
 
 
@@ -273,9 +276,12 @@ async def route(request: Request) -> Response:
     state = state_of(request)
     service = _service(request.path_params["service"])
     region = _region(request, state)
+    filters = parse_filters(request.query_params.getlist("cap"))
     providers, _, _, _ = await cached_providers(state, service, region)
+    providers = select(providers, filters)
     if not providers:
-        raise NoProvider(f"no provider of {service!r} is registered")
+        which = " with those capabilities" if filters else ""
+        raise NoProvider(f"no provider of {service!r}{which} is registered")
     return await state.proxy.forward(
         request,
         service,

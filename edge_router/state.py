@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -32,6 +33,7 @@ class RouterState:
     providers: ProviderSource
     lookups: LookupCache[list[WorkerRecord]]
     peers: LookupCache[list[Peer]]
+    catalog: LookupCache[list[dict[str, Any]]]
     proxy: Proxy
     metrics: Metrics
     resolver: ClientResolver

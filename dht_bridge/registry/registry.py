@@ -463,6 +463,16 @@ class Registry:
         async with self._guard(f"count of {service}"):
             return int(await self._client.zcard(self.service_key(service)))
 
+    async def counts(self, services: Sequence[str]) -> list[int]:
+        """`count` of each service, in one round trip."""
+        if not services:
+            return []
+        async with self._guard("count of services"):
+            pipe = self._client.pipeline(transaction=False)
+            for service in services:
+                pipe.zcard(self.service_key(service))
+            return [int(n) for n in await pipe.execute()]
+
     async def records(self, *, limit: int = DEFAULT_RECORDS_LIMIT) -> list[WorkerRecord]:
         """Up to `limit` stored records, tombstones included, in no particular order (SCAN)."""
         async with self._guard("scan of records"):
