@@ -53,6 +53,8 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 host=config.host,
                 port=config.port,
                 log_level=log_level,
+                # One format for uvicorn's lines and ours (rma.logs): no config of its own.
+                log_config=None,
                 proxy_headers=False,
                 server_header=False,
                 # Strict framing (400 and close on ambiguity), head and body read deadlines and a
