@@ -153,7 +153,7 @@ class WorkerRecord:
             dht_host=_typed(data, "dht_host", str),
             dht_port=_int(data, "dht_port"),
             services=tuple(services),
-            capabilities=dict(capabilities),
+            capabilities={key: _json_number(value) for key, value in capabilities.items()},
             region=_typed(data, "region", str),
             load=_number(data, "load"),
             seq=_int(data, "seq"),
@@ -450,6 +450,18 @@ def _version(value: Any) -> int:
     return RECORD_VERSION
 
 
+def _json_number(value: Any) -> Any:
+    """A capability value as JCS reads it: JSON numbers are doubles (RFC 7493), so an integer
+    literal beyond 2**53 - 1 (JavaScript writes 1.2e21 as 1200000000000000000000) is the
+    double it denotes."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_SEQ <= value <= MAX_SEQ:
+        try:
+            return float(value)
+        except OverflowError:
+            raise RecordInvalid("capabilities", "a number beyond the range of a double") from None
+    return value
+
+
 def _number(data: Mapping[str, Any], name: str) -> float:
     value = data[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -491,7 +503,8 @@ def _check_capabilities(capabilities: Mapping[str, Any]) -> None:
                 raise RecordInvalid("capabilities", f"value of {key!r} is not finite")
         elif isinstance(value, int) and not isinstance(value, bool):
             if not -MAX_SEQ <= value <= MAX_SEQ:
-                # JSON readers in other languages read numbers as doubles; JCS refuses the rest.
+                # Not exact in a double, which is what other languages read; a signer that
+                # means a double beyond that range passes a float (a reader makes it one).
                 raise RecordInvalid("capabilities", f"value of {key!r} is beyond +-(2**53 - 1)")
         elif not isinstance(value, bool):
             raise RecordInvalid(

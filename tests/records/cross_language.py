@@ -58,6 +58,7 @@ CASES: list[dict[str, Any]] = [
                 "tflops": 82.58,
                 "eps": 1e-7,
                 "big": 1e21,
+                "e20": 1.5e20,
                 "cores": 64,
                 "neg": -(2**53 - 1),
                 "cuda": True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import struct
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dht_bridge.records import (
     canonical_json,
     jcs_bytes,
     parse_and_validate,
+    sign_record,
     validate,
 )
 from tests.records.cross_language import (
@@ -166,3 +168,32 @@ def test_a_version_cannot_be_swapped_under_a_signature() -> None:
     assert info.value.field == "v"
     with pytest.raises(RecordInvalid, match="wire form"):
         WorkerRecord.from_wire([*wire, 2])
+
+
+def test_numbers_sign_the_same_however_a_reader_writes_them() -> None:
+    """load, expires_at and capability numbers round-trip through every encoding a record
+    travels in (Python's JSON, JCS as JavaScript writes it, msgpack) to the same signed bytes."""
+    rng = random.Random(8785)
+    identity = identity_for("05" * 32)
+    for _ in range(300):
+        record = sign_record(
+            identity,
+            tunnel_url="https://blue-fox-12.trycloudflare.com",
+            services=["ocr"],
+            seq=rng.randint(1, 2**53 - 1),
+            now=rng.choice([NOW, rng.uniform(0, 4e9)]),
+            ttl=rng.choice([90.0, rng.uniform(0.001, 3600)]),
+            load=rng.choice([0.0, 1.0, rng.random()]),
+            capabilities={"f": rng.uniform(-1e22, 1e22), "g": rng.choice([16.0, 1e-7, 0.1])},
+        )
+        signed = record.canonical_bytes()
+        as_javascript = json.loads(jcs_bytes(record.to_dict()))  # integral numbers as ints
+        wire = msgpack.unpackb(msgpack.packb(record.to_wire()))
+        for again in (
+            WorkerRecord.from_json(record.to_json()),
+            WorkerRecord.from_dict(as_javascript),
+            WorkerRecord.from_wire(wire),
+        ):
+            assert again == record
+            assert again.canonical_bytes() == signed
+            validate(again, POLICY, now=record.expires_at - 1)

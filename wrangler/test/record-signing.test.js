@@ -7,6 +7,7 @@ import { describe, expect, it } from "vitest";
 import vectors from "../../tests/records/jcs_vectors.json";
 import byJs from "../../tests/records/signed_by_js.json";
 import byPython from "../../tests/records/signed_by_python.json";
+import version1 from "../../tests/records/signed_v1.json";
 import { canonicalize, fromHex, signRecord, verifyRecord } from "./records.js";
 
 function fromIeee754(hex) {
@@ -49,6 +50,10 @@ describe("records signed by Python", () => {
     expect(await verifyRecord(unversioned)).toBe(false);
     const other = byPython.records[1].record;
     expect(await verifyRecord({ ...record, worker_id: other.worker_id })).toBe(false);
+  });
+
+  it("cannot verify a version 1 record: 0.1 signed Python's JSON (0.0, not 0)", async () => {
+    expect(await verifyRecord(version1.records[0].record)).toBe(false);
   });
 });
 
