@@ -45,14 +45,16 @@ from typing import Any
 import field_bench_report as report
 from common import ROOT, HelpFormatter, machine, write_json
 from dht_bench_child import RawLogCounter
+from field_bench_churn import Churn, ChurnCounts, SessionModel
 from kademlia.utils import digest
 
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.values import encode_value
-from dht_bridge.errors import DHTError
+from dht_bridge.errors import BootstrapError, DHTError
 from dht_bridge.identity import Identity
 from dht_bridge.netem import PROFILES, EmulatedNetwork, Host, Profile, StockServer
-from dht_bridge.records import WorkerRecord
-from tests.support.helpers import make_record
+from dht_bridge.records import WorkerRecord, tombstone_for
+from tests.support.helpers import POLICY, make_record
 from tests.support.netem import FIELD_SETTINGS, Field, bounded, start_field
 
 logger = logging.getLogger("field_bench")
@@ -80,6 +82,7 @@ class Op:
     hops: int = 0
     rounds: int = 0
     local: bool = False
+    dead_share: float = 0.0  # of the providers returned, the share whose worker was down
 
 
 @dataclass
@@ -96,17 +99,23 @@ class Worker:
     failed: int = 0
     key: str = ""
     value: bytes = b""
+    port: int = 0
+    alive: bool = True
+    down_since: float = 0.0
+    saved: dict[str, Any] = field(default_factory=dict)  # its state file, when down
+    last: WorkerRecord | None = None
 
     def record(self, lease: float) -> WorkerRecord:
         """The worker's next record (seq one up)."""
         self.seq += 1
-        return make_record(
+        self.last = make_record(
             self.identity,
             services=(self.service,),
             seq=self.seq,
             ttl=lease,
             region=self.host.region,
         )
+        return self.last
 
 
 @dataclass
@@ -124,6 +133,7 @@ class Run:
     ops: dict[str, list[Op]] = field(default_factory=dict)
     lag: list[float] = field(default_factory=list)
     loss_seen: float = 0.0
+    churn: ChurnCounts | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,8 +185,9 @@ async def heartbeat(
     await asyncio.sleep(rng.uniform(0, interval))
     while True:
         try:
-            await beat(worker)
-            worker.heartbeats += 1
+            if worker.alive:
+                await beat(worker)
+                worker.heartbeats += 1
         except BEAT_ERRORS as exc:
             worker.failed += 1
             logger.debug("heartbeat failed: %s", exc)
@@ -234,10 +245,15 @@ async def measure(
     beat: Callable[[Worker], Awaitable[None]],
     lookups: Callable[[], Awaitable[dict[str, list[Op]]]],
     args: argparse.Namespace,
+    churn: Churn[Worker] | None = None,
 ) -> None:
-    """Phases 2 to 4 on a built network: first publishes, the steady window, the lookups."""
+    """Phases 2 to 4 on a built network: first publishes, the steady window, the lookups;
+    with `churn`, workers come and go all through the window and the lookups."""
     run.published = await publish_all(run.workers, beat)
-    async with heartbeating(run.workers, beat, args):
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(heartbeating(run.workers, beat, args))
+        if churn is not None:
+            run.churn = await stack.enter_async_context(churn.running(run.workers))
         await steady_window(run, run.workers, args)
         probe = LagProbe()
         async with probe.running():
@@ -255,6 +271,37 @@ async def measure(
 def services(args: argparse.Namespace) -> list[str]:
     """The run's service names."""
     return [f"svc-{i}" for i in range(args.services)]
+
+
+def session_model(args: argparse.Namespace) -> SessionModel | None:
+    """The churn's session law, or None without churn."""
+    if args.no_churn:
+        return None
+    return SessionModel.named(args.session_dist, args.session_median)
+
+
+def churn_of(
+    model: SessionModel | None,
+    depart: Callable[[Worker, bool], Awaitable[None]],
+    restart: Callable[[Worker], Awaitable[bool | None]],
+    beat: Callable[[Worker], Awaitable[None]],
+    seed: int,
+) -> Churn[Worker] | None:
+    """The run's churn (None without): a restarted worker publishes at once."""
+    if model is None:
+        return None
+
+    async def rejoined(worker: Worker) -> None:
+        with contextlib.suppress(*BEAT_ERRORS):
+            await beat(worker)
+
+    return Churn(model, depart=depart, restart=restart, rejoined=rejoined, seed=seed)
+
+
+def pick_alive(rng: random.Random, workers: Sequence[Worker], *avoid: Worker) -> Worker:
+    """A worker that is up (and not one of `avoid`)."""
+    up = [w for w in workers if w.alive and w not in avoid]
+    return rng.choice(up)
 
 
 def roles(args: argparse.Namespace) -> tuple[int, int]:
@@ -292,13 +339,53 @@ async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
                 worker.record(lease), again_within=args.heartbeat * (1 + HEARTBEAT_JITTER)
             )
 
-        await measure(run, network, publish, lambda: our_lookups(run.workers, args), args)
+        coordinators = [c.address for c in built.coordinators]
+        seed = args.seed
+
+        async def depart(worker: Worker, crash: bool) -> None:
+            node: DHTNode = worker.node
+            worker.saved = node.state()
+            if crash:
+                worker.host.crash()
+            elif worker.last is not None:
+                with contextlib.suppress(*BEAT_ERRORS):
+                    await node.publish(tombstone_for(worker.identity, worker.last, now=time.time()))
+            await node.aclose()
+
+        async def restart(worker: Worker) -> bool | None:
+            node = DHTNode(
+                FIELD_SETTINGS,
+                policy=POLICY,
+                node_id=bytes.fromhex(worker.saved["node_id"]),
+                client=worker.role == "client",
+                endpoint=worker.host.endpoint,
+                coordinators=coordinators,
+            )
+            await node.listen(port=worker.port)
+            node.restore_levels(worker.saved["levels"])
+            via = False
+            for seeds in ([tuple(p) for p in worker.saved["neighbors"]], coordinators):
+                try:
+                    await node.bootstrap(seeds)
+                    break
+                except BootstrapError:
+                    via = True
+            else:
+                await node.aclose()
+                return None
+            worker.node = node
+            return via
+
+        model = session_model(args)
+        churn = churn_of(model, depart, restart, publish, seed)
+        await measure(run, network, publish, lambda: our_lookups(run.workers, args), args, churn)
         run.extra |= {
             "reprieves": sum(w.node.rpc.stats.reprieves for w in run.workers),
             "rpc_timeouts": sum(w.node.rpc.stats.timeouts for w in run.workers),
             "nat_filtered": network.traffic.filtered,
         }
     finally:
+        await asyncio.gather(*(w.node.aclose() for w in run.workers))
         await built.aclose()
     return run
 
@@ -314,31 +401,40 @@ def workers_of(built: Field, args: argparse.Namespace) -> list[Worker]:
             if id(node) in coordinators
             else ("client" if node in built.clients else "server")
         )
-        workers.append(
-            Worker(node, built.host_of(node), Identity.generate(), names[i % len(names)], role)
-        )
+        worker = Worker(node, built.host_of(node), Identity.generate(), names[i % len(names)], role)
+        worker.port = node.address[1]
+        workers.append(worker)
     return workers
 
 
 async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[str, list[Op]]:
-    """Cold service lookups and record gets from random readers."""
+    """Cold service lookups and record gets from random readers.
+
+    Under churn a reader or target that is down when its turn comes is replaced by one that is
+    up; a lookup succeeds with 10 providers, or with every provider up when fewer."""
     rng = random.Random(args.seed + 1)
-    providers = {name: sum(w.service == name for w in workers) for name in services(args)}
+    by_id = {w.identity.worker_id: w for w in workers}
     pairs = [(w, name) for w in workers for name in services(args)]
     cold = rng.sample(pairs, min(args.lookups, len(pairs)))
 
     def service_lookup(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            got = await reader.node.lookup_report(name, limit=LOOKUP_LIMIT)
-            ok = len(got.providers) >= min(LOOKUP_LIMIT, providers[name])
-            return Op(0.0, ok, got.hops, got.rounds)
+            node = (reader if reader.alive else pick_alive(rng, workers)).node
+            up = sum(w.alive and w.service == name for w in workers)
+            got = await node.lookup_report(name, limit=LOOKUP_LIMIT)
+            ok = len(got.providers) >= min(LOOKUP_LIMIT, up)
+            dead = sum(not by_id[r.worker_id].alive for r in got.providers if r.worker_id in by_id)
+            share = dead / len(got.providers) if got.providers else 0.0
+            return Op(0.0, ok, got.hops, got.rounds, dead_share=share)
 
         return lambda: timed(op, args.deadline)
 
     def record_get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            record, hops = await reader.node.get_record_report(target.identity.worker_id)
-            ok = record is not None and record.worker_id == target.identity.worker_id
+            wanted = target if target.alive else pick_alive(rng, workers, reader)
+            asker = reader if reader.alive else pick_alive(rng, workers, wanted)
+            record, hops = await asker.node.get_record_report(wanted.identity.worker_id)
+            ok = record is not None and record.worker_id == wanted.identity.worker_id
             return Op(0.0, ok, hops)
 
         return lambda: timed(op, args.deadline)
@@ -368,6 +464,7 @@ async def run_stock(args: argparse.Namespace, profile: Profile, value_size: int)
             nodes.append(node)
             role = "coordinator" if i < args.coordinators else "server"
             worker = Worker(node, node.host, Identity.generate(), names[i % len(names)], role)
+            worker.port = node.address[1]
             worker.key = f"worker:{worker.identity.worker_id}"
             worker.value = rng.randbytes(value_size)
             run.workers.append(worker)
@@ -389,7 +486,32 @@ async def run_stock(args: argparse.Namespace, profile: Profile, value_size: int)
         async def lookups() -> dict[str, list[Op]]:
             return {"record_get": await stock_gets(run.workers, args)}
 
-        await measure(run, network, store, lookups, args)
+        seeds, seed = [n.address for n in nodes[: args.coordinators]], args.seed
+
+        async def depart(worker: Worker, crash: bool) -> None:
+            # The stock library has no tombstone: a leave is a crash.
+            worker.saved = {"neighbors": worker.node.bootstrappable_neighbors()}
+            worker.host.crash()
+            worker.node.stop()
+
+        async def restart(worker: Worker) -> bool | None:
+            node = StockServer(worker.host, node_id=worker.node.node.id)
+            await node.listen(worker.port)
+            via = False
+            for peers in (worker.saved["neighbors"], seeds):
+                if peers and await node.bootstrap(peers):
+                    break
+                via = True
+            else:
+                node.stop()
+                return None
+            worker.node = node
+            nodes.append(node)
+            return via
+
+        model = session_model(args)
+        churn = churn_of(model, depart, restart, store, seed)
+        await measure(run, network, store, lookups, args, churn)
     finally:
         for node in nodes:
             node.stop()
@@ -406,19 +528,20 @@ async def stock_gets(workers: list[Worker], args: argparse.Namespace) -> list[Op
         return reader.node.storage.get(digest(target.key)) is not None
 
     def draw() -> tuple[Worker, Worker]:
-        target = rng.choice(workers)
-        readers = [w for w in workers if w is not target and not holds(w, target)]
-        return rng.choice(readers or [w for w in workers if w is not target]), target
+        target = pick_alive(rng, workers)
+        readers = [w for w in workers if w.alive and w is not target and not holds(w, target)]
+        return rng.choice(readers) if readers else pick_alive(rng, workers, target), target
 
     def get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            local = holds(reader, target)
-            value = await reader.node.get(target.key)
-            return Op(0.0, value == target.value, local=local)
+            asker, wanted = (reader, target) if reader.alive and target.alive else draw()
+            local = holds(asker, wanted)
+            value = await asker.node.get(wanted.key)
+            return Op(0.0, value == wanted.value, local=local)
 
         return lambda: timed(op, args.deadline)
 
-    pairs = [draw() for _ in range(args.lookups)]
+    pairs = [draw() for _ in range(args.lookups)]  # drawn again at their turn if one is down
     return await bounded([get(r, t) for r, t in pairs], args.concurrency)
 
 
@@ -469,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=float, default=60.0, help="steady window, seconds")
     parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="per lookup")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--session-median", type=float, default=1800.0, help="churn: median session, seconds"
+    )
+    parser.add_argument("--session-dist", choices=("weibull", "lognormal"), default="weibull")
+    parser.add_argument("--no-churn", action="store_true", help="every worker stays up")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock library")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--log-level", default="WARNING")

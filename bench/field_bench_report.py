@@ -4,6 +4,7 @@ success, traffic per node by role, and the shared loop's lateness that every fig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from typing import Any, Protocol
 
@@ -11,7 +12,7 @@ from common import quantile, text_table
 
 from dht_bridge.netem import Profile
 
-__all__ = ["OP_FIGURES", "ROLES", "figures", "render"]
+__all__ = ["CHURN_FIGURES", "OP_FIGURES", "ROLES", "figures", "render"]
 
 ROLES = ("client", "server", "coordinator")
 # What every operation kind's row carries.
@@ -25,6 +26,18 @@ OP_FIGURES = (
     "hops_mean",
     "rounds_mean",
     "local_pct",
+    "dead_share_mean_pct",
+    "dead_share_p99_pct",
+)
+# What a run under churn adds.
+CHURN_FIGURES = (
+    "crashes",
+    "leaves",
+    "restarts",
+    "restart_failures",
+    "restarts_via_coordinators",
+    "restart_p50_ms",
+    "restart_p99_ms",
 )
 
 
@@ -34,6 +47,7 @@ class _Op(Protocol):
     hops: int
     rounds: int
     local: bool
+    dead_share: float
 
 
 def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
@@ -49,6 +63,8 @@ def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
         "hops_mean": round(sum(op.hops for op in ops) / n, 2),
         "rounds_mean": round(sum(op.rounds for op in ops) / n, 2),
         "local_pct": round(100 * sum(op.local for op in ops) / n, 1),
+        "dead_share_mean_pct": round(100 * sum(op.dead_share for op in ops) / n, 2),
+        "dead_share_p99_pct": round(100 * quantile([op.dead_share for op in ops], 0.99), 1),
     }
 
 
@@ -60,6 +76,16 @@ def _traffic(sent: list[float], received: list[float]) -> dict[str, float]:
         "bytes_s_p99": round(quantile(both, 0.99), 1),
         "sent_bytes_s_mean": round(statistics.fmean(sent), 1) if sent else 0.0,
     }
+
+
+def session_line(args: argparse.Namespace) -> str:
+    """What churn the run had, in words."""
+    if args.no_churn:
+        return "no churn"
+    return (
+        f"{args.session_dist} sessions and offline spells, median {args.session_median:g} s; "
+        "half of the departures crashes without tombstone; restarts from the state file"
+    )
 
 
 def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -86,9 +112,30 @@ def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
             "loop_lag_p50_ms": round(quantile(run.lag, 0.5) * 1000, 1),
             "loop_lag_p99_ms": round(quantile(run.lag, 0.99) * 1000, 1),
             "loss_seen_pct": round(100 * run.loss_seen, 2),
+            "churn": churn_figures(run.churn),
+            "sessions": session_line(args),
             **{k: v for k, v in run.extra.items() if k != "median_rtt_s"},
         }
     return out
+
+
+def churn_figures(counts: Any) -> dict[str, Any] | None:
+    """A run's churn counts, and its restarts' times (listen to joined) in ms."""
+    if counts is None:
+        return None
+    out = dataclasses.asdict(counts)
+    seconds = out.pop("restart_seconds")
+    out["restart_p50_ms"] = round(quantile(seconds, 0.5) * 1000, 1)
+    out["restart_p99_ms"] = round(quantile(seconds, 0.99) * 1000, 1)
+    return out
+
+
+def churn_cells(churn: dict[str, Any] | None) -> list[object]:
+    """The churn columns of a run's row ("-" without churn)."""
+    if churn is None:
+        return ["-"] * 5
+    keys = ("crashes", "leaves", "restarts", "restarts_via_coordinators", "restart_p50_ms")
+    return [churn[k] for k in keys]
 
 
 def render(figures: dict[str, Any], profile: Profile) -> str:
@@ -106,6 +153,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             ("hops", ">5"),
             ("rounds", ">6"),
             ("local %", ">7"),
+            ("dead p99", ">8"),
         ],
         [
             [
@@ -120,6 +168,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
                 op["hops_mean"],
                 op["rounds_mean"],
                 op["local_pct"],
+                op["dead_share_p99_pct"],
             ]
             for impl, fig in figures.items()
             for kind, op in fig["ops"].items()
@@ -151,6 +200,11 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             ("loss %", ">7"),
             ("lag p50", ">8"),
             ("lag p99", ">8"),
+            ("crash", ">5"),
+            ("leave", ">5"),
+            ("restart", ">7"),
+            ("via coord", ">9"),
+            ("restart ms", ">10"),
         ],
         [
             [
@@ -163,20 +217,23 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
                 fig["loss_seen_pct"],
                 fig["loop_lag_p50_ms"],
                 fig["loop_lag_p99_ms"],
+                *churn_cells(fig["churn"]),
             ]
             for impl, fig in figures.items()
         ],
     )
     rtt = next(iter(figures.values()))["median_rtt_ms"]
     head = f"profile {profile.describe()}\nmedian RTT between this run's hosts: {rtt} ms"
+    head += f"\nchurn: {next(iter(figures.values()))['sessions']}"
     window = next(iter(figures.values()))
     return "\n\n".join(
         [
             head,
-            "Lookups (cold service lookups; gets of random workers' records)\n" + ops,
+            "Lookups (cold service lookups; gets of random workers' records; dead p99: the share "
+            "of an answer's providers that were down, %)\n" + ops,
             f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
             f"every {window['heartbeat_s']} s\n" + traffic,
-            "Runs (lag: how late the shared event loop ran a timer during the lookups, ms)\n"
-            + runs,
+            "Runs (lag: how late the shared event loop ran a timer during the lookups, ms; churn "
+            "during the window and the lookups; restart ms: p50 from listening to joined)\n" + runs,
         ]
     )

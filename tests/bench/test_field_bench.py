@@ -27,6 +27,8 @@ RUN_FIGURES = (
     "loop_lag_p99_ms",
     "loss_seen_pct",
     "heartbeats",
+    "churn",
+    "sessions",
 )
 TRAFFIC_FIGURES = ("nodes", "bytes_s_mean", "bytes_s_p99", "sent_bytes_s_mean")
 
@@ -36,7 +38,9 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
     result = run_bench_script(
         "field_bench.py",
         *("--profile", "continent", "--nodes", "14", "--coordinators", "2"),
-        *("--lookups", "12", "--window", "1", "--heartbeat", "1", "--out", str(out)),
+        *("--lookups", "12", "--window", "2", "--heartbeat", "1", "--out", str(out)),
+        # Sessions short enough that workers crash, leave and restart within the run.
+        *("--session-median", "1", "--session-dist", "lognormal"),
         timeout=300,
     )
     data = json.loads(out.read_text())
@@ -45,19 +49,23 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
     assert result.stdout.count("continent: ") >= 2  # printed first, and over the tables
     figures = data["figures"]
     assert set(figures) == {"ours", "stock"}
-    op_figures = bench_module("field_bench_report").OP_FIGURES
+    report = bench_module("field_bench_report")
     ours, stock = figures["ours"], figures["stock"]
     for run in (ours, stock):
         assert all(run.get(name) is not None for name in RUN_FIGURES), run
         assert run["nodes"] == 14
         for ops in run["ops"].values():
-            assert set(op_figures) <= set(ops)
+            assert set(report.OP_FIGURES) <= set(ops)
             assert ops["count"] == 12
         for traffic in run["traffic"].values():
             assert set(TRAFFIC_FIGURES) <= set(traffic)
             assert traffic["bytes_s_mean"] > 0
+        assert set(report.CHURN_FIGURES) <= set(run["churn"])
+        assert run["churn"]["crashes"] + run["churn"]["leaves"] > 0
     assert set(ours["ops"]) == {"service_lookup", "record_get"}
     assert set(stock["ops"]) == {"record_get"}
     assert set(ours["traffic"]) == {"client", "server", "coordinator"}
     assert (ours["clients"], stock["clients"]) == (11, 0)
+    assert ours["churn"]["restarts"] > 0
+    assert ours["sessions"].startswith("lognormal sessions")
     assert "p50 RTT" in result.stdout
