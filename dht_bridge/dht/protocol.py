@@ -77,7 +77,8 @@ LATE_SHARE = 0.5
 # later request. One at a time per address.
 MAX_CHECKS = 64
 # An address that left a check unanswered is not checked again for this long: a spoofed
-# source gets at most one datagram from us per this many seconds, whatever id it claims.
+# source gets at most one check per this many seconds, whatever ids are claimed in its name
+# (and answers cut to its budget).
 CHECK_COOLDOWN = 60.0
 MAX_UNANSWERED = 4096
 # Answers that can outgrow an unproved caller's budget: held for its check, or cut to fit.

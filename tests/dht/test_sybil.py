@@ -105,7 +105,8 @@ async def test_a_flood_of_2400_ids_from_one_socket_leaves_answers_and_lookups_ho
                 mine = sum((entry[1], entry[2]) == sybil.home for entry in answer)
                 assert mine <= LIMITS.per_ip_table, (mine, len(answer))
                 fakes, total = fakes + mine, total + len(answer)
-        assert fakes / total <= LIMITS.per_ip_table / NETWORK
+        # Before: 87% of the answers were fakes (120 per table of 139).
+        assert fakes / total <= 0.25
 
         # Readers, old and new, find every live provider while the fakes keep answering.
         expected = {r.worker_id for r in records}
