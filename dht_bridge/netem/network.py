@@ -119,7 +119,8 @@ class EmulatedTransport(asyncio.DatagramTransport):
         if self._closed:
             return
         self.vanish()
-        asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+        # As asyncio does: the protocol hears of the close on the loop, not inside close().
+        self.host.network.loop.call_soon(self.protocol.connection_lost, None)
 
     def abort(self) -> None:
         self.close()
@@ -217,6 +218,13 @@ class EmulatedNetwork:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._regions = [r.name for r in profile.regions]
         self._weights = [r.weight for r in profile.regions]
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop datagrams are delivered on (the first endpoint's)."""
+        if self._loop is None:
+            raise RuntimeError("no endpoint has been bound on this network yet")
+        return self._loop
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run on `loop` (the first endpoint's); every endpoint must share it."""
@@ -328,8 +336,7 @@ class EmulatedNetwork:
             host.traffic.lost += 1
             return
         delay = self.rtt(host, destination) / 2 * (1 + self.profile.jitter * self.rng.random())
-        assert self._loop is not None  # attached when the sending endpoint was bound
-        self._loop.call_later(delay, self._deliver, transport.address, target, data)
+        self.loop.call_later(delay, self._deliver, transport.address, target, data)
 
     def _deliver(self, source: Address, target: Address, data: bytes) -> None:
         destination = self.by_ip[target[0]]
