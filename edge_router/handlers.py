@@ -127,19 +127,7 @@ def _region(request: Request, state: RouterState) -> str | None:
 async def bootstrap(request: Request) -> Response:
     """GET /dht/bootstrap: a few live DHT peers for a joining worker."""
     state = state_of(request)
-    region = _region(request, state)
-
-    async def fetch() -> list[Peer]:
-        return await choose_peers(
-            coordinators=state.config.coordinators,
-            registry=state.registry,
-            dht=state.dht,
-            region=region,
-            count=state.config.bootstrap_peers,
-            now=state.clock(),
-        )
-
-    peers, cache_state, age = await state.peers.get(("peers", region or ""), fetch)
+    peers, cache_state, age = await bootstrap_peers(state, _region(request, state))
     if not peers:
         raise NoProvider("no DHT peer is known yet; retry later")
     ttl = state.config.bootstrap_ttl
@@ -152,6 +140,24 @@ async def bootstrap(request: Request) -> Response:
             "Age": str(int(age)),
         },
     )
+
+
+async def bootstrap_peers(
+    state: RouterState, region: str | None
+) -> tuple[list[Peer], CacheState, float]:
+    """The peers `/dht/bootstrap` hands out for `region`, through the router's peer cache."""
+
+    async def fetch() -> list[Peer]:
+        return await choose_peers(
+            coordinators=state.config.coordinators,
+            registry=state.registry,
+            dht=state.dht,
+            region=region,
+            count=state.config.bootstrap_peers,
+            now=state.clock(),
+        )
+
+    return await state.peers.get(("peers", region or ""), fetch)
 
 
 # Registration fallback.
@@ -304,6 +310,7 @@ async def topology(request: Request) -> Response:
     except RegistryError as exc:
         raise BackendUnavailable(f"registry unavailable: {exc}") from exc
     workers = [_worker_view(r, now) for r in records if not r.is_expired(now)]
+    peers, _, _ = await bootstrap_peers(state, None)
     services: dict[str, int] = {}
     regions: dict[str, int] = {}
     for worker in workers:
@@ -319,6 +326,9 @@ async def topology(request: Request) -> Response:
             "services": services,
             "regions": regions,
             "coordinators": [{"host": h, "port": p} for h, p in state.config.coordinators],
+            # What /dht/bootstrap hands out, here so that the page polls one operator URL and
+            # none that the edge budget counts.
+            "bootstrap_peers": peers,
             "figures": {**figures(state), **mode_counts(records, now)},
             # The registry holds more than was read: every count above is a lower bound.
             "truncated": truncated,

@@ -1,16 +1,24 @@
 /*
- * The topology page of the RMA edge router: polls GET /topology (and now and then
- * GET /dht/bootstrap) and draws the network in SVG, with no library.
+ * The topology page of the RMA edge router: polls GET /topology and draws the network in SVG,
+ * with no library. /topology carries everything drawn, the bootstrap peers included, so the page
+ * spends one request a round, and only in the operator's class that the edge budget leaves out.
  *
- * Drawing: one row per service group (a worker offering several services is drawn once, in the
- * group of its whole service set), one column per region, and in each cell the workers packed
- * in a honeycomb. Colour and size follow load; DHT servers are outlined; bootstrap peers get a
- * ring; workers that left (tombstones) are grey and fade as their lease runs out; workers gone
- * from the data fade out before they are removed. Coordinators sit in a band on top.
+ * Drawing: one block per service group (a worker offering several services is drawn once, in
+ * the group of its whole service set), one cell per region in it, and in each cell the workers
+ * packed in a honeycomb. Colour and size follow load; DHT servers are outlined; bootstrap peers
+ * get a ring; workers that left (tombstones) are grey and fade as their lease runs out; workers
+ * gone from the data fade out before they are removed. Coordinators sit in a band on top.
+ *
+ * The drawing is laid out for the width it is shown at, one SVG unit to one CSS pixel, so text
+ * keeps its size on a phone: regions become columns while they fit, then cells wrap (each one
+ * titled with its region) and group names move above their cells. A cell holding more workers
+ * than it can draw at the smallest node size shows them as a histogram of load instead, and so
+ * do the biggest cells when the whole drawing would pass MAX_DRAWN nodes.
  *
  * Tests read the page through stable hooks: every drawn worker is a <circle class="worker"
- * data-id=...>, every figure a [data-figure] card, and <body> carries data-state ("loading",
- * "ready", "error") and data-renders (redraws so far).
+ * data-id=...>, every aggregated cell a <g class="aggregate" data-count=...>, every figure a
+ * [data-figure] card, and <body> carries data-state ("loading", "ready", "error"), data-renders
+ * (redraws so far), data-render-ms (the last one's time) and data-refresh (the poll interval, ms).
  */
 "use strict";
 
@@ -19,37 +27,53 @@
   const params = new URLSearchParams(window.location.search);
   // ?refresh=seconds for demos and tests, clamped so that a typo cannot hammer the router.
   const REFRESH_MS = 1000 * clamp(Number(params.get("refresh")) || 2, 0.5, 60);
-  // The router caches /dht/bootstrap for a minute; every edge request counts against the
-  // daily budget, so the page asks for it only every few rounds.
-  const BOOTSTRAP_EVERY = 5;
-  const FETCH_TIMEOUT_MS = 5000;
+  // A round (the router reading the registry, the transfer, the drawing) may take at most this
+  // share of the time: a big network is polled less often rather than loading the router.
+  const BUSY_SHARE = 0.2;
+  const MAX_REFRESH_MS = 60000;
+  const FETCH_TIMEOUT_MS = 15000;
   const LEASE_S = 90; // the default lease: a tombstone fades over this long
-  // The bridge's figures, should the router carry them in /topology (the bridge exports
-  // rma_bridge_sync_lag_seconds and rma_bridge_journal_records); absent means "n/a".
+  // The bridge's figures, present when the bridge runs inside the router's process (rma demo);
+  // a bridge of its own exports them on its own /metrics.
   const BRIDGE_LAG_KEYS = ["bridge_sync_lag_seconds", "rma_bridge_sync_lag_seconds", "bridge_lag_seconds"];
   const BRIDGE_JOURNAL_KEYS = ["bridge_journal_records", "rma_bridge_journal_records"];
 
-  // Geometry of the drawing, in viewBox units.
-  const WIDTH = 960; // columns stretch to fill at least this width
-  const LABEL_W = 170; // row labels on the left
-  const BAND_H = 78; // the coordinators' band
+  // Geometry of the drawing, in CSS pixels (the viewBox is as wide as the drawing's box).
+  const MIN_WIDTH = 280;
+  const WIDE = 640; // from this width group names sit left of their cells
+  const LABEL_W = 150; // group names, in the wide layout
+  const BAND_LABEL_W = 210; // "DHT coordinators" and its subtitle, in the wide layout
+  const MIN_COL_W = 140;
+  const BAND_HEAD_H = 50; // "DHT coordinators" and its subtitle
+  const COORD_W = 150; // one coordinator and its address
+  const COORD_H = 30;
   const HEADER_H = 30; // region names above the columns
-  const CAPTION_H = 20; // a cell's caption under its cluster
-  const MIN_COL_W = 190;
-  const MIN_ROW_H = 84;
-  const CELL_PAD = 14;
+  const GROUP_HEAD_H = 26; // a group's name above its cells, in the narrow layout
+  const CELL_TITLE_H = 18; // a cell's region name, when cells wrap
+  const CAPTION_H = 20; // a cell's caption under its content
+  const MIN_CELL_H = 66;
+  const CELL_PAD = 12;
   const GAP = 8;
+  const R_MAX = 9;
+  const R_MIN = 3.5; // below this a node is a speck: the cell aggregates instead
+  const MAX_PACK_H = 190; // the tallest honeycomb a cell draws
+  const HIST_H = 96; // an aggregated cell's headline, bars and axis
+  const LOAD_BINS = 10;
+  const MAX_DRAWN = 8000; // worker nodes in the whole drawing
+  const CHAR_W = 0.6; // a system font's average glyph width, as a share of its size
 
   const svg = document.getElementById("topology");
+  const drawing = svg.parentElement;
   const layers = {};
-  for (const name of ["grid", "links", "coordinators", "nodes"]) {
+  for (const name of ["grid", "links", "coordinators", "aggregates", "nodes"]) {
     layers[name] = svg.appendChild(el("g", { class: `layer-${name}` }));
   }
   const nodes = new Map(); // worker_id -> <g class="node">, kept across redraws so moves animate
-  let bootstrapPeers = new Set(); // "host:port" of the peers /dht/bootstrap hands out
-  let round = 0;
   let renders = 0;
   let lastOk = null;
+  let lastTopo = null;
+  let drawnWidth = 0;
+  let refreshMs = REFRESH_MS;
   let timer = null;
   let busy = false; // one round at a time, whoever asks (the timer or a tab shown again)
 
@@ -59,19 +83,20 @@
     if (busy) return;
     busy = true;
     clearTimeout(timer);
-    // A hidden tab spends no edge requests; it catches up when shown again.
+    // A hidden tab spends no requests; it catches up when shown again.
     if (!document.hidden) {
+      const started = performance.now();
       let stage = "cannot reach /topology";
       try {
         const topo = await getJSON("/topology");
-        if (round % BOOTSTRAP_EVERY === 0) {
-          bootstrapPeers = await fetchBootstrapPeers(bootstrapPeers);
-        }
-        round += 1;
         stage = "cannot draw the topology";
         render(topo);
+        lastTopo = topo;
         lastOk = new Date();
-        setStatus(true, `live · updated ${clockTime(lastOk)} · every ${REFRESH_MS / 1000} s`);
+        const spent = performance.now() - started;
+        refreshMs = clamp(spent / BUSY_SHARE, REFRESH_MS, Math.max(REFRESH_MS, MAX_REFRESH_MS));
+        document.body.dataset.refresh = String(Math.round(refreshMs));
+        setStatus(true, `live · updated ${clockTime(lastOk)} · every ${seconds(refreshMs / 1000)}`);
         document.body.dataset.state = "ready";
       } catch (err) {
         const since = lastOk ? ` · showing ${clockTime(lastOk)}` : "";
@@ -81,7 +106,7 @@
     }
     busy = false;
     // setTimeout after each round, not setInterval: a slow router never piles requests up.
-    timer = setTimeout(refresh, REFRESH_MS);
+    timer = setTimeout(refresh, refreshMs);
   }
 
   async function getJSON(path) {
@@ -96,9 +121,7 @@
       const body = await resp.json().catch(() => null);
       if (!resp.ok) {
         const detail = body && body.detail ? `: ${body.detail}` : "";
-        const error = new Error(`HTTP ${resp.status}${detail}`);
-        error.status = resp.status;
-        throw error;
+        throw new Error(`HTTP ${resp.status}${detail}`);
       }
       return body;
     } catch (err) {
@@ -109,20 +132,13 @@
     }
   }
 
-  async function fetchBootstrapPeers(previous) {
-    try {
-      const answer = await getJSON("/dht/bootstrap");
-      return new Set((answer.peers || []).map((p) => `${p.host}:${p.port}`));
-    } catch (err) {
-      // 503 means no peer is known yet; anything else keeps what we knew.
-      return err.status === 503 ? new Set() : previous;
-    }
-  }
-
   // -- layout ------------------------------------------------------------------------------
 
-  /** Rows (service groups), columns (regions) and each worker's place, from the JSON. */
-  function layout(workers, coordinators) {
+  /** Where everything goes at `width` pixels: groups, cells, each drawn worker's place. */
+  function layout(workers, coordinators, width) {
+    const W = Math.max(MIN_WIDTH, Math.floor(width));
+    const narrow = W < WIDE;
+    const labelW = narrow ? 0 : LABEL_W;
     const regionOf = (w) => w.region || "unknown";
     const groupOf = (w) => (w.services.length ? [...w.services].sort().join(" + ") : "(none)");
     // By id, so that a worker keeps its place while others come, go or change load.
@@ -138,154 +154,283 @@
       if (!cells.has(key)) cells.set(key, []);
       cells.get(key).push(w);
     }
-    const biggest = Math.max(1, ...[...cells.values()].map((c) => c.length));
-    // Nodes shrink as cells fill up, so a network of thousands still fits on a screen.
-    const radius = clamp(9 * Math.sqrt(30 / biggest), 3, 9);
-    const spacing = radius * 2.9; // room for the largest (fully loaded) node and its ring
 
-    // Columns share the page width evenly (each at least MIN_COL_W).
-    const colWidth = Math.max(MIN_COL_W, (WIDTH - LABEL_W) / Math.max(regions.length, 1) - GAP);
-    const colW = regions.map(() => colWidth);
-    const perRow = Math.max(1, Math.floor((colWidth - 2 * CELL_PAD) / spacing));
-    const packHeight = (n) => (Math.ceil(n / perRow) - 1) * spacing * 0.87 + 2 * radius;
-    const rowH = groups.map((g) =>
-      Math.max(MIN_ROW_H, ...regions.map((r) => packHeight(count(cells, g, r)) + CAPTION_H + 2 * CELL_PAD))
-    );
-    const width = Math.max(WIDTH, LABEL_W + (colWidth + GAP) * regions.length);
-    const top = BAND_H + GAP + HEADER_H;
-    // With no worker yet, room for the message that says so.
-    const height = Math.max(BAND_H + 120, top + sum(rowH) + GAP * groups.length);
+    // Regions are columns while they fit; past that, cells wrap and each carries its region.
+    const cols = clamp(Math.floor((W - labelW + GAP) / (MIN_COL_W + GAP)), 1, Math.max(1, regions.length));
+    const wrapped = regions.length > cols;
+    const colW = (W - labelW - GAP * (cols - 1)) / cols;
+    const colX = Array.from({ length: cols }, (_, i) => labelW + i * (colW + GAP));
 
-    const colX = prefix(colW, LABEL_W);
-    const rowY = prefix(rowH, top);
+    // Nodes shrink as cells fill up, down to R_MIN; a cell that would not fit even then
+    // aggregates, and the others are drawn at the largest size at which all of them fit.
+    const spacingOf = (r) => r * 2.9; // room for the largest (fully loaded) node and its ring
+    const perRowOf = (r) => Math.max(1, Math.floor((colW - 2 * CELL_PAD - spacingOf(r) / 2) / spacingOf(r)));
+    const capacity = (r) => perRowOf(r) * (Math.floor((MAX_PACK_H - spacingOf(r)) / (spacingOf(r) * 0.87)) + 1);
+    // Past MAX_DRAWN nodes in all the page slows down: the biggest cells aggregate first.
+    let limit = capacity(R_MIN);
+    const sizes = [...cells.values()].map((c) => c.length).sort((a, b) => b - a);
+    const drawnUpTo = (most) => sum(sizes.filter((n) => n <= most));
+    for (const n of sizes) {
+      if (drawnUpTo(limit) <= MAX_DRAWN) break;
+      limit = Math.min(limit, n - 1);
+    }
+    const drawable = sizes.filter((n) => n <= limit);
+    let radius = clamp(R_MAX * Math.sqrt(30 / Math.max(1, ...drawable)), R_MIN, R_MAX);
+    while (radius > R_MIN && drawable.some((n) => n > capacity(radius))) radius = Math.max(R_MIN, radius - 0.25);
+    const spacing = spacingOf(radius);
+    const perRow = perRowOf(radius);
+    const contentH = (n) => (n > limit ? HIST_H : n ? (Math.ceil(n / perRow) - 1) * spacing * 0.87 + spacing : 0);
+    const titleH = wrapped ? CELL_TITLE_H : 0;
+    const cellH = (n) => Math.max(MIN_CELL_H, CELL_PAD + titleH + contentH(n) + CAPTION_H);
+
+    const band = coordinatorBand(coordinators.length, W, narrow);
+    let y = band.height + GAP + (wrapped ? 0 : HEADER_H);
     const places = new Map();
     const cellBoxes = [];
-    groups.forEach((g, gi) => {
-      regions.forEach((r, ri) => {
-        const members = cells.get(`${g}|${r}`) || [];
-        const box = { x: colX[ri], y: rowY[gi], w: colW[ri], h: rowH[gi], group: g, region: r, members };
-        box.cx = box.x + box.w / 2;
-        box.cy = box.y + (box.h - CAPTION_H) / 2;
-        cellBoxes.push(box);
-        // A honeycomb centred in the cell: rows of up to perRow nodes, odd rows shifted by
-        // half a step.
-        const lines = Math.ceil(members.length / perRow);
-        members.forEach((w, i) => {
-          const line = Math.floor(i / perRow);
-          const inLine = Math.min(perRow, members.length - line * perRow);
-          const shift = lines > 1 ? ((line % 2) - 0.5) * spacing * 0.5 : 0;
-          places.set(w.worker_id, {
-            x: box.cx + (i % perRow - (inLine - 1) / 2) * spacing + shift,
-            y: box.cy + (line - (lines - 1) / 2) * spacing * 0.87,
-          });
+    const blocks = [];
+    for (const g of groups) {
+      // Wrapped cells leave out the regions where the group has nobody; columns keep them all.
+      const present = regions.filter((r) => !wrapped || cells.has(`${g}|${r}`));
+      const block = { group: g, y, headY: y, members: [] };
+      if (narrow) y += GROUP_HEAD_H;
+      for (let line = 0; line * cols < present.length; line++) {
+        const inLine = present.slice(line * cols, (line + 1) * cols);
+        const h = Math.max(...inLine.map((r) => cellH(count(cells, g, r))));
+        inLine.forEach((r, i) => {
+          const members = cells.get(`${g}|${r}`) || [];
+          const col = wrapped ? i : regions.indexOf(r);
+          const box = { x: colX[col], y, w: colW, h, group: g, region: r, members, aggregate: members.length > limit };
+          box.cx = box.x + box.w / 2;
+          box.contentY = y + CELL_PAD / 2 + titleH;
+          box.contentH = h - CELL_PAD / 2 - titleH - CAPTION_H;
+          box.cy = box.contentY + box.contentH / 2;
+          cellBoxes.push(box);
+          block.members.push(...members);
+          if (!box.aggregate) placeHoneycomb(box, members);
+        });
+        y += h + GAP;
+      }
+      block.h = y - GAP - block.y;
+      blocks.push(block);
+    }
+    // With no worker yet, room for the message that says so.
+    const height = Math.max(band.height + 120, y);
+    return { W, narrow, wrapped, regions, groups, cols, colX, colW, cellBoxes, blocks, places, radius, height, band };
+
+    function placeHoneycomb(box, members) {
+      // Rows of up to perRow nodes centred in the cell, odd rows shifted by half a step.
+      const lines = Math.ceil(members.length / perRow);
+      members.forEach((w, i) => {
+        const line = Math.floor(i / perRow);
+        const inLine = Math.min(perRow, members.length - line * perRow);
+        const shift = lines > 1 ? ((line % 2) - 0.5) * spacing * 0.5 : 0;
+        places.set(w.worker_id, {
+          x: box.cx + ((i % perRow) - (inLine - 1) / 2) * spacing + shift,
+          y: box.cy + (line - (lines - 1) / 2) * spacing * 0.87,
         });
       });
-    });
-    const coordinatorX = coordinators.map(
-      (_, i) => LABEL_W + ((width - LABEL_W) * (i + 1)) / (coordinators.length + 1)
-    );
-    return { regions, groups, colX, colW, rowY, rowH, cellBoxes, places, radius, width, height, coordinatorX };
-
-    function prefix(sizes, start) {
-      const out = [];
-      let at = start;
-      for (const size of sizes) {
-        out.push(at);
-        at += size + GAP;
-      }
-      return out;
     }
+  }
+
+  /** The coordinators' band: their places, in as many lines as the width needs. */
+  function coordinatorBand(n, W, narrow) {
+    const left = narrow ? 14 : BAND_LABEL_W;
+    const top = narrow ? BAND_HEAD_H : 0;
+    const perLine = Math.max(1, Math.floor((W - left - 8) / COORD_W));
+    const lines = Math.max(1, Math.ceil(n / perLine));
+    const inBand = narrow ? top + lines * COORD_H + 6 : Math.max(78, lines * COORD_H + 18);
+    const places = Array.from({ length: n }, (_, i) => {
+      const line = Math.floor(i / perLine);
+      const inLine = Math.min(perLine, n - line * perLine);
+      const slot = (W - left) / inLine;
+      return {
+        // Each in the middle of its slot (diamond and address together), never left of it.
+        x: left + slot * (i % perLine) + Math.max(12, slot / 2 - COORD_W / 2 + 12),
+        y: top + (narrow ? 14 : (inBand - lines * COORD_H) / 2 + COORD_H / 2) + line * COORD_H,
+      };
+    });
+    return { height: inBand, places, left, top };
   }
 
   // -- drawing -----------------------------------------------------------------------------
 
   function render(topo) {
+    const started = performance.now();
     const workers = topo.workers || [];
     const coordinators = topo.coordinators || [];
-    const plan = layout(workers, coordinators);
-    svg.setAttribute("viewBox", `0 0 ${plan.width} ${plan.height}`);
+    const peers = new Set((topo.bootstrap_peers || []).map((p) => `${p.host}:${p.port}`));
+    drawnWidth = availableWidth();
+    const plan = layout(workers, coordinators, drawnWidth);
+    svg.setAttribute("viewBox", `0 0 ${plan.W} ${Math.ceil(plan.height)}`);
+    svg.setAttribute("width", String(plan.W));
+    svg.setAttribute("height", String(Math.ceil(plan.height)));
     drawGrid(plan, workers.length);
-    drawCoordinators(plan, coordinators);
-    drawWorkers(plan, workers);
+    drawCoordinators(plan, coordinators, peers);
+    drawAggregates(plan);
+    drawWorkers(plan, workers, peers);
     drawFigures(topo);
     renders += 1;
     document.body.dataset.renders = String(renders);
+    document.body.dataset.renderMs = String(Math.round(performance.now() - started));
+  }
+
+  function availableWidth() {
+    const style = getComputedStyle(drawing);
+    const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+    return Math.max(MIN_WIDTH, Math.floor(drawing.clientWidth - padding));
   }
 
   function drawGrid(plan, total) {
     const grid = clear(layers.grid);
-    grid.appendChild(el("rect", { class: "band", x: 0, y: 0, width: plan.width, height: BAND_H, rx: 8 }));
+    grid.appendChild(el("rect", { class: "band", x: 0, y: 0, width: plan.W, height: plan.band.height, rx: 8 }));
     grid.appendChild(text("DHT coordinators", 14, 22, "heading"));
     grid.appendChild(text("bridge nodes: Redis ⇄ DHT", 14, 40, "small muted"));
     if (!total) {
-      const y = BAND_H + 70;
-      grid.appendChild(text("No workers registered yet.", plan.width / 2, y, "heading", "middle"));
-      grid.appendChild(
-        text("They appear here as they join the DHT or register at the edge.", plan.width / 2, y + 22, "small muted", "middle")
-      );
+      const y = plan.band.height + 70;
+      grid.appendChild(text("No workers registered yet.", plan.W / 2, y, "heading", "middle"));
+      grid.appendChild(text("They appear as they join the DHT or register at the edge.", plan.W / 2, y + 22, "small muted", "middle"));
       return;
     }
-    plan.regions.forEach((r, i) => {
-      const live = plan.cellBoxes.filter((c) => c.region === r).flatMap((c) => c.members).filter(isLive).length;
-      const x = plan.colX[i] + plan.colW[i] / 2;
-      const label = text(r, x, BAND_H + GAP + 20, "heading", "middle");
-      label.appendChild(tspan(`  ${live} live`, "small muted"));
-      grid.appendChild(label);
-    });
-    plan.groups.forEach((g, i) => {
-      const members = plan.cellBoxes.filter((c) => c.group === g).flatMap((c) => c.members);
-      const y = plan.rowY[i] + plan.rowH[i] / 2;
-      grid.appendChild(text(g, 14, y - 4, "heading"));
-      const live = members.filter(isLive).length;
-      const left = members.length - live;
-      grid.appendChild(text(`${live} live${left ? ` · ${left} left` : ""}`, 14, y + 14, "small muted"));
-    });
+    if (!plan.wrapped) {
+      plan.regions.forEach((r, i) => {
+        const live = plan.cellBoxes.filter((c) => c.region === r).reduce((n, c) => n + c.members.filter(isLive).length, 0);
+        const x = plan.colX[i] + plan.colW / 2;
+        const tail = `  ${fmt(live)} live`;
+        const label = text(fit(r, plan.colW - 8 - tail.length * 11 * CHAR_W, 14), x, plan.band.height + GAP + 20, "heading", "middle");
+        label.appendChild(tspan(tail, "small muted"));
+        label.appendChild(titled(`region ${r}: ${fmt(live)} live`));
+        grid.appendChild(label);
+      });
+    }
+    for (const block of plan.blocks) {
+      const live = block.members.filter(isLive).length;
+      const left = block.members.length - live;
+      const counts = `${fmt(live)} live${left ? ` · ${fmt(left)} left` : ""}`;
+      if (plan.narrow) {
+        const head = text(fit(block.group, plan.W - 20 - (counts.length + 2) * 11 * CHAR_W, 14), 4, block.headY + 17, "heading");
+        head.appendChild(tspan(`  ${counts}`, "small muted"));
+        head.appendChild(titled(block.group));
+        grid.appendChild(head);
+      } else {
+        const y = block.y + block.h / 2;
+        const name = text(fit(block.group, LABEL_W - 20, 14), 14, y - 4, "heading");
+        name.appendChild(titled(block.group));
+        grid.appendChild(name);
+        grid.appendChild(text(fit(counts, LABEL_W - 20, 11), 14, y + 14, "small muted"));
+      }
+    }
     for (const box of plan.cellBoxes) {
       grid.appendChild(el("rect", { class: "cell", x: box.x, y: box.y, width: box.w, height: box.h, rx: 8 }));
-      const live = box.members.filter(isLive);
-      const left = box.members.length - live.length;
-      let caption = "no workers";
-      if (box.members.length) {
-        const load = live.length ? Math.round((100 * sum(live.map((w) => w.load))) / live.length) : 0;
-        caption = `${live.length} live${left ? ` · ${left} left` : ""}${live.length ? ` · load ${load}%` : ""}`;
+      if (plan.wrapped) {
+        grid.appendChild(text(fit(box.region, box.w - 16, 12), box.cx, box.y + CELL_PAD / 2 + 12, "region", "middle"));
       }
-      grid.appendChild(text(caption, box.cx, box.y + box.h - 8, "small muted", "middle"));
+      grid.appendChild(text(caption(box), box.cx, box.y + box.h - 8, "small muted", "middle"));
     }
   }
 
-  function drawCoordinators(plan, coordinators) {
+  /** A cell's caption, as much of it as fits its width. */
+  function caption(box) {
+    if (!box.members.length) return "no workers";
+    const live = box.members.filter(isLive);
+    const left = box.members.length - live.length;
+    const load = live.length ? `${Math.round((100 * sum(live.map((w) => w.load))) / live.length)}%` : "";
+    const variants = [
+      `${fmt(live.length)} live${left ? ` · ${fmt(left)} left` : ""}${load ? ` · load ${load}` : ""}`,
+      `${fmt(live.length)} live${load ? ` · load ${load}` : ""}`,
+      `${fmt(live.length)} live`,
+    ];
+    return variants.find((v) => v.length * 11 * CHAR_W <= box.w - 12) || variants[variants.length - 1];
+  }
+
+  function drawCoordinators(plan, coordinators, peers) {
     const links = clear(layers.links);
     const group = clear(layers.coordinators);
     if (!coordinators.length) {
-      group.appendChild(text("none configured (RMA_COORDINATORS)", LABEL_W + 20, BAND_H / 2 + 4, "small muted"));
+      const { left, top } = plan.band;
+      group.appendChild(text("none configured (RMA_COORDINATORS)", left + 6, top + (plan.narrow ? 18 : 43), "small muted"));
       return;
     }
     coordinators.forEach((c, i) => {
-      const x = plan.coordinatorX[i];
-      const y = BAND_H / 2 - 6;
+      const { x, y } = plan.band.places[i];
       const address = `${c.host}:${c.port}`;
-      // Faint links to every region: the coordinators keep them all in sync.
-      plan.regions.forEach((_, ri) => {
-        const hx = plan.colX[ri] + plan.colW[ri] / 2;
-        const hy = BAND_H + GAP + 4;
-        const mid = (y + 12 + hy) / 2;
-        links.appendChild(el("path", { class: "link", d: `M${x},${y + 12} C${x},${mid} ${hx},${mid} ${hx},${hy}` }));
-      });
+      const peer = peers.has(address);
+      // Faint links to every region's column: the coordinators keep them all in sync. Cells
+      // that wrap have no columns to point at.
+      if (!plan.wrapped) {
+        for (let ri = 0; ri < plan.regions.length; ri++) {
+          const hx = plan.colX[ri] + plan.colW / 2;
+          const hy = plan.band.height + GAP + 4;
+          const mid = (y + 12 + hy) / 2;
+          links.appendChild(el("path", { class: "link", d: `M${x},${y + 12} C${x},${mid} ${hx},${mid} ${hx},${hy}` }));
+        }
+      }
       const diamond = el("path", {
-        class: `coordinator${bootstrapPeers.has(address) ? " bootstrap" : ""}`,
-        d: `M${x},${y - 11} L${x + 11},${y} L${x},${y + 11} L${x - 11},${y} Z`,
+        class: `coordinator${peer ? " bootstrap" : ""}`,
+        d: `M${x},${y - 10} L${x + 10},${y} L${x},${y + 10} L${x - 10},${y} Z`,
         "data-address": address,
       });
-      diamond.appendChild(titled(`coordinator ${address}${bootstrapPeers.has(address) ? " · bootstrap peer" : ""}`));
+      diamond.appendChild(titled(`coordinator ${address}${peer ? " · bootstrap peer" : ""}`));
       group.appendChild(diamond);
-      group.appendChild(text(address, x + 18, y + 4, "small"));
+      group.appendChild(text(fit(address, COORD_W - 26, 11), x + 16, y + 4, "small"));
     });
   }
 
-  function drawWorkers(plan, workers) {
+  /** Cells with more workers than they can draw: a histogram of their live workers' load. */
+  function drawAggregates(plan) {
+    const layer = clear(layers.aggregates);
+    for (const box of plan.cellBoxes) {
+      if (!box.aggregate) continue;
+      const live = box.members.filter(isLive);
+      const servers = live.filter(isServer).length;
+      const bins = new Array(LOAD_BINS).fill(0);
+      for (const w of live) bins[Math.min(LOAD_BINS - 1, Math.floor(clamp(w.load, 0, 1) * LOAD_BINS))] += 1;
+      const g = layer.appendChild(
+        el("g", {
+          class: "aggregate",
+          "data-group": box.group,
+          "data-region": box.region,
+          "data-count": box.members.length,
+          "data-live": live.length,
+          "data-left": box.members.length - live.length,
+        })
+      );
+      // The bars take what the cell's row leaves them (the row may be taller than HIST_H).
+      const top = box.contentY + 14;
+      const headline = text(`${fmt(box.members.length)} workers`, box.cx, top, "heading", "middle");
+      g.appendChild(headline);
+      g.appendChild(text(fit(`${fmt(servers)} DHT servers · by load`, box.w - 16, 11), box.cx, top + 15, "small muted", "middle"));
+      const x0 = box.x + CELL_PAD;
+      const barsW = box.w - 2 * CELL_PAD;
+      const base = box.contentY + box.contentH - 14;
+      const barsH = box.contentH - 14 - 28;
+      const highest = Math.max(1, ...bins);
+      const step = barsW / LOAD_BINS;
+      bins.forEach((n, i) => {
+        const h = n ? Math.max(1.5, (barsH * n) / highest) : 0;
+        const bar = el("rect", {
+          class: "bar",
+          x: (x0 + i * step + 1).toFixed(1),
+          y: (base - h).toFixed(1),
+          width: Math.max(1, step - 2).toFixed(1),
+          height: h.toFixed(1),
+          fill: loadColour((i + 0.5) / LOAD_BINS),
+          "data-count": n,
+        });
+        bar.appendChild(titled(`load ${i * 10}–${(i + 1) * 10}%: ${fmt(n)} live workers`));
+        g.appendChild(bar);
+      });
+      g.appendChild(el("line", { class: "axis", x1: x0, y1: base + 0.5, x2: x0 + barsW, y2: base + 0.5 }));
+      g.appendChild(text("0%", x0, base + 12, "tiny muted"));
+      g.appendChild(text("load", box.cx, base + 12, "tiny muted", "middle"));
+      g.appendChild(text("100%", x0 + barsW, base + 12, "tiny muted", "end"));
+    }
+  }
+
+  function drawWorkers(plan, workers, peers) {
     const seen = new Set();
     for (const w of workers) {
       const place = plan.places.get(w.worker_id);
+      if (!place) continue; // in an aggregated cell
       seen.add(w.worker_id);
       let g = nodes.get(w.worker_id);
       if (!g) {
@@ -297,13 +442,13 @@
       }
       const [ring, circle, title] = g.children;
       const live = isLive(w);
-      const peer = isServer(w) && bootstrapPeers.has(w.dht);
+      const peer = isServer(w) && peers.has(w.dht);
       const r = live ? plan.radius * (0.8 + 0.45 * w.load) : plan.radius * 0.8;
       // A CSS transform rather than the attribute, so that a move animates.
       g.style.transform = `translate(${place.x.toFixed(1)}px, ${place.y.toFixed(1)}px)`;
       g.style.opacity = live ? "1" : String(0.15 + 0.55 * clamp(w.expires_in / LEASE_S, 0, 1));
       g.setAttribute("class", `node${peer ? " bootstrap" : ""}`);
-      ring.setAttribute("r", (r + 3.5).toFixed(1));
+      ring.setAttribute("r", (r + Math.max(2, plan.radius * 0.4)).toFixed(1));
       setAttrs(circle, {
         class: `worker ${live ? "live" : "left"}${isServer(w) ? " server" : ""}`,
         r: r.toFixed(1),
@@ -317,7 +462,8 @@
       });
       title.textContent = describe(w, peer);
     }
-    // Workers gone from the data (their lease ran out): fade out, then remove.
+    // Workers gone from the drawing (their lease ran out, or their cell aggregated): fade out,
+    // then remove.
     for (const [id, g] of nodes) {
       if (seen.has(id)) continue;
       nodes.delete(id);
@@ -355,7 +501,7 @@
       "workers",
       topo.truncated ? `≥ ${fmt(live)}` : fmt(live),
       `${fmt(workers.length - live)} left · ${fmt(servers)} DHT servers · ${fmt(live - servers)} clients` +
-        (topo.truncated ? " · more in the registry than RMA_TOPOLOGY_LIMIT lets the router read" : ""),
+        (topo.truncated ? " · the registry holds more than RMA_TOPOLOGY_LIMIT" : ""),
       topo.truncated ? "warn" : ""
     );
 
@@ -363,7 +509,7 @@
     setFigure(
       "services",
       fmt(services.length),
-      services.length ? services.map(([name, n]) => `${name} ${n}`).join(" · ") : "none yet",
+      services.length ? services.map(([name, n]) => `${name} ${fmt(n)}`).join(" · ") : "none yet",
       services.length ? "" : "none"
     );
 
@@ -393,7 +539,8 @@
     const lag = firstNumber(f, BRIDGE_LAG_KEYS);
     const journal = firstNumber(f, BRIDGE_JOURNAL_KEYS);
     if (lag === null) {
-      setFigure("bridge", "n/a", "no bridge figure yet", "none");
+      // Only a bridge in the router's own process (rma demo) hands the router its figures.
+      setFigure("bridge", "–", "the bridge is its own process: see its /metrics", "none");
     } else {
       // Beyond a third of a lease a heartbeat may be late on the other side; beyond a whole
       // lease records can expire before the other side hears of them.
@@ -417,7 +564,9 @@
   function setFigure(name, value, detail, level = "") {
     const node = card(name);
     node.querySelector(".value").textContent = value;
-    node.querySelector(".detail").textContent = detail;
+    const line = node.querySelector(".detail");
+    line.textContent = detail;
+    line.title = detail; // the whole text on hover when the card clips it
     node.dataset.level = level;
   }
 
@@ -464,6 +613,12 @@
     return node;
   }
 
+  /** `content` cut to about `px` pixels of text at `size`, with an ellipsis when cut. */
+  function fit(content, px, size) {
+    const chars = Math.max(2, Math.floor(px / (size * CHAR_W)));
+    return content.length <= chars ? content : `${content.slice(0, chars - 1)}…`;
+  }
+
   /** Green at no load through amber to red at full load: the same ramp as the legend. */
   function loadColour(load) {
     const x = clamp(load, 0, 1);
@@ -489,7 +644,7 @@
 
   function seconds(value) {
     if (value < 1) return `${Math.round(value * 1000)} ms`;
-    if (value < 120) return `${value.toFixed(value < 10 ? 1 : 0)} s`;
+    if (value < 120) return `${value.toFixed(value < 10 && value % 1 ? 1 : 0)} s`;
     return `${(value / 60).toFixed(1)} min`;
   }
 
@@ -512,6 +667,16 @@
   function clamp(x, lo, hi) {
     return Math.min(hi, Math.max(lo, x));
   }
+
+  // A new width (a phone turned, a window resized) redraws what was last fetched, at most once
+  // a frame and only when the width really changed.
+  let resizeFrame = 0;
+  new ResizeObserver(() => {
+    cancelAnimationFrame(resizeFrame);
+    resizeFrame = requestAnimationFrame(() => {
+      if (lastTopo && Math.abs(availableWidth() - drawnWidth) >= 1) render(lastTopo);
+    });
+  }).observe(drawing);
 
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refresh();

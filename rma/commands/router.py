@@ -13,6 +13,7 @@ import uvicorn
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, RegistryError
 from dht_bridge.registry.registry import Registry, open_registry
+from edge_router import page
 from edge_router.app import create_app
 from edge_router.config import ROUTER_OPTIONS, RouterConfig
 from edge_router.server import protocol_class
@@ -68,7 +69,8 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
             _stop_on_signal(server, lambda: setattr(state, "draining", True), config.drain_seconds)
         )
         try:
-            await server.serve()
+            with page.quiet_page_polls():
+                await server.serve()
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

@@ -99,6 +99,10 @@ class Browser:
         """Run `script` as a function body in the page; return what it returns (JSON)."""
         return await self._command("POST", "/execute/sync", {"script": script, "args": list(args)})
 
+    async def set_window(self, width: int, height: int) -> None:
+        """Resize the window (headless: the viewport) to `width` x `height` CSS pixels."""
+        await self._command("POST", "/window/rect", {"width": width, "height": height})
+
     async def screenshot(self, path: Path) -> None:
         """Save the viewport as a PNG."""
         encoded = await self._command("GET", "/screenshot")
