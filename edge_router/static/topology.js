@@ -96,7 +96,7 @@
         const spent = performance.now() - started;
         refreshMs = clamp(spent / BUSY_SHARE, REFRESH_MS, Math.max(REFRESH_MS, MAX_REFRESH_MS));
         document.body.dataset.refresh = String(Math.round(refreshMs));
-        setStatus(true, `live · updated ${clockTime(lastOk)} · every ${seconds(refreshMs / 1000)}`);
+        setStatus(true, `live · updated ${clockTime(lastOk)} · every ${seconds(Math.round(refreshMs / 100) / 10)}`);
         document.body.dataset.state = "ready";
       } catch (err) {
         const since = lastOk ? ` · showing ${clockTime(lastOk)}` : "";
@@ -259,8 +259,14 @@
     const workers = topo.workers || [];
     const coordinators = topo.coordinators || [];
     const peers = new Set((topo.bootstrap_peers || []).map((p) => `${p.host}:${p.port}`));
-    drawnWidth = availableWidth();
-    const plan = layout(workers, coordinators, drawnWidth);
+    const width = availableWidth();
+    // A new width moves every node at once: they jump there rather than slide across the page.
+    if (drawnWidth && width !== drawnWidth) {
+      svg.classList.add("instant");
+      requestAnimationFrame(() => requestAnimationFrame(() => svg.classList.remove("instant")));
+    }
+    drawnWidth = width;
+    const plan = layout(workers, coordinators, width);
     svg.setAttribute("viewBox", `0 0 ${plan.W} ${Math.ceil(plan.height)}`);
     svg.setAttribute("width", String(plan.W));
     svg.setAttribute("height", String(Math.ceil(plan.height)));
@@ -674,7 +680,7 @@
   new ResizeObserver(() => {
     cancelAnimationFrame(resizeFrame);
     resizeFrame = requestAnimationFrame(() => {
-      if (lastTopo && Math.abs(availableWidth() - drawnWidth) >= 1) render(lastTopo);
+      if (lastTopo && availableWidth() !== drawnWidth) render(lastTopo);
     });
   }).observe(drawing);
 
