@@ -16,7 +16,7 @@ from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits, Groups
 
 logger = logging.getLogger(__name__)
 
-# Addresses whose groups are memoised (the memo is dropped when it grows past 4x this).
+# Addresses whose groups are memoised at most (the memo is dropped when it is full).
 MAX_MEMO = 4096
 
 
@@ -115,7 +115,7 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         home = (node.ip, node.port)
         groups = self._groups.get(home)
         if groups is None:
-            if len(self._groups) > 4 * MAX_MEMO:
+            if len(self._groups) >= MAX_MEMO:
                 self._groups.clear()
             groups = self._groups[home] = self.limits.groups(node.ip, node.port)
         return groups
@@ -167,7 +167,8 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
         known = node.id in bucket.nodes
-        self._mutations += 1
+        if not known and node.id not in bucket.replacement_nodes:
+            self._mutations += 1  # a refresh moves a contact; only a newcomer changes counts
         if bucket.add_node(node):
             if not known:
                 self.version += 1
