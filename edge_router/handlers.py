@@ -329,11 +329,33 @@ async def topology(request: Request) -> Response:
             # What /dht/bootstrap hands out, here so that the page polls one operator URL and
             # none that the edge budget counts.
             "bootstrap_peers": peers,
-            "figures": {**figures(state), **mode_counts(records, now)},
+            "figures": {
+                **await bridge_figures(state),
+                **figures(state),
+                **mode_counts(records, now),
+            },
             # The registry holds more than was read: every count above is a lower bound.
             "truncated": truncated,
         }
     )
+
+
+async def bridge_figures(state: RouterState) -> dict[str, float]:
+    """What the bridges left in Redis (see `Registry.report_bridge`): the largest lag, the
+    journals' total, and how many report. Empty when none does or Redis is down."""
+    try:
+        reports = await state.registry.bridge_reports()
+    except RegistryError:
+        return {}
+    if not reports:
+        return {}
+    lags = [float(r["figures"].get("rma_bridge_sync_lag_seconds", 0.0)) for r in reports]
+    journals = [float(r["figures"].get("rma_bridge_journal_records", 0.0)) for r in reports]
+    return {
+        "bridge_sync_lag_seconds": max(lags),
+        "bridge_journal_records": sum(journals),
+        "bridges": float(len(reports)),
+    }
 
 
 async def _registry_records(state: RouterState) -> tuple[list[WorkerRecord], bool]:

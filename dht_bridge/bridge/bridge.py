@@ -46,9 +46,13 @@ from dht_bridge.bridge.state import (
 )
 from dht_bridge.bridge.sync import SyncPass
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.errors import RegistryError
 from dht_bridge.registry.registry import Registry
 
 logger = logging.getLogger(__name__)
+
+# A report outlives this many probe intervals: a bridge that stops reporting drops off the page.
+REPORT_LIFETIMES = 3
 
 
 class Bridge:
@@ -105,6 +109,7 @@ class Bridge:
                     ("publish", self._dht.publish_round),
                     ("preserve", self._redis.preserve_round),
                     ("events", self._redis.events_round),
+                    ("report", self._report_round),
                 ):
                     group.create_task(self._loop(name, round_), name=f"bridge-{name}")
         finally:
@@ -122,6 +127,21 @@ class Bridge:
         finally:
             stop.set()
             await task
+
+    async def _report_round(self) -> None:
+        """Every probe interval, leave the bridge's figures in Redis for the routers' page."""
+        settings = self._state.settings
+        await self._state.wakes.pause(settings.probe_interval)
+        if self._state.wakes.stop.is_set() or not self.redis_up or self.node.protocol is None:
+            return
+        try:
+            await self.registry.report_bridge(
+                self.node.node.id.hex(),
+                self.figures(),
+                ttl=REPORT_LIFETIMES * settings.probe_interval,
+            )
+        except RegistryError as exc:
+            logger.debug("bridge report not written: %s", exc)  # the health round notices
 
     async def _loop(self, name: str, round_: Callable[[], Awaitable[None]]) -> None:
         """Run one of the bridge's rounds until stop; an unexpected error is logged and the

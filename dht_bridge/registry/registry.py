@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -472,6 +472,32 @@ class Registry:
             for service in services:
                 pipe.zcard(self.service_key(service))
             return [int(n) for n in await pipe.execute()]
+
+    def bridge_key(self, bridge_id: str) -> str:
+        """The key of one bridge's latest figures."""
+        return f"{self._prefix}bridge:{bridge_id}"
+
+    async def report_bridge(self, bridge_id: str, figures: Mapping[str, float], ttl: float) -> None:
+        """Leave a bridge's figures (lag, journal) for the routers, for `ttl` seconds: a bridge
+        in a process of its own has no other way to show them on the topology page."""
+        body = json.dumps({"bridge": bridge_id, "at": self._clock(), "figures": dict(figures)})
+        async with self._guard("bridge report"):
+            await self._client.set(self.bridge_key(bridge_id), body, px=max(1, int(ttl * 1000)))
+
+    async def bridge_reports(self, *, limit: int = 64) -> list[dict[str, Any]]:
+        """The figures every bridge left within its report's lifetime."""
+        async with self._guard("bridge reports"):
+            keys = await self._scan_keys(self.bridge_key("*"), limit)
+            values = await self._client.mget(keys) if keys else []
+        reports = []
+        for raw in values:
+            try:
+                report = json.loads(raw) if raw is not None else None
+            except ValueError:
+                continue
+            if isinstance(report, dict) and isinstance(report.get("figures"), dict):
+                reports.append(report)
+        return reports
 
     async def records(self, *, limit: int = DEFAULT_RECORDS_LIMIT) -> list[WorkerRecord]:
         """Up to `limit` stored records, tombstones included, in no particular order (SCAN)."""
