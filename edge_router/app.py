@@ -21,12 +21,13 @@ from dht_bridge.registry.registry import Registry
 from edge_router import catalog, handlers, health, openapi, page
 from edge_router.cache import LookupCache
 from edge_router.cloudflare import ClientResolver
-from edge_router.config import RouterConfig
+from edge_router.config import TOPOLOGY_CACHE_SECONDS, RouterConfig
 from edge_router.errors import handle_error
 from edge_router.events import listen_for_events
 from edge_router.metrics import Metrics, request_class, route_label
 from edge_router.providers import ProviderSource
 from edge_router.proxy import Proxy, ProxySettings
+from edge_router.ratelimit import RateLimit, RateLimiter
 from edge_router.state import RouterState
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ def create_app(
             maxsize=1,
             clock=monotonic,
         ),
+        # No stale answer: a registry that fails shows as such on /topology and /metrics.
+        introspection=LookupCache(
+            ttl=TOPOLOGY_CACHE_SECONDS, stale=0.0, maxsize=1, clock=monotonic
+        ),
         proxy=Proxy(
             client,
             ProxySettings(
@@ -122,6 +127,7 @@ def create_app(
                     await asyncio.gather(listener, return_exceptions=True)
             if owns_http:
                 await client.aclose()
+            await limiter.aclose()
 
     routes = [
         Route("/dht/bootstrap", handlers.bootstrap, methods=["GET"]),
@@ -152,6 +158,10 @@ def create_app(
         },
     )
     app.state.rma = state
+    limiter = RateLimiter(config.rates, config.registry, clock=monotonic)
+    app.state.rate_limiter = limiter
+    # Inside Accounting, so that the 429s are counted too.
+    app.add_middleware(RateLimit, limiter=limiter, resolver=state.resolver)
     app.add_middleware(Accounting, metrics=state.metrics)
     return app
 

@@ -7,6 +7,8 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from limits import parse_many
+
 from dht_bridge.errors import ConfigError
 from dht_bridge.options import Option, OptionTable
 from dht_bridge.settings import (
@@ -32,14 +34,35 @@ DEFAULT_BOOTSTRAP_PEERS = 8
 DEFAULT_BOOTSTRAP_TTL = 300
 # /topology and /metrics read at most this many records from the registry per request.
 DEFAULT_TOPOLOGY_LIMIT = 5000
+# ... and share one such read for this long (the page polls every 2 s).
+TOPOLOGY_CACHE_SECONDS = 2.0
 
 
 DEFAULT_DRAIN_SECONDS = 2.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_PROXY_CONNECT_TIMEOUT = 3.0
 DEFAULT_PROXY_READ_TIMEOUT = 60.0
+# Requests per client address, in the `limits` package's syntax ("N/second|minute|hour|day",
+# several joined by ";"). Each is far above what an honest client sends: a worker's fallback
+# heartbeat is one POST /workers per 180 s (60/minute leaves room for 180 workers behind one
+# NAT), the topology page polls every 2 s and Prometheus scrapes every 15 s (34/minute).
+DEFAULT_RATE_REGISTER = "60/minute"
+DEFAULT_RATE_ROUTE = "600/minute"
+DEFAULT_RATE_ADMIN = "30/minute"
+DEFAULT_RATE_TOPOLOGY = "120/minute"
+# What turns a class's limit off.
+RATE_OFF = "none"
 
-__all__ = ["ADMIN_TOKEN", "HTTP_PORT", "ROUTER_OPTIONS", "CacheSettings", "RouterConfig"]
+__all__ = [
+    "ADMIN_TOKEN",
+    "HTTP_PORT",
+    "RATE_OFF",
+    "ROUTER_OPTIONS",
+    "TOPOLOGY_CACHE_SECONDS",
+    "CacheSettings",
+    "RateSettings",
+    "RouterConfig",
+]
 
 # Shared with `rma flush` and `rma demo`: declared here, once.
 ADMIN_TOKEN = Option(
@@ -132,6 +155,37 @@ ROUTER_OPTIONS = OptionTable(
         "float",
         DEFAULT_SHUTDOWN_TIMEOUT,
     ),
+    Option(
+        "rate_register",
+        "RATE_REGISTER",
+        "POST and DELETE /workers per client address, shared by the replicas through Redis "
+        f"(e.g. 60/minute; {RATE_OFF}: unlimited)",
+        default=DEFAULT_RATE_REGISTER,
+        metavar="RATE",
+    ),
+    Option(
+        "rate_route",
+        "RATE_ROUTE",
+        f"/route/* requests per client address, counted by each replica alone ({RATE_OFF}: "
+        "unlimited)",
+        default=DEFAULT_RATE_ROUTE,
+        metavar="RATE",
+    ),
+    Option(
+        "rate_admin",
+        "RATE_ADMIN",
+        f"/admin/* requests per client address, shared through Redis ({RATE_OFF}: unlimited)",
+        default=DEFAULT_RATE_ADMIN,
+        metavar="RATE",
+    ),
+    Option(
+        "rate_topology",
+        "RATE_TOPOLOGY",
+        f"/topology and /metrics reads per client address, shared through Redis ({RATE_OFF}: "
+        "unlimited)",
+        default=DEFAULT_RATE_TOPOLOGY,
+        metavar="RATE",
+    ),
     DHT_OPTIONS,
     REGISTRY_OPTIONS,
     TUNNEL_OPTIONS,
@@ -147,6 +201,29 @@ class CacheSettings:
     maxsize: int = DEFAULT_CACHE_SIZE
     # The CDN may serve a stale copy this long while it revalidates in the background.
     stale_while_revalidate: float = 30.0
+
+
+@dataclass(frozen=True)
+class RateSettings:
+    """Requests per client address and class, in `limits`' syntax; RATE_OFF: unlimited."""
+
+    register: str = DEFAULT_RATE_REGISTER
+    route: str = DEFAULT_RATE_ROUTE
+    admin: str = DEFAULT_RATE_ADMIN
+    topology: str = DEFAULT_RATE_TOPOLOGY
+
+    def check(self) -> None:
+        """Refuse a rate `limits` cannot read, naming its variable."""
+        for name in ("register", "route", "admin", "topology"):
+            text = getattr(self, name)
+            if text.strip().lower() == RATE_OFF:
+                continue
+            try:
+                parse_many(text)
+            except ValueError:
+                raise ConfigError(
+                    f"RMA_RATE_{name.upper()}: {text!r} is not a rate like 60/minute"
+                ) from None
 
 
 @dataclass(frozen=True)
@@ -175,6 +252,7 @@ class RouterConfig:
     topology_limit: int = DEFAULT_TOPOLOGY_LIMIT
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    rates: RateSettings = field(default_factory=RateSettings)
 
     @classmethod
     def build(
@@ -203,6 +281,12 @@ class RouterConfig:
             topology_limit=values["topology_limit"],
             drain_seconds=values["drain_seconds"],
             shutdown_timeout=values["shutdown_timeout"],
+            rates=RateSettings(
+                register=values["rate_register"],
+                route=values["rate_route"],
+                admin=values["rate_admin"],
+                topology=values["rate_topology"],
+            ),
         )
         config.check()
         return config
@@ -221,6 +305,7 @@ class RouterConfig:
             raise ConfigError("RMA_MAX_BODY must be at least 1024 bytes")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("RMA_ADMIN_TOKEN must be at least 16 characters")
+        self.rates.check()
 
 
 def _networks(items: tuple[str, ...]) -> tuple[Network, ...]:

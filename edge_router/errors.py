@@ -58,6 +58,12 @@ class PayloadTooLarge(RouterError):
     status, code = 413, "too_large"
 
 
+class RateLimited(RouterError):
+    """A client over its rate limit (edge_router/ratelimit.py adds Retry-After)."""
+
+    status, code = 429, "rate_limited"
+
+
 class NoProvider(RouterError):
     """No healthy provider of the service could be found or reached."""
 

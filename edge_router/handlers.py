@@ -360,10 +360,16 @@ async def bridge_figures(state: RouterState) -> dict[str, float]:
 
 async def _registry_records(state: RouterState) -> tuple[list[WorkerRecord], bool]:
     """What the introspection pages read of the registry (up to RMA_TOPOLOGY_LIMIT records),
-    and whether it holds more. Raises RegistryError."""
+    and whether it holds more; one read serves every caller for TOPOLOGY_CACHE_SECONDS.
+    Raises RegistryError."""
     limit = state.config.topology_limit
-    records = await state.registry.records(limit=limit)
-    return records, len(records) >= limit
+
+    async def read() -> tuple[list[WorkerRecord], bool]:
+        records = await state.registry.records(limit=limit)
+        return records, len(records) >= limit
+
+    answer, _, _ = await state.introspection.get(("registry-records",), read)
+    return answer
 
 
 def _worker_view(record: WorkerRecord, now: float) -> dict[str, Any]:

@@ -34,6 +34,9 @@ class RouterState:
     lookups: LookupCache[list[WorkerRecord]]
     peers: LookupCache[list[Peer]]
     catalog: LookupCache[list[dict[str, Any]]]
+    # What /topology and /metrics read of the registry, kept briefly: a flood of them costs one
+    # registry scan per TOPOLOGY_CACHE_SECONDS.
+    introspection: LookupCache[tuple[list[WorkerRecord], bool]]
     proxy: Proxy
     metrics: Metrics
     resolver: ClientResolver
