@@ -254,3 +254,21 @@ def test_storage_uri_for_each_form_of_the_registry_url(
         # A down Redis answers within the registry's timeout, with no retries.
         assert got_options["socket_connect_timeout"] == settings.timeout
         assert got_options["retry"].get_retries() == 0
+
+
+async def test_two_limiters_share_windows_on_every_redis_topology(
+    registry_settings: RegistrySettings,
+) -> None:
+    rates = RateSettings(register="3/minute", admin=RATE_OFF, topology=RATE_OFF)
+    limiters = [RateLimiter(rates, registry_settings) for _ in range(2)]
+    try:
+        allowed = [await limiters[n % 2].check(RateClass.REGISTER, "192.0.2.1") for n in range(3)]
+        assert allowed == [None, None, None]
+        wait = await limiters[1].check(RateClass.REGISTER, "192.0.2.1")
+        assert wait is not None
+        assert 1 <= wait <= 60
+        assert await limiters[0].check(RateClass.REGISTER, "192.0.2.2") is None
+        assert [limiter.stats.storage_failures for limiter in limiters] == [0, 0]
+    finally:
+        for limiter in limiters:
+            await limiter.aclose()
