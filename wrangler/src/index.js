@@ -3,6 +3,7 @@
 // GET /dht/bootstrap and GET /services/{service} come from the edge cache while the origin's
 // headers say they are fresh; everything else goes to the origin, streamed, never cached;
 // POST /admin/cache/flush goes to the origin and, when it succeeds, hides the edge copies too.
+// Registration and routing are rate limited per client first (ratelimit.js).
 
 import {
   cacheKey,
@@ -16,6 +17,7 @@ import {
   storable,
 } from "./cache.js";
 import { clientCountry, originHeaders } from "./headers.js";
+import { retryAfter } from "./ratelimit.js";
 
 const FLUSH_PATH = "/admin/cache/flush";
 // A flush answer larger than this is not read for its scope: everything is dropped instead.
@@ -30,6 +32,12 @@ export default {
       return problem(500, "misconfigured", "ORIGIN_URL is not set to an absolute URL");
     }
     const url = new URL(request.url);
+    const wait = await retryAfter(request, env, url);
+    if (wait !== null) {
+      return problem(429, "rate_limited", `too many requests; retry in ${wait} s`, {
+        "Retry-After": String(wait),
+      });
+    }
     const scope = cachedScope(url.pathname);
     if (request.method === "GET" && scope !== null) {
       return cached(request, env, ctx, origin, url, scope);
@@ -60,8 +68,11 @@ function toOrigin(request, env, origin, url, search) {
   return fetch(target(origin, url, search), init);
 }
 
-function problem(status, error, detail) {
-  return Response.json({ error, detail }, { status, headers: { "X-Edge-Cache": "BYPASS" } });
+function problem(status, error, detail, headers = {}) {
+  return Response.json(
+    { error, detail },
+    { status, headers: { ...headers, "X-Edge-Cache": "BYPASS" } },
+  );
 }
 
 function unreachable(err) {
