@@ -13,6 +13,8 @@ stored past it is missed by readers, who ask the closest first.
 One address cannot crowd a lookup: its shortlist (and the closest nodes it returns) holds at
 most a few candidates per IP and per subnet (the routing table's `DiversityLimits`, per
 bucket), so fakes minted next to the target at one address cannot hide the real holders.
+A node that has not yet proved our address answers with a cut list naming us (see
+dht_protocol); it is asked once more, by which time it has our answer to its check.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class _Candidate:
     groups: Groups
     state: _State = _State.WAITING
     asked_at: float = 0.0
+    # Asked again once already, after a cut answer.
+    retried: bool = False
 
 
 class Crawl:
@@ -202,6 +206,14 @@ class Crawl:
             candidate.state = _State.FAILED
             self.result.failed += 1
             return
+        if not candidate.retried and _names(payload, self._me):
+            # A cut answer for a caller it has not proved yet: ask again. Its check of our
+            # address left before the answer, and we answered the check on arrival.
+            candidate.retried = True
+            candidate.state = _State.WAITING
+            for node in parse_contacts(payload):
+                self._learn(node, candidate.hop + 1)
+            return
         candidate.state = _State.ANSWERED
         if isinstance(payload, dict):
             value = payload.get("value")
@@ -211,6 +223,14 @@ class Crawl:
             return
         for node in parse_contacts(payload):
             self._learn(node, candidate.hop + 1)
+
+
+def _names(payload: Any, node_id: bytes) -> bool:
+    """Does a contact list name `node_id` (the asker: the mark of a cut answer)?"""
+    return isinstance(payload, list) and any(
+        isinstance(item, list | tuple) and len(item) == 3 and item[0] == node_id
+        for item in payload[:64]
+    )
 
 
 def parse_contacts(payload: Any) -> list[Node]:

@@ -10,11 +10,13 @@ format stays the library's.
 
 Admission and reflection (see dht_admission): a node that sends us a request is not taken as
 a contact; we ping it (a client: `stun`) and take whoever answers from that address with the
-id it answered, within the routing table's diversity limits. An answer larger than
-`AMPLIFICATION` times the request waits until that check is answered, as the full answer; if
-the check goes unanswered, the caller gets what fits in the budget (the closest contacts), so
-a spoofed source never gets more than `AMPLIFICATION` times what was sent in its name. A stock
-node answers our ping, so it gets full answers one round trip later.
+id it answered, within the routing table's diversity limits. Until the caller's address has
+answered one of our requests, what we send it stays within `AMPLIFICATION` times its request,
+the check included. Our nodes mark their requests (`SERVER_TAG`, `CLIENT_TAG`): they get at
+once a FIND_NODE / FIND_VALUE answer cut to fit, which lists the caller itself (no full answer
+does), and ask again once they have answered the check; each request then lives one round
+trip. Anyone else (a stock node) gets the full answer when it has answered the check; if it
+does not, what fits.
 """
 
 from __future__ import annotations
@@ -63,9 +65,12 @@ MAX_PUSH_TASKS = 64
 WELCOME_MEMORY = 600.0
 MAX_WELCOMED = 8192
 _UNKNOWN: Any = object()
-# Requests of a node in client mode start their message id with this. Four bytes: a server's
-# random id carries it by chance once in 4 billion requests (and ours never do).
+# Requests of a node in client mode start their message id with this; a server's with
+# SERVER_TAG. Four bytes: a stock node's random id carries either by chance once in 2 billion
+# requests. The other 16 bytes stay random: nobody off the path can guess a reply's id.
 CLIENT_TAG = b"RMAc"
+SERVER_TAG = b"RMAs"
+OUR_TAGS = (CLIENT_TAG, SERVER_TAG)
 # What a node in client mode still answers: the probe that tells it whether it is reachable.
 CLIENT_ANSWERS = frozenset({"stun"})
 # Reachability probes a server runs at once; more wait for none (the asker tries elsewhere).
@@ -311,8 +316,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         datagram = RESPONSE + msg_id + msgpack.packb(response)
         budget = AMPLIFICATION * size - self._spent
         if len(datagram) > budget and name in BOUNDED_RPCS and addr not in self.validated:
-            cut = functools.partial(self._bounded_answer, msg_id, addr, args, budget)
-            held = self._held.get(addr)
+            ours = msg_id.startswith(OUR_TAGS)
+            cut = functools.partial(self._bounded_answer, msg_id, addr, args, budget, echo=ours)
+            held = None if ours else self._held.get(addr)
             if held is not None and len(held) < MAX_HELD:
                 # Sent when the caller answers our check (see `_finish_check`).
                 self.stats.held_answers += 1
@@ -321,16 +327,19 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             datagram = cut()
         self._send(datagram, addr, name)
 
-    def _bounded_answer(self, msg_id: bytes, addr: Address, args: list[Any], budget: int) -> bytes:
+    def _bounded_answer(
+        self, msg_id: bytes, addr: Address, args: list[Any], budget: int, *, echo: bool
+    ) -> bytes:
         """A FIND_NODE / FIND_VALUE answer within `budget` bytes for a caller that did not
-        prove its address: the closest contacts that fit (a stock client reads a short list)."""
+        prove its address: the closest contacts that fit (a stock client reads a short list),
+        after the caller itself when `echo` (our nodes read that as "ask again")."""
         self.stats.bounded_answers += 1
         caller = Node(args[0], addr[0], addr[1])
         neighbors = self.router.find_neighbors(Node(args[1]), exclude=caller)
         entries: list[tuple[bytes, str, int]] = []
         # A list header is 1 byte up to 15 entries and 3 beyond.
         used = len(RESPONSE + msg_id) + 3
-        for node in neighbors:
+        for node in (caller, *neighbors) if echo else neighbors:
             entry = (node.id, node.ip, node.port)
             cost = len(msgpack.packb(entry))
             if used + cost > budget:
@@ -426,12 +435,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
                 self._outstanding.pop(msg_id).timer.cancel()
 
     def _new_msg_id(self) -> bytes:
-        if self.client:
-            return CLIENT_TAG + os.urandom(MSG_ID_BYTES - len(CLIENT_TAG))
-        while True:
-            msg_id = os.urandom(MSG_ID_BYTES)
-            if not msg_id.startswith(CLIENT_TAG):
-                return msg_id
+        tag = CLIENT_TAG if self.client else SERVER_TAG
+        return tag + os.urandom(MSG_ID_BYTES - len(tag))
 
     def _expire(self, msg_id: bytes, deadline: float) -> None:
         pending = self._outstanding.get(msg_id)

@@ -1,7 +1,9 @@
 """No amplification towards an address that has not shown it receives: measured on the wire
 at a raw socket that never answers (what a spoofed victim looks like from the node), the node
-sends it at most `AMPLIFICATION` times the bytes sent in its name, and pushes no STOREs to it;
-an address that answers our check gets the full answer."""
+sends it at most `AMPLIFICATION` times the bytes sent in its name, and pushes no STOREs to it,
+whether the requests look like a stock node's (the answer waits for a check that fails) or our
+nodes' (a cut answer at once); an address that answers our check gets the full answer, and
+our nodes asking a node that never heard of them still read values at once."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import pytest
 from dht_bridge.dht import shards
 from dht_bridge.dht.admission import AMPLIFICATION
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.protocol import SERVER_TAG
 from dht_bridge.dht.values import key_digest
-from tests.support.dht import NetworkFactory, publish_all
+from tests.support.dht import NetworkFactory, publish_all, start_node
 from tests.support.helpers import make_record, wait_for
 from tests.support.raw_peer import RESPONSE, RawPeer, open_raw_peer
 
@@ -36,9 +39,10 @@ async def published(network_factory: NetworkFactory) -> list[DHTNode]:
     return nodes
 
 
+@pytest.mark.parametrize("tag", [b"", SERVER_TAG], ids=["stock", "ours"])
 @pytest.mark.parametrize("rpc", ["find_value", "find_node"])
 async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
-    rpc: str, network_factory: NetworkFactory
+    rpc: str, tag: bytes, network_factory: NetworkFactory
 ) -> None:
     nodes = await published(network_factory)
     digest = key_digest(shards.service_key("ocr", 0))
@@ -46,7 +50,7 @@ async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
     value = holders[0].storage.value(digest)
     assert value is not None
     assert len(value) > 2000
-    transport, victim = await open_raw_peer(None)  # never answers: a spoofed source
+    transport, victim = await open_raw_peer(None, tag)  # never answers: a spoofed source
     try:
         for node in holders:
             answer = await victim.ask(node.address, rpc, os.urandom(20), digest)
@@ -106,6 +110,21 @@ async def test_a_sender_that_answers_our_check_gets_the_full_answer_and_its_valu
         assert any((c.ip, c.port) == peer.address for c in holder.rpc.router.contacts())
     finally:
         transport.close()
+
+
+async def test_a_node_nobody_has_heard_of_reads_values_at_once(
+    network_factory: NetworkFactory,
+) -> None:
+    nodes = await published(network_factory)
+    before = sum(n.rpc.stats.bounded_answers for n in nodes)
+    reader = await start_node(seeds=[nodes[0].address])
+    try:
+        found = await reader.lookup("ocr", limit=100)
+        assert len(found) == PROVIDERS
+        # Nodes that had not heard of the reader cut their answers; it asked them again.
+        assert sum(n.rpc.stats.bounded_answers for n in nodes) > before
+    finally:
+        await reader.aclose()
 
 
 def test_the_raw_peer_counts_what_it_receives() -> None:

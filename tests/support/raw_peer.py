@@ -33,11 +33,13 @@ class Received:
 
 class RawPeer(asyncio.DatagramProtocol):
     """One socket; `request` sends a datagram and returns its message id, `reply` waits for the
-    answer to it; requests from others go to `answer` (silence when it returns None)."""
+    answer to it; requests from others go to `answer` (silence when it returns None). Message
+    ids start with `tag` (our nodes' SERVER_TAG, or nothing as a stock node's)."""
 
-    def __init__(self, answer: Answerer | None = None) -> None:
+    def __init__(self, answer: Answerer | None = None, tag: bytes = b"") -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self.answer = answer
+        self.tag = tag
         self.received = Received()
         self.sent_bytes = 0
         self._replies: dict[bytes, asyncio.Future[Any]] = {}
@@ -79,7 +81,7 @@ class RawPeer(asyncio.DatagramProtocol):
 
     def request(self, addr: Address, name: str, *args: Any) -> bytes:
         """Send one request; its message id (to wait for the reply with `reply`)."""
-        msg_id = os.urandom(20)
+        msg_id = self.tag + os.urandom(20 - len(self.tag))
         self._replies[msg_id] = asyncio.get_running_loop().create_future()
         self._sendto(REQUEST + msg_id + msgpack.packb([name, list(args)]), addr)
         return msg_id
@@ -98,11 +100,11 @@ class RawPeer(asyncio.DatagramProtocol):
 
 
 async def open_raw_peer(
-    answer: Answerer | None = None,
+    answer: Answerer | None = None, tag: bytes = b""
 ) -> tuple[asyncio.DatagramTransport, RawPeer]:
     """A RawPeer on a fresh 127.0.0.1 socket; close the transport when done."""
     loop = asyncio.get_running_loop()
     transport, peer = await loop.create_datagram_endpoint(
-        lambda: RawPeer(answer), local_addr=("127.0.0.1", 0)
+        lambda: RawPeer(answer, tag), local_addr=("127.0.0.1", 0)
     )
     return transport, peer
