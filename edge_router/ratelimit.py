@@ -11,9 +11,10 @@ replica sees one count. Routing is the edge's hot path: a Redis round trip per r
 would add its latency and a Redis command to each one, so each replica counts its own clients in
 memory (a client spread over N replicas gets up to N times the limit; see docs/design.md).
 
-A Redis that fails never blocks a request: the shared classes then count in this replica's
-memory for `DOWN_RETRY_SECONDS` before Redis is tried again (one warning per outage, every
-failure counted in `RateStats.storage_failures`).
+A refused client is remembered by the replica until its Retry-After, so that a flood from it
+costs nothing more in Redis. A Redis that fails never fails a request: the shared classes then
+count in this replica's memory for `DOWN_RETRY_SECONDS` before Redis is tried again (one warning
+per outage, every failure counted in `RateStats.storage_failures`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from cachetools import TLRUCache
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -40,7 +42,12 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dht_bridge.registry.topology import DEFAULT_REDIS_PORT, Topology, parse_redis_url
+from dht_bridge.registry.topology import (
+    DEFAULT_REDIS_PORT,
+    MAX_CONNECTIONS,
+    Topology,
+    parse_redis_url,
+)
 from dht_bridge.settings import RegistrySettings
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RATE_OFF, RateSettings
@@ -66,6 +73,9 @@ DOWN_RETRY_SECONDS = 5.0
 # Keys the windows take in the registry's Redis (beside the registry's own `rma:` keys).
 KEY_PREFIX = "rma:ratelimit"
 MEMORY_URI = "async+memory://"
+# Clients refused, remembered by this replica until their Retry-After: a flooding client costs
+# no further Redis command until then. Bounded, so a flood from many addresses cannot grow it.
+REFUSED_SIZE = 65536
 IPV6_CLIENT_PREFIX = 64
 
 
@@ -129,6 +139,9 @@ def storage_uri(settings: RegistrySettings) -> tuple[str, dict[str, Any]]:
         "wrap_exceptions": True,
         **timeouts,
     }
+    if target.topology is not Topology.CLUSTER:
+        # As the registry's pool: a burst of checks must not open a connection each.
+        options["max_connections"] = MAX_CONNECTIONS
     if target.topology is Topology.SINGLE:
         parts = urlsplit(target.url)
         if parts.scheme.lower() == "unix":
@@ -186,6 +199,10 @@ class RateLimiter:
             self._shared = SlidingWindowCounterRateLimiter(self._shared_storage)
         self._timeout = registry.timeout
         self._down_until: float | None = None
+        # (class, key) -> until when it is refused: each entry expires at its own deadline.
+        self._refused: TLRUCache[tuple[RateClass, str], float] = TLRUCache(
+            REFUSED_SIZE, ttu=lambda _key, until, _now: until, timer=clock
+        )
         self.stats = RateStats()
 
     async def check(self, klass: RateClass, key: str) -> int | None:
@@ -194,15 +211,21 @@ class RateLimiter:
         items = self._items.get(klass)
         if not items:
             return None
+        until = self._refused.get((klass, key))
+        if until is not None:
+            self._count_limited(klass)
+            return max(1, math.ceil(until - self._clock()))
         limiter = self._local if klass in LOCAL_CLASSES else await self._shared_or_local()
         try:
             async with asyncio.timeout(self._timeout):
                 for item in items:
                     if not await limiter.hit(item, klass.value, key):
-                        wait = await limiter.get_window_stats(item, klass.value, key)
-                        limited = self.stats.limited
-                        limited[klass.value] = limited.get(klass.value, 0) + 1
-                        return max(1, math.ceil(wait.reset_time - time.time()))
+                        stats = await limiter.get_window_stats(item, klass.value, key)
+                        # `limits` tells the wall-clock time its window takes one more.
+                        wait = max(1, math.ceil(stats.reset_time - time.time()))
+                        self._refused[(klass, key)] = self._clock() + wait
+                        self._count_limited(klass)
+                        return wait
         except (StorageError, RedisError, OSError, TimeoutError) as exc:
             if limiter is self._local:
                 raise
@@ -212,6 +235,9 @@ class RateLimiter:
             self._down_until = None
             logger.info("rate limits: Redis answers again; windows are shared again")
         return None
+
+    def _count_limited(self, klass: RateClass) -> None:
+        self.stats.limited[klass.value] = self.stats.limited.get(klass.value, 0) + 1
 
     async def _shared_or_local(self) -> SlidingWindowCounterRateLimiter:
         if self._down_until is not None and self._clock() < self._down_until:

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from limits import parse
 from starlette.applications import Starlette
 
@@ -124,6 +125,37 @@ async def test_replicas_on_one_redis_share_the_register_limit(redis_url: str) ->
     finally:
         for registry in registries:
             await registry.aclose()
+
+
+async def test_a_refused_client_costs_no_redis_command_until_its_retry_after(
+    redis_url: str,
+) -> None:
+    settings = RegistrySettings(redis_url=redis_url, timeout=TEST_REDIS_TIMEOUT)
+    registry = open_registry(settings, policy=POLICY)
+    clock = ManualClock()
+    app = router_app(registry, config=config(settings, topology="1/minute"), monotonic=clock)
+    redis = aioredis.Redis.from_url(redis_url)
+
+    async def commands() -> int:
+        return int((await redis.info("stats"))["total_commands_processed"])
+
+    try:
+        async with running(app) as client:
+            peer = client()
+            await peer.get("/metrics")
+            assert_limited(refused := await peer.get("/metrics"))
+            before = await commands()
+            for _ in range(20):
+                assert_limited(await peer.get("/metrics"))
+            # The INFO above (and perhaps a ping of the events listener): none for the 20.
+            middle = await commands()
+            assert middle - before < 5
+            clock.advance(int(refused.headers["retry-after"]) + 1)
+            await peer.get("/metrics")  # refused or not, Redis is asked again
+            assert await commands() - middle >= 2  # the INFO, and at least one for the request
+    finally:
+        await redis.aclose()
+        await registry.aclose()
 
 
 async def test_a_redis_that_is_down_fails_open_logged_once_and_counted(
