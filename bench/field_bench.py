@@ -56,6 +56,7 @@ from dht_bridge.netem import PROFILES, EmulatedNetwork, Host, Profile, StockServ
 from dht_bridge.records import WorkerRecord, tombstone_for
 from tests.support.helpers import POLICY, make_record
 from tests.support.netem import FIELD_SETTINGS, Field, bounded, start_field
+from worker.discovery import Discovery, DiscoveryCache, discover
 
 logger = logging.getLogger("field_bench")
 
@@ -83,6 +84,7 @@ class Op:
     rounds: int = 0
     local: bool = False
     dead_share: float = 0.0  # of the providers returned, the share whose worker was down
+    age: float = 0.0  # how old the answer was (a cached discovery's)
 
 
 @dataclass
@@ -408,24 +410,50 @@ def workers_of(built: Field, args: argparse.Namespace) -> list[Worker]:
 
 
 async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[str, list[Op]]:
-    """Cold service lookups and record gets from random readers.
+    """Cold service lookups, warm discoveries and record gets from random readers.
 
     Under churn a reader or target that is down when its turn comes is replaced by one that is
-    up; a lookup succeeds with 10 providers, or with every provider up when fewer."""
+    up; a lookup succeeds with 10 providers, or with every provider up when fewer. A warm
+    discovery is `DiscoveryCache.discover` (max age one heartbeat) of a (reader, service) whose
+    cache was filled just before; `local %` says how many the cache answered."""
     rng = random.Random(args.seed + 1)
     by_id = {w.identity.worker_id: w for w in workers}
     pairs = [(w, name) for w in workers for name in services(args)]
     cold = rng.sample(pairs, min(args.lookups, len(pairs)))
 
+    def judge(providers: list[WorkerRecord], name: str) -> tuple[bool, float]:
+        up = sum(w.alive and w.service == name for w in workers)
+        dead = sum(not by_id[r.worker_id].alive for r in providers if r.worker_id in by_id)
+        return len(providers) >= min(LOOKUP_LIMIT, up), dead / len(providers) if providers else 0.0
+
     def service_lookup(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
             node = (reader if reader.alive else pick_alive(rng, workers)).node
-            up = sum(w.alive and w.service == name for w in workers)
             got = await node.lookup_report(name, limit=LOOKUP_LIMIT)
-            ok = len(got.providers) >= min(LOOKUP_LIMIT, up)
-            dead = sum(not by_id[r.worker_id].alive for r in got.providers if r.worker_id in by_id)
-            share = dead / len(got.providers) if got.providers else 0.0
+            ok, share = judge(got.providers, name)
             return Op(0.0, ok, got.hops, got.rounds, dead_share=share)
+
+        return lambda: timed(op, args.deadline)
+
+    caches: dict[int, DiscoveryCache] = {}
+
+    def cache_of(reader: Worker) -> DiscoveryCache:
+        if id(reader) not in caches:
+
+            async def fetch(service: str, limit: int) -> Discovery:
+                return await discover(
+                    service, limit=limit, node=reader.node, edge=None, deadline=args.deadline
+                )
+
+            caches[id(reader)] = DiscoveryCache(fetch, max_age=args.heartbeat)
+        return caches[id(reader)]
+
+    def warm_discover(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
+        async def op() -> Op:
+            asker = reader if reader.alive else pick_alive(rng, workers)
+            got = await cache_of(asker).discover(name, LOOKUP_LIMIT)
+            ok, share = judge(got.providers, name)
+            return Op(0.0, ok, local=got.cached, dead_share=share, age=got.age)
 
         return lambda: timed(op, args.deadline)
 
@@ -440,10 +468,19 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
         return lambda: timed(op, args.deadline)
 
     gets = [tuple(rng.sample(workers, 2)) for _ in range(args.lookups)]
-    return {
+    ops = {
         "service_lookup": await bounded([service_lookup(r, n) for r, n in cold], args.concurrency),
         "record_get": await bounded([record_get(r, t) for r, t in gets], args.concurrency),
     }
+    try:
+        warm = rng.sample(pairs, min(args.lookups, len(pairs)))
+        await bounded([warm_discover(r, n) for r, n in warm], args.concurrency)  # fills them
+        ops["warm_discover"] = await bounded(
+            [warm_discover(r, n) for r, n in warm], args.concurrency
+        )
+    finally:
+        await asyncio.gather(*(cache.aclose() for cache in caches.values()))
+    return ops
 
 
 # The stock library.

@@ -28,6 +28,7 @@ OP_FIGURES = (
     "local_pct",
     "dead_share_mean_pct",
     "dead_share_p99_pct",
+    "age_p99_s",
 )
 # What a run under churn adds.
 CHURN_FIGURES = (
@@ -48,6 +49,7 @@ class _Op(Protocol):
     rounds: int
     local: bool
     dead_share: float
+    age: float
 
 
 def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
@@ -55,8 +57,8 @@ def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
     n = max(1, len(ops))
     return {
         "count": len(ops),
-        "p50_ms": round(quantile(seconds, 0.5) * 1000, 1),
-        "p99_ms": round(quantile(seconds, 0.99) * 1000, 1),
+        "p50_ms": round(quantile(seconds, 0.5) * 1000, 3),
+        "p99_ms": round(quantile(seconds, 0.99) * 1000, 3),
         "p50_rtts": round(quantile(seconds, 0.5) / rtt, 2),
         "p99_rtts": round(quantile(seconds, 0.99) / rtt, 2),
         "success_pct": round(100 * sum(op.ok for op in ops) / n, 2),
@@ -65,6 +67,7 @@ def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
         "local_pct": round(100 * sum(op.local for op in ops) / n, 1),
         "dead_share_mean_pct": round(100 * sum(op.dead_share for op in ops) / n, 2),
         "dead_share_p99_pct": round(100 * quantile([op.dead_share for op in ops], 0.99), 1),
+        "age_p99_s": round(quantile([op.age for op in ops], 0.99), 2),
     }
 
 
@@ -154,6 +157,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             ("rounds", ">6"),
             ("local %", ">7"),
             ("dead p99", ">8"),
+            ("age p99 s", ">9"),
         ],
         [
             [
@@ -169,6 +173,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
                 op["rounds_mean"],
                 op["local_pct"],
                 op["dead_share_p99_pct"],
+                op["age_p99_s"],
             ]
             for impl, fig in figures.items()
             for kind, op in fig["ops"].items()
@@ -229,8 +234,9 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
     return "\n\n".join(
         [
             head,
-            "Lookups (cold service lookups; gets of random workers' records; dead p99: the share "
-            "of an answer's providers that were down, %)\n" + ops,
+            "Lookups (cold service lookups; gets of random workers' records; warm discover(): "
+            "DiscoveryCache, local % = answered from the cache; dead p99: the share of an "
+            "answer's providers that were down, %; age: of a cached answer)\n" + ops,
             f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
             f"every {window['heartbeat_s']} s\n" + traffic,
             "Runs (lag: how late the shared event loop ran a timer during the lookups, ms; churn "

@@ -62,7 +62,8 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
             assert traffic["bytes_s_mean"] > 0
         assert set(report.CHURN_FIGURES) <= set(run["churn"])
         assert run["churn"]["crashes"] + run["churn"]["leaves"] > 0
-    assert set(ours["ops"]) == {"service_lookup", "record_get"}
+    assert set(ours["ops"]) == {"service_lookup", "record_get", "warm_discover"}
+    assert ours["ops"]["warm_discover"]["local_pct"] > 0
     assert set(stock["ops"]) == {"record_get"}
     assert set(ours["traffic"]) == {"client", "server", "coordinator"}
     assert (ours["clients"], stock["clients"]) == (11, 0)
