@@ -83,8 +83,9 @@ LATE_SHARE = 0.5
 MAX_CHECKS = 64
 # An address that left a check unanswered is not checked again for this long: a spoofed
 # source gets at most one check per this many seconds, whatever ids are claimed in its name
-# (and answers cut to its budget).
-CHECK_COOLDOWN = 60.0
+# (and answers cut to its budget, which pays for the check anyway). Short, because an honest
+# node whose check was lost (or answered late by a busy loop) is not admitted meanwhile.
+CHECK_COOLDOWN = 10.0
 MAX_UNANSWERED = 4096
 # Answers that can outgrow an unproved caller's budget: held for its check, or cut to fit.
 BOUNDED_RPCS = frozenset({"find_node", "find_value"})
