@@ -79,8 +79,10 @@ MAX_PROBES = 16
 # than about the peer: the request gets one more RPC timeout (see `_expire`).
 LATE_SHARE = 0.5
 # Address checks (a ping, or `stun` to a client) in flight at most; more callers wait for a
-# later request. One at a time per address.
-MAX_CHECKS = 64
+# later request. One at a time per address. A check costs a timer and a few hundred bytes;
+# while they are all taken, new callers get cut answers, so spoofed requests must not fill
+# them cheaply (at this many, an attacker sends this many spoofed requests per RPC timeout).
+MAX_CHECKS = 512
 # An address that left a check unanswered is not checked again for this long: a spoofed
 # source gets at most one check per this many seconds, whatever ids are claimed in its name
 # (and answers cut to its budget, which pays for the check anyway). Short, because an honest
