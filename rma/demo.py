@@ -93,7 +93,10 @@ async def run_demo(config: DemoConfig, stop: asyncio.Event) -> int:
 async def _node(
     stack: contextlib.AsyncExitStack, seeds: list[tuple[str, int]] | None = None
 ) -> DHTNode:
-    node = DHTNode(DHTSettings(host="127.0.0.1", port=0), policy=DEMO_POLICY)
+    # Seeds are the bridge's node: the coordinator, exempt from the diversity limits.
+    node = DHTNode(
+        DHTSettings(host="127.0.0.1", port=0), policy=DEMO_POLICY, coordinators=seeds or ()
+    )
     await node.listen()
     stack.push_async_callback(node.aclose)
     if seeds:

@@ -34,10 +34,12 @@ class Registered(enum.Enum):
 
 @dataclass(frozen=True)
 class BootstrapPeers:
-    """DHT peers the edge handed out, and how long they stay good."""
+    """DHT peers the edge handed out, and how long they stay good; `coordinators` are the
+    peers it marked as coordinators (bridges), which every publish also goes to."""
 
     peers: tuple[tuple[str, int], ...]
     ttl: float
+    coordinators: tuple[tuple[str, int], ...] = ()
 
 
 class EdgeClient:
@@ -78,15 +80,18 @@ class EdgeClient:
         params = {"region": region} if region else {}
         body = await self._json("bootstrap", "GET", "/dht/bootstrap", params=params)
         peers: list[tuple[str, int]] = []
+        coordinators: list[tuple[str, int]] = []
         for item in body.get("peers", []) if isinstance(body, dict) else []:
             if not isinstance(item, dict):
                 continue
             host, port = item.get("host"), item.get("port")
             if isinstance(host, str) and host and isinstance(port, int) and 0 < port < 65536:
                 peers.append((host, port))
+                if item.get("kind") == "coordinator":
+                    coordinators.append((host, port))
         ttl = body.get("ttl") if isinstance(body, dict) else None
         good_for = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else 60.0
-        return BootstrapPeers(tuple(peers), good_for)
+        return BootstrapPeers(tuple(peers), good_for, tuple(coordinators))
 
     async def services(
         self, service: str, *, limit: int = 10, region: str = ""

@@ -62,6 +62,9 @@ SERVER, CLIENT = DHTMode.SERVER, DHTMode.CLIENT
 REACH_WAIT_FACTOR = 2.5
 # Reopening a socket that closed under us: the port may take a moment to be free again.
 REOPEN_BACKOFF = ExponentialBackoff(base=0.05, cap=5.0)
+# Every publish also goes straight to this many coordinators (bridges), whoever is near the key:
+# nodes placed next to a key (an eclipse) can hide it from readers, but not from Redis.
+COORDINATOR_COPIES = 2
 
 # Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
 # The default binds a socket; tests put nodes behind a NAT of their own through it.
@@ -112,6 +115,8 @@ class PublishReport:
     keys: list[KeyPublish] = field(default_factory=list)
     levels: dict[str, int] = field(default_factory=dict)
     final: dict[str, KeyPublish] = field(default_factory=dict)
+    # Coordinators that took the worker key straight from us (see COORDINATOR_COPIES).
+    coordinators: int = 0
 
     @property
     def stored(self) -> bool:
@@ -170,7 +175,8 @@ class DHTNode(Server):  # type: ignore[misc]
     (see dht_protocol): it looks up and publishes through server nodes but is nobody's
     contact; `set_mode` switches at run time, `check_reachability` tells which mode fits.
     `diversity` bounds the contacts per IP and subnet (see dht_admission); contacts at a
-    `coordinators` address are exempt from it.
+    `coordinators` address are exempt from it, and every publish also goes straight to a few
+    of them (`set_coordinators` changes them at run time).
     """
 
     protocol_class = RMAProtocol
@@ -498,11 +504,12 @@ class DHTNode(Server):  # type: ignore[misc]
         """
         validate(record, self.policy, now=self.clock())
         report = PublishReport()
-        own, per_service = await asyncio.gather(
+        own, per_service, report.coordinators = await asyncio.gather(
             self._store_key(shards.worker_key(record.worker_id), record, again_within),
             asyncio.gather(
                 *(self._publish_service(s, record, report, again_within) for s in record.services)
             ),
+            self._copy_to_coordinators(record),
         )
         report.keys.append(own)
         report.final["worker"] = own
@@ -512,6 +519,45 @@ class DHTNode(Server):  # type: ignore[misc]
         if not any(k.landed for k in report.keys):
             raise PublishError(f"no node stored worker {record.worker_id}: {report.keys}")
         return report
+
+    def set_coordinators(self, addrs: Iterable[tuple[str, int]]) -> None:
+        """The coordinators (bridges) to exempt from the diversity limits and copy publishes
+        to; a worker learns them from the edge after its node is open."""
+        self.coordinators = tuple(dict.fromkeys(addrs))
+        if self.protocol is not None:
+            self.protocol.router.pinned = frozenset(self.coordinators)
+
+    async def _copy_to_coordinators(self, record: WorkerRecord) -> int:
+        """Store the worker key at up to COORDINATOR_COPIES coordinators, at their address,
+        wherever they are in id space; returns how many took it.
+
+        A coordinator's storage hands what it merges to the bridge (and so to Redis): this is
+        the heartbeat's path to the edge that nodes next to the keys cannot cut. A renewal
+        where the coordinator holds our last record: one small datagram per heartbeat each.
+        """
+        targets = self._coordinator_nodes(record.worker_id)
+        if not targets:
+            return 0
+        key = shards.worker_key(record.worker_id)
+        outcome = KeyPublish(key)
+        await self._store_on(targets, key_digest(key), encode_value(key, [record]), outcome, record)
+        return outcome.stored
+
+    def _coordinator_nodes(self, worker_id: str) -> list[Node]:
+        """The coordinators this worker copies to: the same few for a worker (rendezvous
+        hashing), spread over them across workers; their contact when our table holds it."""
+        own = self.address if self.transport is not None else None
+        known = {(c.ip, c.port): c for c in self.rpc.router.contacts()}
+        ranked = sorted(
+            (a for a in self.coordinators if a != own),
+            key=lambda a: key_digest(f"{worker_id} {a[0]}:{a[1]}"),
+        )
+        # A coordinator not in the table yet gets a stand-in id; its answer to the STORE gets
+        # it pinged and taken in under its own.
+        return [
+            known.get(a) or Node(key_digest(f"coordinator {a[0]}:{a[1]}"), *a)
+            for a in ranked[:COORDINATOR_COPIES]
+        ]
 
     async def _publish_service(
         self,

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
     """Open the registry and a DHT node, run the app, close everything on the way out."""
     registry = open_registry(config.registry, policy=config.policy)
-    dht = DHTNode(config.dht, policy=config.policy)
+    dht = DHTNode(config.dht, policy=config.policy, coordinators=config.coordinators)
     try:
         await dht.listen()
     except OSError as exc:
