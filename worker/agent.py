@@ -420,6 +420,7 @@ class WorkerAgent:
             # Auto starts as a client: its address is handed out only once it is known to work.
             client=self.config.mode != MODE_SERVER,
             endpoint=self._dht_endpoint,
+            coordinators=self._edge_peers.coordinators if self._edge_peers else (),
         )
         try:
             await node.listen()
@@ -447,6 +448,10 @@ class WorkerAgent:
             return False
         self._edge_peers = answer
         self._edge_peers_until = _now() + answer.ttl
+        if self.node is not None:
+            # Every heartbeat also goes to one or two of them: Redis hears of us even when
+            # nodes placed next to our keys swallow what the DHT holders should get.
+            self.node.set_coordinators(answer.coordinators)
         fresh = [p for p in answer.peers if p not in known]
         return bool(fresh) and await self._bootstrap(fresh, "peers from the edge")
 
