@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -53,6 +54,8 @@ class CrawlResult:
     failed: int = 0
     hops: int = 0
     seconds: float = 0.0
+    # Values that `accept` refused (empty, forged, a mark nothing backs): the crawl went on.
+    refused: int = 0
 
 
 @dataclass
@@ -82,8 +85,12 @@ class Crawl:
         stall: float = 0.1,
         patience: float = 0.0,
         settle: float = 0.0,
+        accept: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.protocol = protocol
+        # A value `accept` refuses does not count towards `want_values`: the crawl asks on,
+        # so a holder that lies (an empty set, a bare mark) cannot end a read alone.
+        self.accept = accept
         self.target = Node(target)
         self.ksize = ksize
         self.alpha = alpha
@@ -217,7 +224,9 @@ class Crawl:
         candidate.state = _State.ANSWERED
         if isinstance(payload, dict):
             value = payload.get("value")
-            if isinstance(value, bytes):
+            if isinstance(value, bytes) and self.accept is not None and not self.accept(value):
+                self.result.refused += 1
+            elif isinstance(value, bytes):
                 self.result.values.append((candidate.node, value))
                 self.result.hops = max(self.result.hops, candidate.hop)
             return

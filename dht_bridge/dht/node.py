@@ -34,7 +34,14 @@ from dht_bridge.dht.mode import DHTMode
 from dht_bridge.dht.protocol import RMAProtocol
 from dht_bridge.dht.renew import RenewalBook, renewal_args
 from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
-from dht_bridge.dht.values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.dht.values import (
+    RecordVerifier,
+    backs_mark,
+    decode_value,
+    encode_value,
+    key_digest,
+    leaves_no_room,
+)
 from dht_bridge.errors import BootstrapError, NotListening, PublishError
 from dht_bridge.records import WorkerRecord, merge_into, validate
 from dht_bridge.settings import DHTSettings
@@ -65,6 +72,15 @@ REOPEN_BACKOFF = ExponentialBackoff(base=0.05, cap=5.0)
 # Every publish also goes straight to this many coordinators (bridges), whoever is near the key:
 # nodes placed next to a key (an eclipse) can hide it from readers, but not from Redis.
 COORDINATOR_COPIES = 2
+# A shard proved full (a holder's value full of signed records) is believed that long: the
+# proof costs one FIND_VALUE answer of up to 8 KB, and a mark is believed as long.
+PROOF_MEMORY = OVERFLOW_MEMORY
+# A mark's depth sends a reader at most this many levels below the deepest it has read: the
+# depth is a hint nobody signs, and every level read is a crawl.
+MAX_PREFETCH = 4
+# A value read counts once one of its first few records verifies (or a full shard backs its
+# mark); a holder serving only forged records is passed over for the next.
+VALUE_CHECKS = 3
 
 # Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
 # The default binds a socket; tests put nodes behind a NAT of their own through it.
@@ -98,6 +114,11 @@ class KeyPublish:
     deferred: int = 0
     # When the first of the copies the holders now hold lapses (inf: none held).
     held_until: float = math.inf
+    # Holders that answered `full`; `full` counts only once one of them (or our own copy,
+    # `local_full`) proved it, else those answers move to `unproven`.
+    full_by: list[Node] = field(default_factory=list)
+    local_full: bool = False
+    unproven: int = 0
 
     @property
     def landed(self) -> bool:
@@ -231,6 +252,8 @@ class DHTNode(Server):  # type: ignore[misc]
         # Which holders hold our last record of each (key, worker): they get renewals.
         self._renewals = RenewalBook()
         self.renewals_refused = 0
+        # Shards a holder proved full, by digest, until when (monotonic); see `_full_proven`.
+        self._proven_full: dict[bytes, float] = {}
 
     # Life cycle.
 
@@ -572,9 +595,13 @@ class DHTNode(Server):  # type: ignore[misc]
         outcomes: list[KeyPublish] = []
         turned_away: list[int] = []  # levels whose holders had no room for this record
         if level > 0 and count % RISE_EVERY == 0:
-            upper = await self._store_key(
-                self._shard_key(service, record, level - 1), record, probe=True
+            upper_key = self._shard_key(service, record, level - 1)
+            upper = await self._settled(
+                await self._store_key(upper_key, record, probe=True), record, probe=True
             )
+            if upper.unproven and not upper.stored:
+                # The one holder asked said full and could not show it: ask them all.
+                upper = await self._settled(await self._store_key(upper_key, record), record)
             outcomes.append(upper)
             if upper.landed and not upper.full:
                 self._levels[slot] = report.levels[service] = level - 1
@@ -589,7 +616,7 @@ class DHTNode(Server):  # type: ignore[misc]
                     turned_away.append(0)
         while True:
             key = self._shard_key(service, record, level)
-            outcome = await self._store_key(key, record, again_within)
+            outcome = await self._settled(await self._store_key(key, record, again_within), record)
             outcomes.append(outcome)
             if not outcome.full or level >= shards.MAX_LEVEL:
                 break
@@ -599,6 +626,61 @@ class DHTNode(Server):  # type: ignore[misc]
         keys = [self._shard_key(service, record, up) for up in turned_away]
         await asyncio.gather(*(self._mark_overflow(key, level) for key in keys))
         return outcomes
+
+    async def _settled(
+        self, outcome: KeyPublish, record: WorkerRecord, *, probe: bool = False
+    ) -> KeyPublish:
+        """`outcome`, its `full` answers kept only when the shard is proved full; a holder that
+        answers `full` with room to spare would push publishers down the trie for nothing.
+
+        Unproved `full` answers still count when every holder refused (a probe asks only
+        one): there is no room at this level that we know of, and one level down costs the
+        reader one read.
+        """
+        if not outcome.full or (outcome.stored == 0 and not probe):
+            return outcome
+        if not await self._full_proven(outcome, record):
+            logger.info(
+                "%d holders of %s answered full without a full shard to show; staying",
+                outcome.full,
+                outcome.key,
+            )
+            outcome.unproven, outcome.full = outcome.full, 0
+        return outcome
+
+    async def _full_proven(self, outcome: KeyPublish, record: WorkerRecord) -> bool:
+        """Does a holder that answered `full` (or our own copy) hold a value so full of signed,
+        live records of the shard that this record would not fit? Asks them one at a time."""
+        digest = key_digest(outcome.key)
+        if self._proven_full.get(digest, 0.0) > time.monotonic():
+            return True
+        if outcome.local_full and self._fills(digest, self.storage.value(digest), record):
+            return self._remember_full(digest)
+        for node in outcome.full_by:
+            for _ in range(2):  # a second time after a cut answer, as a crawl does
+                ok, reply = await self.rpc.call_find_value(node, Node(digest))
+                if not (ok and isinstance(reply, list)):
+                    break
+            value = reply.get("value") if ok and isinstance(reply, dict) else None
+            if self._fills(digest, value, record):
+                return self._remember_full(digest)
+        return False
+
+    def _fills(self, digest: bytes, value: object, record: WorkerRecord) -> bool:
+        if not isinstance(value, bytes):
+            return False
+        now = self.clock()
+        try:
+            decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now)
+        except ValueError:
+            return False
+        return leaves_no_room(decoded, record, now)
+
+    def _remember_full(self, digest: bytes) -> bool:
+        self._proven_full[digest] = time.monotonic() + PROOF_MEMORY
+        while len(self._proven_full) > MAX_CACHED_HOLDER_SETS:
+            self._proven_full.pop(next(iter(self._proven_full)))
+        return True
 
     async def _mark_overflow(self, key: str, deepest: int) -> None:
         """Tell every holder of `key` that it overflowed, and that a publisher filed as deep as
@@ -640,7 +722,7 @@ class DHTNode(Server):  # type: ignore[misc]
             first = random.choice(due)
             missed = await self._store_on([first], digest, value, outcome, record)
             if outcome.full:
-                return outcome
+                return outcome  # `_settled` asks this one for its proof
             rest = [node for node in due if node is not first]
         missed += await self._store_on(rest, digest, value, outcome, record)
         if missed and cached:
@@ -655,6 +737,7 @@ class DHTNode(Server):  # type: ignore[misc]
             local = self.storage.merge(digest, value)
             if local is StoreResult.FULL:
                 outcome.full += 1
+                outcome.local_full = True
             elif local is not StoreResult.INVALID:
                 outcome.local = True
         logger.debug("stored %s: %s", key, outcome)
@@ -706,12 +789,13 @@ class DHTNode(Server):  # type: ignore[misc]
             [(n.id, answer) for n, (_, answer) in zip(holders, replies, strict=True)],
         )
         missed = 0
-        for ok, answer in replies:
+        for node, (ok, answer) in zip(holders, replies, strict=True):
             if not ok:
                 missed += 1
                 outcome.unreachable += 1
             elif answer == StoreResult.FULL.value:
                 outcome.full += 1
+                outcome.full_by.append(node)
             elif answer == StoreResult.INVALID.value:
                 outcome.refused += 1
             else:
@@ -861,7 +945,8 @@ class DHTNode(Server):  # type: ignore[misc]
                 self._depth_hint[service] = level + len(results) - 1
                 break
             level += len(results)
-            depth = max(level, min(max(got.deepest for got in results), shards.MAX_LEVEL))
+            reported = max(got.deepest for got in results)
+            depth = max(level, min(reported, level + MAX_PREFETCH - 1, shards.MAX_LEVEL))
         chosen = self._select(versions, limit)
         return LookupReport(chosen, read, hops, time.monotonic() - started, rounds)
 
@@ -935,7 +1020,23 @@ class DHTNode(Server):  # type: ignore[misc]
         now = self.clock()
         got = KeyRead([])
         local = self.storage.value(digest)
-        result = await self._crawl(digest, purpose="read", find_value=True, want_values=want)
+
+        def useful(value: bytes) -> bool:
+            # Something a reader can check: a record that verifies, or a mark backed by a
+            # full shard. An empty set, forged records or a bare mark send the crawl on.
+            try:
+                decoded = decode_value(
+                    value, digest=digest, verifier=self.verifier, now=now, lazy=True
+                )
+            except ValueError:
+                return False
+            return backs_mark(decoded, self.verifier, now) or any(
+                self.verifier.confirm(r) for r in decoded.records[:VALUE_CHECKS]
+            )
+
+        result = await self._crawl(
+            digest, purpose="read", find_value=True, want_values=want, accept=useful
+        )
         # Replicas usually hold byte-identical values: decode each distinct one once.
         values = {value for _, value in result.values}
         if local is not None:
@@ -948,7 +1049,7 @@ class DHTNode(Server):  # type: ignore[misc]
             except ValueError as exc:
                 logger.debug("ignored a bad value for %s: %s", key, exc)
                 continue
-            if decoded.overflowed(now):
+            if backs_mark(decoded, self.verifier, now):
                 got.overflowed = True
                 got.deepest = max(got.deepest, decoded.deepest)
             if lazy:
@@ -1003,6 +1104,7 @@ class DHTNode(Server):  # type: ignore[misc]
         find_value: bool = False,
         want_values: int = 1,
         settle: float = 0.0,
+        accept: Callable[[bytes], bool] | None = None,
     ) -> CrawlResult:
         """Look up `target` until its `width` (default k) closest live nodes have answered
         (waiting up to `settle` for slow ones among them)."""
@@ -1018,6 +1120,7 @@ class DHTNode(Server):  # type: ignore[misc]
             stall=self._stall,
             patience=self.settings.stall,
             settle=settle,
+            accept=accept,
         ).run()
         self._count_crawl(purpose, result.queried)
         return result

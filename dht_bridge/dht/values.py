@@ -37,6 +37,11 @@ MAX_VALUE_BYTES = MAX_DATAGRAM_BODY - STORE_ENVELOPE
 MARK_ROOM = 12
 MAX_RECORDS_BYTES = MAX_VALUE_BYTES - MARK_ROOM
 DEFAULT_VERIFIED_CACHE = 4096
+# An overflow mark sends readers one level down only when the value carrying it is at least
+# this full of signed records: a shard overflows only once it is full, and anyone can send an
+# empty mark. Half, not all: a full shard that loses providers keeps sending readers down
+# while the ones filed below rise back (every few heartbeats).
+MARK_PROOF_SHARE = 0.5
 
 
 def key_digest(key: str) -> bytes:
@@ -78,6 +83,25 @@ class DecodedValue:
     def overflowed(self, now: float) -> bool:
         """Has a holder turned a newcomer away recently (so readers must look one level down)?"""
         return self.overflow_until > now
+
+
+def backs_mark(decoded: DecodedValue, verifier: RecordVerifier, now: float) -> bool:
+    """Is the value's overflow mark backed by signed, live records that fill at least
+    MARK_PROOF_SHARE of a shard? Signatures are checked only when the size says yes."""
+    if not decoded.overflowed(now):
+        return False
+    live = [r for r in decoded.records if not r.is_expired(now)]
+    if len(encode_value(decoded.key, live)) < MARK_PROOF_SHARE * MAX_RECORDS_BYTES:
+        return False
+    live = [r for r in live if r.signature not in decoded.unverified or verifier.confirm(r)]
+    return len(encode_value(decoded.key, live)) >= MARK_PROOF_SHARE * MAX_RECORDS_BYTES
+
+
+def leaves_no_room(decoded: DecodedValue, record: WorkerRecord, now: float) -> bool:
+    """Would `record` overflow the value, as a holder's merge would find? (The `full` answer's
+    proof: the records are verified by `decode_value` unless it was lazy.)"""
+    held = [r for r in decoded.records if r.worker_id != record.worker_id and not r.is_expired(now)]
+    return len(encode_value(decoded.key, [*held, record])) > MAX_RECORDS_BYTES
 
 
 @dataclass
