@@ -391,7 +391,7 @@ async def test_rma_router_processes_share_a_flush_and_stop_on_sigterm(
                 return (await metrics_of(client, two))["rma_cache_entries"] == 0
 
             await wait_for(second_emptied, timeout=EVENT_TIMEOUT, message="the flush on two")
-            assert (await metrics_of(client, two))["rma_events_received"] >= 1
+            assert (await metrics_of(client, two))["rma_events_received_total"] >= 1
             assert (await lookup(client, two)).headers["x-cache"] == "MISS"
             assert (await lookup(client, one)).headers["x-cache"] == "MISS"
 
