@@ -86,8 +86,14 @@ class Crawl:
         patience: float = 0.0,
         settle: float = 0.0,
         accept: Callable[[bytes], bool] | None = None,
+        claimed: dict[bytes, int] | None = None,
+        path: int = 0,
     ) -> None:
         self.protocol = protocol
+        # Disjoint paths (S/Kademlia): crawls sharing `claimed` never ask the same node; each
+        # asks only the nodes it learnt first (node id -> the `path` that asked or learnt it).
+        self.claimed = claimed
+        self.path = path
         # A value `accept` refuses does not count towards `want_values`: the crawl asks on,
         # so a holder that lies (an empty set, a bare mark) cannot end a read alone.
         self.accept = accept
@@ -107,6 +113,8 @@ class Crawl:
             self._learn(seed, hop=1)
 
     def _learn(self, node: Node, hop: int) -> None:
+        if self.claimed is not None and self.claimed.setdefault(node.id, self.path) != self.path:
+            return  # another path's node
         if node.id != self._me and node.id not in self._candidates:
             groups = self.protocol.router.groups(node)
             self._candidates[node.id] = _Candidate(node, hop, groups)

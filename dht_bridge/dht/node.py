@@ -81,6 +81,9 @@ MAX_PREFETCH = 4
 # A value read counts once one of its first few records verifies (or a full shard backs its
 # mark); a holder serving only forged records is passed over for the next.
 VALUE_CHECKS = 3
+# Service reads crawl over this many disjoint paths (S/Kademlia's d), each wanting one of the
+# values a read waits for: fakes placed next to a shard key must answer on both to hide it.
+DISJOINT_PATHS = 2
 
 # Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
 # The default binds a socket; tests put nodes behind a NAT of their own through it.
@@ -1035,7 +1038,12 @@ class DHTNode(Server):  # type: ignore[misc]
             )
 
         result = await self._crawl(
-            digest, purpose="read", find_value=True, want_values=want, accept=useful
+            digest,
+            purpose="read",
+            find_value=True,
+            want_values=want,
+            accept=useful,
+            paths=DISJOINT_PATHS if lazy else 1,
         )
         # Replicas usually hold byte-identical values: decode each distinct one once.
         values = {value for _, value in result.values}
@@ -1105,23 +1113,38 @@ class DHTNode(Server):  # type: ignore[misc]
         want_values: int = 1,
         settle: float = 0.0,
         accept: Callable[[bytes], bool] | None = None,
+        paths: int = 1,
     ) -> CrawlResult:
         """Look up `target` until its `width` (default k) closest live nodes have answered
-        (waiting up to `settle` for slow ones among them)."""
+        (waiting up to `settle` for slow ones among them).
+
+        With `paths` > 1 (value reads only), that many crawls over disjoint sets of nodes,
+        seeded round robin from our closest contacts, each wanting its share of the values:
+        nodes of one poisoned region answer on one path, not on all (S/Kademlia).
+        """
         seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
-        result = await Crawl(
-            self.rpc,
-            target,
-            seeds,
-            ksize=width or self.ksize,
-            alpha=self.alpha,
-            find_value=find_value,
-            want_values=want_values,
-            stall=self._stall,
-            patience=self.settings.stall,
-            settle=settle,
-            accept=accept,
-        ).run()
+        paths = max(1, min(paths, len(seeds)))
+        claimed: dict[bytes, int] | None = {} if paths > 1 else None
+        crawls = [
+            Crawl(
+                self.rpc,
+                target,
+                seeds[path::paths],
+                ksize=width or self.ksize,
+                alpha=self.alpha,
+                find_value=find_value,
+                want_values=max(1, math.ceil(want_values / paths)),
+                stall=self._stall,
+                patience=self.settings.stall,
+                settle=settle,
+                accept=accept,
+                claimed=claimed,
+                path=path,
+            )
+            for path in range(paths)
+        ]
+        results = await asyncio.gather(*(crawl.run() for crawl in crawls))
+        result = results[0] if paths == 1 else _joined(target, results, width or self.ksize)
         self._count_crawl(purpose, result.queried)
         return result
 
@@ -1162,3 +1185,18 @@ class DHTNode(Server):  # type: ignore[misc]
             service, worker_id, level = entry
             if isinstance(level, int) and 0 <= level <= shards.MAX_LEVEL:
                 self._levels[(str(service), str(worker_id))] = level
+
+
+def _joined(target: bytes, results: list[CrawlResult], width: int) -> CrawlResult:
+    """One result from the crawls of disjoint paths: every value, the closest overall."""
+    key = int.from_bytes(target, "big")
+    closest = sorted((n for r in results for n in r.closest), key=lambda n: n.long_id ^ key)
+    return CrawlResult(
+        closest=closest[:width],
+        values=[v for r in results for v in r.values],
+        queried=sum(r.queried for r in results),
+        failed=sum(r.failed for r in results),
+        hops=max(r.hops for r in results),
+        seconds=max(r.seconds for r in results),
+        refused=sum(r.refused for r in results),
+    )

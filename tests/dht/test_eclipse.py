@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 
+from dht_bridge.dht import node as dht
 from dht_bridge.dht import shards
+from dht_bridge.dht.crawl import Crawl
 from dht_bridge.dht.node import COORDINATOR_COPIES, DHTNode
 from dht_bridge.dht.storage import RecordStorage
 from dht_bridge.dht.values import key_digest
 from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord
-from tests.support.dht import TEST_SETTINGS, NetworkFactory, start_node
+from tests.support.dht import TEST_SETTINGS, NetworkFactory, publish_all, start_node
 from tests.support.helpers import POLICY, make_record, wait_for
 from tests.support.raw_peer import RawPeer, open_raw_peer
 
@@ -150,3 +152,29 @@ async def test_a_worker_copies_to_the_same_two_coordinators_and_workers_spread_o
         assert picked == [(n.ip, n.port) for n in node._coordinator_nodes(worker_id)]
         used.update(picked)
     assert used == set(coordinators)
+
+
+async def test_service_reads_take_two_disjoint_paths_that_each_find_a_copy(
+    network_factory: NetworkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = await network_factory(16)
+    records = [make_record(services=["ocr"]) for _ in range(5)]
+    await publish_all(nodes, records)
+    crawls: list[Crawl] = []
+
+    class Recorded(Crawl):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            crawls.append(self)
+
+    monkeypatch.setattr(dht, "Crawl", Recorded)
+    found = await nodes[9].lookup("ocr", limit=50)
+    assert {r.worker_id for r in found} == {r.worker_id for r in records}
+    reads = [c for c in crawls if c.find_value]
+    assert len(reads) == dht.DISJOINT_PATHS == 2
+    asked = [
+        {n for n, c in crawl._candidates.items() if c.state.name != "WAITING"} for crawl in reads
+    ]
+    assert all(asked)
+    assert not asked[0] & asked[1]  # no node answered on both paths
+    assert all(crawl.result.values for crawl in reads)
