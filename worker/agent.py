@@ -45,7 +45,7 @@ from worker.config import (
     MODE_SERVER,
     WorkerConfig,
 )
-from worker.discovery import Discovery, discover
+from worker.discovery import Discovery, DiscoveryCache, discover
 from worker.edge import BootstrapPeers, EdgeClient, Registered
 from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, TunnelError
 from worker.load import HttpLoad, LoadSource, StaticLoad, clamp
@@ -132,6 +132,7 @@ class WorkerAgent:
         self._next_beat = 0.0
         self._next_dht_try = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.discovery = DiscoveryCache(self._discover_now, max_age=config.heartbeat)
         # Set by `update`: the loop wakes and republishes at once.
         self._wake = asyncio.Event()
         # The URL our record names: the configured one, or the quick tunnel's latest.
@@ -257,6 +258,7 @@ class WorkerAgent:
         if self.edge is not None:
             await self.edge.aclose()
         await self.load.aclose()
+        await self.discovery.aclose()
         self._state_file.release()
 
     def _check_somewhere_to_go(self) -> None:
@@ -326,9 +328,19 @@ class WorkerAgent:
 
     # Discovery.
 
-    async def discover(self, service: str, limit: int = 10) -> Discovery:
+    async def discover(self, service: str, limit: int = 10, *, fresh: bool = False) -> Discovery:
         """Up to `limit` providers of `service`: from the DHT within the discovery deadline,
-        else from the edge; `source` says which side answered."""
+        else from the edge; `source` says which side answered.
+
+        Answers are cached and refreshed in the background (never older than one heartbeat;
+        a tombstone this node stores takes its worker out at once): a warm discovery costs no
+        round trip. `fresh=True` asks the network now.
+        """
+        if fresh:
+            return await self._discover_now(service, limit)
+        return await self.discovery.discover(service, limit)
+
+    async def _discover_now(self, service: str, limit: int) -> Discovery:
         return await discover(
             service,
             limit=limit,
@@ -430,6 +442,7 @@ class WorkerAgent:
             raise StartError(f"cannot bind the DHT socket to {host}:{port}: {exc}") from exc
         node.restore_levels(self.state.levels)
         self.node = node
+        self.discovery.watch(node.storage)
 
     async def _join(self, *, allow_edge: bool) -> bool:
         """Join through saved and configured peers; ask the edge only when none answers (and

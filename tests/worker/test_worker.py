@@ -17,6 +17,7 @@ from edge_router.config import RouterConfig
 from tests.support.dht import TEST_SETTINGS, start_network, start_node, stop_all
 from tests.support.helpers import POLICY, free_port, make_record, wait_for
 from tests.support.worker import (
+    HEARTBEAT,
     Edge,
     dht_ids,
     router_config,
@@ -118,13 +119,14 @@ async def test_discovery_falls_back_to_the_edge_while_the_dht_is_down_and_return
     assert await registry.upsert(provider)  # the edge knows it
     await network[0].publish(provider)  # and so does the DHT
     config = worker_config(tmp_path, "w-seeker", services=("gpu",))
+    # Each discovery here asks the network now (fresh=True): which side answers is the point.
     async with edge.agent(config) as seeker:
-        found = await seeker.discover("ocr")
+        found = await seeker.discover("ocr", fresh=True)
         assert (found.source, _ids(found)) == ("dht", [provider.worker_id])
 
         homes = [(node.node.id, node.address[1]) for node in network]
         await stop_all(network)  # every DHT node the seeker knows
-        down = await seeker.discover("ocr")
+        down = await seeker.discover("ocr", fresh=True)
         assert (down.source, _ids(down)) == ("edge", [provider.worker_id]), down.detail
         # Its heartbeats cannot reach the DHT either: before the lease ends it uses the edge.
         await wait_for(lambda: seeker.mode is Mode.EDGE, timeout=10, message="edge fallback")
@@ -134,10 +136,10 @@ async def test_discovery_falls_back_to_the_edge_while_the_dht_is_down_and_return
         await network[0].publish(provider)
 
         async def answered_by_dht() -> bool:
-            return (await seeker.discover("ocr")).source == "dht"
+            return (await seeker.discover("ocr", fresh=True)).source == "dht"
 
         await wait_for(answered_by_dht, timeout=15, message="discovery back on the DHT")
-        back = await seeker.discover("ocr")
+        back = await seeker.discover("ocr", fresh=True)
         assert (back.source, _ids(back)) == ("dht", [provider.worker_id])
         await wait_for(lambda: seeker.mode is Mode.DHT, timeout=10, message="back on the DHT")
         seeker_id = seeker.worker_id
@@ -218,3 +220,24 @@ async def test_client_mode_records_carry_no_dht_address(
         listed = await network[0].get_record(agent.worker_id)
         assert listed is not None
         assert (listed.dht_host, listed.dht_port) == ("", 0)
+
+
+async def test_a_warm_discovery_is_answered_from_the_cache_and_refreshed_within_a_heartbeat(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    provider = make_record(services=["ocr"], ttl=120)
+    await network[0].publish(provider)
+    async with edge.agent(worker_config(tmp_path, "w-warm", services=("gpu",))) as seeker:
+        cold = await seeker.discover("ocr")
+        warm = await seeker.discover("ocr")
+        assert _ids(cold) == _ids(warm) == [provider.worker_id]
+        assert warm.cached
+        assert (seeker.discovery.misses, seeker.discovery.hits) == (1, 1)
+        newcomer = make_record(services=["ocr"], ttl=120)
+        await network[0].publish(newcomer)
+
+        async def seen() -> bool:
+            return newcomer.worker_id in _ids(await seeker.discover("ocr"))
+
+        # Never older than one heartbeat: the newcomer shows up without a fresh=True.
+        await wait_for(seen, timeout=HEARTBEAT * 4 + 2, message="the refreshed answer")
