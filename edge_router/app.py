@@ -25,6 +25,7 @@ from edge_router.config import TOPOLOGY_CACHE_SECONDS, RouterConfig
 from edge_router.errors import handle_error
 from edge_router.events import listen_for_events
 from edge_router.metrics import Metrics, request_class, route_label
+from edge_router.proof import ProofSettings, TunnelProver
 from edge_router.providers import ProviderSource
 from edge_router.proxy import Proxy, ProxySettings
 from edge_router.ratelimit import RateLimit, RateLimiter
@@ -106,9 +107,18 @@ def create_app(
         extra_figures=extra_figures,
     )
 
+    # Proves tunnel URLs in the background; routes read its verdicts (edge_router.proof).
+    prover = TunnelProver(
+        client,
+        ProofSettings(mode=config.tunnel_proof),
+        clock=monotonic,
+        available=state.proxy.health.available,
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        prover.start()
         listener = None
         if listen_events:
             listener = asyncio.get_running_loop().create_task(
@@ -125,6 +135,7 @@ def create_app(
                 if not done:
                     listener.cancel()
                     await asyncio.gather(listener, return_exceptions=True)
+            await prover.aclose()  # before the client it fetches with is closed
             if owns_http:
                 await client.aclose()
             await limiter.aclose()
@@ -158,6 +169,7 @@ def create_app(
         },
     )
     app.state.rma = state
+    app.state.tunnel_proof = prover
     limiter = RateLimiter(config.rates, config.registry, clock=monotonic)
     app.state.rate_limiter = limiter
     # Inside Accounting, so that the 429s are counted too.

@@ -52,10 +52,19 @@ DEFAULT_RATE_ADMIN = "30/minute"
 DEFAULT_RATE_TOPOLOGY = "120/minute"
 # What turns a class's limit off.
 RATE_OFF = "none"
+# RMA_TUNNEL_PROOF (edge_router.proof): not checked; proved first; proved only.
+PROOF_OFF = "off"
+PROOF_PREFER = "prefer"
+PROOF_REQUIRE = "require"
+PROOF_MODES = (PROOF_OFF, PROOF_PREFER, PROOF_REQUIRE)
 
 __all__ = [
     "ADMIN_TOKEN",
     "HTTP_PORT",
+    "PROOF_MODES",
+    "PROOF_OFF",
+    "PROOF_PREFER",
+    "PROOF_REQUIRE",
     "RATE_OFF",
     "ROUTER_OPTIONS",
     "TOPOLOGY_CACHE_SECONDS",
@@ -186,6 +195,14 @@ ROUTER_OPTIONS = OptionTable(
         default=DEFAULT_RATE_TOPOLOGY,
         metavar="RATE",
     ),
+    Option(
+        "tunnel_proof",
+        "TUNNEL_PROOF",
+        "route only to workers whose tunnel URL answered a signed challenge with their record's "
+        "key: off; prefer (proved first, unproved while no proved one is healthy); require",
+        default=PROOF_PREFER,
+        choices=PROOF_MODES,
+    ),
     DHT_OPTIONS,
     REGISTRY_OPTIONS,
     TUNNEL_OPTIONS,
@@ -253,6 +270,8 @@ class RouterConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     rates: RateSettings = field(default_factory=RateSettings)
+    # off | prefer | require: see edge_router.proof.
+    tunnel_proof: str = PROOF_PREFER
 
     @classmethod
     def build(
@@ -287,6 +306,7 @@ class RouterConfig:
                 admin=values["rate_admin"],
                 topology=values["rate_topology"],
             ),
+            tunnel_proof=values["tunnel_proof"],
         )
         config.check()
         return config
@@ -306,6 +326,8 @@ class RouterConfig:
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("RMA_ADMIN_TOKEN must be at least 16 characters")
         self.rates.check()
+        if self.tunnel_proof not in PROOF_MODES:
+            raise ConfigError(f"RMA_TUNNEL_PROOF must be one of {', '.join(PROOF_MODES)}")
 
 
 def _networks(items: tuple[str, ...]) -> tuple[Network, ...]:

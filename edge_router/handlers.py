@@ -25,6 +25,7 @@ from edge_router.errors import (
     Unauthorized,
 )
 from edge_router.limits import parse_json
+from edge_router.proof import prover_of
 from edge_router.state import Peer, RouterState
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,7 @@ async def route(request: Request) -> Response:
     if not providers:
         which = " with those capabilities" if filters else ""
         raise NoProvider(f"no provider of {service!r}{which} is registered")
+    providers = prover_of(request).routable(service, providers)
     return await state.proxy.forward(
         request,
         service,

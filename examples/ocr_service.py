@@ -5,6 +5,8 @@ The "OCR" is a stand-in (it reports what it was sent); the embedding is the poin
 
 - the agent starts and leaves with the app (`async with WorkerAgent(...)` in the lifespan);
 - the load in the record is the requests in flight, counted by `InFlightMiddleware`;
+- `ProofMiddleware` answers the router's tunnel proof (`/.well-known/rma-proof`) with the
+  agent's key, so a router that requires proved tunnels routes here;
 - `POST /admin/services` changes what the worker offers while it runs (`agent.update`).
 
 Run it next to `rma demo` (the demo admits loopback tunnel URLs):
@@ -29,7 +31,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from worker import InFlightCounter, InFlightMiddleware, WorkerAgent, WorkerConfig
+from worker import (
+    InFlightCounter,
+    InFlightMiddleware,
+    ProofMiddleware,
+    WorkerAgent,
+    WorkerConfig,
+)
 
 __all__ = ["create_app", "main"]
 
@@ -60,14 +68,24 @@ def create_app(config: WorkerConfig) -> Starlette:
         await agent.update(services=body["services"])
         return JSONResponse({"services": list(agent.config.services)})
 
-    return Starlette(
+    def running_agent() -> WorkerAgent | None:
+        agent: WorkerAgent | None = getattr(app.state, "agent", None)
+        return agent
+
+    app = Starlette(
         routes=[
             Route("/ocr", ocr, methods=["POST"]),
             Route("/admin/services", services, methods=["POST"]),
         ],
-        middleware=[Middleware(InFlightMiddleware, counter=counter)],
+        middleware=[
+            Middleware(InFlightMiddleware, counter=counter),
+            # The router's tunnel proof, answered with the running agent's key (read when a
+            # proof is asked: the agent starts with the app's lifespan).
+            Middleware(ProofMiddleware, agent=running_agent),
+        ],
         lifespan=lifespan,
     )
+    return app
 
 
 def main() -> None:

@@ -8,6 +8,8 @@
 - `embed`     `BackgroundAgent`: the agent in a thread, for programs that are not async.
 - `load`      where the load in the record comes from: fixed, counted in flight (with an ASGI
               middleware), or polled.
+- `proof`     the tunnel proof's answer: `ProofMiddleware` for a service that embeds the agent,
+              `ProofProxy` in front of the service for `--cloudflared`.
 - `state`     the JSON state file: key path, seq, saved peers.
 - `errors`    `WorkerError` and its subclasses.
 """
@@ -20,6 +22,7 @@ from worker.discovery import Discovery, discover
 from worker.embed import BackgroundAgent
 from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, WorkerError
 from worker.load import HttpLoad, InFlightCounter, InFlightMiddleware, LoadSource, StaticLoad
+from worker.proof import ProofMiddleware, ProofProxy
 
 __all__ = [
     "WORKER_OPTIONS",
@@ -32,6 +35,8 @@ __all__ = [
     "InFlightCounter",
     "InFlightMiddleware",
     "LoadSource",
+    "ProofMiddleware",
+    "ProofProxy",
     "StartError",
     "StaticLoad",
     "WorkerAgent",

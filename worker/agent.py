@@ -49,6 +49,7 @@ from worker.discovery import Discovery, DiscoveryCache, discover
 from worker.edge import BootstrapPeers, EdgeClient, Registered
 from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, TunnelError
 from worker.load import HttpLoad, LoadSource, StaticLoad, clamp
+from worker.proof import ProofProxy
 from worker.state import LoadStatus, StateFile, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,10 @@ class WorkerAgent:
         # The URL our record names: the configured one, or the quick tunnel's latest.
         self.tunnel_url = config.tunnel_url
         self.tunnel: QuickTunnel | None = None
+        # Between cloudflared and the service: answers the router's tunnel proof.
+        self.proof_proxy: ProofProxy | None = None
         if config.cloudflared:
+            self.proof_proxy = ProofProxy(config.service_url, self)
             self.tunnel = QuickTunnel(
                 config.service_url,
                 binary=config.cloudflared_bin,
@@ -194,6 +198,7 @@ class WorkerAgent:
             raise
         try:
             if self.tunnel is not None:
+                await self._start_proof_proxy()
                 self.tunnel_url = self._checked_tunnel_url(await self.tunnel.start())
             if not self.config.edge_only:
                 await self._open_node()
@@ -249,6 +254,8 @@ class WorkerAgent:
         if self.tunnel is not None:
             # After the leave: the tombstone names the URL that is going away.
             await self.tunnel.aclose()
+        if self.proof_proxy is not None:
+            await self.proof_proxy.aclose()
         if self.node is not None:
             self._remember_dht()
             await self.node.aclose()
@@ -271,6 +278,15 @@ class WorkerAgent:
             )
 
     # The quick tunnel.
+
+    async def _start_proof_proxy(self) -> None:
+        """cloudflared forwards to the proof proxy, which forwards to the service."""
+        assert self.tunnel is not None
+        assert self.proof_proxy is not None
+        try:
+            self.tunnel.service_url = await self.proof_proxy.start()
+        except OSError as exc:
+            raise TunnelError(f"cannot start the tunnel proof proxy: {exc}") from exc
 
     def _checked_tunnel_url(self, url: str) -> str:
         try:

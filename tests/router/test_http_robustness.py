@@ -19,7 +19,7 @@ from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
-from edge_router.config import RouterConfig
+from edge_router.config import PROOF_OFF, RouterConfig
 from edge_router.server import GuardedH11Protocol, ServerLimits, protocol_class
 from tests.support.helpers import make_record, wait_for
 from tests.support.rawhttp import RawUpstream, hang_up, send_raw
@@ -29,6 +29,10 @@ from tests.support.upstreams import serve
 
 # The tests, and only they, let tunnel URLs point at loopback.
 LOOPBACK = TunnelPolicy(allow_loopback=True)
+# These tests count what reaches the upstreams, and share their kept-alive connections: the
+# tunnel proof's background fetches would add requests of their own (tests/router/
+# test_tunnel_proof.py covers those).
+ROBUSTNESS_CONFIG = RouterConfig(admin_token=ADMIN_TOKEN, policy=LOOPBACK, tunnel_proof=PROOF_OFF)
 WAIT = 10.0  # deadline of every wait: generous for a loaded 2-core machine
 
 
@@ -66,7 +70,7 @@ async def registry(redis_url: str) -> AsyncIterator[Registry]:
 async def running(registry: Registry, limits: ServerLimits | None = None) -> AsyncIterator[Router]:
     """The router app (lifespan included) under uvicorn on an OS port."""
     protocol = protocol_class(limits)
-    app = router_app(registry, config=RouterConfig(admin_token=ADMIN_TOKEN, policy=LOOPBACK))
+    app = router_app(registry, config=ROBUSTNESS_CONFIG)
     async with app.router.lifespan_context(app), serve(app, http=protocol) as base:
         yield Router(app, int(base.rsplit(":", 1)[1]), protocol)
 
@@ -389,7 +393,7 @@ async def test_the_app_refuses_ambiguous_framing_whatever_server_runs_it(
     registry: Registry,
 ) -> None:
     upstream = RawUpstream()
-    app = router_app(registry, config=RouterConfig(admin_token=ADMIN_TOKEN, policy=LOOPBACK))
+    app = router_app(registry, config=ROBUSTNESS_CONFIG)
     async with upstream.running() as url, client_for(app) as client:
         await register(registry, url)
         # httpx adds Content-Length to these bytes: both framings reach the app in one request.

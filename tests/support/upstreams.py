@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from dht_bridge.tunnel_proof import PROOF_PATH
 from tests.support.helpers import wait_for
 
 START_TIMEOUT = 10.0
@@ -89,7 +90,9 @@ def url_of(sock: socket.socket) -> str:
 class Upstream:
     """An upstream that answers every path with `status` and a JSON echo of the request.
 
-    `/slow` answers only once `release` is set (it is set when the server stops).
+    `/slow` answers only once `release` is set (it is set when the server stops). The router's
+    tunnel proof fetches (`/.well-known/rma-proof`) get 404 and are not in `seen`: this
+    upstream is a service that has no proof endpoint.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Upstream:
         self.release = asyncio.Event()
         self.app = Starlette(
             routes=[
+                Route(PROOF_PATH, self._no_proof),
                 Route("/slow", self._slow),
                 Route("/{path:path}", self._echo, methods=METHODS),
             ]
@@ -133,6 +137,9 @@ class Upstream:
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers
         )
         return response
+
+    async def _no_proof(self, request: Request) -> Response:
+        return JSONResponse({"error": "not_found"}, status_code=404)
 
     async def _slow(self, request: Request) -> Response:
         await self.release.wait()
