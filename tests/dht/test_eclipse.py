@@ -5,9 +5,8 @@ Redis and the edge keep listing it."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,73 +20,10 @@ from dht_bridge.dht.values import key_digest
 from dht_bridge.identity import Identity
 from dht_bridge.records import WorkerRecord
 from tests.support.dht import TEST_SETTINGS, NetworkFactory, publish_all, start_node
-from tests.support.helpers import POLICY, make_record, wait_for
-from tests.support.raw_peer import RawPeer, open_raw_peer
+from tests.support.eclipse import eclipse_around
+from tests.support.helpers import POLICY, make_record
 
 Address = tuple[str, int]
-FAKES_PER_KEY = 12
-
-
-class Eclipse:
-    """Fake nodes minted next to some keys, one socket each: PING answered with the fake's
-    id, FIND_NODE / FIND_VALUE with every fake (never a value), STORE and RENEW with ok."""
-
-    def __init__(self) -> None:
-        self.contacts: list[tuple[bytes, str, int]] = []
-        self.stores = 0
-
-    def answerer(self, node_id: bytes) -> Any:
-        def answer(_sender: Address, name: str, _args: list[Any]) -> Any:
-            if name == "ping":
-                return node_id
-            if name in ("find_node", "find_value"):
-                return self.contacts[:20]
-            if name in ("store", "renew"):
-                self.stores += 1
-                return "ok"
-            return None
-
-        return answer
-
-
-@pytest.fixture
-async def eclipse_of() -> AsyncIterator[Any]:
-    """Builds an Eclipse around key names; its sockets are closed at teardown."""
-    transports: list[asyncio.DatagramTransport] = []
-
-    async def make(keys: list[str]) -> tuple[Eclipse, list[RawPeer]]:
-        eclipse = Eclipse()
-        peers: list[RawPeer] = []
-        for key in keys:
-            digest = key_digest(key)
-            for _ in range(FAKES_PER_KEY):
-                fake_id = digest[:16] + os.urandom(4)
-                transport, peer = await open_raw_peer(eclipse.answerer(fake_id))
-                transports.append(transport)
-                peers.append(peer)
-                eclipse.contacts.append((fake_id, *peer.address))
-        return eclipse, peers
-
-    try:
-        yield make
-    finally:
-        for transport in transports:
-            transport.close()
-
-
-async def introduce(peers: list[RawPeer], eclipse: Eclipse, nodes: list[DHTNode]) -> None:
-    """Each fake pings each node (and answers its check), so every table holds some."""
-    for node in nodes:
-        for peer, (fake_id, _, _) in zip(peers, eclipse.contacts, strict=True):
-            peer.request(node.address, "ping", fake_id)
-    await wait_for(
-        lambda: all(
-            sum(c.id in {f[0] for f in eclipse.contacts} for c in n.rpc.router.contacts()) >= 4
-            for n in nodes
-        ),
-        timeout=10,
-        message="the fakes to be admitted",
-    )
 
 
 async def coordinator_node(seed: Address) -> tuple[DHTNode, list[WorkerRecord]]:
@@ -101,17 +37,18 @@ async def coordinator_node(seed: Address) -> tuple[DHTNode, list[WorkerRecord]]:
 
 
 async def test_an_eclipsed_worker_still_reaches_the_coordinators_every_heartbeat(
-    network_factory: NetworkFactory, eclipse_of: Any
+    network_factory: NetworkFactory,
 ) -> None:
     nodes = await network_factory(6)
     coordinator, merged = await coordinator_node(nodes[0].address)
     worker = await start_node(seeds=[nodes[1].address])
+    stack = contextlib.AsyncExitStack()
     try:
         identity = Identity.generate()
         first = make_record(identity, services=["ocr"], seq=1)
         keys = [shards.worker_key(first.worker_id), shards.service_key("ocr", 0)]
-        eclipse, peers = await eclipse_of(keys)
-        await introduce(peers, eclipse, [worker, *nodes, coordinator])
+        eclipse = await stack.enter_async_context(eclipse_around(keys))
+        await eclipse.introduce([worker, *nodes, coordinator])
         worker.set_coordinators([coordinator.address])
 
         report = await worker.publish(first)
@@ -131,6 +68,7 @@ async def test_an_eclipsed_worker_still_reaches_the_coordinators_every_heartbeat
         assert [r.seq for r in held] == [2]
         assert coordinator.rpc.stats.rpc_bytes.get("renew", 0) > 0
     finally:
+        await stack.aclose()
         await worker.aclose()
         await coordinator.aclose()
 
