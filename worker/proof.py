@@ -277,7 +277,10 @@ class ProofProxy:
                 timeout_graceful_shutdown=STOP_TIMEOUT,
             )
         )
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only when the
+        # listening socket says TCP, and without it every answer waits ~40 ms (Nagle against
+        # the peer's delayed ACK).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
