@@ -96,11 +96,12 @@ class ValidatedAddresses:
         *,
         ttl: float = VALIDATION_TTL,
         capacity: int = MAX_VALIDATED,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.ttl = ttl
         self.capacity = capacity
-        self.clock = clock
+        # Read when built, not when imported: a virtual clock patches time.monotonic.
+        self.clock = clock or time.monotonic
         self._seen: OrderedDict[tuple[str, int], float] = OrderedDict()
 
     def prove(self, addr: tuple[str, int]) -> None:

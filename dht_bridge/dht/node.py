@@ -28,6 +28,7 @@ from kademlia.node import Node
 from dht_bridge.backoff import Backoff, ExponentialBackoff
 from dht_bridge.dht import reach as dht_reach
 from dht_bridge.dht import shards
+from dht_bridge.dht.address import sendable
 from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits
 from dht_bridge.dht.crawl import Crawl, CrawlResult, parse_contacts
 from dht_bridge.dht.mode import DHTMode
@@ -210,7 +211,7 @@ class DHTNode(Server):  # type: ignore[misc]
         settings: DHTSettings,
         *,
         policy: TunnelPolicy,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         node_id: bytes | None = None,
         storage: RecordStorage | None = None,
         client: bool = False,
@@ -223,6 +224,8 @@ class DHTNode(Server):  # type: ignore[misc]
             alpha=settings.alpha,
             node_id=node_id or os.urandom(20),
         )
+        # Read when built, not when imported: a virtual clock patches time.time.
+        clock = clock or time.time
         # Not `storage or ...`: an empty RecordStorage is falsy, as the library's test would find.
         if storage is None:
             storage = RecordStorage(policy, clock=clock, verifier=RecordVerifier(policy))
@@ -282,6 +285,7 @@ class DHTNode(Server):  # type: ignore[misc]
         self._widen_receive_buffer()
         self._bound = self.address
         self.protocol.on_lost = self._socket_lost
+        self.protocol.endpoint = self._endpoint
         self._maintenance = loop.create_task(self._maintain(), name="dht-maintenance")
         logger.info(
             "DHT node %s listening on %s:%d (%s mode)",
@@ -504,6 +508,11 @@ class DHTNode(Server):  # type: ignore[misc]
         family = self.transport.get_extra_info("socket").family if self.transport else 0
         out: list[tuple[str, int]] = []
         for host, port in addrs:
+            # An IP literal needs no resolver (a thread, which a virtual clock cannot wait for).
+            literal = sendable((host, port), family)
+            if literal is not None:
+                out.append(literal)
+                continue
             try:
                 infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
             except OSError as exc:

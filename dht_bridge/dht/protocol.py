@@ -194,6 +194,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._closing = False
         # Called when the transport closes without `aclose` (the node reopens it).
         self.on_lost: Callable[[Exception | None], None] | None = None
+        # Opens the probes' sockets (None: UDP); the node sets it to its own endpoint.
+        self.endpoint: dht_reach.ProbeEndpoint | None = None
 
     def connection_made(self, transport: asyncio.DatagramTransport) -> None:
         """Take a (new) transport; remember its family to check addresses against."""
@@ -613,7 +615,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         try:
             host = self.transport.get_extra_info("sockname")[0] if self.transport else ""
             reachable = await dht_reach.probe(
-                (addr[0], port), bind_host=host, wait=self._wait_timeout
+                (addr[0], port), bind_host=host, wait=self._wait_timeout, endpoint=self.endpoint
             )
         except OSError as exc:
             logger.debug("reachability probe of %s failed: %s", addr, exc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,10 @@ REACH_RPC = "reach"
 DEFAULT_REACH_PEERS = 3
 
 Address = tuple[str, int]
+# Opens a datagram endpoint, as `loop.create_datagram_endpoint` (the node's `endpoint`).
+ProbeEndpoint = Callable[
+    [Callable[[], Any], Address], Awaitable[tuple[asyncio.DatagramTransport, Any]]
+]
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,16 @@ class _Probe(asyncio.DatagramProtocol):
         logger.debug("reachability probe to %s: %s", self.target, exc)
 
 
-async def probe(target: Address, *, bind_host: str, wait: float) -> bool:
-    """Does `target` answer a `stun` request sent from a socket it never wrote to?"""
+async def probe(
+    target: Address, *, bind_host: str, wait: float, endpoint: ProbeEndpoint | None = None
+) -> bool:
+    """Does `target` answer a `stun` request sent from a socket it never wrote to? The socket
+    is opened by `endpoint` (default: a UDP socket), as the node's own."""
     loop = asyncio.get_running_loop()
     msg_id = os.urandom(MSG_ID_BYTES)
     done: asyncio.Future[bool] = loop.create_future()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Probe(target, msg_id, done), local_addr=(bind_host, 0)
+    transport, _ = await (endpoint or _udp_endpoint)(
+        lambda: _Probe(target, msg_id, done), (bind_host, 0)
     )
     try:
         transport.sendto(REQUEST + msg_id + msgpack.packb(["stun", []]), target)
@@ -128,3 +135,9 @@ async def probe(target: Address, *, bind_host: str, wait: float) -> bool:
         return False
     finally:
         transport.close()
+
+
+async def _udp_endpoint(
+    factory: Callable[[], Any], local_addr: Address
+) -> tuple[asyncio.DatagramTransport, Any]:
+    return await asyncio.get_running_loop().create_datagram_endpoint(factory, local_addr=local_addr)

@@ -109,25 +109,34 @@ async def start_field(
             built.coordinators.append(await built.new_node(client=False, settings=settings))
         built.servers.extend(built.coordinators)
         first = built.coordinators[0]
+
+        async def attempt(node: DHTNode, seeds: Callable[[], list[DHTNode]]) -> None:
+            # A lost ping (1% of datagrams) must not leave a node out: try other seeds.
+            for _ in range(JOIN_ATTEMPTS):
+                try:
+                    await node.bootstrap([s.address for s in seeds()])
+                    return
+                except BootstrapError:
+                    continue
+            built.join_failures += 1
+
         await bounded(
-            [functools.partial(c.bootstrap, [first.address]) for c in built.coordinators[1:]]
+            [functools.partial(attempt, c, lambda: [first]) for c in built.coordinators[1:]]
         )
 
         async def join(client: bool) -> None:
             node = await built.new_node(client=client, settings=settings)
             pool = built.servers if client else built.coordinators
             (built.clients if client else built.servers).append(node)
-            for _ in range(JOIN_ATTEMPTS):
-                seeds = rng.sample(pool, min(2, len(pool)))
+
+            def seeds() -> list[DHTNode]:
+                chosen = rng.sample(pool, min(2, len(pool)))
                 earlier = [s for s in built.servers[len(built.coordinators) :] if s is not node]
                 if not client and earlier:
-                    seeds.append(rng.choice(earlier))
-                try:
-                    await node.bootstrap([s.address for s in seeds])
-                    return
-                except BootstrapError:
-                    continue
-            built.join_failures += 1
+                    chosen.append(rng.choice(earlier))
+                return chosen
+
+            await attempt(node, seeds)
 
         others = servers - len(built.coordinators)
         await bounded([lambda: join(False)] * max(0, others), gate)
