@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import random
+import resource
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -53,6 +55,7 @@ from dht_bridge.dht.values import encode_value
 from dht_bridge.errors import BootstrapError, DHTError
 from dht_bridge.identity import Identity
 from dht_bridge.netem import PROFILES, EmulatedNetwork, Host, Profile, StockServer
+from dht_bridge.netem.clock import run_virtual
 from dht_bridge.records import WorkerRecord, tombstone_for
 from tests.support.helpers import POLICY, make_record
 from tests.support.netem import FIELD_SETTINGS, Field, bounded, start_field
@@ -333,6 +336,7 @@ async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
     try:
         run.build_s = time.monotonic() - started
         run.join_failures = built.join_failures
+        frozen(args)
         run.workers = workers_of(built, args)
         lease = args.heartbeat * 3
 
@@ -445,7 +449,10 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
                     service, limit=limit, node=reader.node, edge=None, deadline=args.deadline
                 )
 
-            caches[id(reader)] = DiscoveryCache(fetch, max_age=args.heartbeat)
+            # Clocks given here, read now: under --virtual they are the loop's.
+            caches[id(reader)] = DiscoveryCache(
+                fetch, max_age=args.heartbeat, clock=time.monotonic, wall=time.time
+            )
         return caches[id(reader)]
 
     def warm_discover(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
@@ -515,6 +522,7 @@ async def run_stock(args: argparse.Namespace, profile: Profile, value_size: int)
         joined = await bounded([partial(join, i) for i in range(1, args.nodes)], args.join_parallel)
         run.build_s = time.monotonic() - started
         run.join_failures = joined.count(False)
+        frozen(args)
 
         async def store(worker: Worker) -> None:
             if not await worker.node.set(worker.key, worker.value):
@@ -591,13 +599,45 @@ def record_size(args: argparse.Namespace) -> int:
 # The command.
 
 
+def clock_line(args: argparse.Namespace) -> str:
+    """Which clock the run is on, in words."""
+    if args.virtual:
+        return "virtual clock: time jumps to the next event, callbacks take no time"
+    return "real clock: one event loop, its lateness in every figure"
+
+
+async def walled(run: Awaitable[Run]) -> Run:
+    """Await one implementation's run, noting the wall and loop seconds it took and the
+    process's peak RSS."""
+    loop = asyncio.get_running_loop()
+    wall, simulated = time.perf_counter(), loop.time()
+    try:
+        done = await run
+    finally:
+        gc.unfreeze()
+    done.extra |= {
+        "wall_s": round(time.perf_counter() - wall, 1),
+        "loop_s": round(loop.time() - simulated, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    return done
+
+
+def frozen(args: argparse.Namespace) -> None:
+    """With --gc-freeze, move what exists now out of the garbage collector's reach: a full
+    collection over thousands of nodes stops the shared loop for a second."""
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
+
+
 async def main_async(args: argparse.Namespace) -> int:
     """Run ours, then the stock library, and report."""
     profile = PROFILES[args.profile]
-    print(profile.describe(), flush=True)
-    runs = [await run_ours(args, profile)]
+    print(profile.describe(), f"({clock_line(args)})", flush=True)
+    runs = [await walled(run_ours(args, profile))]
     if not args.no_stock:
-        runs.append(await run_stock(args, profile, record_size(args)))
+        runs.append(await walled(run_stock(args, profile, record_size(args))))
     figures = report.figures(runs, args)
     print(report.render(figures, profile))
     if args.out:
@@ -606,6 +646,7 @@ async def main_async(args: argparse.Namespace) -> int:
             {
                 "profile": profile.as_dict(),
                 "profile_line": profile.describe(),
+                "clock": "virtual" if args.virtual else "real",
                 "options": vars(args),
                 "machine": machine("kademlia", "rpcudp"),
                 "figures": figures,
@@ -635,6 +676,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-dist", choices=("weibull", "lognormal"), default="weibull")
     parser.add_argument("--no-churn", action="store_true", help="every worker stays up")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock library")
+    parser.add_argument(
+        "--virtual",
+        action="store_true",
+        help="run on a virtual clock (dht_bridge.netem.clock): time jumps to the next event, "
+        "so the figures carry no loop lateness and sizes past real time fit",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() the built network, so full collections skip it (large runs)",
+    )
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--log-level", default="WARNING")
     return parser
@@ -655,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("rpcudp.protocol", "asyncio"):
         logging.getLogger(name).addFilter(counter)
+    if args.virtual:
+        return run_virtual(main_async(args))
     return asyncio.run(main_async(args))
 
 

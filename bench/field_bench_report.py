@@ -117,6 +117,7 @@ def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
             "loss_seen_pct": round(100 * run.loss_seen, 2),
             "churn": churn_figures(run.churn),
             "sessions": session_line(args),
+            "clock": "virtual" if args.virtual else "real",
             **{k: v for k, v in run.extra.items() if k != "median_rtt_s"},
         }
     return out
@@ -210,6 +211,9 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             ("restart", ">7"),
             ("via coord", ">9"),
             ("restart ms", ">10"),
+            ("wall s", ">7"),
+            ("loop s", ">7"),
+            ("RSS MB", ">7"),
         ],
         [
             [
@@ -223,6 +227,9 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
                 fig["loop_lag_p50_ms"],
                 fig["loop_lag_p99_ms"],
                 *churn_cells(fig["churn"]),
+                fig.get("wall_s", "-"),
+                fig.get("loop_s", "-"),
+                fig.get("peak_rss_mb", "-"),
             ]
             for impl, fig in figures.items()
         ],
@@ -230,6 +237,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
     rtt = next(iter(figures.values()))["median_rtt_ms"]
     head = f"profile {profile.describe()}\nmedian RTT between this run's hosts: {rtt} ms"
     head += f"\nchurn: {next(iter(figures.values()))['sessions']}"
+    head += f"\nclock: {next(iter(figures.values()))['clock']}"
     window = next(iter(figures.values()))
     return "\n\n".join(
         [
@@ -239,7 +247,9 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             "answer's providers that were down, %; age: of a cached answer)\n" + ops,
             f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
             f"every {window['heartbeat_s']} s\n" + traffic,
-            "Runs (lag: how late the shared event loop ran a timer during the lookups, ms; churn "
-            "during the window and the lookups; restart ms: p50 from listening to joined)\n" + runs,
+            "Runs (lag: how late the shared event loop ran a timer during the lookups, ms, 0 on "
+            "the virtual clock; churn during the window and the lookups; restart ms: p50 from "
+            "listening to joined; wall s and loop s: the run's real and loop seconds; RSS MB: "
+            "the process's peak so far)\n" + runs,
         ]
     )

@@ -70,3 +70,30 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
     assert ours["churn"]["restarts"] > 0
     assert ours["sessions"].startswith("lognormal sessions")
     assert "p50 RTT" in result.stdout
+
+
+def test_field_bench_runs_simulated_time_on_the_virtual_clock(tmp_path: Path) -> None:
+    out = tmp_path / "field-virtual.json"
+    window = 1800.0
+    run_bench_script(
+        "field_bench.py",
+        *("--profile", "world", "--nodes", "14", "--coordinators", "2", "--virtual"),
+        *("--lookups", "12", "--window", str(window), "--out", str(out)),
+        *("--session-median", "300"),
+        timeout=300,
+    )
+    data = json.loads(out.read_text())
+    assert data["clock"] == "virtual"
+    for run in data["figures"].values():
+        assert run["clock"] == "virtual"
+        assert all(run.get(name) is not None for name in RUN_FIGURES), run
+        # Half an hour of heartbeats and churn, in the loop's seconds and far fewer real ones.
+        assert run["window_s"] == window
+        assert run["loop_s"] > window > 10 * run["wall_s"]
+        assert run["heartbeats"] >= 12 * window / 30 * 0.5
+        assert run["loop_lag_p99_ms"] == 0
+        assert run["churn"]["restarts"] > 0
+    # Our lookups cross the world: at least one median round trip each (the stock gets of
+    # 14 nodes are answered locally: every node holds every key).
+    for kind in ("service_lookup", "record_get"):
+        assert data["figures"]["ours"]["ops"][kind]["p50_rtts"] >= 1
