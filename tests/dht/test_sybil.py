@@ -6,8 +6,6 @@ provider is still found."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import random
 from typing import Any
@@ -20,6 +18,7 @@ from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.errors import ConfigError
 from tests.support.dht import NetworkFactory, NoNetwork, publish_all, start_node
+from tests.support.eclipse import introduce_ids
 from tests.support.helpers import make_record, wait_for
 from tests.support.raw_peer import RawPeer, open_raw_peer
 
@@ -56,16 +55,7 @@ class Sybil:
 async def flood(peer: RawPeer, sybil: Sybil, nodes: list[DHTNode], count: int) -> None:
     """`count` fresh ids, each introduced to one node by a PING and a FIND_NODE, every node's
     share in turn (the answer awaited before the next id, so checks meet the id they test)."""
-    ids = [os.urandom(20) for _ in range(count)]
-
-    async def against(node: DHTNode, mine: list[bytes]) -> None:
-        for fake in mine:
-            sybil.last_id[node.address] = fake
-            with contextlib.suppress(TimeoutError):
-                await peer.ask(node.address, "ping", fake, timeout=1.0)
-                await peer.ask(node.address, "find_node", fake, os.urandom(20), timeout=1.0)
-
-    await asyncio.gather(*(against(n, ids[i :: len(nodes)]) for i, n in enumerate(nodes)))
+    await introduce_ids(peer, sybil.last_id, nodes, [os.urandom(20) for _ in range(count)])
 
 
 def held_at(node: DHTNode, home: Address) -> int:

@@ -14,7 +14,7 @@ from dht_bridge.dht.values import key_digest
 from tests.support.helpers import wait_for
 from tests.support.raw_peer import RawPeer, open_raw_peer
 
-__all__ = ["FAKES_PER_KEY", "Eclipse", "eclipse_around"]
+__all__ = ["FAKES_PER_KEY", "Eclipse", "eclipse_around", "introduce_ids"]
 
 Address = tuple[str, int]
 FAKES_PER_KEY = 12
@@ -75,3 +75,20 @@ async def eclipse_around(keys: list[str], per_key: int = FAKES_PER_KEY) -> Async
     finally:
         for transport in transports:
             transport.close()
+
+
+async def introduce_ids(
+    peer: RawPeer, last_id: dict[Address, bytes], nodes: list[DHTNode], ids: list[bytes]
+) -> None:
+    """Each id to one node by a PING and a FIND_NODE from `peer`, every node's share in turn;
+    `last_id` tells the peer's PING answers which id to claim to that node (each answer is
+    awaited before the next id, so the node's check meets the id it tests)."""
+
+    async def against(node: DHTNode, mine: list[bytes]) -> None:
+        for fake in mine:
+            last_id[node.address] = fake
+            with contextlib.suppress(TimeoutError):
+                await peer.ask(node.address, "ping", fake, timeout=1.0)
+                await peer.ask(node.address, "find_node", fake, os.urandom(20), timeout=1.0)
+
+    await asyncio.gather(*(against(n, ids[i :: len(nodes)]) for i, n in enumerate(nodes)))
