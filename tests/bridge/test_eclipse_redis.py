@@ -18,6 +18,7 @@ from tests.support.bridge import (
 from tests.support.dht import start_network, start_node, stop_all
 from tests.support.eclipse import eclipse_around
 from tests.support.helpers import wait_for
+from tests.support.worker import router_config, running_edge, worker_config
 
 CONVERGE = 20.0  # seconds: a bound for Redis to catch up on a loaded 2-core machine
 
@@ -59,3 +60,22 @@ async def test_an_eclipsed_worker_stays_in_redis_through_the_coordinator_copy(
     finally:
         await swarm.aclose()
         await stop_all([*nodes, bridge_node, worker_node])
+
+
+async def test_a_worker_copies_its_heartbeats_to_two_coordinators_the_edge_named(
+    registry: Registry, tmp_path: Path
+) -> None:
+    network = await start_network(3)
+    try:
+        async with (
+            running_edge(registry, router_config(network)) as edge,
+            edge.agent(worker_config(tmp_path, "w-copies")) as agent,
+        ):
+            assert agent.node is not None
+            assert agent.record is not None
+            # The edge hands the network out as coordinators ("kind": "coordinator").
+            assert set(agent.node.coordinators) == {n.address for n in network}
+            report = await agent.node.publish(agent.record)
+            assert report.coordinators == 2
+    finally:
+        await stop_all(network)
