@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 # hour. A tunnel URL changes hands only when its tunnel stops, and a quick tunnel's name is new
 # every start, so an hour's trust in a URL that did answer is a small window.
 DEFAULT_REPROVE = 3600.0
-# A failed proof (the worker was down, or has no proof endpoint yet) is tried again sooner.
+# A failed proof (the worker was down, or has no proof endpoint yet) is tried again sooner; a
+# failed re-proof leaves the earlier outcome standing until it is two re-proof intervals old.
 DEFAULT_RETRY = 300.0
 # One fetch, connect to last byte.
 DEFAULT_TIMEOUT = 5.0
@@ -86,10 +87,12 @@ class ProofSettings:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The last proof of one (worker, tunnel URL) pair, when it was made (monotonic) and why."""
+    """What the last answers showed of one (worker, tunnel URL) pair: the outcome, when it was
+    established and when to prove again (monotonic seconds), and why."""
 
     outcome: Outcome
     at: float
+    due: float
     why: str
 
 
@@ -167,12 +170,10 @@ class TunnelProver:
         if verdict is None:
             self._enqueue(pair, record)
             return None
-        due = self.settings.retry if verdict.outcome is Outcome.FAILED else self.settings.reprove
-        age = now - verdict.at
-        if age >= due:
+        if now >= verdict.due:
             self._enqueue(pair, record)
-            if age >= due + self.settings.reprove:
-                return None  # far too old to stand for anything while the new proof runs
+        if verdict.outcome is not Outcome.FAILED and now - verdict.at >= 2 * self.settings.reprove:
+            return None  # an answer this old stands for nothing while the new proofs fail
         return verdict
 
     def _enqueue(self, pair: Pair, record: WorkerRecord) -> None:
@@ -220,9 +221,25 @@ class TunnelProver:
         nonce = new_nonce()
         self.fetches += 1
         check = await self._fetch_and_check(record, nonce)
-        verdict = Verdict(check.outcome, self._clock(), check.why)
+        now = self._clock()
         pair = (record.worker_id, record.tunnel_url)
         before = self._verdicts.get(pair)
+        if check.outcome is not Outcome.FAILED:
+            verdict = Verdict(check.outcome, now, now + self.settings.reprove, check.why)
+        elif before is not None and before.outcome is not Outcome.FAILED:
+            # One failed re-proof (a blip on the tunnel) does not undo what the URL showed an
+            # hour ago: the old outcome stands, tried again soon, until it is two intervals old.
+            verdict = Verdict(before.outcome, before.at, now + self.settings.retry, before.why)
+            logger.info(
+                "tunnel proof of worker %s at %s failed (%s): %s stands, trying again in %g s",
+                record.worker_id,
+                record.tunnel_url,
+                check.why,
+                before.outcome.value,
+                self.settings.retry,
+            )
+        else:
+            verdict = Verdict(Outcome.FAILED, now, now + self.settings.retry, check.why)
         self._verdicts[pair] = verdict
         if before is None or before.outcome is not verdict.outcome:
             log = logger.warning if verdict.outcome is Outcome.FOREIGN else logger.info

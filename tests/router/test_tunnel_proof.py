@@ -27,8 +27,9 @@ from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnel_proof import PROOF_PATH, Outcome
 from edge_router.config import RouterConfig
+from edge_router.errors import NoProvider
 from edge_router.proof import ProofSettings, TunnelProver
-from tests.support.helpers import make_record, wait_for
+from tests.support.helpers import ManualClock, make_record, wait_for
 from tests.support.router import ADMIN_TOKEN, LOOPBACK, client_for, router_app
 from tests.support.upstreams import Upstream, serve, url_of
 from worker.proof import ProofMiddleware
@@ -41,13 +42,14 @@ class Volunteer:
     """A worker's key and the URL its record names (what ProofMiddleware reads of an agent)."""
 
     name: str
-    identity: Identity = field(default_factory=Identity.generate)
+    identity: Identity | None = field(default_factory=Identity.generate)
     tunnel_url: str = ""
 
     def record(
         self, *, tunnel_url: str | None = None, seq: int = 1, tombstone: bool = False
     ) -> WorkerRecord:
         """A signed record of this worker naming `tunnel_url` (its own by default)."""
+        assert self.identity is not None
         return make_record(
             self.identity, tunnel_url=tunnel_url or self.tunnel_url, seq=seq, tombstone=tombstone
         )
@@ -143,6 +145,7 @@ async def test_a_record_naming_a_url_that_answers_for_another_key_is_never_route
             await verdict_is(prover, forged, Outcome.FOREIGN)
             verdict = prover.verdict(forged)
             assert verdict is not None
+            assert victim.identity is not None
             assert victim.identity.worker_id in verdict.why
             assert await routed_to(client, 30) == {honest.worker_id}
 
@@ -249,3 +252,63 @@ async def test_off_mode_fetches_nothing(registry: Registry) -> None:
             assert (await client.get("/route/ocr/job")).status_code == 200
             assert prover_of_app(app).fetches == 0
     assert [seen["raw_path"] for seen in plain.seen] == ["/job"]
+
+
+async def test_proofs_are_renewed_on_schedule_and_a_failed_renewal_does_not_undo_them() -> None:
+    volunteer = Volunteer("renewing")
+    clock = ManualClock(1000.0)
+    async with running(volunteer), httpx.AsyncClient(trust_env=False) as http:
+        record = volunteer.record()
+        settings = ProofSettings(mode="require", reprove=3600.0, retry=300.0)
+        prover = TunnelProver(http, settings, clock=clock)
+        prover.start()
+        try:
+
+            async def proved_at(at: float) -> None:
+                def renewed() -> bool:
+                    verdict = prover.verdict(record)
+                    return verdict is not None and verdict.at == at
+
+                await wait_for(renewed, timeout=PROVED_WITHIN, message=f"proved at {at}")
+
+            with pytest.raises(NoProvider):
+                prover.routable("ocr", [record])  # not proved yet: queued
+            await proved_at(1000.0)
+            assert prover.routable("ocr", [record]) == [record]
+            assert prover.fetches == 1
+            clock.advance(3599.0)
+            prover.routable("ocr", [record])
+            assert prover.fetches == 1  # not due yet: routes cost no fetch
+
+            clock.advance(1.0)
+            prover.routable("ocr", [record])  # due: proved again, routed meanwhile
+            await proved_at(4600.0)
+            assert prover.fetches == 2
+
+            # The worker's proof endpoint breaks (503): its renewal fails, the proof stands...
+            identity, volunteer.identity = volunteer.identity, None
+            clock.advance(3600.0)
+            assert prover.routable("ocr", [record]) == [record]
+
+            def retry_planned() -> bool:
+                verdict = prover.verdict(record)
+                return verdict is not None and verdict.due == clock.now + 300.0
+
+            await wait_for(retry_planned, timeout=PROVED_WITHIN, message="the renewal failed")
+            verdict = prover.verdict(record)
+            assert verdict is not None
+            assert (verdict.outcome, verdict.at) == (Outcome.PROVED, 4600.0)
+            assert prover.routable("ocr", [record]) == [record]
+            assert prover.fetches == 3  # retried after `retry`, not on every request
+
+            # ... until it is two intervals old: then it is refused.
+            clock.advance(3600.0)
+            with pytest.raises(NoProvider, match="1 not proved yet"):
+                prover.routable("ocr", [record])
+
+            # A worker that answers again is proved again.
+            volunteer.identity = identity
+            await proved_at(clock.now)
+            assert prover.routable("ocr", [record]) == [record]
+        finally:
+            await prover.aclose()
