@@ -215,41 +215,48 @@ class RateLimiter:
         if until is not None:
             self._count_limited(klass)
             return max(1, math.ceil(until - self._clock()))
-        limiter = self._local if klass in LOCAL_CLASSES else await self._shared_or_local()
+        if klass in LOCAL_CLASSES or self._shared_down():
+            return await self._hit(self._local, items, klass, key)
         try:
             async with asyncio.timeout(self._timeout):
-                for item in items:
-                    if not await limiter.hit(item, klass.value, key):
-                        stats = await limiter.get_window_stats(item, klass.value, key)
-                        # `limits` tells the wall-clock time its window takes one more.
-                        wait = max(1, math.ceil(stats.reset_time - time.time()))
-                        self._refused[(klass, key)] = self._clock() + wait
-                        self._count_limited(klass)
-                        return wait
+                wait = await self._hit(self._shared, items, klass, key)
         except (StorageError, RedisError, OSError, TimeoutError) as exc:
-            if limiter is self._local:
-                raise
             self._storage_failed(exc)
-            return await self.check(klass, key)
-        if limiter is not self._local and self._down_until is not None:
+            return await self._hit(self._local, items, klass, key)
+        if self._down_until is not None:
             self._down_until = None
             logger.info("rate limits: Redis answers again; windows are shared again")
+        return wait
+
+    async def _hit(
+        self,
+        limiter: SlidingWindowCounterRateLimiter,
+        items: list[RateLimitItem],
+        klass: RateClass,
+        key: str,
+    ) -> int | None:
+        for item in items:
+            if not await limiter.hit(item, klass.value, key):
+                stats = await limiter.get_window_stats(item, klass.value, key)
+                # `limits` tells the wall-clock time its window takes one more.
+                wait = max(1, math.ceil(stats.reset_time - time.time()))
+                self._refused[(klass, key)] = self._clock() + wait
+                self._count_limited(klass)
+                return wait
         return None
 
     def _count_limited(self, klass: RateClass) -> None:
         self.stats.limited[klass.value] = self.stats.limited.get(klass.value, 0) + 1
 
-    async def _shared_or_local(self) -> SlidingWindowCounterRateLimiter:
-        if self._down_until is not None and self._clock() < self._down_until:
-            return self._local
-        return self._shared
+    def _shared_down(self) -> bool:
+        return self._down_until is not None and self._clock() < self._down_until
 
     def _storage_failed(self, exc: BaseException) -> None:
         self.stats.storage_failures += 1
         if self._down_until is None:
             # Once per outage: every request would log it otherwise.
             logger.warning(
-                "rate limits: Redis failed (%s); counting in this replica's memory, "
+                "rate limits: Redis failed (%r); counting in this replica's memory, "
                 "trying Redis again every %.0f s",
                 exc,
                 DOWN_RETRY_SECONDS,

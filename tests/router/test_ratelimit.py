@@ -26,7 +26,14 @@ from edge_router.config import (
     RateSettings,
     RouterConfig,
 )
-from edge_router.ratelimit import RateClass, RateLimiter, client_key, rate_class, storage_uri
+from edge_router.ratelimit import (
+    DOWN_RETRY_SECONDS,
+    RateClass,
+    RateLimiter,
+    client_key,
+    rate_class,
+    storage_uri,
+)
 from tests.support.helpers import POLICY, ManualClock, make_record
 from tests.support.redis_server import TEST_REDIS_TIMEOUT, RedisServer
 from tests.support.router import ADMIN_TOKEN, CLIENT, router_app
@@ -304,3 +311,36 @@ async def test_two_limiters_share_windows_on_every_redis_topology(
     finally:
         for limiter in limiters:
             await limiter.aclose()
+
+
+async def test_a_redis_that_never_answers_holds_up_one_try_per_retry_pause() -> None:
+    accepted = 0
+    hold = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await hold.wait()  # reads nothing, answers nothing: a Redis that hangs
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clock = ManualClock()
+    settings = RegistrySettings(redis_url=f"redis://127.0.0.1:{port}", timeout=0.3)
+    limiter = RateLimiter(RateSettings(register="8/minute"), settings, clock=clock)
+    try:
+        assert await limiter.check(RateClass.REGISTER, "192.0.2.1") is None
+        assert (accepted, limiter.stats.storage_failures) == (1, 1)
+        for _ in range(7):
+            assert await limiter.check(RateClass.REGISTER, "192.0.2.1") is None
+        # Counted in memory meanwhile: Redis was not tried again before the pause ran out.
+        assert accepted == 1
+        assert await limiter.check(RateClass.REGISTER, "192.0.2.1") is not None
+        clock.advance(DOWN_RETRY_SECONDS + 1)
+        await limiter.check(RateClass.REGISTER, "192.0.2.2")
+        assert (accepted, limiter.stats.storage_failures) == (2, 2)
+    finally:
+        hold.set()
+        await limiter.aclose()
+        server.close()
+        await server.wait_closed()
