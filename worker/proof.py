@@ -116,9 +116,11 @@ class ProofMiddleware:
     def _is_proof_path(self, path: str) -> bool:
         if path == PROOF_PATH:
             return True
+        if not path.endswith(PROOF_PATH):
+            return False
         # A tunnel URL with a path (https://host/svc) is asked at /svc/.well-known/rma-proof.
         source = self.agent()
-        if source is None or not path.endswith(PROOF_PATH):
+        if source is None:
             return False
         with contextlib.suppress(RecordError):
             prefix = urlsplit(canonical_tunnel_url(source.tunnel_url)).path.rstrip("/")
