@@ -2,15 +2,19 @@
 Layered bottom-up; each imports only what is above it in this list:
 
 - `errors`    `RMAError` and the project's one exception tree below it.
+- `version`, `paths`, `logcontext`, `exposition`  the version, default state paths, log
+              fields of the current task, Prometheus exposition of figures.
 - `options`   options declared once (flag, `RMA_*` variable, type, default, help).
 - `backoff`   retry delays: exponential with jitter, or none (for tests).
 - `identity`  Ed25519 keys and the worker id derived from them.
 - `tunnels`   which tunnel URLs a record may name, in one canonical form.
-- `records`   `WorkerRecord`: signing, validation, the merge rule.
+- `records`   `WorkerRecord`: signing (RFC 8785), validation, the merge rule.
+- `tunnel_proof`  the challenge a tunnel URL answers to prove whose it is.
 - `settings`  `DHTSettings`, `RegistrySettings` and their option tables.
 - `dht/`      the Kademlia node built on the `kademlia` library (`DHTNode`).
 - `registry/` the Redis registry the edge reads (`Registry`, `open_registry`).
 - `bridge/`   the bridge that keeps Redis and the DHT in sync through partitions (`Bridge`).
+- `netem/`    an emulated internet (regions, latency, loss, NAT) for tests and benches only.
 """
 
 from __future__ import annotations

@@ -1,16 +1,23 @@
 """The edge router: a Starlette app in front of the registry and the DHT.
 
-- `config`     `RouterConfig` (frozen) and `ROUTER_OPTIONS`, the `rma router` options.
-- `app`        `create_app(config, registry=..., dht=...)`: routes, lifespan, middleware.
-- `handlers`   the HTTP endpoints: bootstrap, lookups, registration, admin, topology, health.
-- `providers`  lookups: the cache first, then Redis, then the DHT.
-- `cache`      the lookup cache (fresh, then stale on bad days) with single-flight reads.
-- `proxy`      `/route/{service}/...`: choosing a provider, streaming, retries, ejection.
-- `events`     the `rma:events` listener that keeps replicas' caches in step.
-- `bootstrap`  the peers `/dht/bootstrap` hands out.
-- `cloudflare` trusted client addresses, CF-Ray, countries, the edge budget.
-- `metrics`, `page`, `dht_modes`, `state`: the figures, the topology page, its counts.
-- `errors`     `RouterError` and the one place every project error becomes an HTTP status.
+- `config`       `RouterConfig` (frozen) and `ROUTER_OPTIONS`, the `rma router` options.
+- `app`          `create_app(config, registry=..., dht=...)`: routes, lifespan, middleware.
+- `server`, `framing`  the HTTP/1.1 server protocol: strict framing, read deadlines, slow
+                 connections bounded per client address.
+- `limits`, `ratelimit`  JSON depth and size limits; rate limits per client address.
+- `handlers`     bootstrap, lookups, registration, admin, routing, topology.
+- `catalog`      `GET /services`; `capabilities` the `?cap=` filters.
+- `providers`    lookups: the cache first, then Redis, then the DHT.
+- `cache`        the lookup cache (fresh, then stale on bad days) with single-flight reads.
+- `proxy`        `/route/{service}/...`: choosing a provider, streaming, retries, ejection.
+- `proof`        tunnel proofs: a provider is routed once its URL answered for its key.
+- `events`       the `rma:events` listener that keeps replicas' caches in step.
+- `bootstrap`    the peers `/dht/bootstrap` hands out.
+- `cloudflare`   trusted client addresses, CF-Ray, countries.
+- `health`, `metrics`  `/livez`, `/readyz`, `/healthz`, `/metrics` (prometheus_client).
+- `openapi`      `/openapi.json`, kept complete by a test.
+- `page`, `dht_modes`, `state`: the topology page, its counts, the shared state.
+- `errors`       `RouterError` and the one place every project error becomes an HTTP status.
 """
 
 from __future__ import annotations

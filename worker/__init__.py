@@ -10,7 +10,8 @@
               middleware), or polled.
 - `proof`     the tunnel proof's answer: `ProofMiddleware` for a service that embeds the agent,
               `ProofProxy` in front of the service for `--cloudflared`.
-- `state`     the JSON state file: key path, seq, saved peers.
+- `state`     the JSON state file (key path, seq, saved peers) and its lock.
+- `cloudflared` a quick tunnel for `--cloudflared`; `proof` answers tunnel proofs.
 - `errors`    `WorkerError` and its subclasses.
 """
 
