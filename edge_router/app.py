@@ -50,8 +50,12 @@ def create_app(
     monotonic: Callable[[], float] = time.monotonic,
     listen_events: bool = True,
     extra_figures: Callable[[], Mapping[str, float]] | None = None,
+    ready_at_start: bool = True,
 ) -> Starlette:
     """Build the router around backends the caller opened (and closes).
+
+    `ready_at_start=False`: `/readyz` says "starting" until the caller sets
+    `app.state.rma.started` (the demo does, once its workers are registered).
 
     `http` is the client the proxy uses (inject one with a test transport); when omitted the
     app creates one and closes it on shutdown.
@@ -124,7 +128,7 @@ def create_app(
             listener = asyncio.get_running_loop().create_task(
                 listen_for_events(state, stop), name="router-events"
             )
-        state.started = True
+        state.started = ready_at_start
         try:
             yield
         finally:

@@ -34,6 +34,7 @@ from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from edge_router.state import RouterState
 from rma.commands.router import QuietServer
 from worker.agent import WorkerAgent
 from worker.config import WorkerConfig, worker_dht_settings
@@ -77,9 +78,10 @@ async def run_demo(config: DemoConfig, stop: asyncio.Event) -> int:
             bridge_node = await _node(stack)
             bridge = await _start_bridge(stack, bridge_node, registry, config, Path(workdir))
             token = secrets.token_urlsafe(18)
-            router_url = await _start_router(stack, config, registry, bridge, token)
+            router_url, router = await _start_router(stack, config, registry, bridge, token)
             agents = await _start_workers(stack, config, router_url, Path(workdir))
             await until_registered(registry, {agent.worker_id for agent in agents})
+            router.started = True  # /readyz: the demo's start-up is done
             _say_ready(config, router_url, token, agents)
             await stop.wait()
             logger.info("demo: stopping (workers leave with a tombstone)...")
@@ -139,7 +141,7 @@ async def _start_router(
     registry: Registry,
     bridge: Bridge,
     token: str,
-) -> str:
+) -> tuple[str, RouterState]:
     router_node = await _node(stack, [bridge.node.address])
     router_config = RouterConfig(
         host=config.host,
@@ -149,10 +151,15 @@ async def _start_router(
         policy=DEMO_POLICY,
     )
     app = create_app(
-        router_config, registry=registry, dht=router_node, extra_figures=bridge.figures
+        router_config,
+        registry=registry,
+        dht=router_node,
+        extra_figures=bridge.figures,
+        ready_at_start=False,
     )
     port = await _serve(stack, app, config.host, config.port, "demo-router")
-    return f"http://{config.host}:{port}"
+    state: RouterState = app.state.rma
+    return f"http://{config.host}:{port}", state
 
 
 async def _start_workers(

@@ -86,7 +86,9 @@ async def test_demo_with_twenty_workers_looks_up_routes_and_stops_on_sigint() ->
         assert routed.json()["service"] == "gpu"
         assert routed.json()["received_bytes"] == 9
         assert routed.headers["x-rma-worker"]
-        topology = (await client.get("/topology")).json()  # "ready" waited for the registry
+        # "ready" waited for the registry, and /readyz says so.
+        assert (await client.get("/readyz")).json()["status"] == "ready"
+        topology = (await client.get("/topology")).json()
         assert sum(1 for w in topology["workers"] if w["state"] == "live") == 20
         assert topology["services"] == {"ocr": 10, "gpu": 10}
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from dht_bridge.version import __version__
+from edge_router.app import create_app
+from edge_router.config import RouterConfig
 from edge_router.state import RouterState
 from tests.support.helpers import POLICY
 from tests.support.redis_server import TEST_REDIS_TIMEOUT, RedisServer
@@ -53,3 +55,13 @@ async def test_not_ready_when_neither_redis_nor_the_dht_answers(
             assert (await client.get("/healthz")).status_code == 503
     finally:
         await registry.aclose()
+
+
+async def test_a_router_started_not_ready_says_starting_until_told(registry: Registry) -> None:
+    app = create_app(RouterConfig(), registry=registry, ready_at_start=False, listen_events=False)
+    async with client_for(app) as client:
+        starting = await client.get("/readyz")
+        app.state.rma.started = True  # what the demo does once its workers are registered
+        ready = await client.get("/readyz")
+    assert (starting.status_code, starting.json()["why"]) == (503, "starting")
+    assert ready.status_code == 200
