@@ -76,6 +76,8 @@ COORDINATOR_COPIES = 2
 # A shard proved full (a holder's value full of signed records) is believed that long: the
 # proof costs one FIND_VALUE answer of up to 8 KB, and a mark is believed as long.
 PROOF_MEMORY = OVERFLOW_MEMORY
+# Holders that answered `full` asked for their proof at once (then the rest, if none shows it).
+PROOF_ASKS = 3
 # A mark's depth sends a reader at most this many levels below the deepest it has read: the
 # depth is a hint nobody signs, and every level read is a crawl.
 MAX_PREFETCH = 4
@@ -662,21 +664,28 @@ class DHTNode(Server):  # type: ignore[misc]
 
     async def _full_proven(self, outcome: KeyPublish, record: WorkerRecord) -> bool:
         """Does a holder that answered `full` (or our own copy) hold a value so full of signed,
-        live records of the shard that this record would not fit? Asks them one at a time."""
+        live records of the shard that this record would not fit? Asks PROOF_ASKS of them at
+        once, then the rest: on a loaded machine one honest holder's answer may come late."""
         digest = key_digest(outcome.key)
         if self._proven_full.get(digest, 0.0) > time.monotonic():
             return True
         if outcome.local_full and self._fills(digest, self.storage.value(digest), record):
             return self._remember_full(digest)
-        for node in outcome.full_by:
-            for _ in range(2):  # a second time after a cut answer, as a crawl does
-                ok, reply = await self.rpc.call_find_value(node, Node(digest))
-                if not (ok and isinstance(reply, list)):
-                    break
-            value = reply.get("value") if ok and isinstance(reply, dict) else None
-            if self._fills(digest, value, record):
+        asked = outcome.full_by
+        for batch in (asked[:PROOF_ASKS], asked[PROOF_ASKS:]):
+            values = await asyncio.gather(*(self._value_of(node, digest) for node in batch))
+            if any(self._fills(digest, value, record) for value in values):
                 return self._remember_full(digest)
         return False
+
+    async def _value_of(self, node: Node, digest: bytes) -> bytes | None:
+        """The value `node` holds under `digest`, or None (no answer, or no value)."""
+        for _ in range(2):  # a second time after a cut answer, as a crawl does
+            ok, reply = await self.rpc.call_find_value(node, Node(digest))
+            if not (ok and isinstance(reply, list)):
+                break
+        value = reply.get("value") if ok and isinstance(reply, dict) else None
+        return value if isinstance(value, bytes) else None
 
     def _fills(self, digest: bytes, value: object, record: WorkerRecord) -> bool:
         if not isinstance(value, bytes):

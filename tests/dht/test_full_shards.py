@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ from dht_bridge.dht.values import (
 )
 from tests.support.dht import ManualClock, NetworkFactory, publish_all, start_node
 from tests.support.helpers import POLICY, make_record, wait_for
-from tests.support.raw_peer import open_raw_peer
+from tests.support.raw_peer import RawPeer, open_raw_peer
 
 Address = tuple[str, int]
 PROVIDERS = 5
@@ -72,6 +73,19 @@ class Liar:
         return None
 
 
+async def admit(liar: Liar, peer: RawPeer, nodes: list[DHTNode]) -> None:
+    """The liar's ids into every node's table (one at a time: its checks meet the id)."""
+    for fake in liar.ids:
+        for node in nodes:
+            liar.last_id[node.address] = fake
+            peer.request(node.address, "ping", fake)
+        await wait_for(
+            lambda fake=fake: all(n.rpc.router.held(Node(fake)) for n in nodes),  # type: ignore[misc]
+            timeout=10,
+            message="the liar's ids to be admitted",
+        )
+
+
 async def test_a_holder_that_says_full_and_serves_a_deep_mark_moves_nobody_down(
     network_factory: NetworkFactory,
 ) -> None:
@@ -81,15 +95,7 @@ async def test_a_holder_that_says_full_and_serves_a_deep_mark_moves_nobody_down(
     readers: list[DHTNode] = []
     try:
         liar.home = peer.address
-        for fake in liar.ids:
-            for node in nodes:
-                liar.last_id[node.address] = fake
-                peer.request(node.address, "ping", fake)
-            await wait_for(
-                lambda fake=fake: all(n.rpc.router.held(Node(fake)) for n in nodes),  # type: ignore[misc]
-                timeout=10,
-                message="the liar's ids to be admitted",
-            )
+        await admit(liar, peer, nodes)
         records = [make_record(services=["ocr"]) for _ in range(PROVIDERS)]
         reports = await publish_all(nodes, records)
 
@@ -183,3 +189,36 @@ async def test_a_reader_goes_down_at_most_a_few_levels_past_what_it_read(
         assert max(levels) == dht.MAX_PREFETCH, levels
     finally:
         await reader.aclose()
+
+
+async def test_a_liar_asked_alone_cannot_keep_a_worker_from_rising(
+    network_factory: NetworkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rise asks one holder of the shard above first; when that one is the liar, its `full`
+    # must not keep the worker below a root with room.
+    nodes = await network_factory(12)
+    liar = Liar("ocr")
+    transport, peer = await open_raw_peer(liar)
+    try:
+        liar.home = peer.address
+        await admit(liar, peer, nodes)
+        record = make_record(services=["ocr"])
+        publisher = nodes[4]
+        publisher.restore_levels([["ocr", record.worker_id, 1]])
+        monkeypatch.setattr(dht, "RISE_EVERY", 1)
+        choose = random.choice
+        monkeypatch.setattr(
+            random,
+            "choice",
+            lambda seq: next((n for n in seq if _at(n, liar.home)), None) or choose(seq),
+        )
+        told = liar.told_full
+        report = await publisher.publish(record)
+        assert liar.told_full > told
+        assert report.levels["ocr"] == 0  # before: 16, on the liar's word alone
+    finally:
+        transport.close()
+
+
+def _at(item: object, home: Address) -> bool:
+    return (getattr(item, "ip", None), getattr(item, "port", None)) == home
