@@ -32,7 +32,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from cachetools import TLRUCache
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
@@ -52,6 +52,7 @@ from dht_bridge.settings import RegistrySettings
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RATE_OFF, RateSettings
 from edge_router.errors import RateLimited, error_response
+from edge_router.windows import LocalWindows
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +190,11 @@ class RateLimiter:
             if text.strip().lower() != RATE_OFF:
                 self._items[klass] = parse_many(text)
         self._clock = clock
-        self._local_storage = MemoryStorage()
-        self._local = SlidingWindowCounterRateLimiter(self._local_storage)
+        longest = max((i.get_expiry() for items in self._items.values() for i in items), default=1)
+        self._local = LocalWindows(longest=longest, clock=clock)
         uri, options = storage_uri(registry)
         self._shared_storage: Storage | None = None
-        self._shared = self._local
+        self._shared: SlidingWindowCounterRateLimiter | None = None
         if uri != MEMORY_URI and any(k not in LOCAL_CLASSES for k in self._items):
             self._shared_storage = cast(Storage, storage_from_string(uri, **options))
             self._shared = SlidingWindowCounterRateLimiter(self._shared_storage)
@@ -215,35 +216,24 @@ class RateLimiter:
         if until is not None:
             self._count_limited(klass)
             return max(1, math.ceil(until - self._clock()))
-        if klass in LOCAL_CLASSES or self._shared_down():
-            return await self._hit(self._local, items, klass, key)
-        try:
-            async with asyncio.timeout(self._timeout):
-                wait = await self._hit(self._shared, items, klass, key)
-        except (StorageError, RedisError, OSError, TimeoutError) as exc:
-            self._storage_failed(exc)
-            return await self._hit(self._local, items, klass, key)
-        if self._down_until is not None:
-            self._down_until = None
-            logger.info("rate limits: Redis answers again; windows are shared again")
+        shared = self._shared
+        if shared is None or klass in LOCAL_CLASSES or self._shared_down():
+            wait = self._local.hit(items, klass, key)
+        else:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    wait = await _shared_hit(shared, items, klass, key)
+            except (StorageError, RedisError, OSError, TimeoutError) as exc:
+                self._storage_failed(exc)
+                wait = self._local.hit(items, klass, key)
+            else:
+                if self._down_until is not None:
+                    self._down_until = None
+                    logger.info("rate limits: Redis answers again; windows are shared again")
+        if wait is not None:
+            self._refused[(klass, key)] = self._clock() + wait
+            self._count_limited(klass)
         return wait
-
-    async def _hit(
-        self,
-        limiter: SlidingWindowCounterRateLimiter,
-        items: list[RateLimitItem],
-        klass: RateClass,
-        key: str,
-    ) -> int | None:
-        for item in items:
-            if not await limiter.hit(item, klass.value, key):
-                stats = await limiter.get_window_stats(item, klass.value, key)
-                # `limits` tells the wall-clock time its window takes one more.
-                wait = max(1, math.ceil(stats.reset_time - time.time()))
-                self._refused[(klass, key)] = self._clock() + wait
-                self._count_limited(klass)
-                return wait
-        return None
 
     def _count_limited(self, klass: RateClass) -> None:
         self.stats.limited[klass.value] = self.stats.limited.get(klass.value, 0) + 1
@@ -264,7 +254,7 @@ class RateLimiter:
         self._down_until = self._clock() + DOWN_RETRY_SECONDS
 
     async def aclose(self) -> None:
-        """Close the shared storage's connections and the memory storage's expiry task."""
+        """Close the connections to the shared storage."""
         # `limits` 5.8 has no close: its redis-py bridge holds the clients (and Sentinels).
         bridge = getattr(self._shared_storage, "bridge", None)
         clients = [getattr(bridge, "storage", None), getattr(bridge, "storage_replica", None)]
@@ -273,10 +263,20 @@ class RateLimiter:
         for client in clients:
             if client is not None:
                 await client.aclose()
-        timer = self._local_storage.timer
-        if timer is not None and not timer.done():
-            timer.cancel()
-            await asyncio.gather(timer, return_exceptions=True)
+
+
+async def _shared_hit(
+    limiter: SlidingWindowCounterRateLimiter,
+    items: list[RateLimitItem],
+    klass: RateClass,
+    key: str,
+) -> int | None:
+    for item in items:
+        if not await limiter.hit(item, klass.value, key):
+            stats = await limiter.get_window_stats(item, klass.value, key)
+            # `limits` tells the wall-clock time its window takes one more.
+            return max(1, math.ceil(stats.reset_time - time.time()))
+    return None
 
 
 class RateLimit:
