@@ -79,6 +79,10 @@ async def metrics(request: Request) -> Response:
     except RegistryError as exc:
         # The counts are left out rather than shown as zero: no registry is not no workers.
         logger.warning("metrics: registry unavailable, no DHT mode counts: %s", exc)
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:
+        counted["rate_limited"] = sum(limiter.stats.limited.values())
+        counted["rate_limit_storage_failures"] = limiter.stats.storage_failures
     exposed = {_metric_name(name): float(value) for name, value in counted.items()}
     return Response(state.metrics.expose(exposed), media_type=CONTENT_TYPE_LATEST)
 

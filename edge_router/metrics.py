@@ -54,6 +54,11 @@ FIGURES: MetricTable = {
     "rma_dht_servers": ("gauge", "Live workers in DHT server mode (from the registry)."),
     "rma_dht_clients": ("gauge", "Live workers in DHT client mode (from the registry)."),
     "rma_topology_truncated": ("gauge", "1 when the registry holds more than was read."),
+    "rma_rate_limited_total": ("counter", "Requests refused with 429 by the rate limits."),
+    "rma_rate_limit_storage_failures_total": (
+        "counter",
+        "Calls to the shared rate-limit storage (Redis) that failed; the limits fell open.",
+    ),
     # An in-process bridge's (the demo's).
     **BRIDGE_METRICS,
 }

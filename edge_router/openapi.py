@@ -44,6 +44,8 @@ _CAP = {
     "explode": True,
 }
 _RECORD = {"$ref": "#/components/schemas/WorkerRecord"}
+# Registration, routing, admin and the topology reads are rate limited per client address.
+_RATE_LIMITED: Json = {**_ERROR, "description": "rate limited; Retry-After says when to retry"}
 
 
 def _answer(description: str, schema: Json | None = None) -> Json:
@@ -53,7 +55,11 @@ def _answer(description: str, schema: Json | None = None) -> Json:
 
 
 def _route(summary: str) -> Json:
-    answers = {"2XX": _answer("the worker's answer, streamed"), "default": _ERROR}
+    answers = {
+        "2XX": _answer("the worker's answer, streamed"),
+        "429": _RATE_LIMITED,
+        "default": _ERROR,
+    }
     return {
         "summary": summary,
         "parameters": [_SERVICE, _REGION, _CAP],
@@ -122,6 +128,7 @@ def spec() -> Json:
                     "400": _ERROR,
                     "413": _ERROR,
                     "422": _ERROR,
+                    "429": _RATE_LIMITED,
                     "503": _ERROR,
                 },
             }
@@ -164,13 +171,17 @@ def spec() -> Json:
                     "200": _answer("what was flushed", {"type": "object"}),
                     "401": _ERROR,
                     "403": _ERROR,
+                    "429": _RATE_LIMITED,
                 },
             }
         },
         "/topology": {
             "get": {
                 "summary": "the network as JSON, for the topology page",
-                "responses": {"200": _answer("workers, services, figures", {"type": "object"})},
+                "responses": {
+                    "200": _answer("workers, services, figures", {"type": "object"}),
+                    "429": _RATE_LIMITED,
+                },
             }
         },
         "/livez": {"get": {"summary": "the process answers", "responses": {"200": _answer("")}}},
