@@ -27,7 +27,7 @@ from edge_router.events import listen_for_events
 from edge_router.metrics import Metrics, request_class, route_label
 from edge_router.proof import ProofSettings, TunnelProver
 from edge_router.providers import ProviderSource
-from edge_router.proxy import Proxy, ProxySettings
+from edge_router.proxy import Proxy, ProxySettings, upstream_client
 from edge_router.ratelimit import RateLimit, RateLimiter
 from edge_router.state import RouterState
 
@@ -60,13 +60,15 @@ def create_app(
     `http` is the client the proxy uses (inject one with a test transport); when omitted the
     app creates one and closes it on shutdown.
     """
-    owns_http = http is None
-    client = http or httpx.AsyncClient(
-        timeout=httpx.Timeout(config.proxy_read_timeout, connect=config.proxy_connect_timeout),
-        follow_redirects=False,
-        # HTTP(S)_PROXY in the environment must not reroute traffic meant for the tunnels.
-        trust_env=False,
+    proxy_settings = ProxySettings(
+        connect_timeout=config.proxy_connect_timeout,
+        read_timeout=config.proxy_read_timeout,
+        # Every body the router accepts whole can be sent again to another provider.
+        replay_limit=config.max_body,
+        max_connections=config.proxy_max_connections,
     )
+    owns_http = http is None
+    client = http or upstream_client(proxy_settings)
     state = RouterState(
         config=config,
         registry=registry,
@@ -95,16 +97,7 @@ def create_app(
         introspection=LookupCache(
             ttl=TOPOLOGY_CACHE_SECONDS, stale=0.0, maxsize=1, clock=monotonic
         ),
-        proxy=Proxy(
-            client,
-            ProxySettings(
-                connect_timeout=config.proxy_connect_timeout,
-                read_timeout=config.proxy_read_timeout,
-                # Every body the router accepts whole can be sent again to another provider.
-                replay_limit=config.max_body,
-            ),
-            clock=monotonic,
-        ),
+        proxy=Proxy(client, proxy_settings, clock=monotonic),
         metrics=Metrics(daily_budget=config.daily_budget, clock=clock),
         resolver=ClientResolver(config.trusted_proxies, origin_secret=config.origin_secret),
         clock=clock,

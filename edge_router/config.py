@@ -42,6 +42,9 @@ DEFAULT_DRAIN_SECONDS = 2.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_PROXY_CONNECT_TIMEOUT = 3.0
 DEFAULT_PROXY_READ_TIMEOUT = 60.0
+# Connections to tunnels held at once, every one kept alive between requests (a request beyond
+# them waits up to the pool timeout, 3 s, for one to come free).
+DEFAULT_PROXY_MAX_CONNECTIONS = 512
 # Requests per client address, in the `limits` package's syntax ("N/second|minute|hour|day",
 # several joined by ";"). Each is far above what an honest client sends: a worker's fallback
 # heartbeat is one POST /workers per 180 s (60/minute leaves room for 180 workers behind one
@@ -141,6 +144,20 @@ ROUTER_OPTIONS = OptionTable(
         "seconds a routed request may wait for the worker's answer",
         "float",
         DEFAULT_PROXY_READ_TIMEOUT,
+    ),
+    Option(
+        "proxy_max_connections",
+        "PROXY_MAX_CONNECTIONS",
+        "connections to workers' tunnels held open at once, all kept alive between requests",
+        "int",
+        DEFAULT_PROXY_MAX_CONNECTIONS,
+    ),
+    Option(
+        "access_log",
+        "ACCESS_LOG",
+        "log every request at info (uvicorn's access log); off: only failures are logged",
+        "bool",
+        False,
     ),
     Option(
         "topology_limit",
@@ -266,6 +283,8 @@ class RouterConfig:
     max_limit: int = 100
     proxy_connect_timeout: float = DEFAULT_PROXY_CONNECT_TIMEOUT
     proxy_read_timeout: float = DEFAULT_PROXY_READ_TIMEOUT
+    proxy_max_connections: int = DEFAULT_PROXY_MAX_CONNECTIONS
+    access_log: bool = False
     topology_limit: int = DEFAULT_TOPOLOGY_LIMIT
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
@@ -297,6 +316,8 @@ class RouterConfig:
             daily_budget=values["daily_budget"],
             proxy_connect_timeout=values["proxy_connect_timeout"],
             proxy_read_timeout=values["proxy_read_timeout"],
+            proxy_max_connections=values["proxy_max_connections"],
+            access_log=values["access_log"],
             topology_limit=values["topology_limit"],
             drain_seconds=values["drain_seconds"],
             shutdown_timeout=values["shutdown_timeout"],

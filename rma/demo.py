@@ -34,6 +34,7 @@ from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from edge_router.server import protocol_class
 from edge_router.state import RouterState
 from rma.commands.router import QuietServer
 from worker.agent import WorkerAgent
@@ -233,7 +234,14 @@ async def _serve(
 ) -> int:
     """Serve `app` with uvicorn in this loop until the stack closes; returns the bound port."""
     server = QuietServer(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            server_header=False,
+            http=protocol_class(),  # the router's strict framing and read deadlines
+        )
     )
     task = asyncio.get_running_loop().create_task(server.serve(), name=name)
 

@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import fakeredis
+from cachetools import LRUCache
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
@@ -97,6 +98,10 @@ def _lua(name: str) -> str:
 _UPSERT_SCRIPT = _lua("upsert.lua")
 _HOLD_SCRIPT = _lua("hold.lua")
 _RELEASE_SCRIPT = _lua("release.lua")
+_LOOKUP_SCRIPT = (LUA_DIR / "lookup.lua").read_text("utf-8")
+# Parsed records kept by their stored JSON: a lookup parses a record once per version (a
+# heartbeat writes a new one), not once per read.
+PARSED_RECORDS = 4096
 
 # Service-set score of a held (stale) provider: above every load (0.0-1.0), so that a lookup,
 # which reads the set in score order, lists every fresh provider before any stale one.
@@ -163,6 +168,8 @@ class Registry:
         self._prune_script = client.register_script(_PRUNE_SCRIPT)
         self._hold_script = client.register_script(_HOLD_SCRIPT)
         self._release_script = client.register_script(_RELEASE_SCRIPT)
+        self._lookup_script = client.register_script(_LOOKUP_SCRIPT)
+        self._parsed: LRUCache[bytes | str, WorkerRecord] = LRUCache(PARSED_RECORDS)
 
     @property
     def client(self) -> RedisClient:
@@ -386,14 +393,16 @@ class Registry:
         found: list[Provider] = []
         start = 0
         while len(found) < want:
-            reply = await self._client.zrange(key, start, start + page - 1, withscores=True)
-            scored = cast(list[tuple[bytes | str, float]], reply)
+            # The set's page and its records in one round trip.
+            reply = await self._lookup_script(
+                keys=[key], args=[start, start + page - 1, self.worker_key("")]
+            )
+            scored, values = cast(tuple[list[bytes | str], list[Any]], reply)
             if not scored:
                 break
-            ids = [_text(member) for member, _ in scored]
-            values = await self._client.mget([self.worker_key(wid) for wid in ids])
+            ids = [_text(member) for member in scored[::2]]
+            scores = [float(score) for score in scored[1::2]]
             gone = [wid for wid, raw in zip(ids, values, strict=True) if raw is None]
-            scores = [float(score) for _, score in scored]
             found.extend(self._usable(service, ids, scores, values, want - len(found), stale))
             pruned = await self._prune_ids(key, gone) if gone else 0
             start += len(ids) - pruned
@@ -418,7 +427,7 @@ class Registry:
             held = score >= STALE_SCORE
             if held and not stale:
                 continue
-            record = self._parse(raw, wid)
+            record = self._parse_kept(raw, wid)
             if record is None or record.tombstone or service not in record.services:
                 continue
             # A held record outlives its lease on purpose; any other expired one is on its way
@@ -528,6 +537,16 @@ class Registry:
         except RecordError as exc:
             log.warning("ignoring a corrupt record in Redis (%s): %s", where, exc)
             return None
+
+    def _parse_kept(self, raw: bytes | str, where: str) -> WorkerRecord | None:
+        """`_parse` for lookups, through the memo of parsed records (scans do not use it: a
+        5,000-record topology read would push the providers of every hot service out)."""
+        record = self._parsed.get(raw)
+        if record is None:
+            record = self._parse(raw, where)
+            if record is not None:
+                self._parsed[raw] = record
+        return record
 
     # -- self-preservation -----------------------------------------------------------------
 

@@ -56,6 +56,8 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 log_level=log_level,
                 # One format for uvicorn's lines and ours (rma.logs): no config of its own.
                 log_config=None,
+                # A line per request only when the operator asks (RMA_ACCESS_LOG).
+                access_log=config.access_log,
                 proxy_headers=False,
                 server_header=False,
                 # Strict framing (400 and close on ambiguity), head and body read deadlines and a

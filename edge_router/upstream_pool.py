@@ -1,0 +1,227 @@
+"""The routing proxy's connections to tunnels: kept alive per tunnel origin, bounded in all.
+
+httpcore's own pool (httpx's default) walks every connection it holds on each request and on
+each release, polls the socket of each idle one, and counts idle connections once per connection
+held (quadratic): with 64 requests in flight it spent more CPU than the rest of the router, and a
+larger pool made it worse (measured in bench/router_bench.py, see bench/README.md). Here each
+origin has a stack of idle HTTP/1.1 connections and a list of HTTP/2 ones that take several
+requests at once; a request takes the most recently used idle connection and checks that one
+only. The connections themselves, their protocol, TLS, timeouts and trace events stay httpcore's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import httpcore
+import httpx
+
+__all__ = ["TunnelPool", "TunnelTransport"]
+
+# An origin as a dict key (httpcore's Origin is not hashable): scheme, host, port.
+_Key = tuple[bytes, bytes, int]
+
+
+class TunnelPool(httpcore.AsyncConnectionInterface):
+    """At most `max_connections` connections to all origins; idle ones kept `keepalive_expiry`
+    seconds. A request finding every connection busy waits for one to close, up to the pool
+    timeout of its request (httpcore.PoolTimeout)."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        keepalive_expiry: float,
+        ssl_context: ssl.SSLContext | None,
+        http2: bool = False,
+    ) -> None:
+        self._max = max_connections
+        self._expiry = keepalive_expiry
+        self._ssl = ssl_context
+        self._http2 = http2
+        # Every open connection and its origin; idle HTTP/1.1 ones stacked per origin (the most
+        # recently used last); HTTP/2 ones listed per origin while open, busy or not.
+        self._open: dict[httpcore.AsyncHTTPConnection, _Key] = {}
+        self._idle: dict[_Key, list[httpcore.AsyncHTTPConnection]] = {}
+        self._shared: dict[_Key, list[httpcore.AsyncHTTPConnection]] = {}
+        self._freed = asyncio.Condition()
+        self._waiting = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections open now, busy or idle."""
+        return len(self._open)
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        """Send `request` on a kept-alive connection of its origin, or on a new one."""
+        scheme = request.url.scheme
+        if scheme not in (b"http", b"https"):
+            # As httpcore's own pool says it (httpx maps it to UnsupportedProtocol).
+            raise httpcore.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol '{scheme.decode('latin-1')}://'."
+            )
+        origin = request.url.origin
+        key = (origin.scheme, origin.host, origin.port)
+        while True:
+            connection = await self._reusable(key)
+            if connection is None:
+                connection = await self._new(origin, key, _pool_timeout(request))
+            try:
+                response = await connection.handle_async_request(request)
+            except httpcore.ConnectionNotAvailable:
+                continue  # taken or closed meanwhile (an HTTP/2 GOAWAY, say): another one
+            except BaseException:
+                await self._release(connection)
+                raise
+            if response.extensions.get("http_version") == b"HTTP/2":
+                shared = self._shared.setdefault(key, [])
+                if connection not in shared:
+                    shared.append(connection)
+            return httpcore.Response(
+                status=response.status,
+                headers=response.headers,
+                content=_PooledStream(response.stream, self, connection),
+                extensions=response.extensions,
+            )
+
+    async def _reusable(self, key: _Key) -> httpcore.AsyncHTTPConnection | None:
+        for connection in self._shared.get(key, ()):
+            if connection.is_available():
+                return connection
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            # Only the connection taken is checked (its keep-alive age, and whether the
+            # tunnel closed it while it was idle).
+            if connection.is_available() and not connection.has_expired():
+                return connection
+            await self._release(connection)
+        return None
+
+    async def _new(
+        self, origin: httpcore.Origin, key: _Key, wait: float | None
+    ) -> httpcore.AsyncHTTPConnection:
+        if len(self._open) >= self._max:
+            await self._evict_idle()
+        if len(self._open) >= self._max:
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(wait), self._freed:
+                    await self._freed.wait_for(lambda: len(self._open) < self._max)
+            except TimeoutError:
+                raise httpcore.PoolTimeout(
+                    f"all {self._max} upstream connections stayed busy"
+                ) from None
+            finally:
+                self._waiting -= 1
+        connection = httpcore.AsyncHTTPConnection(
+            origin=origin,
+            ssl_context=self._ssl,
+            keepalive_expiry=self._expiry,
+            http1=True,
+            http2=self._http2,
+        )
+        self._open[connection] = key
+        return connection
+
+    async def _evict_idle(self) -> None:
+        """Close the longest idle connection of some origin, to make room for another."""
+        for idle in self._idle.values():
+            if idle:
+                await self._release(idle[0])
+                return
+
+    async def _returned(self, connection: httpcore.AsyncHTTPConnection) -> None:
+        """A response was read or closed: keep its connection for the next request, or close it."""
+        key = self._open.get(connection)
+        if key is None or connection.is_closed():
+            await self._release(connection)
+        elif connection.is_idle() and self._waiting:
+            await self._release(connection)  # a request waits for room: this one's is freed
+        elif connection.is_idle() and connection not in self._shared.get(key, ()):
+            self._idle.setdefault(key, []).append(connection)
+
+    async def _release(self, connection: httpcore.AsyncHTTPConnection) -> None:
+        key = self._open.pop(connection, None)
+        if key is not None:
+            for group in (self._shared.get(key), self._idle.get(key)):
+                if group and connection in group:
+                    group.remove(connection)
+            if self._waiting:
+                async with self._freed:
+                    self._freed.notify_all()
+        await connection.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        connections = list(self._open)
+        self._open.clear()
+        self._idle.clear()
+        self._shared.clear()
+        for connection in connections:
+            await connection.aclose()
+
+    async def __aenter__(self) -> TunnelPool:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+
+class _PooledStream:
+    """A response body that hands its connection back to the pool once read or closed."""
+
+    def __init__(
+        self, stream: Any, pool: TunnelPool, connection: httpcore.AsyncHTTPConnection
+    ) -> None:
+        self._stream = stream
+        self._pool = pool
+        self._connection = connection
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        """Close the body and give the connection back."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if hasattr(self._stream, "aclose"):
+                await self._stream.aclose()
+        finally:
+            await self._pool._returned(self._connection)
+
+
+class TunnelTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport (its request mapping and error translation) over a `TunnelPool`."""
+
+    def __init__(
+        self, *, max_connections: int, keepalive_expiry: float, http2: bool = False
+    ) -> None:
+        super().__init__(http2=http2, trust_env=False)
+        self.pool = TunnelPool(
+            max_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            http2=http2,
+        )
+        # httpx keeps its pool here and sends every request through it (httpx 0.2x).
+        self._pool = self.pool  # type: ignore[assignment]
+
+
+def _pool_timeout(request: httpcore.Request) -> float | None:
+    timeouts = request.extensions.get("timeout", {})
+    value = timeouts.get("pool")
+    return None if value is None else float(value)
