@@ -72,7 +72,7 @@ async def cached_providers(
 
     providers, cache_state, age = await state.lookups.get(("svc", service, region or ""), fetch)
     now = state.clock()
-    live = [r for r in providers if not r.is_expired(now)]
+    live = [r for r in providers if state.providers.servable(r, now)]
     return live, cache_state, age, source
 
 

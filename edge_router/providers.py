@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from cachetools import TTLCache
+
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import DHTError, RegistryUnavailable
 from dht_bridge.records import WorkerRecord
@@ -13,12 +15,22 @@ from edge_router.errors import BackendUnavailable
 logger = logging.getLogger(__name__)
 
 
+# Held records remembered this long (the router's longest stale window) and this many at most.
+HELD_MEMORY = 300.0
+HELD_MAX = 65_536
+
+
 class ProviderSource:
-    """Reads providers of a service from the registry, falling back to our DHT node."""
+    """Reads providers of a service from the registry, falling back to our DHT node.
+
+    Remembers which records the registry holds as stale (self-preservation during a partition):
+    those are served after every fresh provider although their lease has ended.
+    """
 
     def __init__(self, registry: Registry, dht: DHTNode | None) -> None:
         self.registry = registry
         self.dht = dht
+        self._held: TTLCache[tuple[str, int], bool] = TTLCache(HELD_MAX, HELD_MEMORY)
         self.registry_failures = 0
         self.dht_reads = 0
 
@@ -27,11 +39,15 @@ class ProviderSource:
     ) -> tuple[list[WorkerRecord], str]:
         """Up to `limit` live providers (region first when given) and which side answered."""
         try:
-            found = await self.registry.lookup(service, limit=limit, region=region)
+            marked = await self.registry.lookup_marked(service, limit=limit, region=region)
         except RegistryUnavailable as exc:
             self.registry_failures += 1
             logger.warning("registry unavailable for lookup of %s: %s", service, exc)
             return await self._from_dht(service, region, limit, reason=exc)
+        for provider in marked:
+            if provider.stale:
+                self._held[(provider.record.worker_id, provider.record.seq)] = True
+        found = [provider.record for provider in marked]
         if found or self.dht is None:
             return found, "redis"
         # A worker that joined over the DHT seconds ago may not have reached Redis yet.
@@ -39,6 +55,10 @@ class ProviderSource:
             return await self._from_dht(service, region, limit, reason=None)
         except BackendUnavailable:
             return found, "redis"
+
+    def servable(self, record: WorkerRecord, now: float) -> bool:
+        """Live, or held by the registry through a partition (its lease ended on purpose)."""
+        return not record.is_expired(now) or (record.worker_id, record.seq) in self._held
 
     async def _from_dht(
         self, service: str, region: str | None, limit: int, *, reason: Exception | None

@@ -20,6 +20,7 @@ from dht_bridge.records import WorkerRecord, tombstone_for
 from dht_bridge.registry.registry import STALE_SCORE, EventSubscription, Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from tests.support.helpers import POLICY, make_record, wait_for
+from tests.support.router import client_for, router_app
 
 SHORT = 0.6  # seconds of lease for records that must lapse during a test
 EVENT_WAIT = 5.0
@@ -197,3 +198,22 @@ async def test_hold_and_release_on_the_embedded_server() -> None:
         assert await registry.release() == (0, 1)
         marked = await registry.lookup_marked("ocr")
         assert [(p.record, p.stale) for p in marked] == [(record, False)]
+
+
+async def test_the_router_serves_held_records_after_every_fresh_provider(
+    registry: Registry,
+) -> None:
+    lapsing = [make_record(ttl=SHORT, load=0.1 * i) for i in range(2)]
+    fresh = make_record(load=0.9)
+    await registry.upsert_many([*lapsing, fresh])
+    now = time.time()
+    await registry.hold([r.worker_id for r in lapsing], lapse_before=now + 5, until=now + 30)
+    await _lapse(lapsing[-1])
+    async with client_for(router_app(registry)) as client:
+        answer = await client.get("/services/ocr")
+    # Once the router left these out (0 providers during a partition, source redis).
+    assert answer.status_code == 200
+    assert [p["worker_id"] for p in answer.json()["providers"]] == [
+        fresh.worker_id,
+        *(r.worker_id for r in lapsing),
+    ]
