@@ -254,12 +254,15 @@ async def measure(
 ) -> None:
     """Phases 2 to 4 on a built network: first publishes, the steady window, the lookups;
     with `churn`, workers come and go all through the window and the lookups."""
+    progress(f"{run.impl}: {len(run.workers)} nodes built")
     run.published = await publish_all(run.workers, beat)
+    progress(f"{run.impl}: first publishes done")
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(heartbeating(run.workers, beat, args))
         if churn is not None:
             run.churn = await stack.enter_async_context(churn.running(run.workers))
         await steady_window(run, run.workers, args)
+        progress(f"{run.impl}: window done")
         probe = LagProbe()
         async with probe.running():
             run.ops = await lookups()
@@ -271,6 +274,16 @@ async def measure(
         "heartbeats": sum(w.heartbeats for w in run.workers),
         "heartbeats_failed": sum(w.failed for w in run.workers),
     }
+
+
+def progress(what: str) -> None:
+    """One line on stderr with the wall and loop clocks, to follow a long run."""
+    loop_s = asyncio.get_running_loop().time()
+    print(
+        f"[{time.perf_counter():.1f} s wall, {loop_s:.1f} s loop] {what}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def services(args: argparse.Namespace) -> list[str]:
