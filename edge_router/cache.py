@@ -6,9 +6,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from cachetools import TTLCache
 
@@ -28,10 +28,12 @@ class CacheState(enum.Enum):
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """A cached answer and when it was fetched (on the cache's clock)."""
+    """A cached answer and when it was fetched (on the cache's clock); `derived` holds what
+    callers computed from the answer (a serialized body), kept and dropped with it."""
 
     value: T
     fetched_at: float
+    derived: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -71,11 +73,19 @@ class LookupCache(Generic[T]):
 
         Raises what `fetch` raised when the backend fails and no stale entry is left.
         """
+        entry, state, age = await self.entry(key, fetch)
+        return entry.value, state, age
+
+    async def entry(
+        self, key: Key, fetch: Callable[[], Awaitable[T]]
+    ) -> tuple[Entry[T], CacheState, float]:
+        """`get`, with the whole entry: its `derived` memo lets a hit reuse what an earlier
+        request built from the same answer."""
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and now - entry.fetched_at < self.ttl:
             self.stats.hits += 1
-            return entry.value, CacheState.HIT, now - entry.fetched_at
+            return entry, CacheState.HIT, now - entry.fetched_at
         try:
             fresh = await self._fetch_once(key, fetch)
         except Exception:
@@ -88,9 +98,9 @@ class LookupCache(Generic[T]):
                 key,
                 self._clock() - entry.fetched_at,
             )
-            return entry.value, CacheState.STALE, self._clock() - entry.fetched_at
+            return entry, CacheState.STALE, self._clock() - entry.fetched_at
         self.stats.misses += 1
-        return fresh.value, CacheState.MISS, 0.0
+        return fresh, CacheState.MISS, 0.0
 
     async def _fetch_once(self, key: Key, fetch: Callable[[], Awaitable[T]]) -> Entry[T]:
         pending = self._inflight.get(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from typing import Any
 
 from starlette.requests import Request
@@ -13,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from dht_bridge.errors import RecordInvalid, RegistryError, RegistryUnavailable
 from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
 from edge_router.bootstrap import choose_peers
-from edge_router.cache import CacheState
+from edge_router.cache import CacheState, Entry
 from edge_router.capabilities import parse_filters, select
 from edge_router.dht_modes import mode_counts, mode_of
 from edge_router.errors import (
@@ -46,21 +47,43 @@ async def lookup(request: Request) -> Response:
     service = _service(request.path_params["service"])
     limit = _limit(request, state)
     region = _region(request, state)
-    filters = parse_filters(request.query_params.getlist("cap"))
-    providers, cache_state, age, source = await cached_providers(state, service, region)
-    providers = select(providers, filters)
-    body = {
-        "service": service,
-        "providers": [record.to_dict() for record in providers[:limit]],
-        "source": "cache" if cache_state is not CacheState.MISS else source,
-    }
-    return JSONResponse(body, headers=_lookup_headers(state, cache_state, age))
+    caps = request.query_params.getlist("cap")
+    filters = parse_filters(caps)
+    entry, cache_state, age, source = await _cached_entry(state, service, region)
+    label = "cache" if cache_state is not CacheState.MISS else source
+    # The JSON is built once per cached answer and shape of request, and kept with the answer
+    # (a hit only sends bytes) until the answer is dropped or a listed lease ends.
+    now = state.clock()
+    key = ("body", limit, tuple(caps), label)
+    kept = entry.derived.get(key)
+    if kept is None or now >= kept[1]:
+        live = _servable(state, entry.value, now)
+        body = {
+            "service": service,
+            "providers": [record.to_dict() for record in select(live, filters)[:limit]],
+            "source": label,
+        }
+        until = min((r.expires_at for r in live if r.expires_at > now), default=math.inf)
+        kept = entry.derived[key] = (JSONResponse(body).body, until)
+    headers = _lookup_headers(state, cache_state, age)
+    return Response(kept[0], media_type="application/json", headers=headers)
 
 
 async def cached_providers(
     state: RouterState, service: str, region: str | None
 ) -> tuple[list[WorkerRecord], CacheState, float, str]:
     """Providers of `service` from the cache, or one backend read shared by concurrent misses."""
+    entry, cache_state, age, source = await _cached_entry(state, service, region)
+    return _servable(state, entry.value, state.clock()), cache_state, age, source
+
+
+def _servable(state: RouterState, records: list[WorkerRecord], now: float) -> list[WorkerRecord]:
+    return [r for r in records if state.providers.servable(r, now)]
+
+
+async def _cached_entry(
+    state: RouterState, service: str, region: str | None
+) -> tuple[Entry[list[WorkerRecord]], CacheState, float, str]:
     source = "cache"
 
     async def fetch() -> list[WorkerRecord]:
@@ -70,10 +93,8 @@ async def cached_providers(
         )
         return found
 
-    providers, cache_state, age = await state.lookups.get(("svc", service, region or ""), fetch)
-    now = state.clock()
-    live = [r for r in providers if state.providers.servable(r, now)]
-    return live, cache_state, age, source
+    entry, cache_state, age = await state.lookups.entry(("svc", service, region or ""), fetch)
+    return entry, cache_state, age, source
 
 
 def _lookup_headers(state: RouterState, cache_state: CacheState, age: float) -> dict[str, str]:

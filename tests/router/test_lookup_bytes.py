@@ -1,0 +1,60 @@
+"""A cache hit sends the JSON built for the first request of its kind; a lease that ends while
+the answer is cached still takes its provider out of the next answer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from dht_bridge.records import WorkerRecord
+from dht_bridge.registry.registry import Registry
+from edge_router.app import create_app
+from edge_router.config import RouterConfig
+from tests.support.dht import ManualClock
+from tests.support.helpers import make_record
+from tests.support.router import client_for
+
+
+async def test_hits_reuse_the_serialized_answer_until_a_lease_ends(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = time.time()
+    short = make_record(now=now, ttl=100, load=0.1)
+    long = make_record(now=now, ttl=600, load=0.2)
+    for record in (short, long):
+        assert await registry.upsert(record)
+    wall = ManualClock(now)
+    app = create_app(
+        RouterConfig(),
+        registry=registry,
+        clock=wall,
+        monotonic=ManualClock(0.0),
+        listen_events=False,
+    )
+    built: list[str] = []
+    original = WorkerRecord.to_dict
+
+    def counting(self: WorkerRecord) -> dict[str, Any]:
+        built.append(self.worker_id)
+        return original(self)
+
+    monkeypatch.setattr(WorkerRecord, "to_dict", counting)
+    async with client_for(app) as client:
+        miss = await client.get("/services/ocr")
+        first = await client.get("/services/ocr")
+        built_for_hits = len(built)
+        second = await client.get("/services/ocr")
+        assert [a.headers["x-cache"] for a in (miss, first, second)] == ["MISS", "HIT", "HIT"]
+        assert second.content == first.content
+        assert len(built) == built_for_hits  # the second hit built nothing
+        assert [p["worker_id"] for p in second.json()["providers"]] == [
+            short.worker_id,
+            long.worker_id,
+        ]
+
+        wall.advance(200)  # the short lease ends; the cached answer is still fresh
+        third = await client.get("/services/ocr")
+        assert third.headers["x-cache"] == "HIT"
+        assert [p["worker_id"] for p in third.json()["providers"]] == [long.worker_id]
