@@ -213,8 +213,9 @@ async def serve_child(args: argparse.Namespace) -> int:
             proxy_headers=False,
             server_header=False,
             lifespan="off" if args.serve == "bare" else "on",
-            # The router's server stack: its strict-framing h11 protocol, for every case.
-            http=protocol_class(),
+            # The router's server stack: its strict-framing h11 protocol, for every case
+            # (--http httptools: uvicorn's httptools protocol instead, to compare).
+            http=protocol_class() if args.http == "router" else args.http,
         )
     )
     task = asyncio.get_running_loop().create_task(server.serve())
@@ -729,7 +730,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 body_file = workdir / "hit.json"
                 body_file.write_bytes(hit_body)
                 if {"hit", "miss"} & set(args.paths):
-                    async with server("bare", workdir, "--body-file", str(body_file)) as bare:
+                    async with server(
+                        "bare", workdir, "--body-file", str(body_file), "--http", args.http
+                    ) as bare:
                         assert bare.process is not None
                         for clients, into in ((args.clients, rows), (1, single)):
                             into["bare"] = await bench.load(
@@ -775,7 +778,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine(
             *("uvicorn", "starlette", "httpx", "httpcore", "redis", "h11", "h2"),
-            http_impl="router protocol class (h11)",
+            http_impl="router protocol class (h11)" if args.http == "router" else args.http,
             loop="asyncio",
             nginx=nginx_binary,
         ),
@@ -802,7 +805,9 @@ async def _router_side(
 ) -> bytes:
     args = bench.args
     client = bench.client
-    async with server("router", bench.workdir, "--redis-url", redis_url) as router:
+    async with server(
+        "router", bench.workdir, "--redis-url", redis_url, "--http", args.http
+    ) as router:
         first = await client.get(f"{router.url}/services/{SERVICE}")
         hit = await client.get(f"{router.url}/services/{SERVICE}")
         if (first.headers.get("x-cache"), hit.headers.get("x-cache")) != ("MISS", "HIT"):
@@ -975,6 +980,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add("--dht", action="store_true", help="also measure a miss read from the DHT")
     add("--dht-nodes", type=int, default=12, help="nodes of the local DHT network (--dht)")
+    add(
+        "--http",
+        choices=("router", "httptools"),
+        default="router",
+        help="the servers' HTTP protocol: the router's h11 class, or httptools (to compare)",
+    )
     add("--no-wrk", action="store_true", help="load from the asyncio client even if wrk is here")
     add("--profile", type=Path, help="py-spy each server under load into this directory")
     add("--out", type=Path, default=DEFAULT_OUT, help="write the figures as JSON here")
