@@ -32,6 +32,10 @@ from edge_router.state import Peer, RouterState
 logger = logging.getLogger(__name__)
 
 
+# Serialized lookup answers kept per cached answer (one per limit, filters and source asked).
+KEPT_BODIES = 16
+
+
 def state_of(request: Request) -> RouterState:
     """The shared state the app factory put on the app."""
     state: RouterState = request.app.state.rma
@@ -64,7 +68,10 @@ async def lookup(request: Request) -> Response:
             "source": label,
         }
         until = min((r.expires_at for r in live if r.expires_at > now), default=math.inf)
-        kept = entry.derived[key] = (JSONResponse(body).body, until)
+        kept = (JSONResponse(body).body, until)
+        # Bounded: `cap` filters vary without limit, and a client must not grow the cache.
+        if key in entry.derived or len(entry.derived) < KEPT_BODIES:
+            entry.derived[key] = kept
     headers = _lookup_headers(state, cache_state, age)
     return Response(kept[0], media_type="application/json", headers=headers)
 

@@ -12,6 +12,7 @@ from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from edge_router.handlers import KEPT_BODIES
 from tests.support.dht import ManualClock
 from tests.support.helpers import make_record
 from tests.support.router import client_for
@@ -58,3 +59,14 @@ async def test_hits_reuse_the_serialized_answer_until_a_lease_ends(
         third = await client.get("/services/ocr")
         assert third.headers["x-cache"] == "HIT"
         assert [p["worker_id"] for p in third.json()["providers"]] == [long.worker_id]
+
+
+async def test_kept_answers_per_cached_answer_are_bounded(registry: Registry) -> None:
+    assert await registry.upsert(make_record(ttl=600))
+    app = create_app(RouterConfig(), registry=registry, listen_events=False)
+    async with client_for(app) as client:
+        for i in range(3 * KEPT_BODIES):
+            answer = await client.get("/services/ocr", params={"cap": f"mem_gb>={i}"})
+            assert answer.status_code == 200
+    entry = app.state.rma.lookups._entries[("svc", "ocr", "")]
+    assert len(entry.derived) == KEPT_BODIES
