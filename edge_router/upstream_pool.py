@@ -95,11 +95,14 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
+            if not idle:
+                del self._idle[key]  # origins come and go with workers: no empty lists kept
             # Only the connection taken is checked (its keep-alive age, and whether the
             # tunnel closed it while it was idle).
             if connection.is_available() and not connection.has_expired():
                 return connection
             await self._release(connection)
+            idle = self._idle.get(key)
         return None
 
     async def _new(
@@ -148,9 +151,12 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
     async def _release(self, connection: httpcore.AsyncHTTPConnection) -> None:
         key = self._open.pop(connection, None)
         if key is not None:
-            for group in (self._shared.get(key), self._idle.get(key)):
+            for groups in (self._shared, self._idle):
+                group = groups.get(key)
                 if group and connection in group:
                     group.remove(connection)
+                    if not group:
+                        del groups[key]
             if self._waiting:
                 async with self._freed:
                     self._freed.notify_all()
