@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RMAError
+from dht_bridge.logcontext import log_fields_bound
 from dht_bridge.registry.registry import Registry
 from edge_router import catalog, handlers, health, openapi, page
 from edge_router.cache import LookupCache
@@ -69,6 +70,7 @@ def create_app(
     )
     owns_http = http is None
     client = http or upstream_client(proxy_settings)
+    metrics = Metrics(daily_budget=config.daily_budget, clock=clock)
     state = RouterState(
         config=config,
         registry=registry,
@@ -97,8 +99,8 @@ def create_app(
         introspection=LookupCache(
             ttl=TOPOLOGY_CACHE_SECONDS, stale=0.0, maxsize=1, clock=monotonic
         ),
-        proxy=Proxy(client, proxy_settings, clock=monotonic),
-        metrics=Metrics(daily_budget=config.daily_budget, clock=clock),
+        proxy=Proxy(client, proxy_settings, clock=monotonic, observe=metrics.upstream),
+        metrics=metrics,
         resolver=ClientResolver(config.trusted_proxies, origin_secret=config.origin_secret),
         clock=clock,
         extra_figures=extra_figures,
@@ -203,8 +205,14 @@ class Accounting:
                         cache = value.decode("latin-1")
             await send(message)
 
+        ray = _cf_ray(scope)
         try:
-            await self.app(scope, receive, send_counted)
+            if ray is None:
+                await self.app(scope, receive, send_counted)
+            else:
+                # Every line logged while serving it carries the request's CF-Ray (JSON logs).
+                with log_fields_bound(cf_ray=ray):
+                    await self.app(scope, receive, send_counted)
         except ClientDisconnect:
             status = CLIENT_CLOSED
             logger.debug("%s %s: the client hung up first", scope["method"], scope["path"])
@@ -218,7 +226,13 @@ class Accounting:
                 route_label(klass, path, cache),
             )
             if status >= 500:
-                ray = dict(scope.get("headers") or []).get(b"cf-ray", b"-").decode("latin-1")
                 logger.warning(
-                    "%s %s -> %d (cf-ray %s)", scope["method"], scope["path"], status, ray
+                    "%s %s -> %d (cf-ray %s)", scope["method"], scope["path"], status, ray or "-"
                 )
+
+
+def _cf_ray(scope: Scope) -> str | None:
+    for name, value in scope.get("headers") or ():
+        if name == b"cf-ray":
+            return str(value.decode("latin-1"))[:64]
+    return None

@@ -236,9 +236,12 @@ class Proxy:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
+        # Told (service, seconds) of each answer's head from a worker: the upstream histogram.
+        self._observe = observe
         self.health = ProviderHealth(settings, clock=clock)
         self._rng = rng or random.Random()
         self._timeout = httpx.Timeout(
@@ -328,10 +331,13 @@ class Proxy:
                 provider.load,
                 attempts + 1,
             )
+            started = time.perf_counter()
             response, reason, retry, attempted = await self._attempt(
                 provider, method, target, headers, body, earlier=reasons
             )
             if reason is None and response is not None:
+                if self._observe is not None:
+                    self._observe(service, time.perf_counter() - started)
                 return await answer(response, provider.worker_id)
             attempts += attempted
             reasons.append(f"worker {provider.worker_id}: {reason}")

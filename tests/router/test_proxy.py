@@ -27,9 +27,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dht_bridge.errors import RecordInvalid, RMAError
+from dht_bridge.logcontext import log_fields
 from dht_bridge.records import WorkerRecord, validate
+from dht_bridge.registry.registry import Registry
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router import proxy as proxy_module
+from edge_router.app import create_app
+from edge_router.config import RouterConfig
 from edge_router.errors import BadRequest, error_response
 from edge_router.proxy import (
     ProviderHealth,
@@ -664,3 +668,33 @@ def test_upstream_url_joins_the_tunnel_path_and_the_route_path(
 def test_dot_segments_cannot_climb_out_of_the_tunnel_path(path: str) -> None:
     with pytest.raises(BadRequest):
         target_path(path, b"")
+
+
+async def test_each_answer_from_a_worker_is_timed_for_its_service(
+    stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    url = await start(stack, Upstream("a"))
+    timed: list[tuple[str, float]] = []
+    proxy = Proxy(http, ProxySettings(), clock=clock, observe=lambda s, t: timed.append((s, t)))
+    async with edge(proxy, [provider(url)]) as client:
+        assert (await client.get("/ocr/x")).status_code == 200
+    assert [service for service, _ in timed] == ["ocr"]
+    assert 0 < timed[0][1] < 10
+
+
+async def test_log_lines_while_routing_carry_the_requests_cf_ray(
+    registry: Registry,
+) -> None:
+    seen: list[object] = []
+    app = create_app(RouterConfig(), registry=registry, listen_events=False)
+
+    async def probe(request: Request) -> Response:
+        seen.append(dict(log_fields()))
+        return Response("ok")
+
+    app.router.routes.insert(0, Route("/probe", probe))
+    transport = httpx.ASGITransport(app=app, client=CLIENT)
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge.test") as client:
+        await client.get("/probe", headers={"cf-ray": "8f1d2c3b4a5e6f70-AMS"})
+        await client.get("/probe")
+    assert seen == [{"cf_ray": "8f1d2c3b4a5e6f70-AMS"}, {}]
