@@ -66,5 +66,9 @@ def _table(service: str, source: str, providers: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
+    # Every column padded but the last (the tunnel URL), which is shown whole.
+    lines = [
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]])
+        for row in rows
+    ]
     return "\n".join([*lines, f"{len(providers)} provider(s) of {service!r} (source: {source})"])

@@ -365,6 +365,7 @@ async def test_rma_router_processes_share_a_flush_and_stop_on_sigterm(
             code, output = await rma_client(one, ADMIN_TOKEN, "lookup", "ocr")
             assert code == 0, output
             assert record.worker_id[:12] in output
+            assert record.tunnel_url in output  # the last column, once cut off
             assert "1 provider(s) of 'ocr'" in output
             code, output = await rma_client(one, ADMIN_TOKEN, "lookup", "asr")
             assert code == 1, output
