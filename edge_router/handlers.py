@@ -336,7 +336,7 @@ async def topology(request: Request) -> Response:
     state = state_of(request)
     now = state.clock()
     try:
-        records, truncated = await _registry_records(state)
+        records, truncated = await registry_records(state)
     except RegistryError as exc:
         raise BackendUnavailable(f"registry unavailable: {exc}") from exc
     workers = [_worker_view(r, now) for r in records if not r.is_expired(now)]
@@ -388,7 +388,7 @@ async def bridge_figures(state: RouterState) -> dict[str, float]:
     }
 
 
-async def _registry_records(state: RouterState) -> tuple[list[WorkerRecord], bool]:
+async def registry_records(state: RouterState) -> tuple[list[WorkerRecord], bool]:
     """What the introspection pages read of the registry (up to RMA_TOPOLOGY_LIMIT records),
     and whether it holds more; one read serves every caller for TOPOLOGY_CACHE_SECONDS.
     Raises RegistryError."""

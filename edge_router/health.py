@@ -17,8 +17,7 @@ from starlette.responses import JSONResponse, Response
 from dht_bridge.errors import RegistryError
 from dht_bridge.version import __version__
 from edge_router.dht_modes import mode_counts
-from edge_router.handlers import _registry_records as registry_records
-from edge_router.handlers import figures, state_of
+from edge_router.handlers import figures, registry_records, state_of
 from edge_router.metrics import FIGURES
 from edge_router.state import RouterState
 
