@@ -8,6 +8,7 @@
 - `handlers`     bootstrap, lookups, registration, admin, routing, topology.
 - `catalog`      `GET /services`; `capabilities` the `?cap=` filters.
 - `providers`    lookups: the cache first, then Redis, then the DHT.
+- `fastpath`     a lookup's kept cache hit answered in front of the middleware and routes.
 - `cache`        the lookup cache (fresh, then stale on bad days) with single-flight reads.
 - `proxy`        `/route/{service}/...`: choosing a provider, streaming, retries, ejection.
 - `proof`        tunnel proofs: a provider is routed once its URL answered for its key.

@@ -25,6 +25,7 @@ from edge_router.cloudflare import ClientResolver
 from edge_router.config import TOPOLOGY_CACHE_SECONDS, RouterConfig
 from edge_router.errors import handle_error
 from edge_router.events import listen_for_events
+from edge_router.fastpath import RouterApp
 from edge_router.metrics import Metrics, request_class, route_label
 from edge_router.proof import ProofSettings, TunnelProver
 from edge_router.providers import ProviderSource
@@ -156,7 +157,9 @@ def create_app(
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
         *page.routes(),
     ]
-    app = Starlette(
+    # A cache hit of a lookup is answered in front of the middleware and routes (fastpath).
+    app = RouterApp(
+        state,
         routes=routes,
         lifespan=lifespan,
         # Our errors and HTTP errors are answered by the exception middleware; the catch-all

@@ -102,6 +102,19 @@ class LookupCache(Generic[T]):
         self.stats.misses += 1
         return fresh, CacheState.MISS, 0.0
 
+    def peek(self, key: Key) -> tuple[Entry[T], float] | None:
+        """The entry of `key` and its age while it is fresh, else None; counts nothing and
+        never reads a backend (the lookup fast path calls `count_hit` when it serves it)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        age = self._clock() - entry.fetched_at
+        return (entry, age) if age < self.ttl else None
+
+    def count_hit(self) -> None:
+        """Count an answer served fresh from an entry found by `peek`."""
+        self.stats.hits += 1
+
     async def _fetch_once(self, key: Key, fetch: Callable[[], Awaitable[T]]) -> Entry[T]:
         pending = self._inflight.get(key)
         if pending is not None:

@@ -3,9 +3,11 @@ the app's one exception handler turns errors into JSON."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -16,6 +18,7 @@ from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
 from edge_router.bootstrap import choose_peers
 from edge_router.cache import CacheState, Entry
 from edge_router.capabilities import parse_filters, select
+from edge_router.config import CacheSettings
 from edge_router.dht_modes import mode_counts, mode_of
 from edge_router.errors import (
     BackendUnavailable,
@@ -45,35 +48,107 @@ def state_of(request: Request) -> RouterState:
 # Lookups.
 
 
+@dataclass(frozen=True, slots=True)
+class LookupAsk:
+    """What a lookup request asks: the service, how many, which region, which capabilities."""
+
+    service: str
+    limit: int
+    region: str | None
+    caps: tuple[str, ...]
+
+    @property
+    def cache_key(self) -> tuple[str, ...]:
+        """The cached answer it reads (one per service and region)."""
+        return ("svc", self.service, self.region or "")
+
+    def body_key(self, label: str) -> tuple[Any, ...]:
+        """Where its serialized body is kept in the cached answer's `derived` memo."""
+        return ("body", self.limit, self.caps, label)
+
+
+def lookup_ask(state: RouterState, request: Request, service: str) -> LookupAsk:
+    """Read and check a lookup's parameters; raises BadRequest."""
+    return LookupAsk(
+        service=_service(service),
+        limit=_limit(request, state),
+        region=_region(request, state),
+        caps=tuple(request.query_params.getlist("cap")),
+    )
+
+
 async def lookup(request: Request) -> Response:
     """GET /services/{service}: providers, least loaded first, through the cache."""
     state = state_of(request)
-    service = _service(request.path_params["service"])
-    limit = _limit(request, state)
-    region = _region(request, state)
-    caps = request.query_params.getlist("cap")
-    filters = parse_filters(caps)
-    entry, cache_state, age, source = await _cached_entry(state, service, region)
+    ask = lookup_ask(state, request, request.path_params["service"])
+    filters = parse_filters(list(ask.caps))
+    entry, cache_state, age, source = await _cached_entry(state, ask.service, ask.region)
     label = "cache" if cache_state is not CacheState.MISS else source
     # The JSON is built once per cached answer and shape of request, and kept with the answer
     # (a hit only sends bytes) until the answer is dropped or a listed lease ends.
     now = state.clock()
-    key = ("body", limit, tuple(caps), label)
-    kept = entry.derived.get(key)
+    key = ask.body_key(label)
+    kept: tuple[bytes, float] | None = entry.derived.get(key)
     if kept is None or now >= kept[1]:
         live = _servable(state, entry.value, now)
         body = {
-            "service": service,
-            "providers": [record.to_dict() for record in select(live, filters)[:limit]],
+            "service": ask.service,
+            "providers": [record.to_dict() for record in select(live, filters)[: ask.limit]],
             "source": label,
         }
         until = min((r.expires_at for r in live if r.expires_at > now), default=math.inf)
-        kept = (JSONResponse(body).body, until)
+        kept = (bytes(JSONResponse(body).body), until)
         # Bounded: `cap` filters vary without limit, and a client must not grow the cache.
         if key in entry.derived or len(entry.derived) < KEPT_BODIES:
             entry.derived[key] = kept
-    headers = _lookup_headers(state, cache_state, age)
-    return Response(kept[0], media_type="application/json", headers=headers)
+    response = Response(kept[0])
+    response.raw_headers = lookup_headers(state, cache_state, age, kept[0])
+    return response
+
+
+def kept_hit(state: RouterState, ask: LookupAsk) -> tuple[bytes, float] | None:
+    """The kept body of a fresh cached answer to `ask`, and the answer's age; None unless the
+    cache holds a fresh answer whose body for this request was built and is still valid.
+
+    Counts nothing: the caller that sends it counts the hit (`LookupCache.count_hit`).
+    """
+    found = state.lookups.peek(ask.cache_key)
+    if found is None:
+        return None
+    entry, age = found
+    kept = entry.derived.get(ask.body_key("cache"))
+    if kept is None or state.clock() >= kept[1]:
+        return None
+    return kept[0], age
+
+
+def lookup_headers(
+    state: RouterState, cache_state: CacheState, age: float, body: bytes
+) -> list[tuple[bytes, bytes]]:
+    """Every header of a lookup answer (the server adds Date), for every path that sends one."""
+    headers = [
+        (b"x-cache", cache_state.value.encode("latin-1")),
+        *_cache_control(state.config.cache),
+        (b"age", b"%d" % int(age)),
+    ]
+    if cache_state is CacheState.STALE:
+        headers.append((b"warning", b'110 - "Response is Stale"'))
+        headers.append((b"x-rma-warning", b"backends unavailable; answer is stale"))
+    headers.append((b"content-length", b"%d" % len(body)))
+    headers.append((b"content-type", b"application/json"))
+    return headers
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_control(cache: CacheSettings) -> tuple[tuple[bytes, bytes], ...]:
+    # As the IPFS delegated routing API does: the CDN may serve a stale copy while it
+    # revalidates, and for a long while when the origin fails.
+    control = (
+        f"public, max-age={int(cache.ttl)}, "
+        f"stale-while-revalidate={int(cache.stale_while_revalidate)}, "
+        f"stale-if-error={int(cache.stale)}"
+    ).encode("latin-1")
+    return ((b"cache-control", control), (b"cdn-cache-control", control))
 
 
 async def cached_providers(
@@ -102,27 +177,6 @@ async def _cached_entry(
 
     entry, cache_state, age = await state.lookups.entry(("svc", service, region or ""), fetch)
     return entry, cache_state, age, source
-
-
-def _lookup_headers(state: RouterState, cache_state: CacheState, age: float) -> dict[str, str]:
-    cache = state.config.cache
-    # As the IPFS delegated routing API does: the CDN may serve a stale copy while it
-    # revalidates, and for a long while when the origin fails.
-    control = (
-        f"public, max-age={int(cache.ttl)}, "
-        f"stale-while-revalidate={int(cache.stale_while_revalidate)}, "
-        f"stale-if-error={int(cache.stale)}"
-    )
-    headers = {
-        "X-Cache": cache_state.value,
-        "Cache-Control": control,
-        "CDN-Cache-Control": control,
-        "Age": str(int(age)),
-    }
-    if cache_state is CacheState.STALE:
-        headers["Warning"] = '110 - "Response is Stale"'
-        headers["X-RMA-Warning"] = "backends unavailable; answer is stale"
-    return headers
 
 
 def _service(name: str) -> str:
