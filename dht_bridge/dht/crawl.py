@@ -90,10 +90,14 @@ class Crawl:
         path: int = 0,
     ) -> None:
         self.protocol = protocol
-        # Disjoint paths (S/Kademlia): crawls sharing `claimed` never ask the same node; each
-        # asks only the nodes it learnt first (node id -> the `path` that asked or learnt it).
+        # Disjoint paths (S/Kademlia): crawls sharing `claimed` never ask the same node (node id
+        # -> the `path` that asked it). A node is claimed when asked, not when learnt: the
+        # first answer near the key names every holder, and claiming on learning gave them all
+        # to the faster path, leaving the other to crawl to exhaustion for a value.
         self.claimed = claimed
         self.path = path
+        # The other paths of the same read (set by whoever builds them).
+        self.siblings: list[Crawl] = []
         # A value `accept` refuses does not count towards `want_values`: the crawl asks on,
         # so a holder that lies (an empty set, a bare mark) cannot end a read alone.
         self.accept = accept
@@ -113,8 +117,6 @@ class Crawl:
             self._learn(seed, hop=1)
 
     def _learn(self, node: Node, hop: int) -> None:
-        if self.claimed is not None and self.claimed.setdefault(node.id, self.path) != self.path:
-            return  # another path's node
         if node.id != self._me and node.id not in self._candidates:
             groups = self.protocol.router.groups(node)
             self._candidates[node.id] = _Candidate(node, hop, groups)
@@ -125,7 +127,9 @@ class Crawl:
         alive = [
             c
             for c in self._candidates.values()
-            if c.state is not _State.FAILED and (now is None or not self._stalled(c, now))
+            if c.state is not _State.FAILED
+            and (now is None or not self._stalled(c, now))
+            and not self._others(c)
         ]
         alive.sort(key=lambda c: c.node.long_id ^ self.target.long_id)
         return self._diverse(alive)
@@ -152,6 +156,11 @@ class Crawl:
             if len(kept) == self.ksize:
                 break
         return kept
+
+    def _others(self, candidate: _Candidate) -> bool:
+        """Has another path asked this node (so it is not ours to ask or count)?"""
+        claimed = self.claimed
+        return claimed is not None and claimed.get(candidate.node.id, self.path) != self.path
 
     def _active(self, now: float) -> int:
         return sum(1 for c in self._pending.values() if now - c.asked_at < self.stall)
@@ -191,7 +200,7 @@ class Crawl:
         return self.result
 
     def _done(self) -> bool:
-        if self.find_value and len(self.result.values) >= self.want_values:
+        if self.find_value and self._enough_values():
             return True
         # A contact silent for `stall` seconds no longer holds the lookup open: on loopback or
         # a LAN that is a dead node, and waiting for its timeout is what made the library slow.
@@ -204,10 +213,23 @@ class Crawl:
             c.state is _State.ASKED and now - c.asked_at < wait for c in self._shortlist()
         )
 
+    def _enough_values(self) -> bool:
+        """`want_values` of our own; or one, once every other path has all it wanted: the
+        holders are shared out between the paths, and the one left with fewer would otherwise
+        crawl on to exhaustion for a value the read as a whole already has."""
+        have = len(self.result.values)
+        if have >= self.want_values:
+            return True
+        return bool(have and self.siblings) and all(
+            len(other.result.values) >= other.want_values for other in self.siblings
+        )
+
     def _stalled(self, candidate: _Candidate, now: float) -> bool:
         return candidate.state is _State.ASKED and now - candidate.asked_at >= self.stall
 
     def _ask(self, candidate: _Candidate, now: float) -> None:
+        if self.claimed is not None:
+            self.claimed[candidate.node.id] = self.path
         candidate.state = _State.ASKED
         candidate.asked_at = now
         self.result.queried += 1
