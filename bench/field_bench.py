@@ -230,18 +230,45 @@ async def heartbeating(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def rpc_tally(worker: Worker) -> dict[str, int]:
+    """Our node's bytes so far by RPC (in + out), and contacts asked by crawl purpose."""
+    if not isinstance(worker.node, DHTNode):
+        return {}
+    asked = {f"asked:{k}": v for k, v in worker.node.crawl_queries.items()}
+    return dict(worker.node.rpc.stats.rpc_bytes) | asked
+
+
 async def steady_window(run: Run, workers: Sequence[Worker], args: argparse.Namespace) -> None:
-    """Count each host's bytes over `--window` seconds (heartbeats running)."""
+    """Count each host's bytes over `--window` seconds (heartbeats running), and for our
+    nodes where they went: bytes by RPC and contacts asked by crawl purpose, per role."""
     before = {id(w): (w.host.traffic.sent_bytes, w.host.traffic.received_bytes) for w in workers}
+    tallies = {id(w): (w.node, rpc_tally(w)) for w in workers}
     started = time.monotonic()
     await asyncio.sleep(args.window)
     run.window_s = time.monotonic() - started
+    by_role: dict[str, dict[str, float]] = {}
     for w in workers:
         sent0, received0 = before[id(w)]
         run.sent.setdefault(w.role, []).append((w.host.traffic.sent_bytes - sent0) / run.window_s)
         run.received.setdefault(w.role, []).append(
             (w.host.traffic.received_bytes - received0) / run.window_s
         )
+        node0, tally0 = tallies[id(w)]
+        if w.node is not node0 or not tally0:
+            continue  # restarted in the window (a new node's counters) or the stock library
+        role = by_role.setdefault(w.role, {"nodes": 0})
+        role["nodes"] += 1
+        for name, total in rpc_tally(w).items():
+            role[name] = role.get(name, 0) + total - tally0.get(name, 0)
+    if by_role:
+        run.extra["window_by_rpc"] = {
+            role: {
+                name: round(total / tally["nodes"] / run.window_s, 1)
+                for name, total in sorted(tally.items(), key=lambda kv: -kv[1])
+                if name != "nodes"
+            }
+            for role, tally in by_role.items()
+        }
 
 
 async def measure(
@@ -269,7 +296,7 @@ async def measure(
         run.lag = probe.late
     traffic = network.traffic
     run.loss_seen = traffic.lost / max(1, traffic.sent)
-    run.extra = {
+    run.extra |= {
         "median_rtt_s": network.median_rtt(),
         "heartbeats": sum(w.heartbeats for w in run.workers),
         "heartbeats_failed": sum(w.failed for w in run.workers),

@@ -234,22 +234,42 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             for impl, fig in figures.items()
         ],
     )
+    parts = [
+        "Lookups (cold service lookups; gets of random workers' records; warm discover(): "
+        "DiscoveryCache, local % = answered from the cache; dead p99: the share of an "
+        "answer's providers that were down, %; age: of a cached answer)\n" + ops,
+    ]
+    window = next(iter(figures.values()))
+    parts.append(
+        f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
+        f"every {window['heartbeat_s']} s\n" + traffic
+    )
+    for impl, fig in figures.items():
+        if fig.get("window_by_rpc"):
+            parts.append(_by_rpc(impl, fig["window_by_rpc"]))
+    parts.append(
+        "Runs (lag: how late the shared event loop ran a timer during the lookups, ms, 0 on "
+        "the virtual clock; churn during the window and the lookups; restart ms: p50 from "
+        "listening to joined; wall s and loop s: the run's real and loop seconds; RSS MB: "
+        "the process's peak so far)\n" + runs
+    )
     rtt = next(iter(figures.values()))["median_rtt_ms"]
     head = f"profile {profile.describe()}\nmedian RTT between this run's hosts: {rtt} ms"
     head += f"\nchurn: {next(iter(figures.values()))['sessions']}"
     head += f"\nclock: {next(iter(figures.values()))['clock']}"
-    window = next(iter(figures.values()))
-    return "\n\n".join(
-        [
-            head,
-            "Lookups (cold service lookups; gets of random workers' records; warm discover(): "
-            "DiscoveryCache, local % = answered from the cache; dead p99: the share of an "
-            "answer's providers that were down, %; age: of a cached answer)\n" + ops,
-            f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
-            f"every {window['heartbeat_s']} s\n" + traffic,
-            "Runs (lag: how late the shared event loop ran a timer during the lookups, ms, 0 on "
-            "the virtual clock; churn during the window and the lookups; restart ms: p50 from "
-            "listening to joined; wall s and loop s: the run's real and loop seconds; RSS MB: "
-            "the process's peak so far)\n" + runs,
-        ]
-    )
+    return "\n\n".join([head, *parts])
+
+
+def _by_rpc(impl: str, by_role: dict[str, dict[str, float]]) -> str:
+    """Where the window's bytes went, per role: B/s per node by RPC, and contacts asked per
+    second by crawl purpose (`asked:<purpose>`), the largest first."""
+    lines = [f"Where {impl}'s window traffic goes (per node: B/s by RPC, in + out; asked/s)"]
+    for role in ROLES:
+        tally = by_role.get(role)
+        if not tally:
+            continue
+        shown = {k: v for k, v in tally.items() if v}
+        rpcs = ", ".join(f"{k} {v:g}" for k, v in shown.items() if not k.startswith("asked:"))
+        asked = ", ".join(f"{k[6:]} {v:g}" for k, v in shown.items() if k.startswith("asked:"))
+        lines.append(f"  {role}: {rpcs}; asked: {asked or '-'}")
+    return "\n".join(lines)
