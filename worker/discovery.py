@@ -129,7 +129,8 @@ class DiscoveryCache:
     An answer younger than `fresh_for` is returned as it is; an older one is returned at once
     while one refresh runs behind it (stale-while-revalidate); one `max_age` old (one heartbeat
     interval) is never returned: the caller waits for a new lookup. Providers whose lease has
-    run out (`wall` clock) are left out of every answer. A tombstone merged into a watched
+    run out (`wall` clock) are left out of every answer, and the answer is refreshed behind
+    it. A tombstone merged into a watched
     node's storage, or `forget(worker_id)`, takes that worker out of every answer at once and
     refreshes them. Answers that found nothing through no fault of the DHT or the edge
     (`none`) are not kept. Refresh tasks are owned here and cancelled by `aclose`.
@@ -173,13 +174,17 @@ class DiscoveryCache:
             return dataclasses.replace(answer, seconds=self._clock() - started)
         self.hits += 1
         self._entries.move_to_end(key)
-        if age >= self.fresh_for and key not in self._pending:
+        now = self._wall()
+        providers = [r for r in entry.answer.providers if r.expires_at > now]
+        # A lease that ran out under a young answer (a holder's copy read one renewal behind,
+        # a crashed worker) leaves it short: refresh it behind this answer as if it were old.
+        lapsed = len(providers) < len(entry.answer.providers)
+        if (age >= self.fresh_for or lapsed) and key not in self._pending:
             self.refreshes += 1
             self._start(key)
-        now = self._wall()
         return dataclasses.replace(
             entry.answer,
-            providers=[r for r in entry.answer.providers if r.expires_at > now],
+            providers=providers,
             seconds=self._clock() - started,
             age=age,
             cached=True,
