@@ -73,6 +73,16 @@ class ChurnCounts:
     restart_failures: int = 0
     restarts_via_coordinators: int = 0
     restart_seconds: list[float] = field(default_factory=list)  # listen to joined, each
+    members: int = 0  # workers that churned (all but the coordinators)
+    seconds: float = 0.0  # how long churn ran
+
+    def edge_requests_per_worker_day(self) -> float:
+        """A worker's requests to the edge a day: a restart whose saved peers all failed asks
+        the edge for bootstrap peers (`/dht/bootstrap`, the coordinators here); one from the
+        state file otherwise costs none, and heartbeats never reach the edge."""
+        if not self.members or not self.seconds:
+            return 0.0
+        return self.restarts_via_coordinators / self.members / self.seconds * 86400
 
 
 class Member(Protocol):
@@ -119,9 +129,12 @@ class Churn(Generic[W]):
             for i, w in enumerate(workers)
             if w.role != "coordinator"
         ]
+        self.counts.members = len(tasks)
+        started = time.monotonic()
         try:
             yield self.counts
         finally:
+            self.counts.seconds += time.monotonic() - started
             for task in tasks:
                 task.cancel()
             for result in await asyncio.gather(*tasks, return_exceptions=True):

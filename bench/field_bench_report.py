@@ -39,6 +39,7 @@ CHURN_FIGURES = (
     "restarts_via_coordinators",
     "restart_p50_ms",
     "restart_p99_ms",
+    "edge_requests_per_worker_day",
 )
 
 
@@ -128,6 +129,7 @@ def churn_figures(counts: Any) -> dict[str, Any] | None:
     if counts is None:
         return None
     out = dataclasses.asdict(counts)
+    out["edge_requests_per_worker_day"] = round(counts.edge_requests_per_worker_day(), 3)
     seconds = out.pop("restart_seconds")
     out["restart_p50_ms"] = round(quantile(seconds, 0.5) * 1000, 1)
     out["restart_p99_ms"] = round(quantile(seconds, 0.99) * 1000, 1)
@@ -137,8 +139,15 @@ def churn_figures(counts: Any) -> dict[str, Any] | None:
 def churn_cells(churn: dict[str, Any] | None) -> list[object]:
     """The churn columns of a run's row ("-" without churn)."""
     if churn is None:
-        return ["-"] * 5
-    keys = ("crashes", "leaves", "restarts", "restarts_via_coordinators", "restart_p50_ms")
+        return ["-"] * 6
+    keys = (
+        "crashes",
+        "leaves",
+        "restarts",
+        "restarts_via_coordinators",
+        "restart_p50_ms",
+        "edge_requests_per_worker_day",
+    )
     return [churn[k] for k in keys]
 
 
@@ -211,6 +220,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             ("restart", ">7"),
             ("via coord", ">9"),
             ("restart ms", ">10"),
+            ("edge/day", ">8"),
             ("wall s", ">7"),
             ("loop s", ">7"),
             ("RSS MB", ">7"),
@@ -250,7 +260,9 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
     parts.append(
         "Runs (lag: how late the shared event loop ran a timer during the lookups, ms, 0 on "
         "the virtual clock; churn during the window and the lookups; restart ms: p50 from "
-        "listening to joined; wall s and loop s: the run's real and loop seconds; RSS MB: "
+        "listening to joined; edge/day: requests to the edge a day per worker, made by "
+        "restarts whose saved peers all failed; wall s and loop s: the run's real and loop "
+        "seconds; RSS MB: "
         "the process's peak so far)\n" + runs
     )
     rtt = next(iter(figures.values()))["median_rtt_ms"]
