@@ -11,22 +11,20 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RMAError
-from dht_bridge.logcontext import log_fields_bound
 from dht_bridge.registry.registry import Registry
 from edge_router import catalog, handlers, health, openapi, page
+from edge_router.accounting import Accounting
 from edge_router.cache import LookupCache
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import TOPOLOGY_CACHE_SECONDS, RouterConfig
 from edge_router.errors import handle_error
 from edge_router.events import listen_for_events
 from edge_router.fastpath import RouterApp
-from edge_router.metrics import Metrics, request_class, route_label
+from edge_router.metrics import Metrics
 from edge_router.proof import ProofSettings, TunnelProver
 from edge_router.providers import ProviderSource
 from edge_router.proxy import Proxy, ProxySettings, upstream_client
@@ -36,8 +34,6 @@ from edge_router.state import RouterState
 logger = logging.getLogger(__name__)
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-# nginx's status for a client that closed the connection before the answer: counted, never sent.
-CLIENT_CLOSED = 499
 # The events listener notices the stop flag within one poll window (about a second).
 LISTENER_STOP_SECONDS = 5.0
 
@@ -178,64 +174,3 @@ def create_app(
     app.add_middleware(RateLimit, limiter=limiter, resolver=state.resolver)
     app.add_middleware(Accounting, metrics=state.metrics)
     return app
-
-
-class Accounting:
-    """Counts every answered request by class and status, and logs CF-Ray with failures.
-
-    A client that hangs up before its answer (ClientDisconnect, raised wherever its body is
-    read) is counted as 499 and logged at debug: it is not a server error.
-    """
-
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        cache: str | None = None
-        started = time.perf_counter()
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status, cache
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"x-cache":
-                        cache = value.decode("latin-1")
-            await send(message)
-
-        ray = _cf_ray(scope)
-        try:
-            if ray is None:
-                await self.app(scope, receive, send_counted)
-            else:
-                # Every line logged while serving it carries the request's CF-Ray (JSON logs).
-                with log_fields_bound(cf_ray=ray):
-                    await self.app(scope, receive, send_counted)
-        except ClientDisconnect:
-            status = CLIENT_CLOSED
-            logger.debug("%s %s: the client hung up first", scope["method"], scope["path"])
-        finally:
-            path = scope["path"]
-            klass = request_class(path)
-            self.metrics.count(
-                klass,
-                status,
-                time.perf_counter() - started,
-                route_label(klass, path, cache),
-            )
-            if status >= 500:
-                logger.warning(
-                    "%s %s -> %d (cf-ray %s)", scope["method"], scope["path"], status, ray or "-"
-                )
-
-
-def _cf_ray(scope: Scope) -> str | None:
-    for name, value in scope.get("headers") or ():
-        if name == b"cf-ray":
-            return str(value.decode("latin-1"))[:64]
-    return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from cachetools import LRUCache
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
@@ -20,6 +21,8 @@ from edge_router.providers import ProviderSource
 from edge_router.proxy import Proxy
 
 Peer = dict[str, object]
+# Records whose JSON is kept (a record is a few hundred bytes: a few MB at most).
+RECORD_JSON_KEPT = 16_384
 
 
 @dataclass
@@ -49,3 +52,8 @@ class RouterState:
     started: bool = False
     draining: bool = False
     notes: dict[str, float] = field(default_factory=dict)
+    # Each record's JSON as lookup answers carry it (handlers.lookup_body), by record: a record
+    # is sent in many answers (every limit, filter and region) for as long as it is current.
+    record_json: LRUCache[WorkerRecord, bytes] = field(
+        default_factory=lambda: LRUCache(RECORD_JSON_KEPT)
+    )

@@ -7,12 +7,13 @@ import time
 from typing import Any
 
 import pytest
+from starlette.responses import JSONResponse
 
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
-from edge_router.handlers import KEPT_BODIES
+from edge_router.handlers import KEPT_BODIES, lookup_body
 from tests.support.dht import ManualClock
 from tests.support.helpers import make_record
 from tests.support.router import client_for
@@ -70,3 +71,24 @@ async def test_kept_answers_per_cached_answer_are_bounded(registry: Registry) ->
             assert answer.status_code == 200
     entry = app.state.rma.lookups._entries[("svc", "ocr", "")]
     assert len(entry.derived) == KEPT_BODIES
+
+
+async def test_a_spliced_body_is_what_json_response_renders(registry: Registry) -> None:
+    now = time.time()
+    records = [
+        make_record(now=now, ttl=600, load=0.25, capabilities={"gpu": True, "mem_gb": 8}),
+        make_record(now=now, ttl=600, load=0.5, region="de", capabilities={"model": "größe ✓"}),
+        make_record(now=now, ttl=600, load=1.0, services=["ocr", "asr"]),
+    ]
+    state = create_app(RouterConfig(), registry=registry, listen_events=False).state.rma
+    for chosen in (records, records[1:], []):
+        for source in ("cache", "redis", "dht"):
+            expected = JSONResponse(
+                {
+                    "service": "ocr",
+                    "providers": [r.to_dict() for r in chosen],
+                    "source": source,
+                }
+            ).body
+            assert lookup_body(state, "ocr", chosen, source) == expected
+    assert len(state.record_json) == len(records)
