@@ -58,7 +58,13 @@ from dht_bridge.netem import PROFILES, EmulatedNetwork, Host, Profile, StockServ
 from dht_bridge.netem.clock import run_virtual
 from dht_bridge.records import WorkerRecord, tombstone_for
 from tests.support.helpers import POLICY, make_record
-from tests.support.netem import FIELD_SETTINGS, Field, bounded, start_field
+from tests.support.netem import (
+    FIELD_SETTINGS,
+    FIELD_WORKER_SETTINGS,
+    Field,
+    bounded,
+    start_field,
+)
 from worker.discovery import Discovery, DiscoveryCache, discover
 
 logger = logging.getLogger("field_bench")
@@ -369,7 +375,8 @@ async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
         servers=servers,
         clients=clients,
         coordinators=args.coordinators,
-        settings=FIELD_SETTINGS,
+        settings=FIELD_WORKER_SETTINGS,
+        coordinator_settings=FIELD_SETTINGS,
         seed=args.seed,
         gate=args.join_parallel,
     )
@@ -400,7 +407,7 @@ async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
 
         async def restart(worker: Worker) -> bool | None:
             node = DHTNode(
-                FIELD_SETTINGS,
+                FIELD_WORKER_SETTINGS,
                 policy=POLICY,
                 node_id=bytes.fromhex(worker.saved["node_id"]),
                 client=worker.role == "client",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -85,6 +86,32 @@ async def test_a_record_whose_other_fields_changed_is_stored_whole(
     await publisher.publish(moved)
     assert publisher.rpc.stats.rpc_bytes.get("renew", 0) == renewals
     assert await network[9].get_record(identity.worker_id) == moved
+
+
+async def test_a_cached_holder_that_misses_one_heartbeat_is_asked_again_not_recrawled(
+    network: list[DHTNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity = Identity.generate()
+    publisher = network[4]
+    await publisher.publish(make_record(identity, seq=1))
+    key = shards.worker_key(identity.worker_id)
+    victim = next(n for n in holding(network, key, identity.worker_id) if n is not publisher)
+    renew = publisher.rpc.call_renew
+    lost: list[bytes] = []
+
+    async def lossy(node: Any, digest: bytes, args: list[Any]) -> tuple[bool, Any]:
+        if node.id == victim.node.id and digest == key_digest(key) and not lost:
+            lost.append(node.id)  # the datagram is lost: the request times out
+            return False, None
+        return await renew(node, digest, args)
+
+    monkeypatch.setattr(publisher.rpc, "call_renew", lossy)
+    crawled = publisher.crawl_queries.get("holders", 0)
+    await publisher.publish(make_record(identity, seq=2))
+    assert lost
+    assert publisher.store_retries == 1
+    assert publisher.crawl_queries.get("holders", 0) == crawled  # no crawl for the key again
+    assert holding([victim], key, identity.worker_id) == {victim: 2}
 
 
 def test_storage_refuses_forged_stale_and_malformed_renewals() -> None:

@@ -9,6 +9,7 @@ node runs on its own emulated host, so its traffic is that host's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import random
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,11 +21,21 @@ from dht_bridge.errors import BootstrapError
 from dht_bridge.netem import EmulatedNetwork, Host, StockServer
 from dht_bridge.settings import DHTSettings
 from tests.support.helpers import POLICY
+from worker.config import worker_dht_settings
 
-__all__ = ["FIELD_SETTINGS", "Field", "bounded", "start_field", "start_stock"]
+__all__ = [
+    "FIELD_SETTINGS",
+    "FIELD_WORKER_SETTINGS",
+    "Field",
+    "bounded",
+    "start_field",
+    "start_stock",
+]
 
 # The product's defaults; the host part is ignored by emulated endpoints.
 FIELD_SETTINGS = DHTSettings(host="0.0.0.0", port=0)
+# A worker agent's node: the core's defaults with the worker's own (its holder cache).
+FIELD_WORKER_SETTINGS = dataclasses.replace(worker_dht_settings(), port=0)
 # Joins under way at once: one event loop hosts the whole network.
 DEFAULT_GATE = 16
 # A node whose seeds all went unanswered (lost datagrams) tries other seeds this many times.
@@ -96,17 +107,20 @@ async def start_field(
     clients: int,
     coordinators: int = 3,
     settings: DHTSettings = FIELD_SETTINGS,
+    coordinator_settings: DHTSettings | None = None,
     seed: int = 0,
     gate: int = DEFAULT_GATE,
 ) -> Field:
-    """`servers` server nodes (the first `coordinators` of them coordinators) and `clients`
-    client nodes, joined (`join_failures` counts those that never could); the nodes are
-    closed if building fails."""
+    """`servers` server nodes (the first `coordinators` of them coordinators, built with
+    `coordinator_settings`, by default `settings`) and `clients` client nodes, joined
+    (`join_failures` counts those that never could); the nodes are closed if building fails."""
     rng = random.Random(seed)
     built = Field(network)
     try:
         for _ in range(max(1, min(coordinators, servers))):
-            built.coordinators.append(await built.new_node(client=False, settings=settings))
+            built.coordinators.append(
+                await built.new_node(client=False, settings=coordinator_settings or settings)
+            )
         built.servers.extend(built.coordinators)
         first = built.coordinators[0]
 
