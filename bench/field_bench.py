@@ -93,6 +93,8 @@ class Op:
     rounds: int = 0
     local: bool = False
     dead_share: float = 0.0  # of the providers returned, the share whose worker was down
+    # For each provider returned whose worker was down: how long it had been down, seconds.
+    dead_for: list[float] = field(default_factory=list)
     age: float = 0.0  # how old the answer was (a cached discovery's)
 
 
@@ -472,17 +474,23 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
     pairs = [(w, name) for w in workers for name in services(args)]
     cold = rng.sample(pairs, min(args.lookups, len(pairs)))
 
-    def judge(providers: list[WorkerRecord], name: str) -> tuple[bool, float]:
+    def judge(providers: list[WorkerRecord], name: str) -> tuple[bool, float, list[float]]:
         up = sum(w.alive and w.service == name for w in workers)
-        dead = sum(not by_id[r.worker_id].alive for r in providers if r.worker_id in by_id)
-        return len(providers) >= min(LOOKUP_LIMIT, up), dead / len(providers) if providers else 0.0
+        now = time.monotonic()
+        dead_for = [
+            now - by_id[r.worker_id].down_since
+            for r in providers
+            if r.worker_id in by_id and not by_id[r.worker_id].alive
+        ]
+        share = len(dead_for) / len(providers) if providers else 0.0
+        return len(providers) >= min(LOOKUP_LIMIT, up), share, dead_for
 
     def service_lookup(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
             node = (reader if reader.alive else pick_alive(rng, workers)).node
             got = await node.lookup_report(name, limit=LOOKUP_LIMIT)
-            ok, share = judge(got.providers, name)
-            return Op(0.0, ok, got.hops, got.rounds, dead_share=share)
+            ok, share, dead_for = judge(got.providers, name)
+            return Op(0.0, ok, got.hops, got.rounds, dead_share=share, dead_for=dead_for)
 
         return lambda: timed(op, args.deadline)
 
@@ -506,8 +514,8 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
         async def op() -> Op:
             asker = reader if reader.alive else pick_alive(rng, workers)
             got = await cache_of(asker).discover(name, LOOKUP_LIMIT)
-            ok, share = judge(got.providers, name)
-            return Op(0.0, ok, local=got.cached, dead_share=share, age=got.age)
+            ok, share, dead_for = judge(got.providers, name)
+            return Op(0.0, ok, local=got.cached, dead_share=share, dead_for=dead_for, age=got.age)
 
         return lambda: timed(op, args.deadline)
 

@@ -28,6 +28,8 @@ OP_FIGURES = (
     "local_pct",
     "dead_share_mean_pct",
     "dead_share_p99_pct",
+    "dead_for_p99_s",
+    "dead_for_max_s",
     "age_p99_s",
 )
 # What a run under churn adds.
@@ -50,11 +52,13 @@ class _Op(Protocol):
     rounds: int
     local: bool
     dead_share: float
+    dead_for: list[float]
     age: float
 
 
 def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
     seconds = [op.seconds for op in ops]
+    dead_for = [t for op in ops for t in op.dead_for]
     n = max(1, len(ops))
     return {
         "count": len(ops),
@@ -68,6 +72,10 @@ def _ops(ops: list[_Op], rtt: float) -> dict[str, float]:
         "local_pct": round(100 * sum(op.local for op in ops) / n, 1),
         "dead_share_mean_pct": round(100 * sum(op.dead_share for op in ops) / n, 2),
         "dead_share_p99_pct": round(100 * quantile([op.dead_share for op in ops], 0.99), 1),
+        # How long a dead provider had been down when an answer named it: within the lease
+        # (three heartbeats) is the promise, since a crash leaves no tombstone.
+        "dead_for_p99_s": round(quantile(dead_for, 0.99), 1) if dead_for else 0.0,
+        "dead_for_max_s": round(max(dead_for), 1) if dead_for else 0.0,
         "age_p99_s": round(quantile([op.age for op in ops], 0.99), 2),
     }
 
@@ -167,6 +175,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
             ("rounds", ">6"),
             ("local %", ">7"),
             ("dead p99", ">8"),
+            ("down s p99", ">10"),
             ("age p99 s", ">9"),
         ],
         [
@@ -183,6 +192,7 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
                 op["rounds_mean"],
                 op["local_pct"],
                 op["dead_share_p99_pct"],
+                op["dead_for_p99_s"],
                 op["age_p99_s"],
             ]
             for impl, fig in figures.items()
@@ -247,7 +257,8 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
     parts = [
         "Lookups (cold service lookups; gets of random workers' records; warm discover(): "
         "DiscoveryCache, local % = answered from the cache; dead p99: the share of an "
-        "answer's providers that were down, %; age: of a cached answer)\n" + ops,
+        "answer's providers that were down, %; down s p99: how long such a provider had "
+        "been down, s; age: of a cached answer)\n" + ops,
     ]
     window = next(iter(figures.values()))
     parts.append(
