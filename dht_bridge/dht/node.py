@@ -969,9 +969,10 @@ class DHTNode(Server):  # type: ignore[misc]
         """`lookup`, with the number of shards read, hops, and time taken.
 
         Reads one random root-to-leaf path of the shard trie: a level whose holders marked it
-        overflowed sends the reader further down. Levels known to be needed (from the last
-        lookup, or from the depth the overflow marks carry) are read in parallel, so a reader
-        with no history needs two rounds however deep the trie is.
+        overflowed sends the reader further down. Levels known or guessed to be needed (from
+        the last lookup, our own place in the trie, other services' depths, or the depth the
+        overflow marks carry) are read in parallel, so a reader with no history needs two
+        rounds however deep the trie is, and one with a right guess one.
         """
         started = time.monotonic()
         leaf = random.getrandbits(shards.MAX_LEVEL)
@@ -980,7 +981,7 @@ class DHTNode(Server):  # type: ignore[misc]
             for level in range(shards.MAX_LEVEL + 1)
         ]
         versions: list[WorkerRecord] = []
-        depth = min(self._depth_hint.get(service, 0), shards.MAX_LEVEL)
+        depth = min(self._guess_depth(service), shards.MAX_LEVEL)
         read, hops, level, rounds = 0, 0, 0, 0
         while level <= shards.MAX_LEVEL:
             batch = path[level : depth + 1] or [path[level]]
@@ -997,6 +998,20 @@ class DHTNode(Server):  # type: ignore[misc]
             depth = max(level, min(reported, level + MAX_PREFETCH - 1, shards.MAX_LEVEL))
         chosen = self._select(versions, limit)
         return LookupReport(chosen, read, hops, time.monotonic() - started, rounds)
+
+    def _guess_depth(self, service: str) -> int:
+        """The deepest level a lookup of `service` reads in its first round: where the last
+        lookup of it ended; else where we file it ourselves; else where lookups of other
+        services ended, at most `MAX_PREFETCH` levels. Guessing deep costs the start of a crawl
+        per level too many (cancelled once a shallower level turns out not overflowed);
+        guessing short costs a round trip: on `world` each round is a few of them."""
+        hint = self._depth_hint.get(service)
+        if hint is not None:
+            return hint
+        own = [level for (name, _), level in self._levels.items() if name == service]
+        if own:
+            return max(own)
+        return min(max(self._depth_hint.values(), default=0), MAX_PREFETCH - 1)
 
     async def _read_down(self, service: str, batch: list[int]) -> list[KeyRead]:
         """Read consecutive shards of one path at once, up to the first one not overflowed.

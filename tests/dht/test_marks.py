@@ -155,6 +155,22 @@ async def test_a_cold_reader_reads_a_deep_service_in_two_rounds_and_rises_renew_
         assert deep.shards_read <= max(report.levels["ocr"] for report in again) + 1
         assert not [t for t in asyncio.all_tasks() if "_read_key" in repr(t.get_coro())]
         assert stale._depth_hint["ocr"] == deep.shards_read - 1
+
+        # A reader new to `ocr` guesses its depth: where it files ocr itself, else how deep
+        # its lookups of other services went. A guess deep enough reads it in one round.
+        depth = max(report.levels["ocr"] for report in again)
+        filer = await start_node(clock=clock, seeds=[nodes[0].address])
+        readers.append(filer)
+        filer._levels[("ocr", identities[0].worker_id)] = depth
+        guessed = await filer.lookup_report("ocr", limit=10)
+        assert (guessed.rounds, len(guessed.providers)) == (1, 10)
+        other = await start_node(clock=clock, seeds=[nodes[0].address])
+        readers.append(other)
+        other._depth_hint["gpu"] = depth
+        borrowed = await other.lookup_report("ocr", limit=10)
+        # Borrowed from other services, a guess reads at most MAX_PREFETCH levels at once.
+        assert borrowed.rounds == (1 if depth < dht.MAX_PREFETCH else 2)
+        assert len(borrowed.providers) == 10
     finally:
         await stop_all([*nodes, *readers])
 
