@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 
 from dht_bridge.dht.node import CLIENT, SERVER, DHTNode
-from dht_bridge.registry.registry import Registry
-from tests.support.dht import network_of
 from tests.support.helpers import wait_for
 from tests.support.udp_nat import UdpNat
-from tests.support.worker import Edge, router_config, running_edge, worker_config
+from tests.support.worker import Edge, worker_config
 from worker.agent import Mode, WorkerAgent
 
 # Slower than the other agent tests' 0.3 s / 1.2 s: a check of a node behind the NAT waits
@@ -24,24 +22,10 @@ REACH_INTERVAL = 0.5
 
 
 @pytest.fixture
-async def network() -> AsyncIterator[list[DHTNode]]:
-    """Three coordinators, reachable."""
-    async with network_of(3) as nodes:
-        yield nodes
-
-
-@pytest.fixture
 async def nat() -> AsyncIterator[UdpNat]:
     """A NAT on loopback for the workers behind it."""
     async with UdpNat.running() as box:
         yield box
-
-
-@pytest.fixture
-async def edge(registry: Registry, network: list[DHTNode]) -> AsyncIterator[Edge]:
-    """The router app handing out the coordinators."""
-    async with running_edge(registry, router_config(network)) as running:
-        yield running
 
 
 def agent(edge: Edge, tmp_path: Path, name: str, nat: UdpNat | None = None) -> WorkerAgent:

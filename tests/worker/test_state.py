@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -14,31 +13,12 @@ import pytest
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import IdentityError
-from dht_bridge.registry.registry import Registry
-from tests.support.dht import start_network, stop_all
 from tests.support.helpers import wait_for
-from tests.support.worker import Edge, router_config, running_edge, worker_config
+from tests.support.worker import Edge, worker_config
 from worker.agent import Mode, WorkerAgent
 from worker.config import WorkerConfig
 from worker.errors import StartError, StateInUse
 from worker.state import LoadStatus, StateFile, WorkerState
-
-
-@pytest.fixture
-async def network() -> AsyncIterator[list[DHTNode]]:
-    """Two DHT nodes the edge hands out."""
-    nodes = await start_network(2)
-    try:
-        yield nodes
-    finally:
-        await stop_all(nodes)
-
-
-@pytest.fixture
-async def edge(registry: Registry, network: list[DHTNode]) -> AsyncIterator[Edge]:
-    """The router app handing out the network."""
-    async with running_edge(registry, router_config(network)) as running:
-        yield running
 
 
 async def run_once(edge: Edge, config: WorkerConfig) -> tuple[str, int]:

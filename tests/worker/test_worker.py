@@ -5,44 +5,23 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
-from tests.support.dht import TEST_SETTINGS, start_network, start_node, stop_all
+from tests.support.dht import TEST_SETTINGS, start_node, stop_all
 from tests.support.helpers import POLICY, free_port, make_record, wait_for
 from tests.support.worker import (
     HEARTBEAT,
     Edge,
     dht_ids,
-    router_config,
     running_edge,
     worker_config,
 )
 from worker.agent import Mode
 from worker.discovery import Discovery
-
-
-@pytest.fixture
-async def network() -> AsyncIterator[list[DHTNode]]:
-    """Three DHT nodes: the coordinators the edge hands out."""
-    nodes = await start_network(3)
-    try:
-        yield nodes
-    finally:
-        await stop_all(nodes)
-
-
-@pytest.fixture
-async def edge(registry: Registry, network: list[DHTNode]) -> AsyncIterator[Edge]:
-    """The router app on the test Redis, handing out the network as bootstrap peers."""
-    async with running_edge(registry, router_config(network)) as running:
-        yield running
 
 
 async def test_joins_with_one_edge_request_and_restarts_with_none(

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
 from dht_bridge.registry.registry import Registry
 from rma.cli import build_parser
-from tests.support.dht import start_network, stop_all
 from tests.support.helpers import wait_for
 from tests.support.upstreams import serve
 from tests.support.worker import dht_ids, router_config, running_edge
@@ -111,16 +109,6 @@ def test_loopback_tunnels_only_when_the_policy_is_widened() -> None:
     with pytest.raises(ConfigError):
         build([], env)
     assert build([], {**env, "RMA_TUNNEL_ALLOW_LOOPBACK": "1"}).policy.allow_loopback
-
-
-@pytest.fixture
-async def network() -> AsyncIterator[list[DHTNode]]:
-    """Two DHT nodes the router hands out."""
-    nodes = await start_network(2)
-    try:
-        yield nodes
-    finally:
-        await stop_all(nodes)
 
 
 async def test_rma_worker_process_joins_through_the_router_and_leaves_on_sigterm(
