@@ -58,7 +58,8 @@ async def scene() -> AsyncIterator[Scene]:
     built = await start_field(EmulatedNetwork(LAN, seed=11), servers=6, clients=4, coordinators=2)
     try:
         identities = [Identity.generate() for _ in built.clients]
-        records = [make_record(i, services=("ocr",)) for i in identities]
+        # Loaded a little, so that a test's record at load 0 comes first.
+        records = [make_record(i, services=("ocr",), load=0.5) for i in identities]
         for client, record in zip(built.clients, records, strict=True):
             await client.publish(record)
         yield Scene(built, identities, records)
@@ -128,6 +129,26 @@ async def test_expired_leases_are_left_out_of_cached_answers(scene: Scene) -> No
         assert (await cache.discover("ocr")).providers == []
         # A young answer left short by a lapsed lease is refreshed behind it, not kept.
         assert (cache.hits, cache.misses, cache.refreshes) == (1, 1, 1)
+    finally:
+        await cache.aclose()
+
+
+async def test_spare_providers_keep_a_warm_answer_full_when_a_lease_lapses(
+    scene: Scene,
+) -> None:
+    wall = ManualClock(time.time())
+    short = make_record(services=("ocr",), ttl=5.0, load=0.0)  # the least loaded: listed first
+    await scene.field.clients[0].publish(short)
+    cache = scene.cache(wall=wall)
+    try:
+        first = await cache.discover("ocr", limit=2)
+        assert short.worker_id in ids(first)
+        assert len(first.providers) == 2
+        wall.advance(short.expires_at - wall.now)
+        warm = await cache.discover("ocr", limit=2)
+        assert warm.cached
+        assert short.worker_id not in ids(warm)
+        assert len(warm.providers) == 2  # a spare took its place
     finally:
         await cache.aclose()
 
