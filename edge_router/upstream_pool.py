@@ -6,7 +6,8 @@ held (quadratic): with 64 requests in flight it spent more CPU than the rest of 
 larger pool made it worse (measured in bench/router_bench.py, see bench/README.md). Here each
 origin has a stack of idle HTTP/1.1 connections and a list of HTTP/2 ones that take several
 requests at once; a request takes the most recently used idle connection and checks that one
-only. The connections themselves, their protocol, TLS, timeouts and trace events stay httpcore's.
+only. HTTP/1.1 connections are the lean ones of edge_router.upstream_http11 (httpcore's cost
+most of a routed request's CPU); with HTTP/2 enabled, httpcore's, which negotiate either.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from typing import Any
 import httpcore
 import httpx
 
+from edge_router.upstream_http11 import LeanHTTP11Connection
+
 __all__ = ["TunnelPool", "TunnelTransport"]
 
 # An origin as a dict key (httpcore's Origin is not hashable): scheme, host, port.
 _Key = tuple[bytes, bytes, int]
+_Connection = httpcore.AsyncConnectionInterface
 
 
 class TunnelPool(httpcore.AsyncConnectionInterface):
@@ -45,9 +49,9 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         self._http2 = http2
         # Every open connection and its origin; idle HTTP/1.1 ones stacked per origin (the most
         # recently used last); HTTP/2 ones listed per origin while open, busy or not.
-        self._open: dict[httpcore.AsyncHTTPConnection, _Key] = {}
-        self._idle: dict[_Key, list[httpcore.AsyncHTTPConnection]] = {}
-        self._shared: dict[_Key, list[httpcore.AsyncHTTPConnection]] = {}
+        self._open: dict[_Connection, _Key] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
+        self._shared: dict[_Key, list[_Connection]] = {}
         self._freed = asyncio.Condition()
         self._waiting = 0
 
@@ -88,7 +92,7 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
                 extensions=response.extensions,
             )
 
-    async def _reusable(self, key: _Key) -> httpcore.AsyncHTTPConnection | None:
+    async def _reusable(self, key: _Key) -> _Connection | None:
         for connection in self._shared.get(key, ()):
             if connection.is_available():
                 return connection
@@ -105,9 +109,7 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
             idle = self._idle.get(key)
         return None
 
-    async def _new(
-        self, origin: httpcore.Origin, key: _Key, wait: float | None
-    ) -> httpcore.AsyncHTTPConnection:
+    async def _new(self, origin: httpcore.Origin, key: _Key, wait: float | None) -> _Connection:
         if len(self._open) >= self._max:
             await self._evict_idle()
         if len(self._open) >= self._max:
@@ -121,13 +123,19 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
                 ) from None
             finally:
                 self._waiting -= 1
-        connection = httpcore.AsyncHTTPConnection(
-            origin=origin,
-            ssl_context=self._ssl,
-            keepalive_expiry=self._expiry,
-            http1=True,
-            http2=self._http2,
-        )
+        connection: _Connection
+        if self._http2:
+            connection = httpcore.AsyncHTTPConnection(
+                origin=origin,
+                ssl_context=self._ssl,
+                keepalive_expiry=self._expiry,
+                http1=True,
+                http2=True,
+            )
+        else:
+            connection = LeanHTTP11Connection(
+                origin, ssl_context=self._ssl, keepalive_expiry=self._expiry
+            )
         self._open[connection] = key
         return connection
 
@@ -138,7 +146,7 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
                 await self._release(idle[0])
                 return
 
-    async def _returned(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    async def _returned(self, connection: _Connection) -> None:
         """A response was read or closed: keep its connection for the next request, or close it."""
         key = self._open.get(connection)
         if key is None or connection.is_closed():
@@ -148,7 +156,7 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         elif connection.is_idle() and connection not in self._shared.get(key, ()):
             self._idle.setdefault(key, []).append(connection)
 
-    async def _release(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    async def _release(self, connection: _Connection) -> None:
         key = self._open.pop(connection, None)
         if key is not None:
             for groups in (self._shared, self._idle):
@@ -186,9 +194,7 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
 class _PooledStream:
     """A response body that hands its connection back to the pool once read or closed."""
 
-    def __init__(
-        self, stream: Any, pool: TunnelPool, connection: httpcore.AsyncHTTPConnection
-    ) -> None:
+    def __init__(self, stream: Any, pool: TunnelPool, connection: _Connection) -> None:
         self._stream = stream
         self._pool = pool
         self._connection = connection

@@ -41,6 +41,7 @@ from edge_router.proxy import (
     ProxySettings,
     retry_after_seconds,
     target_path,
+    upstream_client,
     upstream_url,
 )
 from tests.support.helpers import ManualClock, make_record
@@ -71,10 +72,16 @@ async def stack() -> AsyncIterator[AsyncExitStack]:
         yield stack
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    """The proxy's outbound client (no proxies from the environment on loopback)."""
-    async with httpx.AsyncClient(trust_env=False) as client:
+@pytest.fixture(params=["httpcore", "router"])
+async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """The proxy's outbound client (no proxies from the environment on loopback): httpx's own,
+    and the router's (its pool and lean HTTP/1.1 connections, edge_router.upstream_http11)."""
+    made = (
+        httpx.AsyncClient(trust_env=False)
+        if request.param == "httpcore"
+        else upstream_client(ProxySettings())
+    )
+    async with made as client:
         yield client
 
 
