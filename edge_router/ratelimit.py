@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 import logging
 import math
@@ -106,6 +107,8 @@ def rate_class(method: str, path: str) -> RateClass | None:
     return None
 
 
+# Parsed once per address (a routed request parsed its client's address every time).
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str) -> str | None:
     """What a client is counted by: its IPv4 address or its IPv6 /64; None for loopback and
     for text that is no address (never limited: nothing to count it by)."""

@@ -23,7 +23,7 @@ import httpx
 
 from edge_router.upstream_http11 import LeanHTTP11Connection
 
-__all__ = ["TunnelPool", "TunnelTransport"]
+__all__ = ["TunnelClient", "TunnelPool", "TunnelTransport"]
 
 # An origin as a dict key (httpcore's Origin is not hashable): scheme, host, port.
 _Key = tuple[bytes, bytes, int]
@@ -237,3 +237,22 @@ def _pool_timeout(request: httpcore.Request) -> float | None:
     timeouts = request.extensions.get("timeout", {})
     value = timeouts.get("pool")
     return None if value is None else float(value)
+
+
+class TunnelClient(httpx.AsyncClient):
+    """The proxy's httpx client over a `TunnelTransport`, with `forward`: a request straight to
+    the pool, without the client's auth, redirect, cookie, hook and logging steps (the proxy
+    uses none of them: no auth, no redirects followed, a cookie jar that keeps nothing, and an
+    info line per request is not for the hot path). Every other use is plain httpx."""
+
+    def __init__(self, *, transport: TunnelTransport, **kwargs: Any) -> None:
+        super().__init__(transport=transport, **kwargs)
+        self.tunnels = transport
+
+    async def forward(self, request: httpx.Request) -> httpx.Response:
+        """Send `request` (its timeouts in its extensions) and return the streamed answer."""
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        response = await self.tunnels.handle_async_request(request)
+        response.request = request
+        return response

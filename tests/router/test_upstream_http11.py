@@ -149,9 +149,9 @@ async def test_a_tunnel_that_closes_without_answering_and_one_that_is_slow() -> 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     transport = TunnelTransport(max_connections=4, keepalive_expiry=60.0)
-    async with server, httpx.AsyncClient(transport=transport, timeout=0.2) as client:
+    async with server, httpx.AsyncClient(transport=transport, timeout=0.2) as slow:
         with pytest.raises(httpx.ReadTimeout):
-            await client.get(f"http://127.0.0.1:{port}/slow")
+            await slow.get(f"http://127.0.0.1:{port}/slow")
         never.set()
         async with asyncio.timeout(5):
             await done.wait()  # the handler closed its side before the server is closed
@@ -165,3 +165,17 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     async with upstream_client(ProxySettings()) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_forward_sends_straight_to_the_pool_and_not_once_closed() -> None:
+    server = Scripted(b"HTTP/1.1 200 OK\r\nset-cookie: a=b\r\ncontent-length: 2\r\n\r\nok")
+    async with server.running() as url:
+        client = upstream_client(ProxySettings())
+        async with client:
+            answer = await client.forward(httpx.Request("GET", url + "/f"))
+            assert answer.request.url == url + "/f"
+            assert await answer.aread() == b"ok"
+            await answer.aclose()
+            assert not client.cookies  # the forwarding path files no cookie
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.forward(httpx.Request("GET", url + "/g"))
