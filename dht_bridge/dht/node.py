@@ -742,7 +742,8 @@ class DHTNode(Server):  # type: ignore[misc]
         due = holders
         if again_within is not None:
             due = self._defer(digest, record, holders, again_within, outcome)
-        rest, missed = due, 0
+        rest: list[Node] = due
+        missed: list[Node] = []
         if probe and len(due) > 1:
             first = random.choice(due)
             missed = await self._store_on([first], digest, value, outcome, record)
@@ -752,8 +753,7 @@ class DHTNode(Server):  # type: ignore[misc]
         missed += await self._store_on(rest, digest, value, outcome, record, retry=cached)
         if missed and cached:
             # A cached holder is gone: find the current closest and fill in the ones not held.
-            self._holder_cache.pop(digest, None)
-            fresh, _ = await self._holders(digest, outcome)
+            fresh = await self._replace_gone(digest, holders, missed, outcome)
             known = {node.id for node in holders}  # asked, or holding a copy that waits
             fill = [n for n in fresh if n.id not in known]
             await self._store_on(fill, digest, value, outcome, record)
@@ -798,10 +798,10 @@ class DHTNode(Server):  # type: ignore[misc]
         record: WorkerRecord,
         *,
         retry: bool = False,
-    ) -> int:
+    ) -> list[Node]:
         """STORE `record` on each holder (a renewal where it holds the last one), tallying
-        answers into `outcome`; returns how many missed. With `retry`, a holder that does not
-        answer is asked once more before it counts as missed."""
+        answers into `outcome`; returns those that missed. With `retry`, a holder that does
+        not answer is asked once more before it counts as missed."""
         outcome.asked += len(holders)
         renewable = self._renewals.holders(digest, record)
         renewal = renewal_args(record) if renewable else None
@@ -818,10 +818,10 @@ class DHTNode(Server):  # type: ignore[misc]
             record,
             [(n.id, answer) for n, (_, answer) in zip(holders, replies, strict=True)],
         )
-        missed = 0
+        missed: list[Node] = []
         for node, (ok, answer) in zip(holders, replies, strict=True):
             if not ok:
-                missed += 1
+                missed.append(node)
                 outcome.unreachable += 1
             elif answer == StoreResult.FULL.value:
                 outcome.full += 1
@@ -896,14 +896,37 @@ class DHTNode(Server):  # type: ignore[misc]
         self._cache_holders(digest, holders)
         return holders, False
 
-    async def _recheck(self, digest: bytes, holders: list[Node]) -> list[Node]:
+    async def _replace_gone(
+        self, digest: bytes, holders: list[Node], gone: list[Node], outcome: KeyPublish
+    ) -> list[Node]:
+        """The holders of `digest` now that `gone` (cached holders that missed a STORE twice)
+        left: the ones that answered ask two of themselves whom they know near the key, as
+        when the cache expires (a crashed holder under churn is the common case: a crawl for
+        each cost several times the two questions); a crawl only when none of them answers."""
+        gone_ids = {node.id for node in gone}
+        answered = [node for node in holders if node.id not in gone_ids]
+        if answered:
+            known = await self._recheck(digest, answered, exclude=gone_ids)
+            if known:
+                self._cache_holders(digest, known)
+                return known
+        self._holder_cache.pop(digest, None)
+        fresh, _ = await self._holders(digest, outcome)
+        return fresh
+
+    async def _recheck(
+        self,
+        digest: bytes,
+        holders: list[Node],
+        exclude: frozenset[bytes] | set[bytes] = frozenset(),
+    ) -> list[Node]:
         """The closest nodes to `digest` that a few of its cached `holders` know, these included;
         empty when none of those answered.
 
         A newcomer near a key makes itself known to the nodes near it when it joins, so the
         holders know of it: two questions instead of a crawl, whose last hops all go to the
         same few nodes for every publisher of a busy shard. A newcomer that is not there after
-        all misses its first STORE, which re-crawls.
+        all misses its STOREs and is replaced the same way (`_replace_gone`).
         """
         asked = random.sample(holders, min(RECHECK_ASKS, len(holders)))
         target = Node(digest)
@@ -914,7 +937,8 @@ class DHTNode(Server):  # type: ignore[misc]
         for ok, payload in replies:
             answered = answered or ok
             for node in parse_contacts(payload) if ok else []:
-                if node.id != self.node.id:
+                # Those just found silent stay out: their neighbours still list them.
+                if node.id != self.node.id and node.id not in exclude:
                     known.setdefault(node.id, node)
         return self._closest(digest, known.values()) if answered else []
 

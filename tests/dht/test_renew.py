@@ -114,6 +114,31 @@ async def test_a_cached_holder_that_misses_one_heartbeat_is_asked_again_not_recr
     assert holding([victim], key, identity.worker_id) == {victim: 2}
 
 
+async def test_a_cached_holder_that_left_is_replaced_by_asking_two_holders_not_a_crawl(
+    network: list[DHTNode],
+) -> None:
+    identity = Identity.generate()
+    publisher = network[6]
+    await publisher.publish(make_record(identity, seq=1))
+    key = shards.worker_key(identity.worker_id)
+    digest = key_digest(key)
+    cached = publisher._holder_cache[digest][1]
+    victim = next(n for n in network if n is not publisher and n.node.id == cached[0].id)
+    among = sum(victim.node.id in [n.id for n in h] for _, h in publisher._holder_cache.values())
+    await victim.aclose()  # crashed: no answer, ever
+    crawled = publisher.crawl_queries.get("holders", 0)
+    rechecked = publisher.crawl_queries.get("recheck", 0)
+    await publisher.publish(make_record(identity, seq=2))
+    assert publisher.crawl_queries.get("holders", 0) == crawled
+    # Two questions for each key (worker, shard) whose cached holders it was among.
+    assert publisher.crawl_queries.get("recheck", 0) - rechecked == 2 * among
+    now_cached = [n.id for n in publisher._holder_cache[digest][1]]
+    assert victim.node.id not in now_cached
+    assert len(now_cached) == len(cached)  # the next closest took its place
+    alive = [n for n in network if n is not victim]
+    assert sum(1 for seq in holding(alive, key, identity.worker_id).values() if seq == 2) >= 8
+
+
 def test_storage_refuses_forged_stale_and_malformed_renewals() -> None:
     storage = RecordStorage(POLICY)
     identity = Identity.generate()
