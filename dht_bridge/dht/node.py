@@ -750,7 +750,7 @@ class DHTNode(Server):  # type: ignore[misc]
             if outcome.full:
                 return outcome  # `_settled` asks this one for its proof
             rest = [node for node in due if node is not first]
-        missed += await self._store_on(rest, digest, value, outcome, record, retry=cached)
+        missed += await self._store_on(rest, digest, value, outcome, record, retry=True)
         if missed and cached:
             # A cached holder is gone: find the current closest and fill in the ones not held.
             fresh = await self._replace_gone(digest, holders, missed, outcome)
@@ -844,9 +844,10 @@ class DHTNode(Server):  # type: ignore[misc]
     ) -> tuple[bool, Any]:
         reply = await self._store_once(node, digest, value, renewal)
         if not reply[0] and retry:
-            # A cached holder that misses one STORE has more likely lost a datagram (1% a
-            # link on the internet) than left: a missed STORE re-crawls the key, which on
-            # `world` made the holder crawls a third of every worker's DHT bytes.
+            # A holder that misses one STORE has more likely lost a datagram (1% a link on
+            # the internet) or answered late than left: a cached one that misses sends us
+            # after its replacement (on `world`, re-crawling on every miss made holder crawls
+            # a third of every worker's DHT bytes), a freshly found one would go without.
             self.store_retries += 1
             reply = await self._store_once(node, digest, value, renewal)
         return reply
