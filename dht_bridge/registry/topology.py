@@ -190,7 +190,9 @@ def _sentinel(target: RedisTarget, timeout: float) -> tuple[aioredis.Redis, list
         "socket_connect_timeout": timeout,
         "retry": _no_retry(),
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # untyped in redis-py
+    # Typed from redis-py 8.2 on, untyped before: Any keeps mypy quiet on both.
+    sentinel_class: Any = Sentinel
+    sentinel = sentinel_class(
         list(target.hosts),
         sentinel_kwargs={**timeouts, "password": target.sentinel_password},
         **timeouts,
