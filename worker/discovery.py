@@ -126,6 +126,7 @@ MergeHook = Callable[[str, list[WorkerRecord]], None]
 class _Entry:
     answer: Discovery
     fetched_at: float  # when the lookup that gave it started (monotonic)
+    fetched_wall: float  # and on the wall clock, which leases are in
 
 
 class DiscoveryCache:
@@ -184,7 +185,9 @@ class DiscoveryCache:
         providers = live[:limit]
         # Leases that ran out under a young answer (a holder's copy read one renewal behind,
         # a crashed worker) eat its spares: refresh it behind this answer as if it were old.
-        lapsed = len(live) < len(entry.answer.providers)
+        # Only leases live when it was fetched: the edge lists held records past their lease
+        # during a partition, and those must not send every discovery to the edge again.
+        lapsed = any(entry.fetched_wall < r.expires_at <= now for r in entry.answer.providers)
         if (age >= self.fresh_for or lapsed) and key not in self._pending:
             self.refreshes += 1
             self._start(key)
@@ -216,11 +219,11 @@ class DiscoveryCache:
         return await asyncio.shield(task)
 
     async def _refresh(self, key: tuple[str, int]) -> Discovery:
-        started = self._clock()
+        started, started_wall = self._clock(), self._wall()
         service, limit = key
         answer = await self._fetch(service, limit * SPARE_FACTOR)
         if answer.source != SOURCE_NONE:
-            self._entries[key] = _Entry(answer, started)
+            self._entries[key] = _Entry(answer, started, started_wall)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)

@@ -17,7 +17,7 @@ from dht_bridge.netem import LAN, EmulatedNetwork, Host
 from dht_bridge.records import WorkerRecord, tombstone_for
 from tests.support.helpers import ManualClock, make_record, wait_for
 from tests.support.netem import Field, start_field
-from worker.discovery import SOURCE_DHT, Discovery, DiscoveryCache, discover
+from worker.discovery import SOURCE_DHT, SOURCE_EDGE, Discovery, DiscoveryCache, discover
 
 MAX_AGE = 30.0
 FRESH_FOR = 15.0
@@ -149,6 +149,28 @@ async def test_spare_providers_keep_a_warm_answer_full_when_a_lease_lapses(
         assert warm.cached
         assert short.worker_id not in ids(warm)
         assert len(warm.providers) == 2  # a spare took its place
+    finally:
+        await cache.aclose()
+
+
+async def test_records_already_past_their_lease_when_fetched_start_no_refresh() -> None:
+    # The edge lists held records past their lease during a partition: each discovery must
+    # not send the cache back to it.
+    wall = ManualClock(time.time())
+    held = make_record(services=("ocr",), now=wall.now - 100, ttl=10)
+    live = make_record(services=("ocr",), ttl=300)
+    fetched: list[str] = []
+
+    async def fetch(service: str, limit: int) -> Discovery:
+        fetched.append(service)
+        return Discovery(service, [live, held], SOURCE_EDGE, 0.0)
+
+    cache = DiscoveryCache(fetch, max_age=MAX_AGE, fresh_for=FRESH_FOR, wall=wall)
+    try:
+        await cache.discover("ocr")
+        for _ in range(5):
+            assert ids(await cache.discover("ocr")) == {live.worker_id}
+        assert (len(fetched), cache.refreshes) == (1, 0)
     finally:
         await cache.aclose()
 
