@@ -18,6 +18,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,7 @@ class DHTNode(Server):  # type: ignore[misc]
         # Which holders hold our last record of each (key, worker): they get renewals.
         self._renewals = RenewalBook()
         self.renewals_refused = 0
-        # STOREs sent again to a cached holder that missed the first (see `_store_one`).
+        # STOREs sent again to a holder that missed the first (see `_store_one`).
         self.store_retries = 0
         # Shards a holder proved full, by digest, until when (monotonic); see `_full_proven`.
         self._proven_full: dict[bytes, float] = {}
@@ -929,7 +930,7 @@ class DHTNode(Server):  # type: ignore[misc]
         self,
         digest: bytes,
         holders: list[Node],
-        exclude: frozenset[bytes] | set[bytes] = frozenset(),
+        exclude: AbstractSet[bytes] = frozenset(),
     ) -> list[Node]:
         """The closest nodes to `digest` that a few of its cached `holders` know, these included;
         empty when none of those answered.
