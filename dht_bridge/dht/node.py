@@ -90,6 +90,13 @@ VALUE_CHECKS = 3
 # about 2.3 times the FIND_VALUE traffic of one path (40 nodes, 5 providers: 7.9 requests and
 # 14.4 KB per lookup, against 3.3 and 6.3 KB).
 DISJOINT_PATHS = 2
+# Once a lookup holds the providers it was asked for, the deeper shards still being read may
+# take twice as long again as it took to get there (at least ENOUGH_GRACE s), then are given
+# up. A leaf of a trie path often holds nobody (the few pushed below a full shard sit in one
+# child), and proving a key absent asks every close node: on `world` those reads took three to
+# five times a read that finds its values, and were the slowest part of the slowest lookups.
+ENOUGH_FACTOR = 2.0
+ENOUGH_GRACE = 0.25
 
 # Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
 # The default binds a socket; tests put nodes behind a NAT of their own through it.
@@ -194,6 +201,31 @@ class LookupReport:
     hops: int
     seconds: float
     rounds: int = 1  # reads one after the other: 1 when every level needed was known at once
+
+
+class Enough:
+    """When a lookup holds the providers it wants, and how long deeper reads may still take."""
+
+    def __init__(self, limit: int, found: set[str], started: float) -> None:
+        self.limit = limit
+        self.found = found
+        self.started = started
+        self.deadline: float | None = None
+
+    def add(self, records: Iterable[WorkerRecord]) -> None:
+        """Count the live workers among `records`; the grace starts when the limit is met."""
+        self.found.update(r.worker_id for r in records if r.live)
+        if self.deadline is None and len(self.found) >= self.limit:
+            now = time.monotonic()
+            self.deadline = now + max(ENOUGH_FACTOR * (now - self.started), ENOUGH_GRACE)
+
+    def met(self) -> bool:
+        """Does the lookup hold `limit` providers already?"""
+        return self.deadline is not None
+
+    def left(self) -> float:
+        """Seconds the deeper reads still have."""
+        return max(0.0, (self.deadline or 0.0) - time.monotonic())
 
 
 @dataclass
@@ -1017,17 +1049,19 @@ class DHTNode(Server):  # type: ignore[misc]
             for level in range(shards.MAX_LEVEL + 1)
         ]
         versions: list[WorkerRecord] = []
+        found: set[str] = set()
+        enough = Enough(limit, found, started)
         depth = min(self._guess_depth(service), shards.MAX_LEVEL)
         read, hops, level, rounds = 0, 0, 0, 0
         while level <= shards.MAX_LEVEL:
             batch = path[level : depth + 1] or [path[level]]
-            results = await self._read_down(service, batch)
+            results = await self._read_down(service, batch, enough)
             read, rounds = read + len(results), rounds + 1
             for got in results:
                 versions.extend(got.records)
                 hops = max(hops, got.hops)
-            if not results[-1].overflowed:
-                self._depth_hint[service] = level + len(results) - 1
+            if not results or not results[-1].overflowed:
+                self._depth_hint[service] = level + max(len(results) - 1, 0)
                 break
             level += len(results)
             reported = max(got.deepest for got in results)
@@ -1049,8 +1083,11 @@ class DHTNode(Server):  # type: ignore[misc]
             return max(own)
         return min(max(self._depth_hint.values(), default=0), MAX_PREFETCH - 1)
 
-    async def _read_down(self, service: str, batch: list[int]) -> list[KeyRead]:
-        """Read consecutive shards of one path at once, up to the first one not overflowed.
+    async def _read_down(
+        self, service: str, batch: list[int], enough: Enough | None = None
+    ) -> list[KeyRead]:
+        """Read consecutive shards of one path at once, up to the first one not overflowed
+        (or, with `enough`, the first still unread once its grace has run out).
 
         The depth a mark reports is the deepest anywhere in the trie, so this path may end
         sooner: reads below its end are cancelled, not awaited, since a key nobody holds keeps
@@ -1063,7 +1100,13 @@ class DHTNode(Server):  # type: ignore[misc]
         needed: list[KeyRead] = []
         try:
             for read in reads:
+                if enough is not None and enough.met():
+                    done, _ = await asyncio.wait([read], timeout=enough.left())
+                    if not done:
+                        break
                 needed.append(await read)
+                if enough is not None:
+                    enough.add(needed[-1].records)
                 if not needed[-1].overflowed:
                     break
         finally:
@@ -1226,12 +1269,16 @@ class DHTNode(Server):  # type: ignore[misc]
         seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
         paths = max(1, min(paths, len(seeds)))
         claimed: dict[bytes, int] | None = {} if paths > 1 else None
+        width = width or self.ksize
         crawls = [
             Crawl(
                 self.rpc,
                 target,
                 seeds[path::paths],
-                ksize=width or self.ksize,
+                # Disjoint paths share the k closest out between them: each concluding "absent"
+                # only after k closest of its own asked 2k nodes for a key nobody holds (the
+                # leaf of a trie path often is), and those reads were the slow tail of lookups.
+                ksize=math.ceil(width / paths),
                 alpha=self.alpha,
                 find_value=find_value,
                 want_values=want_values,
@@ -1247,7 +1294,7 @@ class DHTNode(Server):  # type: ignore[misc]
         for crawl in crawls:
             crawl.siblings = [other for other in crawls if other is not crawl]
         results = await asyncio.gather(*(crawl.run() for crawl in crawls))
-        result = results[0] if paths == 1 else _joined(target, results, width or self.ksize)
+        result = results[0] if paths == 1 else _joined(target, results, width)
         self._count_crawl(purpose, result.queried)
         return result
 

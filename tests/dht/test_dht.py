@@ -646,3 +646,17 @@ async def test_a_node_cut_off_from_every_holder_does_not_call_its_own_copy_a_pub
             await worker.publish(make_record())
     finally:
         await worker.aclose()
+
+
+async def test_a_read_of_a_key_nobody_holds_shares_the_k_closest_between_its_paths(
+    network_factory: NetworkFactory,
+) -> None:
+    # Two disjoint paths each concluding "absent" from k closest of their own asked 2k nodes.
+    nodes = await network_factory(60)
+    for i in range(4):
+        read = await nodes[i]._crawl(
+            key_digest(f"nobody-{i}"), purpose="read", find_value=True, want_values=2, paths=2
+        )
+        assert not read.values
+        assert len(read.closest) == TEST_SETTINGS.ksize
+        assert read.queried < 2 * TEST_SETTINGS.ksize

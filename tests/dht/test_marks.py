@@ -232,3 +232,43 @@ async def test_a_rise_refused_by_a_full_parent_sends_the_record_to_one_holder_on
 
 def _is_root(value: bytes) -> bool:
     return bool(msgpack.unpackb(value)[1] == ROOT)
+
+
+@pytest.mark.parametrize("root_holds", [12, 4])
+async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
+    root_holds: int,
+) -> None:
+    # The root is full and marked; the shard below on the reader's path never answers (a key
+    # nobody holds keeps its crawl going). With the providers asked for in hand, the lookup
+    # answers from the root after its grace; short of them, it waits for the deeper read.
+    reader = await start_node()
+    below = asyncio.Event()
+    deeper: list[str] = []
+    root = [make_record(load=n / 100) for n in range(root_holds)]
+    late = [make_record(load=0.5) for _ in range(3)]
+
+    async def read_key(key: str, *, lazy: bool = False, want: int = 2) -> dht.KeyRead:
+        if key == ROOT:
+            return dht.KeyRead(list(root), overflowed=True, deepest=1)
+        deeper.append(key)
+        await below.wait()
+        return dht.KeyRead(list(late))
+
+    reader._read_key = read_key  # type: ignore[method-assign]
+    try:
+        lookup = asyncio.create_task(reader.lookup_report("ocr", limit=10))
+        if root_holds >= 10:
+            report = await asyncio.wait_for(lookup, timeout=10)
+            assert [r.worker_id for r in report.providers] == [r.worker_id for r in root[:10]]
+            assert deeper
+            assert not below.is_set()
+            assert not [t for t in asyncio.all_tasks() if "read_key" in repr(t.get_coro())]
+        else:
+            done, _ = await asyncio.wait([lookup], timeout=1.0)
+            assert not done
+            assert deeper
+            below.set()
+            report = await asyncio.wait_for(lookup, timeout=10)
+            assert len(report.providers) == root_holds + len(late)
+    finally:
+        await stop_all([reader])
