@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -77,8 +78,10 @@ COORDINATOR_COPIES = 2
 # A shard proved full (a holder's value full of signed records) is believed that long: the
 # proof costs one FIND_VALUE answer of up to 8 KB, and a mark is believed as long.
 PROOF_MEMORY = OVERFLOW_MEMORY
-# Holders that answered `full` asked for their proof at once (then the rest, if none shows it).
-PROOF_ASKS = 3
+# Holders that answered `full` asked for their proof: one, then two more, then the rest, each
+# batch only if none before showed it. A proof is a whole shard (up to 8 KB in one answer):
+# asking three at once tripled the bytes of every proof for an answer a heartbeat can wait for.
+PROOF_BATCHES = (1, 2)
 # A mark's depth sends a reader at most this many levels below the deepest it has read: the
 # depth is a hint nobody signs, and every level read is a crawl.
 MAX_PREFETCH = 4
@@ -711,15 +714,19 @@ class DHTNode(Server):  # type: ignore[misc]
 
     async def _full_proven(self, outcome: KeyPublish, record: WorkerRecord) -> bool:
         """Does a holder that answered `full` (or our own copy) hold a value so full of signed,
-        live records of the shard that this record would not fit? Asks PROOF_ASKS of them at
-        once, then the rest: on a loaded machine one honest holder's answer may come late."""
+        live records of the shard that this record would not fit? Asks them in PROOF_BATCHES,
+        then the rest: one honest holder's answer may be lost or late."""
         digest = key_digest(outcome.key)
         if self._proven_full.get(digest, 0.0) > time.monotonic():
             return True
         if outcome.local_full and self._fills(digest, self.storage.value(digest), record):
             return self._remember_full(digest)
         asked = outcome.full_by
-        for batch in (asked[:PROOF_ASKS], asked[PROOF_ASKS:]):
+        ends = [*itertools.accumulate(PROOF_BATCHES), len(asked)]
+        for start, end in itertools.pairwise([0, *ends]):
+            batch = asked[start:end]
+            if not batch:
+                continue
             values = await asyncio.gather(*(self._value_of(node, digest) for node in batch))
             if any(self._fills(digest, value, record) for value in values):
                 return self._remember_full(digest)
