@@ -4,10 +4,14 @@ httpcore's HTTP/1.1 connection runs every request through h11's state machine, a
 an anyio lock and a shielded cancel scope per step: measured alone (64 concurrent keep-alive
 requests to nginx on loopback), httpx over httpcore made about 2,000 requests a second where
 plain asyncio streams made over 40,000, and it was most of a routed request's CPU. This one is an
-asyncio protocol that writes the request head in one piece and parses the answer's head and
-framing itself, strictly: a volunteer's answer is untrusted input, so anything h11 would refuse
-or could read two ways (a bare LF, folded or malformed header lines, Content-Length beside
-Transfer-Encoding, conflicting lengths, an unknown transfer coding) is refused here too.
+asyncio protocol that writes the request head in one piece and parses the answer with llhttp
+(httptools, as in uvicorn's `standard` extra) in its strict mode: a volunteer's answer is
+untrusted input, so anything h11 would refuse or could read two ways (a bare CR or LF, folded or
+malformed header lines, Content-Length beside Transfer-Encoding, repeated lengths, a transfer
+coding other than chunked) is refused. What llhttp takes and h11 refuses is checked in _Answer.
+llhttp replaced a hand-written regex parser of the head, framing and chunks: parsing nginx's 1 KB
+answer takes 8.2 µs of CPU (8.7 before), a 1 MiB chunked body 168 µs (314); `/route` did not
+move beyond the noise of a loaded machine (bench/README.md).
 
 It speaks httpcore's interfaces (requests, responses, exceptions, trace events), so httpx and
 the proxy see no difference: connect failures are httpcore.ConnectError/ConnectTimeout, a
@@ -28,23 +32,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpcore
+import httptools
 
 __all__ = ["MAX_HEAD_BYTES", "LeanHTTP11Connection"]
 
 MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers, at most
-MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions, at most
+# Bytes of a chunk line or trailer fed in a row with nothing parsed out of them, at most. llhttp
+# keeps no line in memory, so this stops an endless line rather than bounding a buffer.
+MAX_CHUNK_LINE = 1024
 READ_HIGH = 256 * 1024  # bytes buffered from a tunnel before its socket is no longer read
 READ_LOW = 64 * 1024  # and below which it is read again
 PIECE = 64 * 1024  # the largest piece of a body handed on at once
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
-# RFC 9110 section 5.6.2 (token) and 5.5 (field-value); no CR, LF or NUL can pass either.
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(
-    rb"(?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
-)
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 _BAD_REQUEST_BYTES = re.compile(rb"[\r\n\x00]")
+# llhttp takes any byte but CR and LF in a reason phrase; RFC 9112 section 4 (and h11) allow
+# HTAB, SP, VCHAR and obs-text only.
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -229,22 +232,20 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
             wire = self._wire
             assert wire is not None
             await self._send(wire, request, timeouts.get("write"))
-            status, reason, headers, framing, keep_alive = await self._read_head(
-                wire, request, timeouts.get("read")
-            )
+            answer = _Answer(self, wire, request.method, timeouts.get("read"))
+            await answer.read_head()
             if trace is not None:
                 await trace("http11.receive_response_headers.complete", {"request": request})
         except BaseException:
             self._close()
             raise
-        body = _Body(self, wire, framing, keep_alive, timeouts.get("read"))
-        if framing[0] == "none":
-            body.finish()
+        if answer.complete:
+            answer.finish()
         return httpcore.Response(
-            status,
-            headers=headers,
-            content=body,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            answer.status,
+            headers=answer.headers,
+            content=answer,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
         )
 
     async def _connect(self, seconds: float | None, trace: Trace | None) -> _Wire:
@@ -308,25 +309,6 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
             transport.write(tail)
             await wire.drain(seconds)
 
-    async def _read_head(
-        self, wire: _Wire, request: httpcore.Request, seconds: float | None
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]], tuple[str, int], bool]:
-        while True:
-            head = await _head(wire, seconds)
-            status, reason, headers, version = _parse_head(head)
-            if status >= 200:
-                break
-            if status == 101:
-                raise httpcore.RemoteProtocolError("a protocol switch was not asked for")
-            # 1xx (103 Early Hints, say): informational, the answer follows.
-        framing = _framing(status, headers, request.method)
-        keep_alive = version == b"1" and not any(
-            name.lower() == b"connection" and b"close" in _tokens(value) for name, value in headers
-        )
-        if framing[0] == "eof":
-            keep_alive = False
-        return status, reason, headers, framing, keep_alive
-
     def _finished(self, keep_alive: bool) -> None:
         """The answer was read to its end: the connection is idle again, or closed."""
         if keep_alive and self._state == "active" and not self._wire_gone():
@@ -359,195 +341,182 @@ async def _request_chunks(request: httpcore.Request) -> AsyncIterator[bytes]:
         yield bytes(chunk)
 
 
-async def _head(wire: _Wire, seconds: float | None) -> bytes:
-    searched = 0
-    while True:
-        buffer = wire.buffer
-        end = buffer.find(b"\r\n\r\n", max(0, searched - 3))
-        if end >= 0:
-            head = bytes(buffer[:end])
-            del buffer[: end + 4]
-            wire.taken()
-            return head
-        searched = len(buffer)
-        if searched > MAX_HEAD_BYTES:
-            raise httpcore.RemoteProtocolError("the answer's head is too long")
-        if wire.eof:
-            if buffer:
-                raise httpcore.RemoteProtocolError("connection closed in the answer's head")
-            if isinstance(wire.error, OSError):
-                raise httpcore.ReadError(_describe(wire.error))
-            raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
-        await wire.more(seconds)
-
-
-def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-    lines = head.split(b"\r\n")
-    matched = _STATUS_LINE.fullmatch(lines[0])
-    if matched is None:
-        raise httpcore.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if not colon or not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-            # A bare LF or CR, a folded line, a name with spaces: h11 refuses these too.
-            raise httpcore.RemoteProtocolError(f"malformed header line {line[:80]!r}")
-        headers.append((name, value))
-    return int(matched.group(2)), matched.group(3) or b"", headers, matched.group(1)
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    return [token.strip().lower() for token in value.split(b",")]
-
-
-def _framing(status: int, headers: list[tuple[bytes, bytes]], method: bytes) -> tuple[str, int]:
-    """How the body is delimited (RFC 9112 section 6.3): ("none", 0), ("length", n),
-    ("chunked", 0) or ("eof", 0)."""
-    if method == b"HEAD" or status in (204, 304):
-        return "none", 0
-    codings: list[bytes] = []
-    lengths: set[bytes] = set()
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"transfer-encoding":
-            codings += _tokens(value)
-        elif lowered == b"content-length":
-            lengths.update(part.strip() for part in value.split(b","))
-    if codings:
-        if lengths:
-            raise httpcore.RemoteProtocolError("both Content-Length and Transfer-Encoding")
-        if codings != [b"chunked"]:
-            raise httpcore.RemoteProtocolError(f"unsupported transfer coding {codings!r}")
-        return "chunked", 0
-    if lengths:
-        if len(lengths) > 1:
-            raise httpcore.RemoteProtocolError("conflicting Content-Length values")
-        (text,) = lengths
-        if not text.isdigit() or len(text) > 18:
-            raise httpcore.RemoteProtocolError(f"bad Content-Length {text[:40]!r}")
-        length = int(text)
-        return ("length", length) if length else ("none", 0)
-    return "eof", 0
-
-
-class _Body:
-    """The answer's body as httpcore hands it out: async iteration, then aclose (which gives the
-    connection back for another request when the body was read to its end)."""
+class _Answer:
+    """One answer, parsed by llhttp (this is the protocol of an httptools.HttpResponseParser),
+    interim 1xx answers skipped, its body handed out as httpcore hands one out: async iteration,
+    then aclose (which gives the connection back when the body was read to its end)."""
 
     def __init__(
         self,
         connection: LeanHTTP11Connection,
         wire: _Wire,
-        framing: tuple[str, int],
-        keep_alive: bool,
+        method: bytes,
         seconds: float | None,
     ) -> None:
         self._connection = connection
         self._wire = wire
-        self._kind, self._left = framing
-        self._keep_alive = keep_alive
         self._timeout = seconds
-        self._done = False
+        self._head_only = method == b"HEAD"  # no body, whatever the head says
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        # Spaces after a chunk size are BWS before an extension in RFC 9112's grammar (section
+        # 7.1.1), and h11 takes them at the end of the line; llhttp's strict mode refuses both.
+        # The size cannot be read two ways with them.
+        self._parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self.status = 0  # of the final answer, once its head is parsed
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._framed = False  # by Content-Length or Transfer-Encoding, not by the close
+        self._keep_alive = False
+        self._pieces: list[bytes] = []  # of the body, parsed and not yet handed on
+        self._events = 0  # callbacks so far: whether a feed got anything out of the parser
+        self.complete = False  # the answer was parsed to its end
+        self._stray = False  # and bytes came after it
+        self._ended = False  # finish or aclose ran
 
-    def finish(self) -> None:
-        """The body is complete."""
-        if not self._done:
-            self._done = True
-            self._connection._finished(self._keep_alive)
+    async def read_head(self) -> None:
+        """Parse up to the end of the answer's head and not a byte further: what follows stays
+        in the buffer, for the body or, after an answer without one, as bytes nobody asked for
+        (the connection is then not used again)."""
+        wire = self._wire
+        fed = 0  # bytes of the current head parsed so far
+        while not self.status:
+            buffer = wire.buffer
+            # Strictly parsed, a head ends at its first CRLFCRLF; without one yet, all but the
+            # last three bytes are parsed (they may begin one).
+            end = buffer.find(b"\r\n\r\n")
+            if fed + (end + 4 if end >= 0 else len(buffer)) > MAX_HEAD_BYTES:
+                raise httpcore.RemoteProtocolError("the answer's head is too long")
+            take = end + 4 if end >= 0 else len(buffer) - 3
+            if take > 0:
+                self._feed(take)
+                fed = 0 if end >= 0 else fed + take
+            elif not wire.eof:
+                await wire.more(self._timeout)
+            elif fed or buffer:
+                raise httpcore.RemoteProtocolError("connection closed in the answer's head")
+            elif isinstance(wire.error, OSError):
+                raise httpcore.ReadError(_describe(wire.error))
+            else:
+                raise httpcore.RemoteProtocolError(
+                    "Server disconnected without sending a response."
+                )
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         wire = self._wire
-        if self._kind == "length":
-            while self._left > 0:
-                chunk = await self._take(self._left)
-                self._left -= len(chunk)
-                yield chunk
-        elif self._kind == "chunked":
-            while True:
-                size = await self._chunk_size()
-                if size == 0:
-                    await self._trailers()
-                    break
-                while size > 0:
-                    chunk = await self._take(size)
-                    size -= len(chunk)
-                    yield chunk
-                if await self._exactly(2) != b"\r\n":
-                    raise httpcore.RemoteProtocolError("chunk not followed by CRLF")
-        elif self._kind == "eof":
-            while True:
-                if not wire.buffer:
-                    if wire.eof:
-                        if isinstance(wire.error, OSError):
-                            raise httpcore.ReadError(_describe(wire.error))
-                        break
-                    await wire.more(self._timeout)
-                    continue
-                chunk = bytes(wire.buffer[:PIECE])
-                del wire.buffer[:PIECE]
-                wire.taken()
-                yield chunk
-        self.finish()
-
-    async def _take(self, most: int) -> bytes:
-        """Up to `most` bytes, at least one."""
-        wire = self._wire
-        while not wire.buffer:
-            if wire.eof:
-                if isinstance(wire.error, OSError):
-                    raise httpcore.ReadError(_describe(wire.error))
+        stalled = 0  # bytes parsed in a row with nothing out of them: a chunk line or trailer
+        while True:
+            if self._pieces:
+                piece = b"".join(self._pieces)
+                self._pieces.clear()
+                yield piece
+            if self.complete:
+                break
+            count = min(len(wire.buffer), PIECE)
+            if count:
+                events = self._events
+                self._feed(count)
+                stalled = stalled + count if self._events == events else 0
+                if stalled > MAX_CHUNK_LINE:
+                    raise httpcore.RemoteProtocolError("chunk-size line or trailer too long")
+            elif not wire.eof:
+                await wire.more(self._timeout)
+            elif isinstance(wire.error, OSError):
+                raise httpcore.ReadError(_describe(wire.error))
+            elif self._framed:
                 raise httpcore.RemoteProtocolError(
                     "peer closed connection without sending complete message body"
                 )
-            await wire.more(self._timeout)
-        most = min(most, PIECE)
-        chunk = bytes(wire.buffer[:most])
-        del wire.buffer[:most]
-        wire.taken()
-        return chunk
+            else:
+                self.complete = True  # delimited by the close
+        self.finish()
 
-    async def _exactly(self, count: int) -> bytes:
-        out = b""
-        while len(out) < count:
-            out += await self._take(count - len(out))
-        return out
-
-    async def _line(self) -> bytes:
-        wire = self._wire
-        while True:
-            end = wire.buffer.find(b"\r\n")
-            if end >= 0:
-                line = bytes(wire.buffer[:end])
-                del wire.buffer[: end + 2]
-                wire.taken()
-                return line
-            if len(wire.buffer) > MAX_CHUNK_LINE:
-                raise httpcore.RemoteProtocolError("chunk-size line too long")
-            if wire.eof:
-                raise httpcore.RemoteProtocolError("peer closed connection in a chunked body")
-            await wire.more(self._timeout)
-
-    async def _chunk_size(self) -> int:
-        line = await self._line()
-        matched = _CHUNK_SIZE.fullmatch(line)
-        if matched is None:
-            raise httpcore.RemoteProtocolError(f"malformed chunk-size line {line[:40]!r}")
-        return int(matched.group(1), 16)
-
-    async def _trailers(self) -> None:
-        while True:
-            line = await self._line()
-            if not line:
-                return
-            if len(line) > MAX_HEAD_BYTES:
-                raise httpcore.RemoteProtocolError("trailers too long")
+    def finish(self) -> None:
+        """The body was read to its end: the connection is idle again, or closed."""
+        if not self._ended:
+            self._ended = True
+            self._connection._finished(self._keep_alive and not self._stray)
 
     async def aclose(self) -> None:
         """Done with the body: an unread rest makes the connection unusable, so it closes."""
-        if not self._done:
-            self._done = True
+        if not self._ended:
+            self._ended = True
             self._connection._close()
+
+    def _feed(self, count: int) -> None:
+        """Parse the first `count` bytes of the buffer and take them out of it."""
+        buffer, parser = self._wire.buffer, self._parser
+        assert parser is not None
+        try:
+            with memoryview(buffer) as view, view[:count] as data:
+                parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 answer
+            raise httpcore.RemoteProtocolError("a protocol switch was not asked for") from None
+        except httptools.HttpParserError as exc:
+            if not self.complete:
+                refused = exc.__context__  # what a callback below raised, if one did
+                if not isinstance(refused, httpcore.RemoteProtocolError):
+                    refused = httpcore.RemoteProtocolError(f"malformed answer: {exc}")
+                raise refused from None
+            self._stray = True  # bytes after the answer, parsed no further
+        finally:
+            del buffer[:count]
+            self._wire.taken()
+
+    # -- llhttp's callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise httpcore.RemoteProtocolError("bytes after the answer")
+        self.reason = b""
+        self.headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason  # in pieces when it spans two reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._events += 1
+        if not self.status:  # trailers are parsed and dropped
+            self.headers.append((name, value.rstrip(b" \t")))  # llhttp keeps trailing spaces
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise httpcore.RemoteProtocolError(f"unsupported HTTP version {version}")
+        if status < 100 or _BAD_REASON.search(self.reason):
+            raise httpcore.RemoteProtocolError(f"malformed status line {status} {self.reason!r}")
+        if status < 200:
+            return  # 1xx (103 Early Hints, say): informational, the answer follows
+        codings = [
+            coding.strip().lower()
+            for name, value in self.headers
+            if name.lower() == b"transfer-encoding"
+            for coding in value.split(b",")
+        ]
+        # llhttp reads "gzip, chunked" as chunked and other codings to the close.
+        if codings not in ([], [b"chunked"]) and not (self._head_only or status in (204, 304)):
+            raise httpcore.RemoteProtocolError(f"unsupported transfer coding {codings!r}")
+        self.status = status
+        self._framed = bool(codings) or any(n.lower() == b"content-length" for n, _ in self.headers)
+        # llhttp's rule (no "close" in Connection, and a body that does not end with the
+        # connection), and never with HTTP/1.0, as with h11.
+        self._keep_alive = version == "1.1" and parser.should_keep_alive()
+        if self._head_only:
+            self.on_message_complete()  # llhttp would wait for the body the head describes
+
+    def on_body(self, body: bytes) -> None:
+        self._events += 1
+        self._pieces.append(body)
+
+    def on_chunk_header(self) -> None:
+        self._events += 1
+
+    def on_message_complete(self) -> None:
+        if self.status:  # the final answer, not an interim one
+            self.complete = True
+            self._parser = None  # it holds this object's methods: no cycle left for the GC
 
 
 def _describe(exc: BaseException | None) -> str:

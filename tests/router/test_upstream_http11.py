@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 from edge_router.proxy import ProxySettings, upstream_client
+from edge_router.upstream_http11 import MAX_HEAD_BYTES
 from edge_router.upstream_pool import TunnelTransport
 
 
@@ -69,16 +71,29 @@ async def test_delimited_answers_are_read_and_the_connection_is_reused() -> None
     informational = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + OK
     empty = b"HTTP/1.1 204 No Content\r\n\r\n"
     head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
-    server = Scripted(OK, chunked, informational, empty, head, OK)
+    # Whitespace around a field value is not part of it (RFC 9110 section 5.5); llhttp keeps
+    # what trails it. Spaces after a chunk size (BWS before an extension in RFC 9112 section
+    # 7.1.1, and at the end of the line, as h11 takes it) are read too.
+    spaced = (
+        b"HTTP/1.1 200 Fine \xe9\r\nx-a: \t a b \t\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"3 ;x=y\r\nabc\r\n2\t\r\nde\r\n0 \r\n\r\n"
+    )
+    server = Scripted(OK, chunked, informational, empty, head, OK, spaced)
     async with server.running() as url, upstream_client(ProxySettings()) as client:
-        assert (await client.get(url + "/a")).content == b"ok"
+        first = await client.get(url + "/a")
+        assert (first.content, first.reason_phrase) == (b"ok", "OK")
         answer = await client.get(url + "/b?q=1")
-        assert answer.content == b"abc"
-        assert (await client.get(url + "/c")).content == b"ok"
+        assert (answer.content, "t" in answer.headers) == (b"abc", False)
+        after_hints = await client.get(url + "/c")  # the 103's head is not the answer's
+        assert (after_hints.content, after_hints.reason_phrase) == (b"ok", "OK")
+        assert list(after_hints.headers) == ["content-length"]
         assert (await client.get(url + "/d")).status_code == 204
         assert (await client.head(url + "/e")).headers["content-length"] == "5"
         posted = await client.post(url + "/f", content=b"body")
         assert posted.content == b"ok"
+        odd = await client.get(url + "/g")
+        assert (odd.content, odd.headers.raw[0]) == (b"abcde", (b"x-a", b"a b"))
+        assert odd.extensions["reason_phrase"] == b"Fine \xe9"
     assert server.connections == 1
     assert server.requests[1].startswith(b"GET /b?q=1 HTTP/1.1\r\n")
     assert server.requests[5].endswith(b"\r\n\r\nbody")
@@ -110,6 +125,67 @@ async def test_close_delimited_and_closing_answers_are_not_reused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("answer", "body", "connections"),
+    [
+        # HTTP/1.0 is never kept alive, "connection: keep-alive" or not (as h11 does; llhttp
+        # would keep it).
+        (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok", b"ok", 2),
+        # Bytes after the answer that nobody asked for: the connection is not used again.
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokX", b"ok", 2),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", b"", 2),
+        # Empty lines right after an answer are skipped by llhttp, as between messages; they
+        # carry nothing, so the connection stays in use (the regex parser closed it).
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\r\n", b"ok", 1),
+    ],
+)
+async def test_keep_alive_decisions(answer: bytes, body: bytes, connections: int) -> None:
+    server = Scripted(answer, OK)
+    async with server.running() as url, upstream_client(ProxySettings()) as client:
+        assert (await client.get(url + "/a")).content == body
+        assert (await client.get(url + "/b")).content == b"ok"
+    assert server.connections == connections
+
+
+async def test_answers_to_head_have_no_body() -> None:
+    # A body sent anyway stays unread and the connection is not used again; an answer to HEAD
+    # that declares no length is closed too (llhttp's keep-alive rule: such an answer would
+    # end with the connection; the regex parser kept it).
+    with_body = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+    no_length = b"HTTP/1.1 200 OK\r\nx-a: 1\r\n\r\n"
+    # The transfer codings a GET would get: not checked, as no body follows.
+    codings = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+    server = Scripted(with_body, OK, no_length, OK, codings, OK)
+    async with server.running() as url, upstream_client(ProxySettings()) as client:
+        first = await client.head(url + "/a")
+        assert (first.status_code, first.content) == (200, b"")
+        assert (await client.get(url + "/b")).content == b"ok"
+        second = await client.head(url + "/c")
+        assert (second.headers["x-a"], second.content) == ("1", b"")
+        assert (await client.get(url + "/d")).content == b"ok"
+        assert (await client.head(url + "/e")).status_code == 200
+        assert (await client.get(url + "/f")).content == b"ok"
+    assert server.connections == 3
+
+
+async def test_trace_events_are_httpcores() -> None:
+    events: list[str] = []
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        events.append(event)
+
+    async with Scripted(OK, OK).running() as url, upstream_client(ProxySettings()) as client:
+        for path in ("/a", "/b"):
+            answer = await client.get(url + path, extensions={"trace": trace})
+            assert answer.content == b"ok"
+    assert events == [
+        "connection.connect_tcp.started",
+        "connection.connect_tcp.complete",
+        "http11.receive_response_headers.complete",
+        "http11.receive_response_headers.complete",
+    ]
+
+
+@pytest.mark.parametrize(
     "answer",
     [
         b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF
@@ -122,6 +198,32 @@ async def test_close_delimited_and_closing_answers_are_not_reused() -> None:
         b"HTTP/2 200 OK\r\ncontent-length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok",  # then the tunnel closes
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok",  # and here
+        b"HTTP/1.1 200 OK\r\nx-a: 1\rcontent-length: 2\r\n\r\nok",  # bare CR
+        b"HTTP/1.1 200 OK\r\nx-a : 1\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nx-a: a\x00b\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nx-a: a\x7fb\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 20 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokX\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n",
+        # llhttp takes these; the module's own checks refuse them, as h11 does.
+        b"HTTP/2.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/0.9 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 O\x01K\r\ncontent-length: 2\r\n\r\nok",  # control byte in the reason
+        b"HTTP/1.1 200 O\x00K\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked;q=1\r\n\r\n0\r\n\r\n",
+        # Refused since llhttp parses answers (the regex parser took them): a repeated
+        # Content-Length even when equal, a status below 100, a chunk extension or a trailer
+        # outside RFC 9112's grammar.
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok",
+        b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n" + OK,
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;x=a b\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nbad trailer\r\n\r\n",
     ],
 )
 async def test_ambiguous_or_broken_answers_are_refused(answer: bytes) -> None:
@@ -129,6 +231,50 @@ async def test_ambiguous_or_broken_answers_are_refused(answer: bytes) -> None:
     async with server.running() as url, upstream_client(ProxySettings()) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await client.get(url + "/a")
+
+
+async def endless(writer: asyncio.StreamWriter, start: bytes, filler: bytes) -> None:
+    """Write `start`, then `filler` over and over (up to 4 MiB) while the reader takes it."""
+    with contextlib.suppress(ConnectionError):
+        writer.write(start)
+        for _ in range(4 * 2**20 // len(filler)):
+            writer.write(filler)
+            await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("start", "match"),
+    [
+        (b"HTTP/1.1 200 OK\r\nx-a: ", "head is too long"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=", "too long"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nt: ", "too long"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nt", "too long"),
+    ],
+)
+async def test_endless_heads_chunk_lines_and_trailers_are_refused(start: bytes, match: str) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await endless(writer, start, b"a" * 1024)
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, upstream_client(ProxySettings()) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match=match):
+            await client.get(f"http://127.0.0.1:{port}/a")
+
+
+async def test_a_head_up_to_the_limit_is_read() -> None:
+    filler = b"x-a: " + b"a" * 1000 + b"\r\n"
+    count = (MAX_HEAD_BYTES - 100) // len(filler)
+    big = b"HTTP/1.1 200 OK\r\n" + filler * count + b"content-length: 2\r\n\r\nok"
+    too_big = b"HTTP/1.1 200 OK\r\n" + filler * (count + 2) + b"content-length: 2\r\n\r\nok"
+    server = Scripted(big, too_big)
+    async with server.running() as url, upstream_client(ProxySettings()) as client:
+        answer = await client.get(url + "/a")
+        assert (answer.content, len(answer.headers.get_list("x-a"))) == (b"ok", count)
+        with pytest.raises(httpx.RemoteProtocolError, match="head is too long"):
+            await client.get(url + "/b")
 
 
 async def test_a_tunnel_that_closes_without_answering_and_one_that_is_slow() -> None:
