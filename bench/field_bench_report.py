@@ -100,6 +100,18 @@ def session_line(args: argparse.Namespace) -> str:
     )
 
 
+def _settled(figures: dict[str, Any]) -> str:
+    """Each implementation's B/s per node by role while the trie settled, on one line."""
+    return (
+        "; ".join(
+            f"{impl} " + ", ".join(f"{role} {bps}" for role, bps in fig["settle_b_s"].items())
+            for impl, fig in figures.items()
+            if fig.get("settle_b_s")
+        )
+        or "-"
+    )
+
+
 def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     """Every figure of every run, by implementation."""
     out: dict[str, Any] = {}
@@ -114,7 +126,9 @@ def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
             "join_failures": run.join_failures,
             "published_pct": round(100 * run.published / max(1, len(run.workers)), 2),
             "window_s": round(run.window_s, 1),
+            "settle_b_s": run.extra.get("settle_b_s", {}),
             "heartbeat_s": args.heartbeat,
+            "settle_s": args.settle,
             "traffic": {
                 role: _traffic(run.sent.get(role, []), run.received.get(role, []))
                 for role in ROLES
@@ -263,7 +277,8 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
     window = next(iter(figures.values()))
     parts.append(
         f"Traffic per node, in + out, over a {window['window_s']} s window with heartbeats "
-        f"every {window['heartbeat_s']} s\n" + traffic
+        f"every {window['heartbeat_s']} s, opened after {window['settle_s']} s of them "
+        f"(meanwhile, B/s per node: {_settled(figures)})\n" + traffic
     )
     for impl, fig in figures.items():
         if fig.get("window_by_rpc"):

@@ -21,6 +21,8 @@ RUN_FIGURES = (
     "published_pct",
     "window_s",
     "heartbeat_s",
+    "settle_s",
+    "settle_b_s",
     "traffic",
     "ops",
     "loop_lag_p50_ms",
@@ -39,6 +41,7 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
         "field_bench.py",
         *("--profile", "continent", "--nodes", "14", "--coordinators", "2"),
         *("--lookups", "12", "--window", "2", "--heartbeat", "1", "--out", str(out)),
+        *("--settle", "1"),
         # Sessions short enough that workers crash, leave and restart within the run.
         *("--session-median", "1", "--session-dist", "lognormal"),
         timeout=300,
@@ -61,6 +64,8 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
             assert set(TRAFFIC_FIGURES) <= set(traffic)
             assert traffic["bytes_s_mean"] > 0
         assert set(report.CHURN_FIGURES) <= set(run["churn"])
+        assert run["settle_s"] == 1
+        assert all(bps > 0 for bps in run["settle_b_s"].values()), run["settle_b_s"]
         assert run["churn"]["crashes"] + run["churn"]["leaves"] > 0
     assert set(ours["ops"]) == {"service_lookup", "record_get", "warm_discover"}
     assert ours["ops"]["warm_discover"]["local_pct"] > 0
@@ -89,7 +94,7 @@ def test_field_bench_runs_simulated_time_on_the_virtual_clock(tmp_path: Path) ->
         assert all(run.get(name) is not None for name in RUN_FIGURES), run
         # Half an hour of heartbeats and churn, in the loop's seconds and far fewer real ones.
         assert run["window_s"] == window
-        assert run["loop_s"] > window > 10 * run["wall_s"]
+        assert run["loop_s"] > window + run["settle_s"] > 10 * run["wall_s"]
         assert run["heartbeats"] >= 12 * window / 30 * 0.5
         assert run["loop_lag_p99_ms"] == 0
         assert run["churn"]["restarts"] > 0
