@@ -209,15 +209,29 @@ class LookupReport:
 class Enough:
     """When a lookup holds the providers it wants, and how long deeper reads may still take."""
 
-    def __init__(self, limit: int, found: set[str], started: float) -> None:
+    def __init__(
+        self, limit: int, started: float, now: float, confirm: Callable[[WorkerRecord], bool]
+    ) -> None:
         self.limit = limit
-        self.found = found
         self.started = started
+        self.now = now  # wall-clock time, for the leases
+        # Only records that verify count (the verifier remembers them for `_select`): forged
+        # copies served by a holder must not cut a lookup short of its deeper reads.
+        self.confirm = confirm
+        self.found: set[str] = set()
         self.deadline: float | None = None
 
     def add(self, records: Iterable[WorkerRecord]) -> None:
         """Count the live workers among `records`; the grace starts when the limit is met."""
-        self.found.update(r.worker_id for r in records if r.live)
+        if self.deadline is not None:
+            return
+        for r in records:
+            if r.worker_id in self.found or not r.live or r.is_expired(self.now):
+                continue
+            if self.confirm(r):
+                self.found.add(r.worker_id)
+                if len(self.found) >= self.limit:
+                    break
         if self.deadline is None and len(self.found) >= self.limit:
             now = time.monotonic()
             self.deadline = now + max(ENOUGH_FACTOR * (now - self.started), ENOUGH_GRACE)
@@ -1056,8 +1070,7 @@ class DHTNode(Server):  # type: ignore[misc]
             for level in range(shards.MAX_LEVEL + 1)
         ]
         versions: list[WorkerRecord] = []
-        found: set[str] = set()
-        enough = Enough(limit, found, started)
+        enough = Enough(limit, started, self.clock(), self.verifier.confirm)
         depth = min(self._guess_depth(service), shards.MAX_LEVEL)
         read, hops, level, rounds = 0, 0, 0, 0
         while level <= shards.MAX_LEVEL:

@@ -4,6 +4,7 @@ readers with no history reaching every level of a deep service in two rounds of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import msgpack
@@ -234,17 +235,20 @@ def _is_root(value: bytes) -> bool:
     return bool(msgpack.unpackb(value)[1] == ROOT)
 
 
-@pytest.mark.parametrize("root_holds", [12, 4])
+@pytest.mark.parametrize(("root_holds", "forged"), [(12, 0), (4, 0), (12, 8)])
 async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
-    root_holds: int,
+    root_holds: int, forged: int
 ) -> None:
     # The root is full and marked; the shard below on the reader's path never answers (a key
     # nobody holds keeps its crawl going). With the providers asked for in hand, the lookup
-    # answers from the root after its grace; short of them, it waits for the deeper read.
+    # answers from the root after its grace; short of them (forged copies do not count), it
+    # waits for the deeper read.
     reader = await start_node()
     below = asyncio.Event()
     deeper: list[str] = []
     root = [make_record(load=n / 100) for n in range(root_holds)]
+    root[:forged] = [dataclasses.replace(r, load=0.99) for r in root[:forged]]
+    genuine = root_holds - forged
     late = [make_record(load=0.5) for _ in range(3)]
 
     async def read_key(key: str, *, lazy: bool = False, want: int = 2) -> dht.KeyRead:
@@ -257,7 +261,7 @@ async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
     reader._read_key = read_key  # type: ignore[method-assign]
     try:
         lookup = asyncio.create_task(reader.lookup_report("ocr", limit=10))
-        if root_holds >= 10:
+        if genuine >= 10:
             report = await asyncio.wait_for(lookup, timeout=10)
             assert [r.worker_id for r in report.providers] == [r.worker_id for r in root[:10]]
             assert deeper
@@ -269,6 +273,6 @@ async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
             assert deeper
             below.set()
             report = await asyncio.wait_for(lookup, timeout=10)
-            assert len(report.providers) == root_holds + len(late)
+            assert len(report.providers) == genuine + len(late)
     finally:
         await stop_all([reader])
