@@ -17,7 +17,8 @@ then, with one connection, bare, hit, redis, nginx and route again: the router's
 over its reference on each path (hit and redis over bare, route over nginx), in microseconds.
 For /route it counts the upstream's new connections per 1,000 requests (nginx's stub_status).
 nginx (Debian's `nginx`) is optional: without it the upstream is a uvicorn app and the nginx rows
-say that nginx is missing.
+say that nginx is missing. `--loop` picks the event loop of every server process and of the
+`Registry.lookup` load (asyncio's or uvloop), so that the router and its references share it.
 
     .venv/bin/python bench/router_bench.py --seconds 5 --clients 64
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -234,6 +236,21 @@ async def serve_child(args: argparse.Namespace) -> int:
         for close in reversed(closers):
             await close()
     return 0
+
+
+def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """`--loop`'s event loop for `asyncio.Runner(loop_factory=...)`; None: asyncio's own."""
+    if loop == "asyncio":
+        return None
+    import uvloop  # only when asked for: not a runtime dependency (the test extra has it)
+
+    return uvloop.new_event_loop
+
+
+def stack_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The options that give a server process (or the `Registry.lookup` load) the run's stack:
+    its HTTP protocol and its event loop."""
+    return ("--http", args.http, "--loop", args.loop)
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -700,7 +717,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     notes.append(NO_NGINX)
                     logger.warning(NO_NGINX)
                     fallback = await stack.enter_async_context(
-                        server("upstream", workdir, "--body-file", "/dev/null")
+                        server(
+                            "upstream", workdir, "--body-file", "/dev/null", *stack_options(args)
+                        )
                     )
                     upstream_url = fallback.url
                 else:
@@ -731,7 +750,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 body_file.write_bytes(hit_body)
                 if {"hit", "miss"} & set(args.paths):
                     async with server(
-                        "bare", workdir, "--body-file", str(body_file), "--http", args.http
+                        "bare", workdir, "--body-file", str(body_file), *stack_options(args)
                     ) as bare:
                         assert bare.process is not None
                         for clients, into in ((args.clients, rows), (1, single)):
@@ -745,7 +764,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "miss" in args.paths:
                     logger.info("measuring %s", CASES["direct"])
                     rows["direct"] = await run_python_load(
-                        args, args.clients, "--redis-url", redis.url
+                        args, args.clients, "--redis-url", redis.url, "--loop", args.loop
                     )
                 if args.dht:
                     nodes = await start_network(args.dht_nodes, settings=LOOPBACK)
@@ -777,9 +796,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "last is answered; figures are of the measured run after a warm-up run",
         },
         "machine": machine(
-            *("uvicorn", "starlette", "httpx", "httpcore", "redis", "h11", "h2"),
+            *("uvicorn", "starlette", "httpx", "httpcore", "redis", "h11", "h2", "uvloop"),
             http_impl="router protocol class (h11)" if args.http == "router" else args.http,
-            loop="asyncio",
+            loop=args.loop,
             nginx=nginx_binary,
         ),
         "rows": [
@@ -806,7 +825,7 @@ async def _router_side(
     args = bench.args
     client = bench.client
     async with server(
-        "router", bench.workdir, "--redis-url", redis_url, "--http", args.http
+        "router", bench.workdir, "--redis-url", redis_url, *stack_options(args)
     ) as router:
         first = await client.get(f"{router.url}/services/{SERVICE}")
         hit = await client.get(f"{router.url}/services/{SERVICE}")
@@ -857,7 +876,8 @@ async def _dht_side(
     bench: Bench, workdir: Path, dead_url: str, nodes: Sequence[DHTNode], hit_body: bytes
 ) -> dict[str, Any]:
     seed = "{}:{}".format(*nodes[0].address)
-    async with server("router-dht", workdir, "--redis-url", dead_url, "--seed", seed) as router:
+    options = ("--redis-url", dead_url, "--seed", seed, *stack_options(bench.args))
+    async with server("router-dht", workdir, *options) as router:
         await check_lookup(bench.client, router.url, "dht", hit_body)
         return await measure_router(
             bench, "dht", router, f"/services/{SERVICE}", bench.args.clients
@@ -954,7 +974,7 @@ def print_results(results: dict[str, Any]) -> None:
         f"{params['body_bytes']} bytes of JSON) and GET {ROUTE_PATH} ({params['upstream_bytes']} "
         f"bytes from {params['upstream']}); load: {params['load']}, {params['clients']} "
         f"keep-alive connections, {params['seconds']:g}s per case after {params['warmup']:g}s "
-        f"warm-up, {results['machine']['cpu_count']} cores"
+        f"warm-up, {results['machine']['cpu_count']} cores, {results['machine']['loop']} loop"
     )
     for note in params["notes"]:
         print(f"NOTE: {note}")
@@ -986,6 +1006,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="router",
         help="the servers' HTTP protocol: the router's h11 class, or httptools (to compare)",
     )
+    add(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of every server process and of the Registry.lookup load "
+        "(uvloop: pip install uvloop)",
+    )
     add("--no-wrk", action="store_true", help="load from the asyncio client even if wrk is here")
     add("--profile", type=Path, help="py-spy each server under load into this directory")
     add("--out", type=Path, default=DEFAULT_OUT, help="write the figures as JSON here")
@@ -1004,6 +1031,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--clients must be >= 1, --seconds > 0, --warmup >= 0")
     if not 1 <= args.providers <= READ_LIMIT or args.dht_nodes < 2:
         parser.error(f"--providers must be 1..{READ_LIMIT}, --dht-nodes >= 2")
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("--loop uvloop: uvloop is not installed (.venv/bin/pip install uvloop)")
     if args.serve == "upstream":
         args.serve = "bare"
     args.body = Path(args.body_file).read_bytes() if args.body_file else b""
@@ -1019,10 +1048,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "dht_bridge"):  # a line per request, a line per node
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.serve:
-        return asyncio.run(serve_child(args))
-    if args.load:
-        return asyncio.run(load_child(args))
+    if args.serve or args.load:
+        # The HTTP load without wrk stays on asyncio's loop whatever --loop says: the load is
+        # not what is measured.
+        chosen = args.loop if args.serve or args.redis_url else "asyncio"
+        with asyncio.Runner(loop_factory=loop_factory(chosen)) as runner:
+            return runner.run(serve_child(args) if args.serve else load_child(args))
     try:
         results = asyncio.run(run(args))
     except BenchError as exc:

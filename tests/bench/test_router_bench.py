@@ -48,3 +48,18 @@ def test_router_bench_measures_every_case(tmp_path: Path) -> None:
     assert data["params"]["clients"] == 4
     assert data["params"]["body_bytes"] > 0
     assert {"cpu_count", "python", "http_impl"} <= set(data["machine"])
+
+
+def test_router_bench_serves_every_case_on_uvloop(tmp_path: Path) -> None:
+    # The router and its references on one loop (--loop); /route once failed on uvloop.
+    out = tmp_path / "router.json"
+    run_bench_script(
+        "router_bench.py",
+        *("--seconds", "1", "--warmup", "0", "--clients", "4", "--providers", "4"),
+        *("--loop", "uvloop", "--log-level", "WARNING", "--out", str(out)),
+        timeout=120,
+    )
+    data = json.loads(out.read_text())
+    assert data["machine"]["loop"] == "uvloop"
+    assert all(row["failed"] == 0 and row["requests"] > 0 for row in data["rows"])
+    assert {"bare", "hit", "redis", "route"} <= {row["case"] for row in data["rows"]}
