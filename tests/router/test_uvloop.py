@@ -17,12 +17,11 @@ from dht_bridge.settings import RegistrySettings
 from edge_router.app import create_app
 from edge_router.config import RateSettings, RouterConfig
 from edge_router.server import protocol_class
-from tests.router.test_upstream_http11 import Scripted
 from tests.support.dht import TEST_SETTINGS
 from tests.support.helpers import make_record
 from tests.support.redis_server import TEST_REDIS_TIMEOUT
 from tests.support.router import LOOPBACK
-from tests.support.upstreams import serve
+from tests.support.upstreams import Scripted, serve
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 

@@ -155,3 +155,47 @@ def header(seen: dict[str, Any], name: str) -> str | None:
     """The value of one header an upstream saw (the last, if repeated)."""
     values = [v for k, v in seen["headers"] if k == name]
     return values[-1] if values else None
+
+
+class Scripted:
+    """A TCP server that answers each request (head and body) with the next of `answers`; a
+    None closes the connection (after the answer before it, or instead of answering)."""
+
+    def __init__(self, *answers: bytes | None) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b""
+                lowered = head.lower()
+                if b"content-length:" in lowered:
+                    start = lowered.index(b"content-length:") + 15
+                    length = int(lowered[start : lowered.index(b"\r\n", start)])
+                    body = await reader.readexactly(length)
+                elif b"transfer-encoding: chunked" in lowered:
+                    body = await reader.readuntil(b"0\r\n\r\n")
+                self.requests.append(head + b"\r\n\r\n" + body)
+                answer = self.answers.pop(0)
+                if answer is None:
+                    break  # closed without an answer
+                writer.write(answer)
+                await writer.drain()
+                if self.answers and self.answers[0] is None:
+                    self.answers.pop(0)
+                    break  # closed after this answer
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield f"http://127.0.0.1:{port}"
