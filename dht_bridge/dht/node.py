@@ -232,7 +232,7 @@ class Enough:
                 self.found.add(r.worker_id)
                 if len(self.found) >= self.limit:
                     break
-        if self.deadline is None and len(self.found) >= self.limit:
+        if len(self.found) >= self.limit:
             now = time.monotonic()
             self.deadline = now + max(ENOUGH_FACTOR * (now - self.started), ENOUGH_GRACE)
 
@@ -1103,11 +1103,9 @@ class DHTNode(Server):  # type: ignore[misc]
             return max(own)
         return min(max(self._depth_hint.values(), default=0), MAX_PREFETCH - 1)
 
-    async def _read_down(
-        self, service: str, batch: list[int], enough: Enough | None = None
-    ) -> list[KeyRead]:
+    async def _read_down(self, service: str, batch: list[int], enough: Enough) -> list[KeyRead]:
         """Read consecutive shards of one path at once, up to the first one not overflowed
-        (or, with `enough`, the first still unread once its grace has run out).
+        (or the first still unread once `enough`'s grace has run out).
 
         The depth a mark reports is the deepest anywhere in the trie, so this path may end
         sooner: reads below its end are cancelled, not awaited, since a key nobody holds keeps
@@ -1120,13 +1118,12 @@ class DHTNode(Server):  # type: ignore[misc]
         needed: list[KeyRead] = []
         try:
             for read in reads:
-                if enough is not None and enough.met():
+                if enough.met():
                     done, _ = await asyncio.wait([read], timeout=enough.left())
                     if not done:
                         break
                 needed.append(await read)
-                if enough is not None:
-                    enough.add(needed[-1].records)
+                enough.add(needed[-1].records)
                 if not needed[-1].overflowed:
                     break
         finally:
