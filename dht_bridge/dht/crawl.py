@@ -36,6 +36,11 @@ from dht_bridge.dht.protocol import RMAProtocol
 
 logger = logging.getLogger(__name__)
 
+# How many times our own loop's lateness a silence is allowed on top of the stall: once for
+# the timer that woke us late, once for the replies queued behind it (asyncio reads a socket
+# one datagram per pass, so a late timer can overtake replies that came before it was due).
+LAG_FACTOR = 2.0
+
 
 class _State(Enum):
     WAITING = 0
@@ -56,6 +61,8 @@ class CrawlResult:
     seconds: float = 0.0
     # Values that `accept` refused (empty, forged, a mark nothing backs): the crawl went on.
     refused: int = 0
+    # How late our own busy loop woke the crawl at worst (seconds; see `Crawl._note_lag`).
+    lag: float = 0.0
 
 
 @dataclass
@@ -109,6 +116,8 @@ class Crawl:
         self.stall = stall
         self.patience = max(stall, patience)
         self.settle = settle
+        # How late our own loop woke this crawl at worst (see `_note_lag`).
+        self.lag = 0.0
         self._me = protocol.source_node.id
         self._candidates: dict[bytes, _Candidate] = {}
         self._pending: dict[asyncio.Task[Any], _Candidate] = {}
@@ -163,7 +172,7 @@ class Crawl:
         return claimed is not None and claimed.get(candidate.node.id, self.path) != self.path
 
     def _active(self, now: float) -> int:
-        return sum(1 for c in self._pending.values() if now - c.asked_at < self.stall)
+        return sum(1 for c in self._pending.values() if not self._stalled(c, now))
 
     async def run(self) -> CrawlResult:
         """Crawl until the k closest live nodes have answered (or enough values are in)."""
@@ -178,9 +187,12 @@ class Crawl:
                         self._ask(candidate, now)
                 if not self._pending:
                     break
+                waited = time.monotonic()
                 done, _ = await asyncio.wait(
                     self._pending, timeout=self.stall, return_when=asyncio.FIRST_COMPLETED
                 )
+                if not done:
+                    self._note_lag(time.monotonic() - waited)
                 for task in done:
                     self._handle(self._pending.pop(task), task.result())
         finally:
@@ -199,6 +211,21 @@ class Crawl:
             self.result.hops = max((c.hop for c in closest), default=0)
         return self.result
 
+    def _note_lag(self, waited: float) -> None:
+        """A wait of `stall` for replies that took longer measured our own loop (a GC, a CPU
+        bound task beside us, many nodes in one process): replies that came meanwhile may
+        still sit unread in the socket, which asyncio reads one datagram per pass. Each
+        silence the crawl judges from then on is allowed `LAG_FACTOR` times that lateness
+        more, or a busy reader takes slow holders for absent ones and concludes that a key
+        has no value. A loop on time (or the virtual clock) adds nothing."""
+        late = waited - self.stall
+        if late > self.lag:
+            self.lag = late
+            self.result.lag = late
+
+    def _allowed(self, silence: float) -> float:
+        return silence + LAG_FACTOR * self.lag
+
     def _done(self) -> bool:
         if self.find_value and self._enough_values():
             return True
@@ -210,7 +237,8 @@ class Crawl:
             return False
         wait = self.patience if self.find_value and not self.result.values else self.settle
         return not any(
-            c.state is _State.ASKED and now - c.asked_at < wait for c in self._shortlist()
+            c.state is _State.ASKED and now - c.asked_at < self._allowed(wait)
+            for c in self._shortlist()
         )
 
     def _enough_values(self) -> bool:
@@ -225,7 +253,9 @@ class Crawl:
         )
 
     def _stalled(self, candidate: _Candidate, now: float) -> bool:
-        return candidate.state is _State.ASKED and now - candidate.asked_at >= self.stall
+        return candidate.state is _State.ASKED and now - candidate.asked_at >= self._allowed(
+            self.stall
+        )
 
     def _ask(self, candidate: _Candidate, now: float) -> None:
         if self.claimed is not None:

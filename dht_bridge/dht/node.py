@@ -1366,4 +1366,5 @@ def _joined(target: bytes, results: list[CrawlResult], width: int) -> CrawlResul
         hops=max(r.hops for r in results),
         seconds=max(r.seconds for r in results),
         refused=sum(r.refused for r in results),
+        lag=max(r.lag for r in results),
     )
