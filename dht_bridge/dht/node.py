@@ -1092,16 +1092,19 @@ class DHTNode(Server):  # type: ignore[misc]
     def _guess_depth(self, service: str) -> int:
         """The deepest level a lookup of `service` reads in its first round: where the last
         lookup of it ended; else where we file it ourselves; else where lookups of other
-        services ended, at most `MAX_PREFETCH` levels. Guessing deep costs the start of a crawl
-        per level too many (cancelled once a shallower level turns out not overflowed);
-        guessing short costs a round trip: on `world` each round is a few of them."""
+        services ended, at most `MAX_PREFETCH` levels; else `MAX_PREFETCH` levels. Guessing
+        deep costs the start of a crawl per level too many (cancelled once a shallower level
+        turns out not overflowed); guessing short costs a round: on `world` each round is a
+        few round trips (2000 nodes: a reader with no history read in 2.06 rounds from the
+        root alone; at 1000, reading 4 levels at once took p50 / p99 4.0 / 11.3 round trips
+        to 2.84 / 9.46)."""
         hint = self._depth_hint.get(service)
         if hint is not None:
             return hint
         own = [level for (name, _), level in self._levels.items() if name == service]
         if own:
             return max(own)
-        return min(max(self._depth_hint.values(), default=0), MAX_PREFETCH - 1)
+        return min(max(self._depth_hint.values(), default=MAX_PREFETCH - 1), MAX_PREFETCH - 1)
 
     async def _read_down(self, service: str, batch: list[int], enough: Enough) -> list[KeyRead]:
         """Read consecutive shards of one path at once, up to the first one not overflowed
