@@ -94,11 +94,13 @@ VALUE_CHECKS = 3
 # 14.4 KB per lookup, against 3.3 and 6.3 KB).
 DISJOINT_PATHS = 2
 # Once a lookup holds the providers it was asked for, the deeper shards still being read may
-# take twice as long again as it took to get there (at least ENOUGH_GRACE s), then are given
+# take half as long again as it took to get there (at least ENOUGH_GRACE s), then are given
 # up. A leaf of a trie path often holds nobody (the few pushed below a full shard sit in one
 # child), and proving a key absent asks every close node: on `world` those reads took three to
 # five times a read that finds its values, and were the slowest part of the slowest lookups.
-ENOUGH_FACTOR = 2.0
+# Half rather than twice (`world`, 1000 nodes, 800 lookups): p99 8.11 -> 6.65 round trips,
+# and the share of returned providers filed at the root 53.6% -> 58.1%.
+ENOUGH_FACTOR = 0.5
 ENOUGH_GRACE = 0.25
 
 # Opens the node's UDP endpoint: (protocol factory, local address) -> (transport, protocol).
