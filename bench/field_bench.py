@@ -486,7 +486,8 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
     Under churn a reader or target that is down when its turn comes is replaced by one that is
     up; a lookup succeeds with 10 providers, or with every provider up when fewer. A warm
     discovery is `DiscoveryCache.discover` (max age one heartbeat) of a (reader, service) whose
-    cache was filled just before; `local %` says how many the cache answered."""
+    cache was filled just before, by readers up then and still up; `local %` says how many the
+    cache answered."""
     rng = random.Random(args.seed + 1)
     by_id = {w.identity.worker_id: w for w in workers}
     pairs = [(w, name) for w in workers for name in services(args)]
@@ -530,8 +531,7 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
 
     def warm_discover(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            asker = reader if reader.alive else pick_alive(rng, workers)
-            got = await cache_of(asker).discover(name, LOOKUP_LIMIT)
+            got = await cache_of(reader).discover(name, LOOKUP_LIMIT)
             ok, share, dead_for = judge(got.providers, name)
             return Op(0.0, ok, local=got.cached, dead_share=share, dead_for=dead_for, age=got.age)
 
@@ -553,10 +553,13 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
         "record_get": await bounded([record_get(r, t) for r, t in gets], args.concurrency),
     }
     try:
-        warm = rng.sample(pairs, min(args.lookups, len(pairs)))
+        # A warm discovery is a live agent's, from the cache it filled: readers down now are
+        # not asked (a stand-in has no cache: that is a cold lookup), nor those gone since.
+        up = [(r, n) for r, n in pairs if r.alive]
+        warm = rng.sample(up, min(args.lookups, len(up)))
         await bounded([warm_discover(r, n) for r, n in warm], args.concurrency)  # fills them
         ops["warm_discover"] = await bounded(
-            [warm_discover(r, n) for r, n in warm], args.concurrency
+            [warm_discover(r, n) for r, n in warm if r.alive], args.concurrency
         )
     finally:
         await asyncio.gather(*(cache.aclose() for cache in caches.values()))
