@@ -52,6 +52,7 @@ from dht_bridge.errors import (
 )
 from dht_bridge.identity import WORKER_ID_RE
 from dht_bridge.records import SERVICE_RE, WorkerRecord
+from dht_bridge.registry.batch import ReadBatcher
 from dht_bridge.registry.events import (
     UNAVAILABLE,
     Event,
@@ -83,6 +84,9 @@ REGION_WINDOW_MIN = 64
 REGION_WINDOW_FACTOR = 4
 # Records per pipeline in upsert_many: each chunk is one round trip bounded by the timeout.
 UPSERT_CHUNK = 256
+# Distinct pages read in one batched lookup script (batch.py): bounds a batch's Redis time and
+# its reply's size (a page of 64 records is about 40 KB).
+LOOKUP_BATCH = 64
 SCAN_COUNT = 500
 
 
@@ -121,6 +125,10 @@ return removed
 """
 
 
+# One page of a service set: its key and the first and last rank read.
+_Page = tuple[str, int, int]
+
+
 @dataclass(frozen=True)
 class Provider:
     """A provider from a lookup; `stale` when the record is only held by self-preservation."""
@@ -135,7 +143,8 @@ class Registry:
     The client is injected (a real Redis, a Sentinel-managed one, a Cluster, or fakeredis);
     `clock` is the wall clock used to check leases, since `expires_at` is unix time. Each
     operation is bounded by `timeout` seconds. The key prefix defaults to `rma:`, or `{rma}:` on
-    a Cluster; `closers` run after the client is closed (the Sentinel connections).
+    a Cluster; `closers` run after the client is closed (the Sentinel connections). Lookups
+    running at once read Redis together, up to `lookup_batch` pages in one round trip.
     """
 
     def __init__(
@@ -148,6 +157,7 @@ class Registry:
         prefix: str | None = None,
         owns_client: bool = False,
         closers: Sequence[Closer] = (),
+        lookup_batch: int = LOOKUP_BATCH,
     ) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
@@ -169,6 +179,9 @@ class Registry:
         self._hold_script = client.register_script(_HOLD_SCRIPT)
         self._release_script = client.register_script(_RELEASE_SCRIPT)
         self._lookup_script = client.register_script(_LOOKUP_SCRIPT)
+        self._pages = ReadBatcher[_Page, Any](
+            self._read_pages, max_reads=lookup_batch, timeout=timeout
+        )
         self._parsed: LRUCache[bytes | str, WorkerRecord] = LRUCache(PARSED_RECORDS)
 
     @property
@@ -393,10 +406,9 @@ class Registry:
         found: list[Provider] = []
         start = 0
         while len(found) < want:
-            # The set's page and its records in one round trip.
-            reply = await self._lookup_script(
-                keys=[key], args=[start, start + page - 1, self.worker_key("")]
-            )
+            # The set's page and its records, in one round trip shared with the lookups running
+            # at the same time.
+            reply = await self._pages.read((key, start, start + page - 1))
             scored, values = cast(tuple[list[bytes | str], list[Any]], reply)
             if not scored:
                 break
@@ -409,6 +421,14 @@ class Registry:
             if len(ids) < page or (not stale and scores[-1] >= STALE_SCORE):
                 break
         return found
+
+    async def _read_pages(self, pages: Sequence[_Page]) -> list[Any]:
+        """A batch of pages in one script call: for each, its page or its own error."""
+        args: list[str | int] = [self.worker_key("")]
+        for _, first, last in pages:
+            args += [first, last]
+        reply = await self._lookup_script(keys=[key for key, _, _ in pages], args=args)
+        return list(reply)
 
     def _usable(
         self,

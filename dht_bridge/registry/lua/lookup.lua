@@ -1,13 +1,22 @@
--- One page of a service's providers in one round trip (KEYS[1] the service set): the ids from
--- rank ARGV[1] to ARGV[2] with their scores, then each one's record (nil where the key is gone).
--- ARGV[3] is the worker key prefix: on Cluster it carries the set's hash tag, so every key read
--- is in the set's slot.
-local scored = redis.call("ZRANGE", KEYS[1], ARGV[1], ARGV[2], "WITHSCORES")
-if #scored == 0 then
-  return {{}, {}}
+-- Pages of services' providers in one round trip, for every lookup of a batch (batch.py): for
+-- each KEYS[i] (a service set), the ids from rank ARGV[2i] to ARGV[2i+1] with their scores, then
+-- each one's record (nil where the key is gone): {scored, records}. ARGV[1] is the worker key
+-- prefix: on Cluster it carries the sets' hash tag, so every key read is in the sets' slot.
+-- A read that fails (a key of the wrong type) answers its own error, the others their pages.
+local prefix = ARGV[1]
+local pages = {}
+for i = 1, #KEYS do
+  local scored = redis.pcall("ZRANGE", KEYS[i], ARGV[2 * i], ARGV[2 * i + 1], "WITHSCORES")
+  if scored.err then
+    pages[i] = scored
+  elseif #scored == 0 then
+    pages[i] = {{}, {}}
+  else
+    local keys = {}
+    for j = 1, #scored, 2 do
+      keys[#keys + 1] = prefix .. scored[j]
+    end
+    pages[i] = {scored, redis.call("MGET", unpack(keys))}
+  end
 end
-local keys = {}
-for i = 1, #scored, 2 do
-  keys[#keys + 1] = ARGV[3] .. scored[i]
-end
-return {scored, redis.call("MGET", unpack(keys))}
+return pages
