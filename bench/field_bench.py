@@ -73,6 +73,8 @@ logger = logging.getLogger("field_bench")
 DEFAULT_DEADLINE = 30.0
 HEARTBEAT_JITTER = 0.1
 LOOKUP_LIMIT = 10
+# Warm discoveries: caches filled this many rounds of --concurrency lookups before they are asked.
+WARM_CHUNK = 4
 LAG_TICK = 0.01
 # Lookups and publishes under way at once (all nodes share one loop).
 DEFAULT_CONCURRENCY = 8
@@ -486,8 +488,8 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
     Under churn a reader or target that is down when its turn comes is replaced by one that is
     up; a lookup succeeds with 10 providers, or with every provider up when fewer. A warm
     discovery is `DiscoveryCache.discover` (max age one heartbeat) of a (reader, service) whose
-    cache was filled just before, by readers up then and still up; `local %` says how many the
-    cache answered."""
+    cache was filled just before (`WARM_CHUNK` rounds of lookups before), by readers up then and
+    still up; `local %` says how many the cache answered."""
     rng = random.Random(args.seed + 1)
     by_id = {w.identity.worker_id: w for w in workers}
     pairs = [(w, name) for w in workers for name in services(args)]
@@ -555,12 +557,18 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
     try:
         # A warm discovery is a live agent's, from the cache it filled: readers down now are
         # not asked (a stand-in has no cache: that is a cold lookup), nor those gone since.
+        # Filled and asked a few at a time: a cache filled longer than a heartbeat ago is cold
+        # again by design, and filling all of --lookups first took longer than that.
         up = [(r, n) for r, n in pairs if r.alive]
         warm = rng.sample(up, min(args.lookups, len(up)))
-        await bounded([warm_discover(r, n) for r, n in warm], args.concurrency)  # fills them
-        ops["warm_discover"] = await bounded(
-            [warm_discover(r, n) for r, n in warm if r.alive], args.concurrency
-        )
+        chunk = WARM_CHUNK * args.concurrency
+        ops["warm_discover"] = []
+        for start in range(0, len(warm), chunk):
+            some = warm[start : start + chunk]
+            await bounded([warm_discover(r, n) for r, n in some], args.concurrency)  # fills
+            ops["warm_discover"] += await bounded(
+                [warm_discover(r, n) for r, n in some if r.alive], args.concurrency
+            )
     finally:
         await asyncio.gather(*(cache.aclose() for cache in caches.values()))
     return ops
