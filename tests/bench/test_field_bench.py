@@ -57,9 +57,13 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
     for run in (ours, stock):
         assert all(run.get(name) is not None for name in RUN_FIGURES), run
         assert run["nodes"] == 14
-        for ops in run["ops"].values():
+        for name, ops in run["ops"].items():
             assert set(report.OP_FIGURES) <= set(ops)
-            assert ops["count"] == 12
+            if name == "warm_discover":
+                # Only readers still up since they filled their caches ask (1 s sessions here).
+                assert 0 < ops["count"] <= 12
+            else:
+                assert ops["count"] == 12
         for traffic in run["traffic"].values():
             assert set(TRAFFIC_FIGURES) <= set(traffic)
             assert traffic["bytes_s_mean"] > 0
