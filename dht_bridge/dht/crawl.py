@@ -116,8 +116,6 @@ class Crawl:
         self.stall = stall
         self.patience = max(stall, patience)
         self.settle = settle
-        # How late our own loop woke this crawl at worst (see `_note_lag`).
-        self.lag = 0.0
         self._me = protocol.source_node.id
         self._candidates: dict[bytes, _Candidate] = {}
         self._pending: dict[asyncio.Task[Any], _Candidate] = {}
@@ -218,13 +216,10 @@ class Crawl:
         silence the crawl judges from then on is allowed `LAG_FACTOR` times that lateness
         more, or a busy reader takes slow holders for absent ones and concludes that a key
         has no value. A loop on time (or the virtual clock) adds nothing."""
-        late = waited - self.stall
-        if late > self.lag:
-            self.lag = late
-            self.result.lag = late
+        self.result.lag = max(self.result.lag, waited - self.stall)
 
     def _allowed(self, silence: float) -> float:
-        return silence + LAG_FACTOR * self.lag
+        return silence + LAG_FACTOR * self.result.lag
 
     def _done(self) -> bool:
         if self.find_value and self._enough_values():
