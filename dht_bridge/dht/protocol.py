@@ -12,11 +12,14 @@ Admission and reflection (see dht_admission): a node that sends us a request is 
 a contact; we ping it (a client: `stun`) and take whoever answers from that address with the
 id it answered, within the routing table's diversity limits. Until the caller's address has
 answered one of our requests, what we send it stays within `AMPLIFICATION` times its request,
-the check included. Our nodes mark their requests (`SERVER_TAG`, `CLIENT_TAG`): they get at
-once a FIND_NODE / FIND_VALUE answer cut to fit, which lists the caller itself (no full answer
-does), and ask again once they have answered the check; each request then lives one round
-trip. Anyone else (a stock node) gets the full answer when it has answered the check; if it
-does not, what fits.
+the check included. Our nodes pad their FIND_NODE / FIND_VALUE requests to an address that
+has not heard them answer lately (`padded_size`), as QUIC pads its first packet: three times
+the padded request pays for the check and a full contact list, so the answer comes at once.
+A bigger answer (a value) is cut to fit for our nodes, listing the caller itself (no full
+answer does), and they ask again once they have answered the check; each request then lives
+one round trip. Anyone else (a stock node) gets the full answer when it has answered the
+check; if it does not, what fits. The stock library reads one msgpack object from a datagram
+and ignores the padding after it, so the wire format stays the library's.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dht_bridge.dht.address import sendable
 from dht_bridge.dht.admission import (
     AMPLIFICATION,
     DEFAULT_DIVERSITY,
+    VALIDATION_TTL,
     DiversityLimits,
     ValidatedAddresses,
 )
@@ -93,6 +97,9 @@ MAX_UNANSWERED = 4096
 BOUNDED_RPCS = frozenset({"find_node", "find_value"})
 # Answers held per address while its check is under way; more are cut to fit at once.
 MAX_HELD = 8
+# An address that got an answer of ours counts as proved there for VALIDATION_TTL; we count
+# on it for half that (it may have restarted, or forgotten us among many), then pad again.
+HEARD_TTL = VALIDATION_TTL / 2
 
 Address = tuple[str, int]
 Reply = tuple[bool, Any]
@@ -175,6 +182,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         )
         # Addresses that answered one of our requests: they get full answers.
         self.validated = ValidatedAddresses()
+        # Addresses we answered lately: they count us proved, so our requests go unpadded.
+        self.heard_us = ValidatedAddresses(ttl=HEARD_TTL)
+        self._padded = padded_size(ksize, socket.AF_INET)
         self._checking: set[Address] = set()
         self._unanswered: OrderedDict[Address, float] = OrderedDict()
         # Per address under check: full answers and, should the check fail, what fits instead.
@@ -202,6 +212,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport = transport
         sock = transport.get_extra_info("socket")
         self._family = sock.family if sock is not None else socket.AF_INET
+        self._padded = padded_size(self.router.ksize, self._family)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket closed: on purpose after `aclose`, otherwise tell the node."""
@@ -284,7 +295,12 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if len(data) < 1 + MSG_ID_BYTES + 1:
             raise ValueError("datagram too short")
         kind, msg_id = data[:1], data[1 : 1 + MSG_ID_BYTES]
-        payload = msgpack.unpackb(data[1 + MSG_ID_BYTES :])
+        try:
+            payload = msgpack.unpackb(data[1 + MSG_ID_BYTES :])
+        except msgpack.ExtraData as extra:
+            if kind != REQUEST:
+                raise
+            payload = extra.unpacked  # a padded request (see `padded_size`)
         if kind == REQUEST:
             self._answer(msg_id, payload, addr, len(data))
         elif kind == RESPONSE:
@@ -330,7 +346,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
                 held.append((name, datagram, cut))
                 return
             datagram = cut()
-        self._send(datagram, addr, name)
+        if self._send(datagram, addr, name):
+            self.heard_us.prove(addr)
 
     def _bounded_answer(
         self, msg_id: bytes, addr: Address, args: list[Any], budget: int, *, echo: bool
@@ -415,6 +432,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             # Not an address a reply could come from; no timeout to wait for.
             self.stats.unsendable += 1
             return None
+        if name in BOUNDED_RPCS and target not in self.heard_us:
+            body += bytes(max(0, self._padded - len(REQUEST) - MSG_ID_BYTES - len(body)))
         loop = asyncio.get_running_loop()
         msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
@@ -564,7 +583,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self._checking.discard(home)
             held = self._held.pop(home, [])
         for name, full, cut in held:
-            self._send(full if ok else cut(), home, name)
+            if self._send(full if ok else cut(), home, name):
+                self.heard_us.prove(home)
         if not ok:
             self.stats.checks_failed += 1
             self._unanswered[home] = time.monotonic()
@@ -732,6 +752,18 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             if not ok:
                 return
             self.stats.stores_pushed += 1
+
+
+@functools.cache
+def padded_size(ksize: int, family: int) -> int:
+    """The bytes a FIND_NODE / FIND_VALUE request is padded to: with AMPLIFICATION times
+    that, a callee that has not proved our address can pay for its check (a ping) and a
+    full answer of `ksize` contacts of `family`, each of the longest form."""
+    host = "ffff:" * 7 + "ffff" if family == socket.AF_INET6 else "255.255.255.255"
+    entry = len(msgpack.packb((bytes(NODE_ID_BYTES), host, 65535)))
+    answer = len(RESPONSE) + MSG_ID_BYTES + 3 + ksize * entry
+    check = len(REQUEST) + MSG_ID_BYTES + len(msgpack.packb(["ping", [bytes(NODE_ID_BYTES)]]))
+    return -(-(answer + check) // AMPLIFICATION)
 
 
 def _node_id(value: Any) -> bytes:

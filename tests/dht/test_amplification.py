@@ -3,21 +3,25 @@ at a raw socket that never answers (what a spoofed victim looks like from the no
 sends it at most `AMPLIFICATION` times the bytes sent in its name, and pushes no STOREs to it,
 whether the requests look like a stock node's (the answer waits for a check that fails) or our
 nodes' (a cut answer at once); an address that answers our check gets the full answer, and
-our nodes asking a node that never heard of them still read values at once."""
+our nodes asking a node that never heard of them get its contact list at once (their requests
+are padded to pay for it) and still read values at once."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
+from kademlia.network import Server
+from kademlia.node import Node
 
 from dht_bridge.dht import shards
 from dht_bridge.dht.admission import AMPLIFICATION
 from dht_bridge.dht.node import DHTNode
-from dht_bridge.dht.protocol import SERVER_TAG
+from dht_bridge.dht.protocol import SERVER_TAG, padded_size
 from dht_bridge.dht.values import key_digest
 from tests.support.dht import NetworkFactory, publish_all, start_node
-from tests.support.helpers import make_record, wait_for
+from tests.support.helpers import free_port, make_record, wait_for
 from tests.support.raw_peer import RESPONSE, RawPeer, open_raw_peer
 
 NETWORK = 8
@@ -39,10 +43,14 @@ async def published(network_factory: NetworkFactory) -> list[DHTNode]:
     return nodes
 
 
-@pytest.mark.parametrize("tag", [b"", SERVER_TAG], ids=["stock", "ours"])
+@pytest.mark.parametrize(
+    ("tag", "pad"),
+    [(b"", 0), (SERVER_TAG, 0), (SERVER_TAG, padded_size(20, socket.AF_INET))],
+    ids=["stock", "ours", "ours-padded"],
+)
 @pytest.mark.parametrize("rpc", ["find_value", "find_node"])
 async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
-    rpc: str, tag: bytes, network_factory: NetworkFactory
+    rpc: str, tag: bytes, pad: int, network_factory: NetworkFactory
 ) -> None:
     nodes = await published(network_factory)
     digest = key_digest(shards.service_key("ocr", 0))
@@ -50,7 +58,7 @@ async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
     value = holders[0].storage.value(digest)
     assert value is not None
     assert len(value) > 2000
-    transport, victim = await open_raw_peer(None, tag)  # never answers: a spoofed source
+    transport, victim = await open_raw_peer(None, tag, pad)  # never answers: a spoofed source
     try:
         for node in holders:
             answer = await victim.ask(node.address, rpc, os.urandom(20), digest)
@@ -117,14 +125,67 @@ async def test_a_node_nobody_has_heard_of_reads_values_at_once(
 ) -> None:
     nodes = await published(network_factory)
     before = sum(n.rpc.stats.bounded_answers for n in nodes)
-    reader = await start_node(seeds=[nodes[0].address])
+    reader = await start_node()
     try:
+        # Contacts from a state file, say: the reader knows them, none of them knows it.
+        for node in nodes:
+            reader.rpc.router.add_contact(Node(node.node.id, *node.address))
         found = await reader.lookup("ocr", limit=100)
         assert len(found) == PROVIDERS
-        # Nodes that had not heard of the reader cut their answers; it asked them again.
+        # Values outgrow what a padded request pays for: the holders cut their answers
+        # (contact lists fit), and the reader asked again once it answered their checks.
         assert sum(n.rpc.stats.bounded_answers for n in nodes) > before
     finally:
         await reader.aclose()
+
+
+async def test_our_first_request_to_a_node_that_never_heard_of_us_is_answered_in_full(
+    network_factory: NetworkFactory,
+) -> None:
+    nodes = await published(network_factory)
+    callee = nodes[-1]
+    reader = await start_node()  # knows nobody, and nobody knows it
+    try:
+        contact = Node(callee.node.id, *callee.address)
+        before = reader.rpc.stats.bytes_out
+        ok, answer = await reader.rpc.call_find_node(contact, Node(os.urandom(20)))
+        assert ok
+        # Padded: three times the request paid for the callee's check and a full answer.
+        assert reader.rpc.stats.bytes_out - before >= padded_size(20, socket.AF_INET)
+        assert callee.rpc.stats.bounded_answers == 0
+        assert len(answer) == NETWORK - 1
+        assert reader.node.id not in [entry[0] for entry in answer]
+        # The reader answered the callee's check: the callee has proved it, so the next
+        # request goes unpadded, and is still answered in full.
+        await wait_for(
+            lambda: callee.address in reader.rpc.heard_us,
+            timeout=5,
+            message="the reader to answer the callee's check",
+        )
+        before = reader.rpc.stats.bytes_out
+        ok, again = await reader.rpc.call_find_node(contact, Node(os.urandom(20)))
+        assert ok
+        assert reader.rpc.stats.bytes_out - before < padded_size(20, socket.AF_INET) / 2
+        assert len(again) == NETWORK - 1
+        assert callee.rpc.stats.bounded_answers == 0
+    finally:
+        await reader.aclose()
+
+
+async def test_a_stock_kademlia_server_answers_our_padded_request() -> None:
+    stock = Server()
+    await stock.listen(free_port(socket.SOCK_DGRAM), interface="127.0.0.1")
+    reader = await start_node()
+    try:
+        contact = Node(stock.node.id, "127.0.0.1", stock.transport.get_extra_info("sockname")[1])
+        before = reader.rpc.stats.bytes_out
+        ok, answer = await reader.rpc.call_find_node(contact, Node(os.urandom(20)))
+        assert reader.rpc.stats.bytes_out - before >= padded_size(20, socket.AF_INET)
+        assert ok
+        assert answer == []  # it knows nobody but the reader, whom it never lists
+    finally:
+        await reader.aclose()
+        stock.stop()
 
 
 def test_the_raw_peer_counts_what_it_receives() -> None:

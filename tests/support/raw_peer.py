@@ -34,12 +34,14 @@ class Received:
 class RawPeer(asyncio.DatagramProtocol):
     """One socket; `request` sends a datagram and returns its message id, `reply` waits for the
     answer to it; requests from others go to `answer` (silence when it returns None). Message
-    ids start with `tag` (our nodes' SERVER_TAG, or nothing as a stock node's)."""
+    ids start with `tag` (our nodes' SERVER_TAG, or nothing as a stock node's); requests are
+    padded with zeros to `pad` bytes, as our nodes pad theirs."""
 
-    def __init__(self, answer: Answerer | None = None, tag: bytes = b"") -> None:
+    def __init__(self, answer: Answerer | None = None, tag: bytes = b"", pad: int = 0) -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self.answer = answer
         self.tag = tag
+        self.pad = pad
         self.received = Received()
         self.sent_bytes = 0
         self._replies: dict[bytes, asyncio.Future[Any]] = {}
@@ -83,7 +85,8 @@ class RawPeer(asyncio.DatagramProtocol):
         """Send one request; its message id (to wait for the reply with `reply`)."""
         msg_id = self.tag + os.urandom(20 - len(self.tag))
         self._replies[msg_id] = asyncio.get_running_loop().create_future()
-        self._sendto(REQUEST + msg_id + msgpack.packb([name, list(args)]), addr)
+        datagram = REQUEST + msg_id + msgpack.packb([name, list(args)])
+        self._sendto(datagram + bytes(max(0, self.pad - len(datagram))), addr)
         return msg_id
 
     async def reply(self, msg_id: bytes, timeout: float) -> Any:  # noqa: ASYNC109
@@ -100,11 +103,11 @@ class RawPeer(asyncio.DatagramProtocol):
 
 
 async def open_raw_peer(
-    answer: Answerer | None = None, tag: bytes = b""
+    answer: Answerer | None = None, tag: bytes = b"", pad: int = 0
 ) -> tuple[asyncio.DatagramTransport, RawPeer]:
     """A RawPeer on a fresh 127.0.0.1 socket; close the transport when done."""
     loop = asyncio.get_running_loop()
     transport, peer = await loop.create_datagram_endpoint(
-        lambda: RawPeer(answer, tag), local_addr=("127.0.0.1", 0)
+        lambda: RawPeer(answer, tag, pad), local_addr=("127.0.0.1", 0)
     )
     return transport, peer
