@@ -1114,7 +1114,10 @@ class DHTNode(Server):  # type: ignore[misc]
 
         The depth a mark reports is the deepest anywhere in the trie, so this path may end
         sooner: reads below its end are cancelled, not awaited, since a key nobody holds keeps
-        a crawl going until the closest nodes have all said so.
+        a crawl going until the closest nodes have all said so. A level whose read found no
+        mark is passed over all the same when a read below it already brought back records:
+        workers file below a level only once it is full, and the two holders a read stops at
+        may be ones that came back from a restart with a few records and no mark.
         """
         reads = [
             asyncio.create_task(self._read_key(shards.service_key(service, s), lazy=True))
@@ -1122,14 +1125,14 @@ class DHTNode(Server):  # type: ignore[misc]
         ]
         needed: list[KeyRead] = []
         try:
-            for read in reads:
+            for index, read in enumerate(reads):
                 if enough.met():
                     done, _ = await asyncio.wait([read], timeout=enough.left())
                     if not done:
                         break
                 needed.append(await read)
                 enough.add(needed[-1].records)
-                if not needed[-1].overflowed:
+                if not needed[-1].overflowed and not self._filled_below(reads[index + 1 :]):
                     break
         finally:
             unneeded = reads[len(needed) :]
@@ -1137,6 +1140,16 @@ class DHTNode(Server):  # type: ignore[misc]
                 read.cancel()
             await asyncio.gather(*unneeded, return_exceptions=True)
         return needed
+
+    def _filled_below(self, reads: list[asyncio.Task[KeyRead]]) -> bool:
+        """Has one of these reads (of deeper levels) ended with a record that verifies?"""
+        return any(
+            read.done()
+            and not read.cancelled()
+            and read.exception() is None
+            and any(self.verifier.confirm(r) for r in read.result().records[:VALUE_CHECKS])
+            for read in reads
+        )
 
     async def service_records(self, service: str) -> list[WorkerRecord]:
         """Every record (live or tombstone) of a service: walks the shard trie, level by level,

@@ -287,3 +287,31 @@ async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
             assert len(report.providers) == genuine + len(late)
     finally:
         await stop_all([reader])
+
+
+async def test_a_lookup_passes_over_a_level_without_mark_when_the_level_below_holds_records() -> (
+    None
+):
+    # The root's two holders the read stopped at came back from a restart: a few records, no
+    # mark. The level below, read at once, holds the workers that filed there because the
+    # root was full: the lookup takes them rather than ending at the root.
+    reader = await start_node()
+    root_read = asyncio.Event()
+    partial = [make_record(load=0.9) for _ in range(3)]
+    below = [make_record(load=n / 100) for n in range(12)]
+
+    async def read_key(key: str, *, lazy: bool = False, want: int = 2) -> dht.KeyRead:
+        if key == ROOT:
+            await root_read.wait()
+            return dht.KeyRead(list(partial))
+        if shards.level_of(int(key.rsplit(":", 1)[1])) == 1:
+            root_read.set()  # the root's answer comes after this one
+            return dht.KeyRead(list(below))
+        return dht.KeyRead([])
+
+    reader._read_key = read_key  # type: ignore[method-assign]
+    try:
+        report = await asyncio.wait_for(reader.lookup_report("ocr", limit=10), timeout=10)
+        assert [r.worker_id for r in report.providers] == [r.worker_id for r in below[:10]]
+    finally:
+        await stop_all([reader])
