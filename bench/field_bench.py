@@ -486,10 +486,11 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
     """Cold service lookups, warm discoveries and record gets from random readers.
 
     Under churn a reader or target that is down when its turn comes is replaced by one that is
-    up; a lookup succeeds with 10 providers, or with every provider up when fewer. A warm
-    discovery is `DiscoveryCache.discover` (max age one heartbeat) of a (reader, service) whose
-    cache was filled just before (`WARM_CHUNK` rounds of lookups before), by readers up then and
-    still up; `local %` says how many the cache answered."""
+    up, and so is a reader that goes down during its lookup (the time counts); a lookup
+    succeeds with 10 providers, or with every provider up when fewer. A warm discovery is
+    `DiscoveryCache.discover` (max age one heartbeat) of a (reader, service) whose cache was
+    filled just before (`WARM_CHUNK` rounds of lookups before), by readers up then and still
+    up; `local %` says how many the cache answered."""
     rng = random.Random(args.seed + 1)
     by_id = {w.identity.worker_id: w for w in workers}
     pairs = [(w, name) for w in workers for name in services(args)]
@@ -508,8 +509,14 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
 
     def service_lookup(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            node = (reader if reader.alive else pick_alive(rng, workers)).node
-            got = await node.lookup_report(name, limit=LOOKUP_LIMIT)
+            asker = reader if reader.alive else pick_alive(rng, workers)
+            while True:
+                node = asker.node
+                got = await node.lookup_report(name, limit=LOOKUP_LIMIT)
+                if node.rpc.listening:
+                    break
+                # The reader went down during its lookup: nobody is left to want the answer.
+                asker = pick_alive(rng, workers)
             ok, share, dead_for = judge(got.providers, name)
             return Op(0.0, ok, got.hops, got.rounds, dead_share=share, dead_for=dead_for)
 
@@ -543,7 +550,12 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
         async def op() -> Op:
             wanted = target if target.alive else pick_alive(rng, workers, reader)
             asker = reader if reader.alive else pick_alive(rng, workers, wanted)
-            record, hops = await asker.node.get_record_report(wanted.identity.worker_id)
+            while True:
+                node = asker.node
+                record, hops = await node.get_record_report(wanted.identity.worker_id)
+                if node.rpc.listening:
+                    break
+                asker = pick_alive(rng, workers, wanted)  # went down while it read
             ok = record is not None and record.worker_id == wanted.identity.worker_id
             return Op(0.0, ok, hops)
 
