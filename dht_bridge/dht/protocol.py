@@ -68,6 +68,8 @@ MAX_PUSH_TASKS = 64
 # values it should hold once per this many seconds, not at each of its heartbeat STOREs.
 WELCOME_MEMORY = 600.0
 MAX_WELCOMED = 8192
+# A contact that joins again (see `_rejoining`) is pushed its values at most once this often.
+REJOIN_MEMORY = 60.0
 _UNKNOWN: Any = object()
 # Requests of a node in client mode start their message id with this; a server's with
 # SERVER_TAG. Four bytes: a stock node's random id carries either by chance once in 2 billion
@@ -198,6 +200,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._outstanding: dict[bytes, Pending] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
+        self._rejoined: OrderedDict[bytes, float] = OrderedDict()
         self._bounds: dict[bytes, int | None] = {}
         self._bounds_version = -1
         self._family = socket.AF_INET
@@ -667,8 +670,33 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def rpc_find_node(self, sender: Address, nodeid: Any, key: Any) -> list[tuple[bytes, str, int]]:
         """The k contacts we know closest to `key`, never the caller."""
+        if key == nodeid and not self._from_client:
+            self._rejoining(Node(_node_id(nodeid), sender[0], sender[1]))
         source = self._caller(nodeid, sender)
         return self._neighbors(source, key)
+
+    def _rejoining(self, node: Node) -> None:
+        """A server that looks up its own id is joining, its storage empty: a restart from its
+        state file, or a client turned server. One we still hold at that address would not be
+        welcomed as a newcomer, and kept serving partial copies of the keys it should hold
+        (a few records from heartbeats, no overflow mark). So it is taken out of the table
+        and its welcome forgotten: its check admits it again, as a newcomer, and it is pushed
+        what it should hold. At most once per REJOIN_MEMORY per id."""
+        held = self.router.held(node)
+        if held is None or (held.ip, held.port) != (node.ip, node.port):
+            return  # a newcomer: welcomed once its check comes back
+        now = time.monotonic()
+        last = self._rejoined.get(node.id)
+        if last is not None and now - last < REJOIN_MEMORY:
+            return
+        self._rejoined[node.id] = now
+        self._rejoined.move_to_end(node.id)
+        while len(self._rejoined) > MAX_WELCOMED:
+            self._rejoined.popitem(last=False)
+        self._welcomed.pop(node.id, None)
+        # A check it left unanswered while it was down would hold its new one back.
+        self._unanswered.pop((node.ip, node.port), None)
+        self.router.remove_contact(node)
 
     def rpc_find_value(self, sender: Address, nodeid: Any, key: Any) -> Any:
         """The merged record set under `key`, or the closest contacts when we hold none."""

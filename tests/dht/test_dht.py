@@ -17,6 +17,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from kademlia.network import Server
+from kademlia.node import Node
 
 from dht_bridge.dht import shards
 from dht_bridge.dht.node import DHTNode, PublishReport
@@ -210,6 +211,46 @@ async def test_newcomers_closest_to_a_key_receive_it_and_keep_it_after_holders_d
         assert [r.worker_id for r in found] == [record.worker_id]
     finally:
         await stop_all(newcomers)
+
+
+def udp_port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_a_holder_back_from_a_crash_receives_what_it_held(network: list[DHTNode]) -> None:
+    record = make_record(services=["gpu"])
+    await network[4].publish(record)
+    digest = key_digest(shards.service_key("gpu", 0))
+    node_id = digest[:-1] + bytes([digest[-1] ^ 1])  # closer to the key than anyone
+    holder = await start_node(node_id=node_id, seeds=[network[0].address])
+    await wait_for(
+        lambda: holder.storage.value(digest) is not None,
+        timeout=10,
+        message="the newcomer to receive the key",
+    )
+    port = holder.address[1]
+    await holder.aclose()  # a crash: nobody is told
+    await wait_for(lambda: udp_port_free(port), timeout=5, message="the port to be free")
+    back = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=node_id)
+    await back.listen(port=port)
+    try:
+        contact = Node(node_id, *back.address)
+        # Its neighbours still hold it: to them it is no newcomer to welcome.
+        assert any(n.rpc.router.knows(contact) for n in network)
+        await back.bootstrap([network[0].address])
+        await wait_for(
+            lambda: back.storage.value(digest) is not None,
+            timeout=10,
+            message="the restarted holder to receive the key again",
+        )
+        assert [r.worker_id for r in back.storage.records(digest)] == [record.worker_id]
+    finally:
+        await back.aclose()
 
 
 async def test_lookups_survive_twenty_percent_of_nodes_vanishing() -> None:
