@@ -252,18 +252,16 @@ def rpc_tally(worker: Worker) -> dict[str, int]:
 async def steady_window(run: Run, workers: Sequence[Worker], args: argparse.Namespace) -> None:
     """Count each host's bytes over `--window` seconds (heartbeats running), and for our
     nodes where they went: bytes by RPC and contacts asked by crawl purpose, per role."""
-    before = {id(w): (w.host.traffic.sent_bytes, w.host.traffic.received_bytes) for w in workers}
+    before = traffic_of(workers)
     tallies = {id(w): (w.node, rpc_tally(w)) for w in workers}
     started = time.monotonic()
     await asyncio.sleep(args.window)
     run.window_s = time.monotonic() - started
+    for role, rates in rates_since(workers, before, run.window_s).items():
+        run.sent[role] = [sent for sent, _ in rates]
+        run.received[role] = [received for _, received in rates]
     by_role: dict[str, dict[str, float]] = {}
     for w in workers:
-        sent0, received0 = before[id(w)]
-        run.sent.setdefault(w.role, []).append((w.host.traffic.sent_bytes - sent0) / run.window_s)
-        run.received.setdefault(w.role, []).append(
-            (w.host.traffic.received_bytes - received0) / run.window_s
-        )
         node0, tally0 = tallies[id(w)]
         if w.node is not node0 or not tally0:
             continue  # restarted in the window (a new node's counters) or the stock library
@@ -288,13 +286,33 @@ async def settling(workers: Sequence[Worker], seconds: float) -> dict[str, float
     Every worker published at once when the network was built, into shards still filling, so
     the first heartbeat rounds move many workers down the trie (holder crawls, proofs). A
     mass restart would do the same; the steady state is what the window measures."""
-    before = {id(w): w.host.traffic.sent_bytes + w.host.traffic.received_bytes for w in workers}
+    before = traffic_of(workers)
     await asyncio.sleep(seconds)
-    totals: dict[str, list[float]] = {}
+    return {
+        role: round(sum(sent + received for sent, received in rates) / len(rates), 1)
+        for role, rates in rates_since(workers, before, seconds).items()
+    }
+
+
+def traffic_of(workers: Sequence[Worker]) -> dict[int, tuple[int, int]]:
+    """Bytes each worker's host has sent and received so far."""
+    return {id(w): (w.host.traffic.sent_bytes, w.host.traffic.received_bytes) for w in workers}
+
+
+def rates_since(
+    workers: Sequence[Worker], before: dict[int, tuple[int, int]], seconds: float
+) -> dict[str, list[tuple[float, float]]]:
+    """Each worker's B/s sent and received since `before` (from `traffic_of`), by role."""
+    rates: dict[str, list[tuple[float, float]]] = {}
     for w in workers:
-        moved = w.host.traffic.sent_bytes + w.host.traffic.received_bytes - before[id(w)]
-        totals.setdefault(w.role, []).append(moved / seconds if seconds > 0 else 0.0)
-    return {role: round(sum(v) / len(v), 1) for role, v in totals.items()}
+        sent0, received0 = before[id(w)]
+        sent, received = (
+            w.host.traffic.sent_bytes - sent0,
+            w.host.traffic.received_bytes - received0,
+        )
+        per = 1 / seconds if seconds > 0 else 0.0
+        rates.setdefault(w.role, []).append((sent * per, received * per))
+    return rates
 
 
 async def measure(
