@@ -68,8 +68,10 @@ MAX_PUSH_TASKS = 64
 # values it should hold once per this many seconds, not at each of its heartbeat STOREs.
 WELCOME_MEMORY = 600.0
 MAX_WELCOMED = 8192
-# A contact that joins again (see `_rejoining`) is pushed its values at most once this often.
-REJOIN_MEMORY = 60.0
+# A contact that joins again (see `_rejoining`) is pushed its values at most once this often:
+# anyone can send a join in a contact's name, and the check only shows the contact is there,
+# so this bounds what a spoofer draws towards it as WELCOME_MEMORY does for a newcomer's id.
+REJOIN_MEMORY = WELCOME_MEMORY
 _UNKNOWN: Any = object()
 # Requests of a node in client mode start their message id with this; a server's with
 # SERVER_TAG. Four bytes: a stock node's random id carries either by chance once in 2 billion
