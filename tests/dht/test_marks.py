@@ -148,14 +148,38 @@ async def test_a_cold_reader_reads_a_deep_service_at_once_and_rises_renew_the_de
         assert all(report.stored for report in again)
         # A reader whose last lookup ended at the root reads it first: the renewed depth
         # sends it down every level at once in the second round. The root still holds seq 1
-        # copies of the workers that filed seq 2 deeper: a lookup that gave up its deeper reads
+        # copies of workers that filed seq 2 deeper: a lookup that gave up its deeper reads
         # once it held 10 (the grace, tested on its own below) could return those, and on a
-        # loaded machine did.
+        # loaded machine did. A worker whose seq 2 lies off the reader's random path is
+        # returned at seq 1, as it should be; none whose seq 2 lies on it.
         monkeypatch.setattr(dht, "ENOUGH_GRACE", 60.0)
+        leaves: list[int] = []
+        getrandbits = random.getrandbits
+
+        def noted(bits: int) -> int:
+            leaves.append(getrandbits(bits))
+            return leaves[-1]
+
+        monkeypatch.setattr(random, "getrandbits", noted)
         renewed = await cold_read(hint=0)
+        monkeypatch.setattr(random, "getrandbits", getrandbits)
         assert (renewed.rounds, len(renewed.providers)) == (2, 10)
         assert renewed.shards_read >= 3
-        assert all(r.seq == 2 for r in renewed.providers)
+        path = [
+            key_digest(
+                shards.service_key("ocr", shards.shard_id(level, leaves[-1] & ((1 << level) - 1)))
+            )
+            for level in range(shards.MAX_LEVEL + 1)
+        ]
+        on_path = {
+            r.worker_id
+            for n in nodes
+            for digest in path
+            for r in n.storage.records(digest)
+            if r.seq == 2
+        }
+        assert on_path
+        assert not [r for r in renewed.providers if r.seq == 1 and r.worker_id in on_path]
 
         # A reader whose hint is far too deep reads every level at once, but waits only for
         # those down to where its path ends: the reads of keys nobody holds are cancelled.
