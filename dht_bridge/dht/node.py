@@ -8,7 +8,6 @@ join a network of these nodes and `get` a key: the wire protocol is unchanged.
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
 import itertools
 import json
@@ -1072,14 +1071,25 @@ class DHTNode(Server):  # type: ignore[misc]
             shards.shard_id(level, leaf & ((1 << level) - 1))
             for level in range(shards.MAX_LEVEL + 1)
         ]
+        versions: list[WorkerRecord] = []
         enough = Enough(limit, started, self.clock(), self.verifier.confirm)
         depth = min(self._guess_depth(service), shards.MAX_LEVEL)
-        results, rounds = await self._read_down(service, path, depth, enough)
-        self._depth_hint[service] = max(len(results) - 1, 0)
-        versions = [record for got in results for record in got.records]
-        hops = max((got.hops for got in results), default=0)
+        read, hops, level, rounds = 0, 0, 0, 0
+        while level <= shards.MAX_LEVEL:
+            batch = path[level : depth + 1] or [path[level]]
+            results = await self._read_down(service, batch, enough)
+            read, rounds = read + len(results), rounds + 1
+            for got in results:
+                versions.extend(got.records)
+                hops = max(hops, got.hops)
+            if not results or not results[-1].overflowed:
+                self._depth_hint[service] = level + max(len(results) - 1, 0)
+                break
+            level += len(results)
+            reported = max(got.deepest for got in results)
+            depth = max(level, min(reported, level + MAX_PREFETCH - 1, shards.MAX_LEVEL))
         chosen = self._select(versions, limit)
-        return LookupReport(chosen, len(results), hops, time.monotonic() - started, rounds)
+        return LookupReport(chosen, read, hops, time.monotonic() - started, rounds)
 
     def _guess_depth(self, service: str) -> int:
         """The deepest level a lookup of `service` reads in its first round: where the last
@@ -1098,17 +1108,9 @@ class DHTNode(Server):  # type: ignore[misc]
             return max(own)
         return min(max(self._depth_hint.values(), default=MAX_PREFETCH - 1), MAX_PREFETCH - 1)
 
-    async def _read_down(
-        self, service: str, path: list[int], depth: int, enough: Enough
-    ) -> tuple[list[KeyRead], int]:
-        """Read `path` from the root down to the first level not overflowed (or the first still
-        unread once `enough`'s grace has run out); the reads needed, and the rounds they took.
-
-        Levels 0 to `depth` are read at once. A read that comes back with a mark reporting a
-        deeper level starts the reads down to it (at most MAX_PREFETCH below its own level) at
-        once, while the reads above it are still under way: the next round overlaps the one
-        before instead of waiting for its slowest read. A round is a read started by what an
-        earlier one said; `rounds` is the longest such chain among the reads needed.
+    async def _read_down(self, service: str, batch: list[int], enough: Enough) -> list[KeyRead]:
+        """Read consecutive shards of one path at once, up to the first one not overflowed
+        (or the first still unread once `enough`'s grace has run out).
 
         The depth a mark reports is the deepest anywhere in the trie, so this path may end
         sooner: reads below its end are cancelled, not awaited, since a key nobody holds keeps
@@ -1117,30 +1119,13 @@ class DHTNode(Server):  # type: ignore[misc]
         workers file below a level only once it is full, and the two holders a read stops at
         may be ones that came back from a restart with a few records and no mark.
         """
-        reads: list[asyncio.Task[KeyRead]] = []
-        round_of: list[int] = []
-        open_ = True
-
-        def launch(upto: int, round_: int) -> None:
-            for level in range(len(reads), min(upto, shards.MAX_LEVEL) + 1):
-                key = shards.service_key(service, path[level])
-                task = asyncio.create_task(self._read_key(key, lazy=True))
-                task.add_done_callback(functools.partial(marked, level=level))
-                reads.append(task)
-                round_of.append(round_)
-
-        def marked(task: asyncio.Task[KeyRead], level: int) -> None:
-            if open_ and not task.cancelled() and task.exception() is None:
-                got = task.result()
-                if got.overflowed and got.deepest >= len(reads):
-                    launch(min(got.deepest, level + MAX_PREFETCH), round_of[level] + 1)
-
-        launch(depth, 1)
+        reads = [
+            asyncio.create_task(self._read_key(shards.service_key(service, s), lazy=True))
+            for s in batch
+        ]
         needed: list[KeyRead] = []
         try:
-            while len(needed) < len(reads):
-                index = len(needed)
-                read = reads[index]
+            for index, read in enumerate(reads):
                 if enough.met():
                     done, _ = await asyncio.wait([read], timeout=enough.left())
                     if not done:
@@ -1149,16 +1134,12 @@ class DHTNode(Server):  # type: ignore[misc]
                 enough.add(needed[-1].records)
                 if not needed[-1].overflowed and not self._filled_below(reads[index + 1 :]):
                     break
-                if len(needed) == len(reads) and index < shards.MAX_LEVEL:
-                    # Every level read so far was full and no mark said how deep: one more.
-                    launch(index + 1, max(round_of[: index + 1]) + 1)
         finally:
-            open_ = False
             unneeded = reads[len(needed) :]
             for read in unneeded:
                 read.cancel()
             await asyncio.gather(*unneeded, return_exceptions=True)
-        return needed, max(round_of[: len(needed)], default=1)
+        return needed
 
     def _filled_below(self, reads: list[asyncio.Task[KeyRead]]) -> bool:
         """Has one of these reads (of deeper levels) ended with a record that verifies?"""
