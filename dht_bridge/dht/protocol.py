@@ -509,7 +509,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             (node_to_ask.ip, node_to_ask.port), "ping", self.source_node.id
         )
         if ok and reply != node_to_ask.id:
-            self.router.record_failure(node_to_ask)
+            self._missed(node_to_ask)
             self._admit_answer((node_to_ask.ip, node_to_ask.port), reply)
             return False, None
         if ok:
@@ -537,11 +537,18 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         held contact is refreshed; a new one is pinged first, since the id we asked it under
         came from someone else's answer and only a ping answer states its own."""
         if not result[0]:
-            self.router.record_failure(node)
+            self._missed(node)
             return result
         self.router.record_success(node)
         self._consider(node, client=False)
         return result
+
+    def _missed(self, node: Node) -> None:
+        """Count a missed reply. A contact dropped for its misses is forgotten as welcomed
+        too: if it comes back, it may have restarted with empty storage, and is pushed what
+        it should hold like any newcomer."""
+        if self.router.record_failure(node):
+            self._welcomed.pop(node.id, None)
 
     # Admission: a caller or a contact someone named is pinged before it enters the table.
 
@@ -679,13 +686,16 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _rejoining(self, node: Node) -> None:
         """A server that looks up its own id is joining, its storage empty: a restart from its
-        state file, or a client turned server. One we still hold at that address would not be
-        welcomed as a newcomer, and kept serving partial copies of the keys it should hold
-        (a few records from heartbeats, no overflow mark). So it is taken out of the table
-        and its welcome forgotten: its check admits it again, as a newcomer, and it is pushed
-        what it should hold. At most once per REJOIN_MEMORY per id."""
+        state file, or a client turned server. A newcomer is pushed what it should hold once
+        its check comes back, but not one welcomed in the last WELCOME_MEMORY, nor one we
+        still hold at that address (nothing told us it crashed): such a node kept serving
+        the few records heartbeats had stored since, with no overflow mark. So its welcome is
+        forgotten and, if we hold it there, it leaves the table: its check admits it again as
+        a newcomer. At most once per REJOIN_MEMORY per id."""
+        home = (node.ip, node.port)
         held = self.router.held(node)
-        if held is None or (held.ip, held.port) != (node.ip, node.port):
+        at_home = held is not None and (held.ip, held.port) == home
+        if not at_home and node.id not in self._welcomed:
             return  # a newcomer: welcomed once its check comes back
         now = time.monotonic()
         last = self._rejoined.get(node.id)
@@ -697,8 +707,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self._rejoined.popitem(last=False)
         self._welcomed.pop(node.id, None)
         # A check it left unanswered while it was down would hold its new one back.
-        self._unanswered.pop((node.ip, node.port), None)
-        self.router.remove_contact(node)
+        self._unanswered.pop(home, None)
+        if at_home:
+            self.router.remove_contact(node)
 
     def rpc_find_value(self, sender: Address, nodeid: Any, key: Any) -> Any:
         """The merged record set under `key`, or the closest contacts when we hold none."""
