@@ -20,6 +20,7 @@ from dht_bridge.dht.protocol import RMAProtocol
 from dht_bridge.registry.registry import Registry
 from tests.support.dht import TEST_SETTINGS, NetworkFactory, start_network, stop_all
 from tests.support.helpers import POLICY, wait_for
+from tests.support.raw_peer import parse_datagram
 from tests.support.router import client_for, router_app
 
 REQUEST, RESPONSE = b"\x00", b"\x01"
@@ -57,8 +58,7 @@ class PoisonPeer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if data[:1] != REQUEST or self.transport is None:
             return
-        msg_id = data[1:21]
-        name, _args = msgpack.unpackb(data[21:])
+        _, msg_id, (name, _args) = parse_datagram(data)
         answer: Any
         if name in ("find_node", "find_value"):
             self.asked += 1

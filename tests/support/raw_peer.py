@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import msgpack
 
-__all__ = ["REQUEST", "RESPONSE", "RawPeer", "Received", "open_raw_peer"]
+__all__ = ["REQUEST", "RESPONSE", "RawPeer", "Received", "open_raw_peer", "parse_datagram"]
 
 REQUEST, RESPONSE = b"\x00", b"\x01"
 
@@ -29,6 +29,16 @@ class Received:
     bytes: int = 0
     requests: dict[str, int] = field(default_factory=dict)
     by_sender: dict[Address, int] = field(default_factory=dict)
+
+
+def parse_datagram(data: bytes) -> tuple[bytes, bytes, Any]:
+    """(kind, message id, body) of a datagram; the zeros that pad our nodes' requests are
+    passed over, as the stock library passes them over."""
+    try:
+        body = msgpack.unpackb(data[21:])
+    except msgpack.ExtraData as extra:
+        body = extra.unpacked
+    return data[:1], data[1:21], body
 
 
 class RawPeer(asyncio.DatagramProtocol):
@@ -61,8 +71,7 @@ class RawPeer(asyncio.DatagramProtocol):
         self.received.datagrams += 1
         self.received.bytes += len(data)
         self.received.by_sender[sender] = self.received.by_sender.get(sender, 0) + len(data)
-        kind, msg_id = data[:1], data[1:21]
-        body = msgpack.unpackb(data[21:])
+        kind, msg_id, body = parse_datagram(data)
         if kind == RESPONSE:
             future = self._replies.pop(msg_id, None)
             if future is not None and not future.done():
