@@ -188,7 +188,6 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.validated = ValidatedAddresses()
         # Addresses we answered lately: they count us proved, so our requests go unpadded.
         self.heard_us = ValidatedAddresses(ttl=HEARD_TTL)
-        self._padded = padded_size(ksize, socket.AF_INET)
         self._checking: set[Address] = set()
         self._unanswered: OrderedDict[Address, float] = OrderedDict()
         # Per address under check: full answers and, should the check fail, what fits instead.
@@ -217,7 +216,6 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport = transport
         sock = transport.get_extra_info("socket")
         self._family = sock.family if sock is not None else socket.AF_INET
-        self._padded = padded_size(self.router.ksize, self._family)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket closed: on purpose after `aclose`, otherwise tell the node."""
@@ -438,7 +436,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.unsendable += 1
             return None
         if name in BOUNDED_RPCS and target not in self.heard_us:
-            body += bytes(max(0, self._padded - len(REQUEST) - MSG_ID_BYTES - len(body)))
+            padded = padded_size(self.router.ksize, self._family)
+            body += bytes(max(0, padded - len(REQUEST) - MSG_ID_BYTES - len(body)))
         loop = asyncio.get_running_loop()
         msg_id = self._new_msg_id()
         future: asyncio.Future[Reply] = loop.create_future()
@@ -697,14 +696,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         at_home = held is not None and (held.ip, held.port) == home
         if not at_home and node.id not in self._welcomed:
             return  # a newcomer: welcomed once its check comes back
-        now = time.monotonic()
-        last = self._rejoined.get(node.id)
-        if last is not None and now - last < REJOIN_MEMORY:
+        if _noted_lately(self._rejoined, node.id, REJOIN_MEMORY):
             return
-        self._rejoined[node.id] = now
-        self._rejoined.move_to_end(node.id)
-        while len(self._rejoined) > MAX_WELCOMED:
-            self._rejoined.popitem(last=False)
         self._welcomed.pop(node.id, None)
         # A check it left unanswered while it was down would hold its new one back.
         self._unanswered.pop(home, None)
@@ -747,15 +740,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _welcomed_lately(self, node_id: bytes) -> bool:
         """Was this contact welcomed within WELCOME_MEMORY? Notes it as welcomed now if not."""
-        now = time.monotonic()
-        seen = self._welcomed.get(node_id)
-        if seen is not None and now - seen < WELCOME_MEMORY:
-            return True
-        self._welcomed[node_id] = now
-        self._welcomed.move_to_end(node_id)
-        while len(self._welcomed) > MAX_WELCOMED:
-            self._welcomed.popitem(last=False)
-        return False
+        return _noted_lately(self._welcomed, node_id, WELCOME_MEMORY)
 
     def _values_for(self, node: Node) -> list[tuple[bytes, bytes]]:
         """Values the newcomer should hold that we are the one to push: those of keys where
@@ -793,6 +778,20 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             if not ok:
                 return
             self.stats.stores_pushed += 1
+
+
+def _noted_lately(memory: OrderedDict[bytes, float], key: bytes, seconds: float) -> bool:
+    """Was `key` noted in `memory` within `seconds`? Notes it now if not (the oldest notes
+    beyond MAX_WELCOMED are forgotten)."""
+    now = time.monotonic()
+    seen = memory.get(key)
+    if seen is not None and now - seen < seconds:
+        return True
+    memory[key] = now
+    memory.move_to_end(key)
+    while len(memory) > MAX_WELCOMED:
+        memory.popitem(last=False)
+    return False
 
 
 @functools.cache
