@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import field_bench_report as report
 from common import ROOT, HelpFormatter, machine, write_json
@@ -73,6 +73,7 @@ logger = logging.getLogger("field_bench")
 DEFAULT_DEADLINE = 30.0
 HEARTBEAT_JITTER = 0.1
 LOOKUP_LIMIT = 10
+T = TypeVar("T")
 # Warm discoveries: caches filled this many rounds of --concurrency lookups before they are asked.
 WARM_CHUNK = 4
 LAG_TICK = 0.01
@@ -304,13 +305,13 @@ def rates_since(
 ) -> dict[str, list[tuple[float, float]]]:
     """Each worker's B/s sent and received since `before` (from `traffic_of`), by role."""
     rates: dict[str, list[tuple[float, float]]] = {}
+    per = 1 / seconds if seconds > 0 else 0.0
     for w in workers:
         sent0, received0 = before[id(w)]
         sent, received = (
             w.host.traffic.sent_bytes - sent0,
             w.host.traffic.received_bytes - received0,
         )
-        per = 1 / seconds if seconds > 0 else 0.0
         rates.setdefault(w.role, []).append((sent * per, received * per))
     return rates
 
@@ -525,16 +526,20 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
         share = len(dead_for) / len(providers) if providers else 0.0
         return len(providers) >= min(LOOKUP_LIMIT, up), share, dead_for
 
+    async def from_live(reader: Worker, ask: Callable[[Any], Awaitable[T]], *avoid: Worker) -> T:
+        """`ask(node)` from `reader`'s node, or a live stand-in's when it is down; asked again
+        from another when the asker goes down during it: nobody is left to want the answer."""
+        asker = reader if reader.alive else pick_alive(rng, workers, *avoid)
+        while True:
+            node = asker.node
+            answer = await ask(node)
+            if node.rpc.listening:
+                return answer
+            asker = pick_alive(rng, workers, *avoid)
+
     def service_lookup(reader: Worker, name: str) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            asker = reader if reader.alive else pick_alive(rng, workers)
-            while True:
-                node = asker.node
-                got = await node.lookup_report(name, limit=LOOKUP_LIMIT)
-                if node.rpc.listening:
-                    break
-                # The reader went down during its lookup: nobody is left to want the answer.
-                asker = pick_alive(rng, workers)
+            got = await from_live(reader, lambda node: node.lookup_report(name, limit=LOOKUP_LIMIT))
             ok, share, dead_for = judge(got.providers, name)
             return Op(0.0, ok, got.hops, got.rounds, dead_share=share, dead_for=dead_for)
 
@@ -567,13 +572,10 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
     def record_get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
             wanted = target if target.alive else pick_alive(rng, workers, reader)
-            asker = reader if reader.alive else pick_alive(rng, workers, wanted)
-            while True:
-                node = asker.node
-                record, hops = await node.get_record_report(wanted.identity.worker_id)
-                if node.rpc.listening:
-                    break
-                asker = pick_alive(rng, workers, wanted)  # went down while it read
+            worker_id = wanted.identity.worker_id
+            record, hops = await from_live(
+                reader, lambda node: node.get_record_report(worker_id), wanted
+            )
             ok = record is not None and record.worker_id == wanted.identity.worker_id
             return Op(0.0, ok, hops)
 
