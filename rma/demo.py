@@ -3,7 +3,8 @@
 An embedded (or `RMA_REDIS_URL`) registry, one bridge with its coordinator DHT node, the edge
 router with its own DHT node, and N worker agents, each a real Kademlia node with a small HTTP
 service standing in for its Cloudflare Tunnel. The tunnel allow-list is widened to loopback for
-the demo only, and the log says so.
+the demo only, and the log says so. Each stand-in service embeds its agent's tunnel proof
+(`worker.ProofMiddleware`), as a volunteer's service would, so the router proves every worker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -39,6 +41,7 @@ from edge_router.state import RouterState
 from rma.commands.router import QuietServer
 from worker.agent import WorkerAgent
 from worker.config import WorkerConfig, worker_dht_settings
+from worker.proof import ProofMiddleware, ProofSource
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +178,12 @@ async def _start_workers(
         nonlocal joined
         service = config.services[index % len(config.services)]
         load = round(rng.uniform(0.05, 0.9), 2)
+        # The service listens before the agent exists (the agent's record names its port), so
+        # its proof reads the agent when asked: None (503) until it is bound below.
+        agent: WorkerAgent | None = None
+        app = _tunnel_app(index, service, lambda: agent)
         async with gate:
-            port = await _serve(
-                stack, _tunnel_app(index, service), "127.0.0.1", 0, f"demo-tunnel-{index}"
-            )
+            port = await _serve(stack, app, "127.0.0.1", 0, f"demo-tunnel-{index}")
             worker_config = WorkerConfig(
                 services=(service,),
                 tunnel_url=f"http://127.0.0.1:{port}",
@@ -191,7 +196,7 @@ async def _start_workers(
                 ttl=config.ttl,
                 load=load,
             )
-            agent = WorkerAgent(worker_config)
+            agent = WorkerAgent(worker_config)  # the service's proof answers for it now
             await agent.start()
             agents.append(agent)
             joined += 1
@@ -209,8 +214,9 @@ async def _start_workers(
     return agents
 
 
-def _tunnel_app(index: int, service: str) -> Starlette:
-    """The stand-in for a worker's own HTTP service behind its tunnel."""
+def _tunnel_app(index: int, service: str, agent: Callable[[], ProofSource | None]) -> Starlette:
+    """The stand-in for a worker's own HTTP service behind its tunnel; it answers the router's
+    tunnel proof with the key of the agent `agent()` returns."""
 
     async def work(request: Request) -> JSONResponse:
         body = await request.body()
@@ -226,7 +232,10 @@ def _tunnel_app(index: int, service: str) -> Starlette:
         )
 
     methods = ["GET", "POST", "PUT", "DELETE"]
-    return Starlette(routes=[Route("/{path:path}", work, methods=methods)])
+    return Starlette(
+        routes=[Route("/{path:path}", work, methods=methods)],
+        middleware=[Middleware(ProofMiddleware, agent=agent)],
+    )
 
 
 async def _serve(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -24,11 +25,15 @@ from tests.support.redis_server import TEST_REDIS_TIMEOUT, RedisServer
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 READY_DEADLINE = 90.0
 STOP_DEADLINE = 30.0
+PROVED = re.compile(r"tunnel proof of worker ([0-9a-f]{40}) at \S+: proved \(")
 
 
 @contextlib.asynccontextmanager
-async def demo(workers: int) -> AsyncIterator[str]:
-    """Run `rma demo` until the test is done; yields the router's URL once it says ready."""
+async def demo(workers: int, log: list[str] | None = None) -> AsyncIterator[str]:
+    """Run `rma demo` until the test is done; yields the router's URL once it says ready.
+
+    Its log lines (stderr) go to `log` as they come, when given.
+    """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RMA_REDIS_URL"}  # the embedded default
     proc = await asyncio.create_subprocess_exec(
@@ -44,7 +49,7 @@ async def demo(workers: int) -> AsyncIterator[str]:
         env=env,
     )
     assert proc.stderr is not None
-    log: list[str] = []
+    log = [] if log is None else log
     try:
         deadline = time.monotonic() + READY_DEADLINE
         while not any("demo ready" in line for line in log):
@@ -95,6 +100,25 @@ async def test_demo_with_twenty_workers_looks_up_routes_and_stops_on_sigint() ->
 
 async def _ge(count: object, want: int) -> bool:
     return int(await count) >= want  # type: ignore[misc]
+
+
+async def test_the_router_proves_the_tunnel_of_every_demo_worker() -> None:
+    # Each stand-in service answers the proof with its agent's key (worker.ProofMiddleware);
+    # before, the router's fetch got the stand-in's echo: "failed (the answer has no hex
+    # Ed25519 signature)".
+    log: list[str] = []
+    async with demo(4, log) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        # A route queues every provider of its service for proof.
+        for service in ("ocr", "gpu"):
+            assert (await client.post(f"/route/{service}/hello", content=b"x")).status_code == 200
+
+        def all_proved() -> bool:
+            verdicts = [line for line in log if "tunnel proof of worker" in line]
+            not_proved = [line for line in verdicts if not PROVED.search(line)]
+            assert not not_proved, "".join(not_proved)
+            return len({m[1] for line in verdicts if (m := PROVED.search(line))}) == 4
+
+        await wait_for(all_proved, timeout=30, message="the router to prove all 4 workers")
 
 
 async def test_the_page_of_a_running_demo_draws_its_workers(tmp_path: Path) -> None:
