@@ -14,7 +14,10 @@ One address cannot crowd a lookup: its shortlist (and the closest nodes it retur
 most a few candidates per IP and per subnet (the routing table's `DiversityLimits`, per
 bucket), so fakes minted next to the target at one address cannot hide the real holders.
 A node that has not yet proved our address answers with a cut list naming us (see
-dht_protocol); it is asked once more, by which time it has our answer to its check.
+dht_protocol); it is asked once more, by which time it has our answer to its check. A value
+too big for what we paid comes back cut to a share of its records (`partial`): a crawl with
+`partial_ok` takes it as it is, others ask once more for all of it. FIND_VALUE requests to
+candidates within `NEAR_FACTOR` times our table's neighbourhood of the key pay for that cut.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from kademlia.node import Node
 
 from dht_bridge.dht.address import contact_address
 from dht_bridge.dht.admission import Groups
-from dht_bridge.dht.protocol import RMAProtocol
+from dht_bridge.dht.protocol import RMAProtocol, is_partial
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ logger = logging.getLogger(__name__)
 # the timer that woke us late, once for the replies queued behind it (asyncio reads a socket
 # one datagram per pass, so a late timer can overtake replies that came before it was due).
 LAG_FACTOR = 2.0
+# A candidate this many times our k-th closest contact's distance from us, or nearer, to the
+# key is likely to hold its value (the distances of the k closest to a point vary about
+# twofold from point to point): its FIND_VALUE is padded to pay for a cut value at once.
+NEAR_FACTOR = 4
 
 
 class _State(Enum):
@@ -95,8 +102,12 @@ class Crawl:
         accept: Callable[[bytes], bool] | None = None,
         claimed: dict[bytes, int] | None = None,
         path: int = 0,
+        partial_ok: bool = False,
     ) -> None:
         self.protocol = protocol
+        self.partial_ok = partial_ok
+        # Candidates nearer the target than this get value requests padded for a cut value.
+        self.near = NEAR_FACTOR * protocol.router.neighbourhood() if find_value else 0
         # Disjoint paths (S/Kademlia): crawls sharing `claimed` never ask the same node (node id
         # -> the `path` that asked it). A node is claimed when asked, not when learnt: the
         # first answer near the key names every holder, and claiming on learning gave them all
@@ -258,8 +269,12 @@ class Crawl:
         candidate.state = _State.ASKED
         candidate.asked_at = now
         self.result.queried += 1
-        call = self.protocol.call_find_value if self.find_value else self.protocol.call_find_node
-        task = asyncio.get_running_loop().create_task(call(candidate.node, self.target))
+        if self.find_value:
+            near = candidate.node.long_id ^ self.target.long_id <= self.near
+            call = self.protocol.call_find_value(candidate.node, self.target, near=near)
+        else:
+            call = self.protocol.call_find_node(candidate.node, self.target)
+        task = asyncio.get_running_loop().create_task(call)
         self._pending[task] = candidate
 
     def _handle(self, candidate: _Candidate, reply: tuple[bool, Any]) -> None:
@@ -268,9 +283,12 @@ class Crawl:
             candidate.state = _State.FAILED
             self.result.failed += 1
             return
-        if not candidate.retried and _names(payload, self._me):
+        if not candidate.retried and (
+            _names(payload, self._me) or (is_partial(payload) and not self.partial_ok)
+        ):
             # A cut answer for a caller it has not proved yet: ask again. Its check of our
-            # address left before the answer, and we answered the check on arrival.
+            # address left before the answer, and we answered the check on arrival. (A cut
+            # value names nobody: parse_contacts finds none in it.)
             candidate.retried = True
             candidate.state = _State.WAITING
             for node in parse_contacts(payload):

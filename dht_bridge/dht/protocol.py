@@ -20,6 +20,12 @@ answer does), and they ask again once they have answered the check; each request
 one round trip. Anyone else (a stock node) gets the full answer when it has answered the
 check; if it does not, what fits. The stock library reads one msgpack object from a datagram
 and ignores the padding after it, so the wire format stays the library's.
+
+A FIND_VALUE to a node that is likely to hold the value (near the key: see the crawl) is
+padded further, to `VALUE_PADDED`, QUIC's datagram size: three times that pays for a value cut
+to fit (`cut_value`: a random share of the records, its overflow mark kept and backed), marked
+`partial` in the answer, so the first read from a holder costs one round trip too. A reader
+that wants every record asks again for the rest; a lookup that wants a few providers does not.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from dht_bridge.dht.renew import RENEW_RPC
 from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.rtt import RoundTrips
 from dht_bridge.dht.storage import RecordStorage
-from dht_bridge.dht.values import MAX_DATAGRAM_BODY
+from dht_bridge.dht.values import MAX_DATAGRAM_BODY, cut_value
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,12 @@ MAX_UNANSWERED = 4096
 BOUNDED_RPCS = frozenset({"find_node", "find_value"})
 # Answers held per address while its check is under way; more are cut to fit at once.
 MAX_HELD = 8
+# What a FIND_VALUE to a likely holder is padded to: QUIC's 1200 bytes and DNS's 1232 (a
+# datagram no path cuts into fragments), so three times it pays for a value of about 3.5 KB.
+VALUE_PADDED = 1232
+# The key of a FIND_VALUE answer that carries a cut value (`cut_value`); the stock library
+# reads only "value" and ignores it.
+PARTIAL = "partial"
 # An address that got an answer of ours counts as proved there for VALIDATION_TTL; we count
 # on it for half that (it may have restarted, or forgotten us among many), then pad again.
 HEARD_TTL = VALIDATION_TTL / 2
@@ -149,6 +161,8 @@ class TrafficStats:
     # budget instead (the check went unanswered, or none could be sent).
     held_answers: int = 0
     bounded_answers: int = 0
+    # Of those, values cut to fit (a share of the records, see `cut_value`).
+    cut_values: int = 0
     # Bytes in and out by RPC, requests and their replies together (e.g. "store": what
     # heartbeats cost, "find_node": what crawls cost), plus "malformed" and "unmatched" (a
     # reply after its request timed out): where a node's traffic goes, summing to bytes in+out.
@@ -341,7 +355,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         budget = AMPLIFICATION * size - self._spent
         if len(datagram) > budget and name in BOUNDED_RPCS and addr not in self.validated:
             ours = msg_id.startswith(OUR_TAGS)
-            cut = functools.partial(self._bounded_answer, msg_id, addr, args, budget, echo=ours)
+            cut = functools.partial(
+                self._bounded_answer, msg_id, addr, args, budget, echo=ours, full=response
+            )
             held = None if ours else self._held.get(addr)
             if held is not None and len(held) < MAX_HELD:
                 # Sent when the caller answers our check (see `_finish_check`).
@@ -353,17 +369,34 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.heard_us.prove(addr)
 
     def _bounded_answer(
-        self, msg_id: bytes, addr: Address, args: list[Any], budget: int, *, echo: bool
+        self,
+        msg_id: bytes,
+        addr: Address,
+        args: list[Any],
+        budget: int,
+        *,
+        echo: bool,
+        full: Any = None,
     ) -> bytes:
         """A FIND_NODE / FIND_VALUE answer within `budget` bytes for a caller that did not
-        prove its address: the closest contacts that fit (a stock client reads a short list),
-        after the caller itself when `echo` (our nodes read that as "ask again")."""
+        prove its address: for our nodes, the `full` answer's value cut to fit where it can
+        be (marked partial); else the closest contacts that fit (a stock client reads a short
+        list), after the caller itself when `echo` (our nodes read that as "ask again")."""
         self.stats.bounded_answers += 1
+        header = len(RESPONSE + msg_id)
+        value = full.get("value") if echo and isinstance(full, dict) else None
+        if isinstance(value, bytes):
+            room = budget - header - len(msgpack.packb({"value": b"", PARTIAL: True})) - 2
+            cut = cut_value(value, room, self.storage.clock())
+            if cut is not None:
+                self.stats.cut_values += 1
+                answer: bytes = msgpack.packb({"value": cut, PARTIAL: True})
+                return RESPONSE + msg_id + answer
         caller = Node(args[0], addr[0], addr[1])
         neighbors = self.router.find_neighbors(Node(args[1]), exclude=caller)
         entries: list[tuple[bytes, str, int]] = []
         # A list header is 1 byte up to 15 entries and 3 beyond.
-        used = len(RESPONSE + msg_id) + 3
+        used = header + 3
         for node in (caller, *neighbors) if echo else neighbors:
             entry = (node.id, node.ip, node.port)
             cost = len(msgpack.packb(entry))
@@ -415,16 +448,18 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
     # Outbound requests.
 
     async def request(
-        self, address: Address, name: str, *args: Any, wait: float | None = None
+        self, address: Address, name: str, *args: Any, wait: float | None = None, pad: int = 0
     ) -> Reply:
-        """Send one RPC; `(True, reply)` or `(False, None)` after the timeout, never raises."""
-        sent = self._send_request(address, name, args, wait)
+        """Send one RPC; `(True, reply)` or `(False, None)` after the timeout, never raises.
+        A FIND_NODE / FIND_VALUE to an address that has not heard us lately is padded to
+        `padded_size`, or to `pad` bytes if more."""
+        sent = self._send_request(address, name, args, wait, pad)
         if sent is None:
             return False, None
         return await self._reply_to(*sent)
 
     def _send_request(
-        self, address: Address, name: str, args: Any, wait: float | None
+        self, address: Address, name: str, args: Any, wait: float | None, pad: int = 0
     ) -> tuple[bytes, asyncio.Future[Reply], float] | None:
         """Put a request on the wire now; (message id, reply future, time sent) or None."""
         body = msgpack.packb([name, list(args)])
@@ -436,7 +471,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.unsendable += 1
             return None
         if name in BOUNDED_RPCS and target not in self.heard_us:
-            padded = padded_size(self.router.ksize, self._family)
+            padded = max(pad, padded_size(self.router.ksize, self._family))
             body += bytes(max(0, padded - len(REQUEST) - MSG_ID_BYTES - len(body)))
         loop = asyncio.get_running_loop()
         msg_id = self._new_msg_id()
@@ -494,10 +529,17 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         )
         return self.handle_call_response(result, node_to_ask)
 
-    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> Reply:
-        """FIND_VALUE on a contact, with failure accounting."""
+    async def call_find_value(
+        self, node_to_ask: Node, node_to_find: Node, *, near: bool = False
+    ) -> Reply:
+        """FIND_VALUE on a contact, with failure accounting; `near`: the contact is likely to
+        hold the value, so a first request pays for a cut of it (`VALUE_PADDED`)."""
         result = await self.request(
-            (node_to_ask.ip, node_to_ask.port), "find_value", self.source_node.id, node_to_find.id
+            (node_to_ask.ip, node_to_ask.port),
+            "find_value",
+            self.source_node.id,
+            node_to_find.id,
+            pad=VALUE_PADDED if near else 0,
         )
         return self.handle_call_response(result, node_to_ask)
 
@@ -792,6 +834,11 @@ def _noted_lately(memory: OrderedDict[bytes, float], key: bytes, seconds: float)
     while len(memory) > MAX_WELCOMED:
         memory.popitem(last=False)
     return False
+
+
+def is_partial(reply: Any) -> bool:
+    """Is this FIND_VALUE answer a value cut to fit an unproved caller (see `cut_value`)?"""
+    return isinstance(reply, dict) and reply.get(PARTIAL) is True
 
 
 @functools.cache

@@ -100,6 +100,15 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
                     heapq.heapreplace(best, entry)
         return [contact for _, _, contact in sorted(best, reverse=True)]
 
+    def neighbourhood(self) -> int:
+        """The XOR distance from us to our k-th closest contact: about how far any key's k
+        closest nodes (its holders) lie from it, as the table sees the network's density.
+        The widest distance when we hold fewer than k contacts (a small network)."""
+        closest = self.find_neighbors(self.node, self.ksize)
+        if len(closest) < self.ksize:
+            return (1 << 160) - 1
+        return int(closest[-1].long_id ^ self.node.long_id)
+
     def knows(self, node: Node) -> bool:
         """Is this contact in a bucket or waiting in a replacement list?"""
         bucket = self.buckets[self.get_bucket_for(node)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,9 +40,10 @@ MAX_RECORDS_BYTES = MAX_VALUE_BYTES - MARK_ROOM
 DEFAULT_VERIFIED_CACHE = 4096
 # An overflow mark sends readers one level down only when the value carrying it is at least
 # this full of signed records: a shard overflows only once it is full, and anyone can send an
-# empty mark. Half, not all: a full shard that loses providers keeps sending readers down
-# while the ones filed below rise back (every few heartbeats).
-MARK_PROOF_SHARE = 0.5
+# empty mark. Well short of all: a full shard that loses providers keeps sending readers down
+# while the ones filed below rise back (every few heartbeats); and a value cut to what a
+# reader's first request pays for (see `cut_value`, about 3.5 KB) must still back its mark.
+MARK_PROOF_SHARE = 0.4
 
 
 def key_digest(key: str) -> bytes:
@@ -102,6 +104,54 @@ def leaves_no_room(decoded: DecodedValue, record: WorkerRecord, now: float) -> b
     proof: the records are verified by `decode_value` unless it was lazy.)"""
     held = [r for r in decoded.records if r.worker_id != record.worker_id and not r.is_expired(now)]
     return len(encode_value(decoded.key, [*held, record])) > MAX_RECORDS_BYTES
+
+
+# Where the records start in a value's envelope, and the expiry in a record's wire form.
+_RECORDS, _EXPIRES = 2, 10
+
+
+def cut_value(value: bytes, room: int, now: float) -> bytes | None:
+    """`value` with as many of its live records as fit in `room` bytes, its mark kept; None
+    when none fit, or the value is marked and what fits could not back the mark.
+
+    Picked at random, not least loaded first: readers of one shard each see a different share
+    of its providers (so they do not all pick the same few), and a reader that takes cuts
+    from two or more holders sees most of the shard. Only envelopes this codec writes are
+    cut; the holder stored it, so it was valid when merged.
+    """
+    try:
+        envelope = msgpack.unpackb(value)
+    except ValueError:
+        return None
+    if not (
+        isinstance(envelope, list)
+        and 3 <= len(envelope) <= 5
+        and isinstance(envelope[_RECORDS], list)
+    ):
+        return None
+    head, tail = envelope[:_RECORDS], envelope[_RECORDS + 1 :]
+    items = [item for item in envelope[_RECORDS] if _unexpired(item, now)]
+    random.shuffle(items)
+    # The records' array header is 1 byte up to 15 entries, 3 up to 65535.
+    used = len(msgpack.packb([*head, [], *tail])) + 2
+    kept: list[Any] = []
+    for item in items:
+        cost = len(msgpack.packb(item))
+        if used + cost <= room:
+            kept.append(item)
+            used += cost
+    marked = bool(tail) and isinstance(tail[0], int | float) and tail[0] > now
+    proof = len(msgpack.packb([*head, kept]))
+    if not kept or (marked and proof < MARK_PROOF_SHARE * MAX_RECORDS_BYTES):
+        return None
+    return bytes(msgpack.packb([*head, kept, *tail]))
+
+
+def _unexpired(item: Any, now: float) -> bool:
+    if not isinstance(item, list) or len(item) <= _EXPIRES:
+        return False
+    expires = item[_EXPIRES]
+    return isinstance(expires, int | float) and expires > now
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
+from typing import Any
 
 import pytest
 from kademlia.network import Server
@@ -17,9 +19,9 @@ from kademlia.node import Node
 
 from dht_bridge.dht import shards
 from dht_bridge.dht.admission import AMPLIFICATION
-from dht_bridge.dht.node import DHTNode
-from dht_bridge.dht.protocol import SERVER_TAG, padded_size
-from dht_bridge.dht.values import key_digest
+from dht_bridge.dht.node import PARTIAL_LIMIT, DHTNode
+from dht_bridge.dht.protocol import SERVER_TAG, VALUE_PADDED, is_partial, padded_size
+from dht_bridge.dht.values import DecodedValue, backs_mark, decode_value, key_digest
 from tests.support.dht import NetworkFactory, publish_all, start_node
 from tests.support.helpers import free_port, make_record, wait_for
 from tests.support.raw_peer import RESPONSE, RawPeer, open_raw_peer
@@ -45,8 +47,13 @@ async def published(network_factory: NetworkFactory) -> list[DHTNode]:
 
 @pytest.mark.parametrize(
     ("tag", "pad"),
-    [(b"", 0), (SERVER_TAG, 0), (SERVER_TAG, padded_size(20, socket.AF_INET))],
-    ids=["stock", "ours", "ours-padded"],
+    [
+        (b"", 0),
+        (SERVER_TAG, 0),
+        (SERVER_TAG, padded_size(20, socket.AF_INET)),
+        (SERVER_TAG, VALUE_PADDED),
+    ],
+    ids=["stock", "ours", "ours-padded", "ours-value-padded"],
 )
 @pytest.mark.parametrize("rpc", ["find_value", "find_node"])
 async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
@@ -62,7 +69,11 @@ async def test_an_unproved_sender_gets_at_most_3x_its_request_on_the_wire(
     try:
         for node in holders:
             answer = await victim.ask(node.address, rpc, os.urandom(20), digest)
-            assert isinstance(answer, list), "the full answer went to an unproved address"
+            if pad < VALUE_PADDED:
+                # Contacts, or for our nodes a share of the value marked so (`cut_value`).
+                assert isinstance(answer, list) or (tag and is_partial(answer)), (
+                    "the full answer went to an unproved address"
+                )
         await quiet(nodes)
         ratio = victim.received.bytes / victim.sent_bytes
         assert ratio <= AMPLIFICATION, (victim.received.bytes, victim.sent_bytes)
@@ -120,23 +131,90 @@ async def test_a_sender_that_answers_our_check_gets_the_full_answer_and_its_valu
         transport.close()
 
 
-async def test_a_node_nobody_has_heard_of_reads_values_at_once(
+# Enough providers that a shard's value outgrows what even a value request pays for.
+MANY = 30
+
+
+async def stranger_to(network_factory: NetworkFactory) -> tuple[list[DHTNode], DHTNode]:
+    """A network with MANY providers of ocr, and a reader that knows its nodes (from a state
+    file, say) while none of them knows it."""
+    nodes = await network_factory(NETWORK)
+    await publish_all(nodes, [make_record(services=["ocr"]) for _ in range(MANY)])
+    reader = await start_node()
+    for node in nodes:
+        reader.rpc.router.add_contact(Node(node.node.id, *node.address))
+    return nodes, reader
+
+
+async def test_a_node_nobody_has_heard_of_reads_every_provider(
     network_factory: NetworkFactory,
 ) -> None:
-    nodes = await published(network_factory)
-    before = sum(n.rpc.stats.bounded_answers for n in nodes)
-    reader = await start_node()
+    nodes, reader = await stranger_to(network_factory)
     try:
-        # Contacts from a state file, say: the reader knows them, none of them knows it.
-        for node in nodes:
-            reader.rpc.router.add_contact(Node(node.node.id, *node.address))
         found = await reader.lookup("ocr", limit=100)
-        assert len(found) == PROVIDERS
-        # Values outgrow what a padded request pays for: the holders cut their answers
-        # (contact lists fit), and the reader asked again once it answered their checks.
-        assert sum(n.rpc.stats.bounded_answers for n in nodes) > before
+        assert len(found) == MANY
+        # The value outgrows what a padded request pays for: the holders cut their answers,
+        # and a reader wanting more providers than a cut holds asked again once it answered
+        # their checks.
+        assert sum(n.rpc.stats.bounded_answers for n in nodes) > 0
     finally:
         await reader.aclose()
+
+
+async def test_a_lookup_for_a_few_providers_takes_a_holders_cut_value_at_once(
+    network_factory: NetworkFactory,
+) -> None:
+    nodes, reader = await stranger_to(network_factory)
+    asked: Counter[tuple[bytes, bytes]] = Counter()
+    call_find_value = reader.rpc.call_find_value
+
+    async def counted(node: Node, target: Node, *, near: bool = False) -> tuple[bool, Any]:
+        asked[node.id, target.id] += 1
+        return await call_find_value(node, target, near=near)
+
+    reader.rpc.call_find_value = counted  # type: ignore[method-assign,assignment]
+    try:
+        found = await reader.lookup("ocr", limit=PARTIAL_LIMIT)
+        assert len(found) == PARTIAL_LIMIT
+        # Every holder that never heard the reader sent a share of its records at once, and
+        # was not asked again for the rest: no contact list naming the reader went out, and
+        # no node was asked twice for one key.
+        cuts = sum(n.rpc.stats.cut_values for n in nodes)
+        assert cuts > 0
+        assert sum(n.rpc.stats.bounded_answers for n in nodes) == cuts
+        assert asked
+        assert max(asked.values()) == 1, asked
+    finally:
+        await reader.aclose()
+
+
+async def test_a_cut_value_keeps_its_overflow_mark_backed(
+    network_factory: NetworkFactory,
+) -> None:
+    nodes = await network_factory(NETWORK)
+    # More than the root shard holds: it overflows, and its holders mark it.
+    await publish_all(nodes, [make_record(services=["ocr"]) for _ in range(2 * MANY)])
+    digest = key_digest(shards.service_key("ocr", 0))
+    holders = [n for n in nodes if n.storage.value(digest) is not None]
+    now = holders[0].clock()
+
+    def decoded(node: DHTNode, value: bytes | None) -> DecodedValue:
+        return decode_value(value, digest=digest, verifier=node.verifier, now=now)
+
+    marked = [n for n in holders if decoded(n, n.storage.value(digest)).overflowed(now)]
+    assert marked, "the root shard was never marked overflowed"
+    transport, victim = await open_raw_peer(None, SERVER_TAG, VALUE_PADDED)
+    try:
+        for node in marked:
+            answer = await victim.ask(node.address, "find_value", os.urandom(20), digest)
+            assert is_partial(answer)
+            cut = decoded(node, answer["value"])
+            assert 0 < len(cut.records) < len(decoded(node, node.storage.value(digest)).records)
+            # A reader sent this share goes one level down, as the whole value would send it.
+            assert backs_mark(cut, node.verifier, now)
+        assert victim.received.bytes <= AMPLIFICATION * victim.sent_bytes
+    finally:
+        transport.close()
 
 
 async def test_our_first_request_to_a_node_that_never_heard_of_us_is_answered_in_full(

@@ -8,6 +8,7 @@ import hashlib
 import time
 from typing import Any
 
+import pytest
 from kademlia.node import Node
 
 from dht_bridge.dht.admission import DiversityLimits
@@ -29,6 +30,9 @@ class _Router:
     def groups(self, node: Node) -> tuple[str, str]:
         return node.ip, node.ip
 
+    def neighbourhood(self) -> int:
+        return (1 << 160) - 1  # every candidate is near: value requests are all padded
+
 
 class ScriptedProtocol:
     """Answers FIND_VALUE from a script: a value, a list of contacts, or never (silent)."""
@@ -40,7 +44,9 @@ class ScriptedProtocol:
         self.asked: list[bytes] = []
         self.silent: list[asyncio.Future[None]] = []
 
-    async def call_find_value(self, node: Node, target: Node) -> tuple[bool, Any]:
+    async def call_find_value(
+        self, node: Node, target: Node, *, near: bool = False
+    ) -> tuple[bool, Any]:
         self.asked.append(node.id)
         answer = self.script.get(node.id)
         if answer is None:
@@ -129,7 +135,9 @@ async def test_a_busy_loop_does_not_make_a_reader_take_slow_holders_for_absent_o
     released = loop.create_future()
 
     class BusyHolders(ScriptedProtocol):
-        async def call_find_value(self, node: Node, target: Node) -> tuple[bool, Any]:
+        async def call_find_value(
+            self, node: Node, target: Node, *, near: bool = False
+        ) -> tuple[bool, Any]:
             if node in holders:
                 await released
             return await super().call_find_value(node, target)
@@ -159,3 +167,27 @@ async def test_a_busy_loop_does_not_make_a_reader_take_slow_holders_for_absent_o
     result = await asyncio.wait_for(crawl.run(), timeout=10)
     assert len(result.values) == 2, f"read concluded with {len(result.values)} values"
     assert result.lag > 0.2, result.lag
+
+
+@pytest.mark.parametrize("partial_ok", [True, False], ids=["a-few-wanted", "all-wanted"])
+async def test_a_cut_value_is_taken_by_a_lookup_and_asked_again_by_a_full_read(
+    partial_ok: bool,
+) -> None:
+    # A holder that never heard us sends a share of its records, marked partial. A lookup for
+    # a few providers takes it; a read of every record asks once more (by then the holder
+    # has our answer to its check), and takes what it gets then.
+    holder = near(0)
+    protocol = ScriptedProtocol({holder.id: {"value": b"share", "partial": True}})
+    crawl = Crawl(
+        protocol,  # type: ignore[arg-type]
+        TARGET,
+        [holder],
+        ksize=20,
+        alpha=3,
+        find_value=True,
+        stall=0.05,
+        partial_ok=partial_ok,
+    )
+    result = await asyncio.wait_for(crawl.run(), timeout=10)
+    assert [value for _, value in result.values] == [b"share"]
+    assert protocol.asked == [holder.id] * (1 if partial_ok else 2)

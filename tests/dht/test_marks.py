@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import time
 
 import msgpack
 import pytest
@@ -14,7 +15,14 @@ from kademlia.node import Node
 from dht_bridge.dht import node as dht
 from dht_bridge.dht import shards
 from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
-from dht_bridge.dht.values import RecordVerifier, decode_value, encode_value, key_digest
+from dht_bridge.dht.values import (
+    RecordVerifier,
+    backs_mark,
+    cut_value,
+    decode_value,
+    encode_value,
+    key_digest,
+)
 from dht_bridge.identity import Identity
 from tests.support.dht import (
     ManualClock,
@@ -50,6 +58,35 @@ def test_a_mark_carries_its_depth_and_an_old_style_mark_still_decodes() -> None:
     )
     assert (plain.overflowed(1000.0), plain.deepest) == (True, 0)
     assert len(msgpack.unpackb(encode_value(ROOT, [], 0.0, 3))) == 3  # no mark: no depth either
+
+
+def test_a_value_cut_to_fit_keeps_a_random_share_of_its_live_records_and_its_mark() -> None:
+    verifier = RecordVerifier(POLICY)
+    now = time.time()
+    live = [make_record(services=["ocr"], now=now) for _ in range(30)]
+    lapsed = [make_record(services=["ocr"], now=now - 200, ttl=90) for _ in range(5)]
+    value = encode_value(ROOT, [*live, *lapsed], now + 60, 2)
+    room = 3600
+    cuts = [cut_value(value, room, now) for _ in range(20)]
+    seen: set[str] = set()
+    for cut in cuts:
+        assert cut is not None
+        assert len(cut) <= room
+        decoded = decode_value(cut, digest=DIGEST, verifier=verifier, now=now)
+        assert decoded.refused == 0  # no lapsed record, nothing mangled
+        assert (decoded.overflowed(now), decoded.deepest) == (True, 2)
+        assert backs_mark(decoded, verifier, now)
+        assert 0 < len(decoded.records) < len(live)
+        seen.update(r.worker_id for r in decoded.records)
+    # Each cut a different share: together they show more of the shard than any one.
+    assert len(seen) > max(len(msgpack.unpackb(cut)[2]) for cut in cuts if cut)
+    # Too little room to back the mark: no cut (the reader is asked to come back instead).
+    assert cut_value(value, 2000, now) is None
+    # Unmarked, any share will do; no record fits, no cut.
+    plain = encode_value(ROOT, live)
+    assert cut_value(plain, 2000, now) is not None
+    assert cut_value(plain, 100, now) is None
+    assert cut_value(b"\xc1", 2000, now) is None
 
 
 @pytest.mark.parametrize("depth", [True, -1, shards.MAX_LEVEL + 1, "3", 2.5])
@@ -286,7 +323,9 @@ async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
     genuine = root_holds - forged
     late = [make_record(load=0.5) for _ in range(3)]
 
-    async def read_key(key: str, *, lazy: bool = False, want: int = 2) -> dht.KeyRead:
+    async def read_key(
+        key: str, *, lazy: bool = False, want: int = 2, partial_ok: bool = False
+    ) -> dht.KeyRead:
         if key == ROOT:
             return dht.KeyRead(list(root), overflowed=True, deepest=1)
         deeper.append(key)
@@ -324,7 +363,9 @@ async def test_a_lookup_passes_over_a_level_without_mark_when_the_level_below_ho
     partial = [make_record(load=0.9) for _ in range(3)]
     below = [make_record(load=n / 100) for n in range(12)]
 
-    async def read_key(key: str, *, lazy: bool = False, want: int = 2) -> dht.KeyRead:
+    async def read_key(
+        key: str, *, lazy: bool = False, want: int = 2, partial_ok: bool = False
+    ) -> dht.KeyRead:
         if key == ROOT:
             await root_read.wait()
             return dht.KeyRead(list(partial))
