@@ -1,5 +1,6 @@
 """The emulated network: hosts with emulated addresses, in-memory datagram endpoints, and
-delivery after the link's delay, unless the datagram is lost, its link cut or a NAT refuses it.
+delivery after the link's delay, unless the datagram is lost, its link cut, a NAT refuses it or
+(with `uplink`) the sender's line is full.
 
 No socket is opened and nothing leaves the process: a datagram is a `call_later` on the
 running loop that hands its bytes to the protocol bound at the destination address, so the
@@ -33,13 +34,18 @@ EPHEMERAL_PORTS = range(40000, 60000)
 MAX_HOSTS = 65535
 # Above this many hosts, the median round trip is taken over a sample of pairs.
 MEDIAN_PAIRS = 20000
+# With an uplink limit: what a line holds beyond its rate (its buffer), in seconds of the rate;
+# and the bytes each datagram adds to its payload on the line (IPv4 and UDP headers).
+UPLINK_BUFFER_S = 0.2
+DATAGRAM_OVERHEAD = 28
 
 
 @dataclass
 class Traffic:
     """What one host sent and received (datagrams and payload bytes) and what the network did
     not deliver: lost by the loss model, dropped on a cut link, refused by the receiver's NAT,
-    or sent to an address where nothing is bound."""
+    sent to an address where nothing is bound, or dropped because the sender's uplink was full
+    (`overflow`, with an uplink limit only)."""
 
     sent: int = 0
     sent_bytes: int = 0
@@ -49,6 +55,7 @@ class Traffic:
     cut: int = 0
     filtered: int = 0
     undeliverable: int = 0
+    overflow: int = 0
 
     def __add__(self, other: Traffic) -> Traffic:
         return Traffic(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -153,6 +160,9 @@ class Host:
         self.traffic = Traffic()
         self.endpoints: list[EmulatedTransport] = []
         self._next_port = EPHEMERAL_PORTS.start
+        # The uplink's free room in bytes, as of the loop time `_line_at` (uplink limit only).
+        self._line_room: float | None = None
+        self._line_at = 0.0
 
     def __repr__(self) -> str:
         nat = ", nat" if self.nat else ""
@@ -189,6 +199,19 @@ class Host:
                 return port
         raise OSError(errno.EADDRNOTAVAIL, f"no free port on {self.ip}")
 
+    def line_takes(self, size: int, now: float, rate: float) -> bool:
+        """Has this host's uplink, of `rate` bytes/s, room at loop time `now` for a datagram
+        of `size` payload bytes? If so, the room is taken (see `EmulatedNetwork`)."""
+        full = rate * UPLINK_BUFFER_S
+        room = full if self._line_room is None else self._line_room
+        self._line_room = min(full, room + (now - self._line_at) * rate)
+        self._line_at = now
+        cost = size + DATAGRAM_OVERHEAD
+        if self._line_room < cost:
+            return False
+        self._line_room -= cost
+        return True
+
     def crash(self) -> None:
         """Every endpoint of this host vanishes at once: nothing more is sent or delivered, and
         no protocol is told (its process is gone)."""
@@ -203,11 +226,20 @@ class EmulatedNetwork:
     before), the links, and the losses and jitter for a given order of sends. Cut
     links with `cut`/`heal`, take a host off the network with `isolate`/`rejoin`, and read
     what each host sent and received in `Host.traffic`.
+
+    `uplink` (bytes per second, None: no limit) is every host's line out: a token bucket that
+    holds `UPLINK_BUFFER_S` of it, each datagram costing its payload plus 28 bytes of headers.
+    A datagram sent when the bucket is empty is dropped (`Traffic.overflow`); one that fits
+    leaves at once, so traffic under the limit is delivered exactly as without it (same delays,
+    same losses for the same seed). A line is not a queue here: it drops, it never delays.
     """
 
-    def __init__(self, profile: Profile, *, seed: int = 0) -> None:
+    def __init__(self, profile: Profile, *, seed: int = 0, uplink: float | None = None) -> None:
+        if uplink is not None and uplink <= 0:
+            raise ValueError("uplink must be positive (or None: no limit)")
         self.profile = profile
         self.seed = seed
+        self.uplink = uplink
         self.rng = random.Random(seed)
         self._placement = random.Random(f"{seed}:placement")
         self.hosts: list[Host] = []
@@ -325,6 +357,11 @@ class EmulatedNetwork:
         host.traffic.sent_bytes += len(data)
         if host.nat:
             host.allowed.add(target)
+        if self.uplink is not None and not host.line_takes(
+            len(data), self.loop.time(), self.uplink
+        ):
+            host.traffic.overflow += 1
+            return
         destination = self.by_ip.get(target[0])
         if destination is None:
             host.traffic.undeliverable += 1

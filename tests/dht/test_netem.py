@@ -3,6 +3,7 @@ cut links, NAT filtering, and DHT networks (ours and the stock library's gets) r
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import time
@@ -21,6 +22,7 @@ from dht_bridge.netem import (
     EmulatedNetwork,
     EmulatedTransport,
     Host,
+    Traffic,
     profile,
 )
 from dht_bridge.netem.clock import run_virtual
@@ -170,6 +172,39 @@ async def test_a_crashed_host_vanishes_without_its_protocol_being_told() -> None
     assert (receiver.is_closing(), sink.lost, sink.arrived) == (True, [], {})
     # Its port is free again: a restart binds it.
     assert (await bind(b, Sink(), receiver.address[1])).address == receiver.address
+
+
+def test_an_uplink_drops_what_overflows_its_line_and_nothing_under_it() -> None:
+    # On the virtual clock: the line refills with the loop's time, whatever the machine's load.
+    async def scenario(uplink: float | None) -> tuple[Traffic, list[float]]:
+        network = EmulatedNetwork(dataclasses.replace(WORLD, loss=0.05), seed=8, uplink=uplink)
+        a, b = network.add_host("europe"), network.add_host("asia")
+        sink = Sink()
+        sender, receiver = await bind(a, Sink()), await bind(b, sink)
+        # 92 bytes a datagram on the line (64 + 28 of headers), one every 10 ms: 9200 B/s.
+        sent = {}
+        for seq in range(200):
+            sent[seq] = time.monotonic()
+            sender.sendto(seq.to_bytes(4, "big") + b"x" * 60, receiver.address)
+            await asyncio.sleep(0.01)
+        if uplink is not None:
+            assert a.traffic.overflow == 0
+            # A burst of 100 at once: the 0.2 s buffer (2000 bytes at 10 kB/s) takes 21.
+            for seq in range(1000, 1100):
+                sender.sendto(seq.to_bytes(4, "big") + b"x" * 60, receiver.address)
+            assert a.traffic.overflow == 100 - 21
+        expected = a.traffic.sent - a.traffic.lost - a.traffic.overflow
+        await wait_for(lambda: len(sink.arrived) == expected, timeout=10, message="the rest")
+        return a.traffic, [sink.arrived[seq] - sent[seq] for seq in sent if seq in sink.arrived]
+
+    limited, limited_delays = run_virtual(scenario(10_000))
+    free, free_delays = run_virtual(scenario(None))
+    # Under the limit, the same losses and the same delays as without one.
+    assert limited_delays == free_delays
+    assert (free.overflow, free.sent, limited.sent) == (0, 200, 300)
+    assert 0 < free.lost < 30
+    with pytest.raises(ValueError, match="uplink"):
+        EmulatedNetwork(LAN, uplink=0)
 
 
 def test_profiles_are_named_and_describe_themselves() -> None:
