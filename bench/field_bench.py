@@ -345,6 +345,8 @@ async def measure(
     run.loss_seen = traffic.lost / max(1, traffic.sent)
     run.extra |= {
         "median_rtt_s": network.median_rtt(),
+        "uplink_b_s": args.uplink,
+        "uplink_overflow": traffic.overflow,
         "heartbeats": sum(w.heartbeats for w in run.workers),
         "heartbeats_failed": sum(w.failed for w in run.workers),
     }
@@ -408,7 +410,7 @@ def roles(args: argparse.Namespace) -> tuple[int, int]:
 async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
     """Build, publish, window and lookups on our DHTNode."""
     run = Run("ours")
-    network = EmulatedNetwork(profile, seed=args.seed)
+    network = EmulatedNetwork(profile, seed=args.seed, uplink=args.uplink)
     servers, clients = roles(args)
     started = time.monotonic()
     built = await start_field(
@@ -612,7 +614,7 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
 async def run_stock(args: argparse.Namespace, profile: Profile, value_size: int) -> Run:
     """The same plan on `kademlia.network.Server` as it ships: all servers, `set` and `get`."""
     run = Run("stock")
-    network = EmulatedNetwork(profile, seed=args.seed)
+    network = EmulatedNetwork(profile, seed=args.seed, uplink=args.uplink)
     rng = random.Random(args.seed)
     nodes: list[StockServer] = []
     started = time.monotonic()
@@ -748,10 +750,10 @@ def frozen(args: argparse.Namespace) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    """Run ours, then the stock library, and report."""
+    """Run ours, then the stock library (either skipped on request), and report."""
     profile = PROFILES[args.profile]
     print(profile.describe(), f"({clock_line(args)})", flush=True)
-    runs = [await walled(run_ours(args, profile))]
+    runs = [] if args.no_ours else [await walled(run_ours(args, profile))]
     if not args.no_stock:
         runs.append(await walled(run_stock(args, profile, record_size(args))))
     figures = report.figures(runs, args)
@@ -792,6 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the trie settles after every worker published at once",
     )
     parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="per lookup")
+    parser.add_argument(
+        "--uplink",
+        type=float,
+        help="every host's line out, bytes/s (a 0.2 s buffer, then drops; default: no limit). "
+        "Without one, the stock library's STORE storm can grow without bound on the virtual "
+        "clock (datagrams and CPU cost no simulated time)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--session-median", type=float, default=1800.0, help="churn: median session, seconds"
@@ -799,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-dist", choices=("weibull", "lognormal"), default="weibull")
     parser.add_argument("--no-churn", action="store_true", help="every worker stays up")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock library")
+    parser.add_argument("--no-ours", action="store_true", help="skip our DHT (the stock run only)")
     parser.add_argument(
         "--virtual",
         action="store_true",
@@ -820,6 +830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.coordinators < 1 or args.nodes <= args.coordinators:
         print("--nodes must exceed --coordinators (at least 1)", file=sys.stderr)
+        return 2
+    if args.no_ours and args.no_stock:
+        print("--no-ours and --no-stock leave nothing to run", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

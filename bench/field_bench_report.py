@@ -295,6 +295,10 @@ def render(figures: dict[str, Any], profile: Profile) -> str:
     head = f"profile {profile.describe()}\nmedian RTT between this run's hosts: {rtt} ms"
     head += f"\nchurn: {next(iter(figures.values()))['sessions']}"
     head += f"\nclock: {next(iter(figures.values()))['clock']}"
+    if uplink := next(iter(figures.values())).get("uplink_b_s"):
+        dropped = ", ".join(f"{impl} {fig['uplink_overflow']}" for impl, fig in figures.items())
+        head += f"\nuplink: {uplink:g} B/s per host, 0.2 s buffer; datagrams dropped at a full "
+        head += f"line: {dropped}"
     return "\n\n".join([head, *parts])
 
 

@@ -88,13 +88,15 @@ def test_field_bench_runs_simulated_time_on_the_virtual_clock(tmp_path: Path) ->
         "field_bench.py",
         *("--profile", "world", "--nodes", "14", "--coordinators", "2", "--virtual"),
         *("--lookups", "12", "--window", str(window), "--out", str(out)),
-        *("--session-median", "300"),
+        *("--session-median", "300", "--uplink", "1e6"),
         timeout=300,
     )
     data = json.loads(out.read_text())
     assert data["clock"] == "virtual"
     for run in data["figures"].values():
         assert run["clock"] == "virtual"
+        # A 1 MB/s line is far above what 14 nodes send: nothing dropped, for either.
+        assert (run["uplink_b_s"], run["uplink_overflow"]) == (1e6, 0)
         assert all(run.get(name) is not None for name in RUN_FIGURES), run
         # Half an hour of heartbeats and churn, in the loop's seconds and far fewer real ones.
         assert run["window_s"] == window
@@ -106,3 +108,18 @@ def test_field_bench_runs_simulated_time_on_the_virtual_clock(tmp_path: Path) ->
     # 14 nodes are answered locally: every node holds every key).
     for kind in ("service_lookup", "record_get"):
         assert data["figures"]["ours"]["ops"][kind]["p50_rtts"] >= 1
+
+
+def test_field_bench_runs_the_stock_library_alone(tmp_path: Path) -> None:
+    out = tmp_path / "field-stock.json"
+    result = run_bench_script(
+        "field_bench.py",
+        *("--profile", "world", "--nodes", "14", "--coordinators", "2", "--virtual"),
+        *("--lookups", "12", "--window", "30", "--settle", "30", "--no-ours"),
+        *("--uplink", "1e5", "--out", str(out)),
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"stock"}
+    assert figures["stock"]["ops"]["record_get"]["count"] == 12
+    assert "uplink: 100000 B/s per host, 0.2 s buffer" in result.stdout
