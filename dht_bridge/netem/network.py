@@ -44,8 +44,8 @@ DATAGRAM_OVERHEAD = 28
 class Traffic:
     """What one host sent and received (datagrams and payload bytes) and what the network did
     not deliver: lost by the loss model, dropped on a cut link, refused by the receiver's NAT,
-    sent to an address where nothing is bound, or dropped because the sender's uplink was full
-    (`overflow`, with an uplink limit only)."""
+    or sent to an address where nothing is bound; and the datagrams the host's uplink had no
+    room for (`overflow`, with an uplink limit only: they never left, so are not in `sent`)."""
 
     sent: int = 0
     sent_bytes: int = 0
@@ -353,15 +353,15 @@ class EmulatedNetwork:
         except (TypeError, ValueError, IndexError):
             host.traffic.undeliverable += 1
             return
+        if self.uplink is not None and not host.line_takes(
+            len(data), self.loop.time(), self.uplink
+        ):
+            host.traffic.overflow += 1  # never left: not counted as sent
+            return
         host.traffic.sent += 1
         host.traffic.sent_bytes += len(data)
         if host.nat:
             host.allowed.add(target)
-        if self.uplink is not None and not host.line_takes(
-            len(data), self.loop.time(), self.uplink
-        ):
-            host.traffic.overflow += 1
-            return
         destination = self.by_ip.get(target[0])
         if destination is None:
             host.traffic.undeliverable += 1
