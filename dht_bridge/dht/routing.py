@@ -80,11 +80,13 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         contacts. Every answered FIND_NODE and every stored key checked for a newcomer asks
         this, so a scan of the whole table was most of a busy node's CPU.
         """
-        k = k or self.ksize
-        target = node.long_id
         # A bucket searched in counts as used, so maintenance does not refresh it (as the
         # library's traverser did; without this every bucket was crawled every interval).
         self.buckets[self.get_bucket_for(node)].touch_last_updated()
+        return self._nearest(node, k or self.ksize, exclude)
+
+    def _nearest(self, node: Node, k: int, exclude: Node | None = None) -> list[Node]:
+        target = node.long_id
         order = sorted((_floor(bucket.range, target), i) for i, bucket in enumerate(self.buckets))
         best: list[tuple[int, bytes, Node]] = []  # a max-heap on distance: (-distance, id, node)
         for floor, index in order:
@@ -104,7 +106,8 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         """The XOR distance from us to our k-th closest contact: about how far any key's k
         closest nodes (its holders) lie from it, as the table sees the network's density.
         The widest distance when we hold fewer than k contacts (a small network)."""
-        closest = self.find_neighbors(self.node, self.ksize)
+        # Not a search: our own bucket is not marked used, so its refresh still runs.
+        closest = self._nearest(self.node, self.ksize)
         if len(closest) < self.ksize:
             return (1 << 160) - 1
         return int(closest[-1].long_id ^ self.node.long_id)

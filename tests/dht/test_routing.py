@@ -52,6 +52,22 @@ def test_find_neighbors_returns_the_true_k_closest_in_order(contacts: int, k: in
         assert found == brute_force(table, target, k, exclude)
 
 
+@pytest.mark.parametrize("contacts", [5, 3000])
+def test_the_neighbourhood_is_the_kth_closest_distance_and_no_search(contacts: int) -> None:
+    rng = random.Random(contacts)
+    table = table_of(rng, contacts)
+    own = table.buckets[table.get_bucket_for(table.node)]
+    own.last_updated = 0.0
+    ids = brute_force(table, table.node, table.ksize, None)
+    if len(ids) < table.ksize:
+        assert table.neighbourhood() == 2**160 - 1  # a small network: every node is near
+    else:
+        assert table.neighbourhood() == int.from_bytes(ids[-1], "big") ^ table.node.long_id
+    # Asked before every value read: it must not mark our own bucket searched, or the
+    # maintenance that keeps our neighbourhood fresh would skip it.
+    assert own.last_updated == 0.0
+
+
 def test_bucket_edges_count_as_close() -> None:
     # Ids at the exact ends of bucket ranges (the library's split puts the midpoint low).
     rng = random.Random(7)
