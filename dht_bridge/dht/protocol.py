@@ -23,9 +23,10 @@ and ignores the padding after it, so the wire format stays the library's.
 
 A FIND_VALUE to a node that is likely to hold the value (near the key: see the crawl) is
 padded further, to `VALUE_PADDED`, QUIC's datagram size: three times that pays for a value cut
-to fit (`cut_value`: a random share of the records, its overflow mark kept and backed), marked
-`partial` in the answer, so the first read from a holder costs one round trip too. A reader
-that wants every record asks again for the rest; a lookup that wants a few providers does not.
+to fit (`RecordStorage.share`: a random share of the records, its overflow mark kept and
+backed), marked `partial` in the answer, so the first read from a holder costs one round trip
+too. A reader that wants every record asks again for the rest; a lookup that wants a few
+providers does not.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from dht_bridge.dht.renew import RENEW_RPC
 from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.rtt import RoundTrips
 from dht_bridge.dht.storage import RecordStorage
-from dht_bridge.dht.values import MAX_DATAGRAM_BODY, cut_value
+from dht_bridge.dht.values import MAX_DATAGRAM_BODY
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ MAX_HELD = 8
 # What a FIND_VALUE to a likely holder is padded to: QUIC's 1200 bytes and DNS's 1232 (a
 # datagram no path cuts into fragments), so three times it pays for a value of about 3.5 KB.
 VALUE_PADDED = 1232
-# The key of a FIND_VALUE answer that carries a cut value (`cut_value`); the stock library
-# reads only "value" and ignores it.
+# The key of a FIND_VALUE answer that carries a cut value (`RecordStorage.share`); the stock
+# library reads only "value" and ignores it.
 PARTIAL = "partial"
 # An address that got an answer of ours counts as proved there for VALIDATION_TTL; we count
 # on it for half that (it may have restarted, or forgotten us among many), then pad again.
@@ -161,7 +162,7 @@ class TrafficStats:
     # budget instead (the check went unanswered, or none could be sent).
     held_answers: int = 0
     bounded_answers: int = 0
-    # Of those, values cut to fit (a share of the records, see `cut_value`).
+    # Of those, values cut to fit (a share of the records, see `RecordStorage.share`).
     cut_values: int = 0
     # Bytes in and out by RPC, requests and their replies together (e.g. "store": what
     # heartbeats cost, "find_node": what crawls cost), plus "malformed" and "unmatched" (a
@@ -356,7 +357,13 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if len(datagram) > budget and name in BOUNDED_RPCS and addr not in self.validated:
             ours = msg_id.startswith(OUR_TAGS)
             cut = functools.partial(
-                self._bounded_answer, msg_id, addr, args, budget, echo=ours, full=response
+                self._bounded_answer,
+                msg_id,
+                addr,
+                args,
+                budget,
+                echo=ours,
+                value=isinstance(response, dict),
             )
             held = None if ours else self._held.get(addr)
             if held is not None and len(held) < MAX_HELD:
@@ -376,18 +383,18 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         budget: int,
         *,
         echo: bool,
-        full: Any = None,
+        value: bool = False,
     ) -> bytes:
         """A FIND_NODE / FIND_VALUE answer within `budget` bytes for a caller that did not
-        prove its address: for our nodes, the `full` answer's value cut to fit where it can
-        be (marked partial); else the closest contacts that fit (a stock client reads a short
-        list), after the caller itself when `echo` (our nodes read that as "ask again")."""
+        prove its address: for our nodes, when the full answer was a `value`, a share of it
+        that fits where one can (marked partial); else the closest contacts that fit (a stock
+        client reads a short list), after the caller itself when `echo` (our nodes read that
+        as "ask again")."""
         self.stats.bounded_answers += 1
         header = len(RESPONSE + msg_id)
-        value = full.get("value") if echo and isinstance(full, dict) else None
-        if isinstance(value, bytes):
+        if echo and value:
             room = budget - header - len(msgpack.packb({"value": b"", PARTIAL: True})) - 2
-            cut = cut_value(value, room, self.storage.clock())
+            cut = self.storage.share(_node_id(args[1]), room)
             if cut is not None:
                 self.stats.cut_values += 1
                 answer: bytes = msgpack.packb({"value": cut, PARTIAL: True})
@@ -837,7 +844,7 @@ def _noted_lately(memory: OrderedDict[bytes, float], key: bytes, seconds: float)
 
 
 def is_partial(reply: Any) -> bool:
-    """Is this FIND_VALUE answer a value cut to fit an unproved caller (see `cut_value`)?"""
+    """Is this FIND_VALUE answer a value cut to fit an unproved caller (`RecordStorage.share`)?"""
     return isinstance(reply, dict) and reply.get(PARTIAL) is True
 
 

@@ -17,6 +17,7 @@ from dht_bridge.dht.values import (
     MAX_VALUE_BYTES,
     DecodedValue,
     RecordVerifier,
+    cut_value,
     decode_value,
     encode_value,
     mark_bytes,
@@ -228,6 +229,21 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 entry.key, entry.records.values(), entry.overflow_until, entry.deepest
             )
         return entry.encoded
+
+    def share(self, digest: bytes, room: int) -> bytes | None:
+        """A random share of the record set held under `digest` that encodes within `room`
+        bytes, its mark kept (see `cut_value`); None when nothing is held or nothing fits."""
+        entry = self._live_entry(digest)
+        if entry is None:
+            return None
+        return cut_value(
+            entry.key,
+            entry.records.values(),
+            room,
+            self.clock(),
+            entry.overflow_until,
+            entry.deepest,
+        )
 
     def get(self, key: bytes, default: object = None) -> object:
         value = self.value(key)

@@ -106,52 +106,36 @@ def leaves_no_room(decoded: DecodedValue, record: WorkerRecord, now: float) -> b
     return len(encode_value(decoded.key, [*held, record])) > MAX_RECORDS_BYTES
 
 
-# Where the records start in a value's envelope, and the expiry in a record's wire form.
-_RECORDS, _EXPIRES = 2, 10
-
-
-def cut_value(value: bytes, room: int, now: float) -> bytes | None:
-    """`value` with as many of its live records as fit in `room` bytes, its mark kept; None
-    when none fit, or the value is marked and what fits could not back the mark.
+def cut_value(
+    key: str,
+    records: Iterable[WorkerRecord],
+    room: int,
+    now: float,
+    overflow_until: float = 0.0,
+    deepest: int = 0,
+) -> bytes | None:
+    """`key`'s value holding as many of the live `records` as fit in `room` bytes, with the
+    mark; None when none fit, or the value is marked and what fits could not back the mark.
 
     Picked at random, not least loaded first: readers of one shard each see a different share
     of its providers (so they do not all pick the same few), and a reader that takes cuts
-    from two or more holders sees most of the shard. Only envelopes this codec writes are
-    cut; the holder stored it, so it was valid when merged.
+    from two or more holders sees most of the shard.
     """
-    try:
-        envelope = msgpack.unpackb(value)
-    except ValueError:
-        return None
-    if not (
-        isinstance(envelope, list)
-        and 3 <= len(envelope) <= 5
-        and isinstance(envelope[_RECORDS], list)
-    ):
-        return None
-    head, tail = envelope[:_RECORDS], envelope[_RECORDS + 1 :]
-    items = [item for item in envelope[_RECORDS] if _unexpired(item, now)]
-    random.shuffle(items)
+    live = [r for r in records if not r.is_expired(now)]
+    random.shuffle(live)
     # The records' array header is 1 byte up to 15 entries, 3 up to 65535.
-    used = len(msgpack.packb([*head, [], *tail])) + 2
-    kept: list[Any] = []
-    for item in items:
-        cost = len(msgpack.packb(item))
+    used = len(encode_value(key, [], overflow_until, deepest)) + 2
+    kept: list[WorkerRecord] = []
+    for record in live:
+        cost = len(msgpack.packb(record.to_wire()))
         if used + cost <= room:
-            kept.append(item)
+            kept.append(record)
             used += cost
-    marked = bool(tail) and isinstance(tail[0], int | float) and tail[0] > now
-    proof = len(msgpack.packb([*head, kept]))
-    if not kept or (marked and proof < MARK_PROOF_SHARE * MAX_RECORDS_BYTES):
+    # Measured as `backs_mark` measures it: the records alone.
+    proof = len(encode_value(key, kept))
+    if not kept or (overflow_until > now and proof < MARK_PROOF_SHARE * MAX_RECORDS_BYTES):
         return None
-    return bytes(msgpack.packb([*head, kept, *tail]))
-
-
-def _unexpired(item: Any, now: float) -> bool:
-    if not isinstance(item, list) or len(item) <= _EXPIRES:
-        return False
-    expires = item[_EXPIRES]
-    return isinstance(expires, int | float) and expires > now
+    return encode_value(key, kept, overflow_until, deepest)
 
 
 @dataclass

@@ -65,9 +65,9 @@ def test_a_value_cut_to_fit_keeps_a_random_share_of_its_live_records_and_its_mar
     now = time.time()
     live = [make_record(services=["ocr"], now=now) for _ in range(30)]
     lapsed = [make_record(services=["ocr"], now=now - 200, ttl=90) for _ in range(5)]
-    value = encode_value(ROOT, [*live, *lapsed], now + 60, 2)
+    held = [*live, *lapsed]
     room = 3600
-    cuts = [cut_value(value, room, now) for _ in range(20)]
+    cuts = [cut_value(ROOT, held, room, now, now + 60, 2) for _ in range(20)]
     seen: set[str] = set()
     for cut in cuts:
         assert cut is not None
@@ -81,12 +81,11 @@ def test_a_value_cut_to_fit_keeps_a_random_share_of_its_live_records_and_its_mar
     # Each cut a different share: together they show more of the shard than any one.
     assert len(seen) > max(len(msgpack.unpackb(cut)[2]) for cut in cuts if cut)
     # Too little room to back the mark: no cut (the reader is asked to come back instead).
-    assert cut_value(value, 2000, now) is None
-    # Unmarked, any share will do; no record fits, no cut.
-    plain = encode_value(ROOT, live)
-    assert cut_value(plain, 2000, now) is not None
-    assert cut_value(plain, 100, now) is None
-    assert cut_value(b"\xc1", 2000, now) is None
+    assert cut_value(ROOT, held, 2000, now, now + 60, 2) is None
+    # Unmarked, any share will do; no record fits (or none is live), no cut.
+    assert cut_value(ROOT, live, 2000, now) is not None
+    assert cut_value(ROOT, live, 100, now) is None
+    assert cut_value(ROOT, lapsed, 2000, now) is None
 
 
 @pytest.mark.parametrize("depth", [True, -1, shards.MAX_LEVEL + 1, "3", 2.5])
