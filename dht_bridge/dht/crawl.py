@@ -17,7 +17,7 @@ A node that has not yet proved our address answers with a cut list naming us (se
 dht_protocol); it is asked once more, by which time it has our answer to its check. A value
 too big for what we paid comes back cut to a share of its records (`partial`): a crawl with
 `partial_ok` takes it as it is, others ask once more for all of it. FIND_VALUE requests to
-candidates within `NEAR_FACTOR` times our table's neighbourhood of the key pay for that cut.
+candidates within `near` of the key (see `NEAR_FACTOR`) pay for that cut.
 """
 
 from __future__ import annotations
@@ -103,11 +103,12 @@ class Crawl:
         claimed: dict[bytes, int] | None = None,
         path: int = 0,
         partial_ok: bool = False,
+        near: int = 0,
     ) -> None:
         self.protocol = protocol
         self.partial_ok = partial_ok
-        # Candidates nearer the target than this get value requests padded for a cut value.
-        self.near = NEAR_FACTOR * protocol.router.neighbourhood() if find_value else 0
+        # Candidates this near the target (XOR distance) get value requests padded for a cut.
+        self.near = near
         # Disjoint paths (S/Kademlia): crawls sharing `claimed` never ask the same node (node id
         # -> the `path` that asked it). A node is claimed when asked, not when learnt: the
         # first answer near the key names every holder, and claiming on learning gave them all

@@ -32,7 +32,7 @@ from dht_bridge.dht import reach as dht_reach
 from dht_bridge.dht import shards
 from dht_bridge.dht.address import sendable
 from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits
-from dht_bridge.dht.crawl import Crawl, CrawlResult, parse_contacts
+from dht_bridge.dht.crawl import NEAR_FACTOR, Crawl, CrawlResult, parse_contacts
 from dht_bridge.dht.mode import DHTMode
 from dht_bridge.dht.protocol import RMAProtocol, is_partial
 from dht_bridge.dht.renew import RenewalBook, renewal_args
@@ -1321,6 +1321,7 @@ class DHTNode(Server):  # type: ignore[misc]
         """
         seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
         paths = max(1, min(paths, len(seeds)))
+        near = NEAR_FACTOR * self.rpc.router.neighbourhood() if find_value else 0
         claimed: dict[bytes, int] | None = {} if paths > 1 else None
         width = width or self.ksize
         crawls = [
@@ -1342,6 +1343,7 @@ class DHTNode(Server):  # type: ignore[misc]
                 claimed=claimed,
                 path=path,
                 partial_ok=partial_ok,
+                near=near,
             )
             for path in range(paths)
         ]

@@ -30,9 +30,6 @@ class _Router:
     def groups(self, node: Node) -> tuple[str, str]:
         return node.ip, node.ip
 
-    def neighbourhood(self) -> int:
-        return (1 << 160) - 1  # every candidate is near: value requests are all padded
-
 
 class ScriptedProtocol:
     """Answers FIND_VALUE from a script: a value, a list of contacts, or never (silent)."""
