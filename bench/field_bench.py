@@ -17,8 +17,9 @@ same region):
    the agent does (the stock nodes `set` again); bytes per second per node are counted on
    the emulated links, clients, servers and coordinators apart;
 4. lookups, heartbeats going on: cold service lookups (a reader's first lookup of that
-   service, `lookup(service, limit=10)`), gets of random workers' records (`get_record`),
-   and for the stock library gets of the same keys; each timed in ms and in median round
+   service, `lookup(service, limit=10)`), gets of random workers' records (`get_record`; a
+   worker up and published since it came up, since one back from a departure has no record
+   out until its first publish lands), and for the stock library gets of the same keys; each timed in ms and in median round
    trips of the profile (the median base RTT between the run's hosts).
 
 Every node shares one event loop: its lateness (p50, p99) is printed beside the lookups, since
@@ -118,6 +119,7 @@ class Worker:
     value: bytes = b""
     port: int = 0
     alive: bool = True
+    listed: bool = False  # up, and a publish of this session has landed
     down_since: float = 0.0
     saved: dict[str, Any] = field(default_factory=dict)  # its state file, when down
     last: WorkerRecord | None = None
@@ -205,6 +207,7 @@ async def heartbeat(
             if worker.alive:
                 await beat(worker)
                 worker.heartbeats += 1
+                worker.listed = True
         except BEAT_ERRORS as exc:
             worker.failed += 1
             logger.debug("heartbeat failed: %s", exc)
@@ -219,6 +222,7 @@ async def publish_all(workers: Sequence[Worker], beat: Callable[[Worker], Awaita
             await beat(worker)
         except BEAT_ERRORS:
             return False
+        worker.listed = True
         return True
 
     return sum(await bounded([partial(first, w) for w in workers], PUBLISH_GATE))
@@ -388,6 +392,7 @@ def churn_of(
     async def rejoined(worker: Worker) -> None:
         with contextlib.suppress(*BEAT_ERRORS):
             await beat(worker)
+            worker.listed = True
 
     return Churn(model, depart=depart, restart=restart, rejoined=rejoined, seed=seed)
 
@@ -396,6 +401,14 @@ def pick_alive(rng: random.Random, workers: Sequence[Worker], *avoid: Worker) ->
     """A worker that is up (and not one of `avoid`)."""
     up = [w for w in workers if w.alive and w not in avoid]
     return rng.choice(up)
+
+
+def pick_listed(rng: random.Random, workers: Sequence[Worker], *avoid: Worker) -> Worker:
+    """A worker that is up and has published since it came up (not one of `avoid`): one whose
+    record a get can find. A worker back from a departure is up a few round trips before its
+    first publish lands, and a get of it in that spell finds nothing however good the DHT."""
+    listed = [w for w in workers if w.alive and w.listed and w not in avoid]
+    return rng.choice(listed)
 
 
 def roles(args: argparse.Namespace) -> tuple[int, int]:
@@ -573,7 +586,7 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
 
     def record_get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            wanted = target if target.alive else pick_alive(rng, workers, reader)
+            wanted = target if target.alive and target.listed else pick_listed(rng, workers, reader)
             worker_id = wanted.identity.worker_id
             record, hops = await from_live(
                 reader, lambda node: node.get_record_report(worker_id), wanted
@@ -691,13 +704,14 @@ async def stock_gets(workers: list[Worker], args: argparse.Namespace) -> list[Op
         return reader.node.storage.get(digest(target.key)) is not None
 
     def draw() -> tuple[Worker, Worker]:
-        target = pick_alive(rng, workers)
+        target = pick_listed(rng, workers)
         readers = [w for w in workers if w.alive and w is not target and not holds(w, target)]
         return rng.choice(readers) if readers else pick_alive(rng, workers, target), target
 
     def get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            asker, wanted = (reader, target) if reader.alive and target.alive else draw()
+            ready = reader.alive and target.alive and target.listed
+            asker, wanted = (reader, target) if ready else draw()
             local = holds(asker, wanted)
             value = await asker.node.get(wanted.key)
             return Op(0.0, value == wanted.value, local=local)

@@ -90,6 +90,7 @@ class Member(Protocol):
 
     role: str
     alive: bool
+    listed: bool
     down_since: float
 
 
@@ -146,6 +147,9 @@ class Churn(Generic[W]):
             await asyncio.sleep(self.model.draw(rng))
             crash = rng.random() < 0.5
             worker.alive = False
+            # Not listed again until its first publish after the restart lands: a tombstone
+            # (or, after a crash, the lease) has taken its record out meanwhile.
+            worker.listed = False
             worker.down_since = time.monotonic()
             await self._depart(worker, crash)
             if crash:
