@@ -16,7 +16,7 @@ import random
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,10 +80,15 @@ async def run_demo(config: DemoConfig, stop: asyncio.Event) -> int:
             )
             stack.push_async_callback(registry.aclose)
             bridge_node = await _node(stack)
-            bridge = await _start_bridge(stack, bridge_node, registry, config, Path(workdir))
+            bridge, halt_bridge = await _start_bridge(
+                stack, bridge_node, registry, config, Path(workdir)
+            )
+            servers = _Servers(stack)
             token = secrets.token_urlsafe(18)
-            router_url, router = await _start_router(stack, config, registry, bridge, token)
-            agents = await _start_workers(stack, config, router_url, Path(workdir))
+            router_url, router = await _start_router(
+                stack, servers, config, registry, bridge, token
+            )
+            agents = await _start_workers(servers, config, router_url, Path(workdir))
             await until_registered(registry, {agent.worker_id for agent in agents})
             router.started = True  # /readyz: the demo's start-up is done
             _say_ready(config, router_url, token, agents)
@@ -92,6 +97,10 @@ async def run_demo(config: DemoConfig, stop: asyncio.Event) -> int:
             # All at once: the bridge's and the router's nodes stay up until every worker has
             # left, so each tombstone reaches them even as other workers' nodes close.
             await asyncio.gather(*(agent.aclose() for agent in agents), return_exceptions=True)
+            # The bridge next, while the router's node still answers: with every worker gone,
+            # its health probe would otherwise count the DHT side lost during the teardown.
+            await halt_bridge()
+            await servers.stop()
     logger.info("demo: stopped cleanly")
     return 0
 
@@ -116,7 +125,8 @@ async def _start_bridge(
     registry: Registry,
     config: DemoConfig,
     workdir: Path,
-) -> Bridge:
+) -> tuple[Bridge, Callable[[], Awaitable[None]]]:
+    """The bridge running over `node` and `registry`, and how to halt it (again is a no-op)."""
     journal = Journal(workdir / "bridge.journal")
     journal.open()
     stack.callback(journal.close)
@@ -136,11 +146,12 @@ async def _start_bridge(
 
     stack.push_async_callback(halt)
     logger.info("demo: bridge (coordinator) DHT node on %s:%d", *node.address)
-    return bridge
+    return bridge, halt
 
 
 async def _start_router(
     stack: contextlib.AsyncExitStack,
+    servers: _Servers,
     config: DemoConfig,
     registry: Registry,
     bridge: Bridge,
@@ -161,13 +172,13 @@ async def _start_router(
         extra_figures=bridge.figures,
         ready_at_start=False,
     )
-    port = await _serve(stack, app, config.host, config.port, "demo-router")
+    port = await servers.serve(app, config.host, config.port, "demo-router")
     state: RouterState = app.state.rma
     return f"http://{config.host}:{port}", state
 
 
 async def _start_workers(
-    stack: contextlib.AsyncExitStack, config: DemoConfig, router_url: str, workdir: Path
+    servers: _Servers, config: DemoConfig, router_url: str, workdir: Path
 ) -> list[WorkerAgent]:
     rng = random.Random()
     agents: list[WorkerAgent] = []
@@ -183,7 +194,7 @@ async def _start_workers(
         agent: WorkerAgent | None = None
         app = _tunnel_app(index, service, lambda: agent)
         async with gate:
-            port = await _serve(stack, app, "127.0.0.1", 0, f"demo-tunnel-{index}")
+            port = await servers.serve(app, "127.0.0.1", 0, f"demo-tunnel-{index}")
             worker_config = WorkerConfig(
                 services=(service,),
                 tunnel_url=f"http://127.0.0.1:{port}",
@@ -238,33 +249,41 @@ def _tunnel_app(index: int, service: str, agent: Callable[[], ProofSource | None
     )
 
 
-async def _serve(
-    stack: contextlib.AsyncExitStack, app: Starlette, host: str, port: int, name: str
-) -> int:
-    """Serve `app` with uvicorn in this loop until the stack closes; returns the bound port."""
-    server = QuietServer(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            server_header=False,
-            http=protocol_class(),  # the router's strict framing and read deadlines
+class _Servers:
+    """The demo's HTTP servers (router and stand-in tunnels): started one by one, stopped all
+    at once. uvicorn notices `should_exit` at its next tick (0.1 s); 21 stopped one after
+    another kept the demo's Ctrl-C waiting for seconds."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+        stack.push_async_callback(self.stop)
+
+    async def serve(self, app: Starlette, host: str, port: int, name: str) -> int:
+        """Serve `app` with uvicorn in this loop until `stop`; returns the bound port."""
+        server = QuietServer(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                server_header=False,
+                http=protocol_class(),  # the router's strict framing and read deadlines
+            )
         )
-    )
-    task = asyncio.get_running_loop().create_task(server.serve(), name=name)
+        task = asyncio.get_running_loop().create_task(server.serve(), name=name)
+        self._running.append((server, task))
+        await _until(lambda: server.started or task.done(), f"{name} to start")
+        if task.done():
+            task.result()  # raises what stopped it (a port in use, ...)
+            raise RuntimeError(f"{name} stopped before it started")
+        bound: int = server.servers[0].sockets[0].getsockname()[1]
+        return bound
 
-    async def halt() -> None:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
-
-    stack.push_async_callback(halt)
-    await _until(lambda: server.started or task.done(), f"{name} to start")
-    if task.done():
-        task.result()  # raises what stopped it (a port in use, ...)
-        raise RuntimeError(f"{name} stopped before it started")
-    bound: int = server.servers[0].sockets[0].getsockname()[1]
-    return bound
+    async def stop(self) -> None:
+        """Stop every server and wait for them all; again is a no-op."""
+        for server, _ in self._running:
+            server.should_exit = True
+        await asyncio.gather(*(task for _, task in self._running), return_exceptions=True)
 
 
 async def until_registered(

@@ -25,6 +25,7 @@ from tests.support.redis_server import TEST_REDIS_TIMEOUT, RedisServer
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 READY_DEADLINE = 90.0
 STOP_DEADLINE = 30.0
+LOUD = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 PROVED = re.compile(r"tunnel proof of worker ([0-9a-f]{40}) at \S+: proved \(")
 
 
@@ -67,6 +68,10 @@ async def demo(workers: int, log: list[str] | None = None) -> AsyncIterator[str]
         await drain
         assert code == 0, "rma demo did not exit cleanly:\n" + "".join(log[-20:])
         assert any("stopped cleanly" in line for line in log)
+        # A clean stop says nothing alarming: every part leaves in order.
+        stopping = next(i for i, line in enumerate(log) if "demo: stopping" in line)
+        loud = [line for line in log[stopping:] if LOUD.search(line)]
+        assert not loud, "the demo's stop logged:\n" + "".join(loud)
     finally:
         if proc.returncode is None:
             proc.kill()
