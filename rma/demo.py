@@ -255,8 +255,8 @@ class _Servers:
     another kept the demo's Ctrl-C waiting for seconds."""
 
     def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
         self._running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-        stack.push_async_callback(self.stop)
 
     async def serve(self, app: Starlette, host: str, port: int, name: str) -> int:
         """Serve `app` with uvicorn in this loop until `stop`; returns the bound port."""
@@ -272,6 +272,13 @@ class _Servers:
         )
         task = asyncio.get_running_loop().create_task(server.serve(), name=name)
         self._running.append((server, task))
+
+        async def halt() -> None:
+            server.should_exit = True
+            await asyncio.gather(task, return_exceptions=True)
+
+        # Unwound with the stack when start-up fails: each server stops before what it uses.
+        self._stack.push_async_callback(halt)
         await _until(lambda: server.started or task.done(), f"{name} to start")
         if task.done():
             task.result()  # raises what stopped it (a port in use, ...)
