@@ -19,8 +19,9 @@ same region):
 4. lookups, heartbeats going on: cold service lookups (a reader's first lookup of that
    service, `lookup(service, limit=10)`), gets of random workers' records (`get_record`; a
    worker up and published since it came up, since one back from a departure has no record
-   out until its first publish lands), and for the stock library gets of the same keys; each timed in ms and in median round
-   trips of the profile (the median base RTT between the run's hosts).
+   out until its first publish lands), and for the stock library gets of the same keys; each
+   timed in ms and in median round trips of the profile (the median base RTT between the
+   run's hosts).
 
 Every node shares one event loop: its lateness (p50, p99) is printed beside the lookups, since
 it adds to every figure. Quantiles are nearest-rank (common.quantile).
@@ -57,7 +58,7 @@ from dht_bridge.dht.values import encode_value
 from dht_bridge.errors import BootstrapError, DHTError
 from dht_bridge.identity import Identity
 from dht_bridge.netem import PROFILES, EmulatedNetwork, Host, Profile, StockServer
-from dht_bridge.netem.clock import run_virtual
+from dht_bridge.netem.clock import run_dilated, run_virtual
 from dht_bridge.records import WorkerRecord, tombstone_for
 from tests.support.helpers import POLICY, make_record
 from tests.support.netem import (
@@ -143,6 +144,10 @@ class Run:
 
     impl: str
     workers: list[Worker] = field(default_factory=list)
+    # The wall and loop clocks when the run began (made in the loop), for its progress lines.
+    began: tuple[float, float] = field(
+        default_factory=lambda: (time.perf_counter(), asyncio.get_running_loop().time())
+    )
     build_s: float = 0.0
     join_failures: int = 0
     published: int = 0
@@ -330,17 +335,17 @@ async def measure(
 ) -> None:
     """Phases 2 to 4 on a built network: first publishes, the steady window, the lookups;
     with `churn`, workers come and go all through the window and the lookups."""
-    progress(f"{run.impl}: {len(run.workers)} nodes built")
+    progress(run, f"{len(run.workers)} nodes built")
     run.published = await publish_all(run.workers, beat)
-    progress(f"{run.impl}: first publishes done")
+    progress(run, "first publishes done")
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(heartbeating(run.workers, beat, args))
         if churn is not None:
             run.churn = await stack.enter_async_context(churn.running(run.workers))
         run.extra["settle_b_s"] = await settling(run.workers, args.settle)
-        progress(f"{run.impl}: settled")
+        progress(run, "settled")
         await steady_window(run, run.workers, args)
-        progress(f"{run.impl}: window done")
+        progress(run, "window done")
         probe = LagProbe()
         async with probe.running():
             run.ops = await lookups()
@@ -356,11 +361,12 @@ async def measure(
     }
 
 
-def progress(what: str) -> None:
-    """One line on stderr with the wall and loop clocks, to follow a long run."""
-    loop_s = asyncio.get_running_loop().time()
+def progress(run: Run, what: str) -> None:
+    """One line on stderr with the wall and loop seconds since `run` began, to follow it."""
+    wall = time.perf_counter() - run.began[0]
+    loop_s = asyncio.get_running_loop().time() - run.began[1]
     print(
-        f"[{time.perf_counter():.1f} s wall, {loop_s:.1f} s loop] {what}",
+        f"[{wall:.1f} s wall, {loop_s:.1f} s loop] {run.impl}: {what}",
         file=sys.stderr,
         flush=True,
     )
@@ -735,6 +741,11 @@ def clock_line(args: argparse.Namespace) -> str:
     """Which clock the run is on, in words."""
     if args.virtual:
         return "virtual clock: time jumps to the next event, callbacks take no time"
+    if args.dilate > 1:
+        return (
+            f"real clock dilated {args.dilate:g}x: one event loop, each of its seconds "
+            f"{args.dilate:g} real ones, its lateness (on its clock) in every figure"
+        )
     return "real clock: one event loop, its lateness in every figure"
 
 
@@ -778,7 +789,7 @@ async def main_async(args: argparse.Namespace) -> int:
             {
                 "profile": profile.as_dict(),
                 "profile_line": profile.describe(),
-                "clock": "virtual" if args.virtual else "real",
+                "clock": report.clock_name(args),
                 "options": vars(args),
                 "machine": machine("kademlia", "rpcudp"),
                 "figures": figures,
@@ -830,6 +841,15 @@ def build_parser() -> argparse.ArgumentParser:
         "so the figures carry no loop lateness and sizes past real time fit",
     )
     parser.add_argument(
+        "--dilate",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="real time slowed FACTOR times (dht_bridge.netem.clock.DilatedClockLoop): every "
+        "delay and timer lasts FACTOR times longer, so one loop has FACTOR times the CPU per "
+        "second; the real-time reference at sizes one core cannot carry",
+    )
+    parser.add_argument(
         "--gc-freeze",
         action="store_true",
         help="gc.freeze() the built network, so full collections skip it (large runs)",
@@ -848,6 +868,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_ours and args.no_stock:
         print("--no-ours and --no-stock leave nothing to run", file=sys.stderr)
         return 2
+    if args.dilate < 1 or (args.virtual and args.dilate > 1):
+        print("--dilate takes a factor of at least 1, and not with --virtual", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -859,6 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).addFilter(counter)
     if args.virtual:
         return run_virtual(main_async(args))
+    if args.dilate > 1:
+        return run_dilated(main_async(args), factor=args.dilate)
     return asyncio.run(main_async(args))
 
 

@@ -140,10 +140,17 @@ def figures(runs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
             "loss_seen_pct": round(100 * run.loss_seen, 2),
             "churn": churn_figures(run.churn),
             "sessions": session_line(args),
-            "clock": "virtual" if args.virtual else "real",
+            "clock": clock_name(args),
             **{k: v for k, v in run.extra.items() if k != "median_rtt_s"},
         }
     return out
+
+
+def clock_name(args: argparse.Namespace) -> str:
+    """The run's clock in a word: virtual, real, or dilated<factor> (`--dilate`)."""
+    if args.virtual:
+        return "virtual"
+    return f"dilated{args.dilate:g}" if args.dilate > 1 else "real"
 
 
 def churn_figures(counts: Any) -> dict[str, Any] | None:

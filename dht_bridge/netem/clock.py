@@ -11,6 +11,15 @@ code that reads the clock through the `time` module (our DHT node, the `kademlia
 than through the loop; a clock bound earlier as a default argument (`clock=time.time`) is not
 reached that way and must be injected. `run_virtual(main)` runs a coroutine with both.
 
+`DilatedClockLoop(factor)` is the other way past what one loop holds in real time: real time
+slowed `factor` times (time dilation, as in Gupta et al., "To Infinity and Beyond: Time-Warped
+Network Emulation", NSDI 2006). Its clock runs `factor` times slower than the real one, so every
+timer, datagram delay and lease lasts `factor` times longer in real seconds while callbacks
+cost what they cost: the loop has `factor` times the CPU per second of the run, and its
+lateness, read on its own clock, is `factor` times smaller. Unlike the virtual clock it keeps
+real concurrency (callbacks take time, timers race the work in front of them), so it serves as
+the real-time reference at sizes one core cannot carry undilated. `run_dilated(main, factor)`.
+
 Why not the `looptime` package: it steps the clock only after at least one (by default 42)
 idle passes of the loop, which is right for tests that mix timers with real I/O but makes every
 emulated datagram, each its own timer, cost 3 to 60 times what a jump costs here.
@@ -23,9 +32,9 @@ import contextlib
 import selectors
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-__all__ = ["VirtualClockLoop", "run_virtual", "virtual_time"]
+__all__ = ["DilatedClockLoop", "VirtualClockLoop", "run_dilated", "run_virtual", "virtual_time"]
 
 T = TypeVar("T")
 
@@ -72,8 +81,66 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
             self._now += seconds
 
 
+class _DilatedSelector(selectors.DefaultSelector):
+    """Waits `factor` times as long as asked: the loop asks in seconds of its own clock."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self._factor = factor
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is not None and timeout > 0:
+            timeout *= self._factor
+        return super().select(timeout)
+
+
+class DilatedClockLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop on real time slowed `factor` (>= 1) times: `time()` starts at `start`
+    (default: the real monotonic clock's value) and then moves one second for every `factor`
+    real seconds; `wall()` is the matching unix time, from `wall_start` (default: now)."""
+
+    def __init__(
+        self, factor: float, *, start: float | None = None, wall_start: float | None = None
+    ) -> None:
+        self._factor = factor
+        # Bound now: `virtual_time` points the module's functions at this loop's clock.
+        self._real = time.monotonic
+        self._real_start = self._real()
+        self._start = self._real_start if start is None else start
+        self._wall_offset = (time.time() if wall_start is None else wall_start) - self._start
+        super().__init__(_DilatedSelector(factor))
+        if factor < 1:
+            self.close()  # a loop left half-made would complain when collected
+            raise ValueError(f"a dilation factor is at least 1, not {factor}")
+
+    @property
+    def factor(self) -> float:
+        """Real seconds per second of this loop's clock."""
+        return self._factor
+
+    def time(self) -> float:
+        """The dilated monotonic clock, in seconds."""
+        return self._start + (self._real() - self._real_start) / self._factor
+
+    def wall(self) -> float:
+        """The dilated unix time, in seconds."""
+        return self._wall_offset + self.time()
+
+
+class ClockedLoop(Protocol):
+    """A loop with a clock of its own: monotonic `time()` and unix `wall()`."""
+
+    def time(self) -> float:
+        """Monotonic seconds."""
+        ...
+
+    def wall(self) -> float:
+        """Unix seconds."""
+        ...
+
+
 @contextlib.contextmanager
-def virtual_time(loop: VirtualClockLoop) -> Iterator[None]:
+def virtual_time(loop: ClockedLoop) -> Iterator[None]:
     """While open, `time.monotonic()` and `time.time()` read `loop`'s clock."""
     saved = time.monotonic, time.time
     time.monotonic, time.time = loop.time, loop.wall
@@ -86,5 +153,12 @@ def virtual_time(loop: VirtualClockLoop) -> Iterator[None]:
 def run_virtual(main: Coroutine[Any, Any, T], *, start: float | None = None) -> T:
     """`asyncio.run(main)` on a `VirtualClockLoop`, with the `time` module on its clock."""
     loop = VirtualClockLoop(start=start)
+    with asyncio.Runner(loop_factory=lambda: loop) as runner, virtual_time(loop):
+        return runner.run(main)
+
+
+def run_dilated(main: Coroutine[Any, Any, T], *, factor: float) -> T:
+    """`asyncio.run(main)` on a `DilatedClockLoop`, with the `time` module on its clock."""
+    loop = DilatedClockLoop(factor)
     with asyncio.Runner(loop_factory=lambda: loop) as runner, virtual_time(loop):
         return runner.run(main)

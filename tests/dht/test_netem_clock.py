@@ -1,5 +1,6 @@
 """The virtual clock (dht_bridge.netem.clock): time skips to the next timer, and a DHT network
-on the emulated internet behaves under it as in real time (join, publish, lookup, leases)."""
+on the emulated internet behaves under it as in real time (join, publish, lookup, leases). The
+dilated clock: real time slowed down, timers and the time module with it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import pytest
 from dht_bridge.dht.admission import ValidatedAddresses
 from dht_bridge.identity import Identity
 from dht_bridge.netem import CONTINENT, LAN, WORLD, EmulatedNetwork
-from dht_bridge.netem.clock import VirtualClockLoop, run_virtual, virtual_time
+from dht_bridge.netem.clock import (
+    DilatedClockLoop,
+    VirtualClockLoop,
+    run_dilated,
+    run_virtual,
+    virtual_time,
+)
 from tests.support.helpers import make_record
 from tests.support.netem import bounded, start_field
 
@@ -175,3 +182,67 @@ def test_address_validations_age_on_the_virtual_clock() -> None:
         return fresh, ("10.0.1.1", 4000) in validated
 
     assert run_virtual(main()) == (True, False)
+
+
+def test_a_dilated_loop_lasts_factor_times_longer_in_real_seconds() -> None:
+    factor, nap = 8.0, 0.05
+
+    async def main() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        started, wall = loop.time(), time.time()
+        await asyncio.sleep(nap)
+        return loop.time() - started, time.monotonic() - started, time.time() - wall
+
+    real_before = time.perf_counter()
+    on_loop, monotonic, wall = run_dilated(main(), factor=factor)
+    real = time.perf_counter() - real_before
+    # The sleep lasted `nap` on the loop's clock and in the time module, `factor` times that
+    # in real seconds (a loaded machine only adds to either).
+    assert nap <= on_loop < nap + 1.0
+    assert monotonic == pytest.approx(on_loop, abs=0.01)
+    assert wall == pytest.approx(on_loop, abs=0.01)
+    assert real >= factor * nap
+
+
+def test_a_dilated_timeout_expires_in_order_and_the_time_module_comes_back() -> None:
+    async def main() -> list[str]:
+        fired: list[str] = []
+
+        async def at(name: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            fired.append(name)
+
+        await asyncio.gather(at("b", 0.02), at("a", 0.01))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(10)
+        fired.append("timeout")
+        return fired
+
+    assert run_dilated(main(), factor=3.0) == ["a", "b", "timeout"]
+    assert time.time() > 1_700_000_000
+    with pytest.raises(ValueError, match="at least 1"):
+        DilatedClockLoop(0.5)
+
+
+def test_a_small_network_joins_publishes_and_looks_up_on_a_dilated_clock() -> None:
+    async def main() -> tuple[int, float, float]:
+        loop = asyncio.get_running_loop()
+        network = EmulatedNetwork(dataclasses.replace(LAN, loss=0.0), seed=23)
+        built = await start_field(network, servers=4, clients=3, seed=23)
+        try:
+            records = [make_record(services=("ocr",)) for _ in built.clients]
+            jobs = [
+                functools.partial(c.publish, r) for c, r in zip(built.clients, records, strict=True)
+            ]
+            assert all(report.stored for report in await bounded(jobs))
+            started = loop.time()
+            found = await built.clients[0].lookup("ocr", limit=10)
+            return len(found), loop.time() - started, network.median_rtt()
+        finally:
+            await built.aclose()
+
+    found, took, rtt = run_dilated(main(), factor=2.0)
+    # Delays are on the loop's clock: a lookup costs at least a round trip of it.
+    assert found == 3
+    assert took >= rtt
