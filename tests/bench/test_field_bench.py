@@ -123,3 +123,26 @@ def test_field_bench_runs_the_stock_library_alone(tmp_path: Path) -> None:
     assert set(figures) == {"stock"}
     assert figures["stock"]["ops"]["record_get"]["count"] == 12
     assert "uplink: 100000 B/s per host, 0.2 s buffer" in result.stdout
+
+
+def test_field_bench_runs_on_a_dilated_clock(tmp_path: Path) -> None:
+    out = tmp_path / "field-dilated.json"
+    run_bench_script(
+        "field_bench.py",
+        *("--profile", "continent", "--nodes", "10", "--coordinators", "2", "--no-stock"),
+        *("--lookups", "6", "--window", "1", "--heartbeat", "1", "--settle", "1"),
+        *("--no-churn", "--dilate", "3", "--out", str(out)),
+        timeout=300,
+    )
+    data = json.loads(out.read_text())
+    ours = data["figures"]["ours"]
+    assert data["clock"] == ours["clock"] == "dilated3"
+    # Each of the loop's seconds lasted three real ones.
+    assert ours["wall_s"] >= 3 * ours["loop_s"] * 0.95
+    assert ours["ops"]["record_get"]["count"] == 6
+
+
+def test_field_bench_refuses_a_dilation_below_one_or_with_the_virtual_clock() -> None:
+    field_bench = bench_module("field_bench")
+    assert field_bench.main(["--dilate", "0.5"]) == 2
+    assert field_bench.main(["--virtual", "--dilate", "2"]) == 2
