@@ -34,7 +34,14 @@ import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["DilatedClockLoop", "VirtualClockLoop", "run_dilated", "run_virtual", "virtual_time"]
+__all__ = [
+    "ClockedLoop",
+    "DilatedClockLoop",
+    "VirtualClockLoop",
+    "run_dilated",
+    "run_virtual",
+    "virtual_time",
+]
 
 T = TypeVar("T")
 
