@@ -7,6 +7,9 @@ exchange real datagrams over in-memory links with the delays, jitter and loss of
              `Host.endpoint`, the datagram endpoint `DHTNode(endpoint=...)` takes. Delivery is a
              `loop.call_later` on the running loop: no socket, nothing leaves the process.
 - `stock`    `StockServer`: the stock `kademlia.network.Server` bound on an emulated host.
+- `clock`    `VirtualClockLoop` (time jumps to the next event) and `DilatedClockLoop` (real
+             time slowed N times), run by `run_virtual` and `run_dilated`: networks bigger
+             than one event loop can carry in real time.
 
 It lives in the product package, not under bench/, because tests and benchmarks of several
 packages (the DHT, the worker) run on it, and it is type-checked with them; nothing in the
