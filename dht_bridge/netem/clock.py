@@ -120,11 +120,6 @@ class DilatedClockLoop(asyncio.SelectorEventLoop):
             self.close()  # a loop left half-made would complain when collected
             raise ValueError(f"a dilation factor is at least 1, not {factor}")
 
-    @property
-    def factor(self) -> float:
-        """Real seconds per second of this loop's clock."""
-        return self._factor
-
     def time(self) -> float:
         """The dilated monotonic clock, in seconds."""
         return self._start + (self._real() - self._real_start) / self._factor
@@ -159,13 +154,14 @@ def virtual_time(loop: ClockedLoop) -> Iterator[None]:
 
 def run_virtual(main: Coroutine[Any, Any, T], *, start: float | None = None) -> T:
     """`asyncio.run(main)` on a `VirtualClockLoop`, with the `time` module on its clock."""
-    loop = VirtualClockLoop(start=start)
-    with asyncio.Runner(loop_factory=lambda: loop) as runner, virtual_time(loop):
-        return runner.run(main)
+    return _run_on(VirtualClockLoop(start=start), main)
 
 
 def run_dilated(main: Coroutine[Any, Any, T], *, factor: float) -> T:
     """`asyncio.run(main)` on a `DilatedClockLoop`, with the `time` module on its clock."""
-    loop = DilatedClockLoop(factor)
+    return _run_on(DilatedClockLoop(factor), main)
+
+
+def _run_on(loop: VirtualClockLoop | DilatedClockLoop, main: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=lambda: loop) as runner, virtual_time(loop):
         return runner.run(main)
