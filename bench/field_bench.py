@@ -409,18 +409,15 @@ def churn_of(
     return Churn(model, depart=depart, restart=restart, rejoined=rejoined, seed=seed)
 
 
-def pick_alive(rng: random.Random, workers: Sequence[Worker], *avoid: Worker) -> Worker:
-    """A worker that is up (and not one of `avoid`)."""
-    up = [w for w in workers if w.alive and w not in avoid]
+def pick_alive(
+    rng: random.Random, workers: Sequence[Worker], *avoid: Worker, listed: bool = False
+) -> Worker:
+    """A worker that is up (and not one of `avoid`); with `listed`, one that has also published
+    since it came up: one whose record a get can find. A worker back from a departure is up a
+    few round trips before its first publish lands, and a get of it in that spell finds
+    nothing however good the DHT."""
+    up = [w for w in workers if w.alive and (w.listed or not listed) and w not in avoid]
     return rng.choice(up)
-
-
-def pick_listed(rng: random.Random, workers: Sequence[Worker], *avoid: Worker) -> Worker:
-    """A worker that is up and has published since it came up (not one of `avoid`): one whose
-    record a get can find. A worker back from a departure is up a few round trips before its
-    first publish lands, and a get of it in that spell finds nothing however good the DHT."""
-    listed = [w for w in workers if w.alive and w.listed and w not in avoid]
-    return rng.choice(listed)
 
 
 def roles(args: argparse.Namespace) -> tuple[int, int]:
@@ -598,7 +595,11 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
 
     def record_get(reader: Worker, target: Worker) -> Callable[[], Awaitable[Op]]:
         async def op() -> Op:
-            wanted = target if target.alive and target.listed else pick_listed(rng, workers, reader)
+            wanted = (
+                target
+                if target.alive and target.listed
+                else pick_alive(rng, workers, reader, listed=True)
+            )
             worker_id = wanted.identity.worker_id
             record, hops = await from_live(
                 reader, lambda node: node.get_record_report(worker_id), wanted
@@ -730,7 +731,7 @@ async def stock_gets(workers: list[Worker], args: argparse.Namespace) -> list[Op
         return reader.node.storage.get(digest(target.key)) is not None
 
     def draw() -> tuple[Worker, Worker]:
-        target = pick_listed(rng, workers)
+        target = pick_alive(rng, workers, listed=True)
         readers = [w for w in workers if w.alive and w is not target and not holds(w, target)]
         return rng.choice(readers) if readers else pick_alive(rng, workers, target), target
 
