@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from cachetools import LRUCache
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
-from edge_router.cache import LookupCache
+from edge_router.cache import BoundedMemo, LookupCache
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig
 from edge_router.metrics import Metrics
@@ -52,8 +51,10 @@ class RouterState:
     started: bool = False
     draining: bool = False
     notes: dict[str, float] = field(default_factory=dict)
-    # Each record's JSON as lookup answers carry it (handlers.lookup_body), by record: a record
-    # is sent in many answers (every limit, filter and region) for as long as it is current.
-    record_json: LRUCache[WorkerRecord, bytes] = field(
-        default_factory=lambda: LRUCache(RECORD_JSON_KEPT)
+    # Each record's JSON as lookup answers carry it (handlers.lookup_body), by its signature: a
+    # record is sent in many answers (every limit, filter and region) for as long as it is
+    # current. The signature covers every other field, and a str keeps its hash, where hashing
+    # the record itself cost a microsecond each time.
+    record_json: BoundedMemo[str, bytes] = field(
+        default_factory=lambda: BoundedMemo(RECORD_JSON_KEPT)
     )
