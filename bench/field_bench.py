@@ -40,8 +40,9 @@ import logging
 import random
 import resource
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -367,15 +368,57 @@ async def measure(
     }
 
 
-def progress(run: Run, what: str) -> None:
+def progress(run: Run, what: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
     """One line on stderr with the wall and loop seconds since `run` began, to follow it."""
     wall = time.perf_counter() - run.began[0]
-    loop_s = asyncio.get_running_loop().time() - run.began[1]
+    loop_s = (loop or asyncio.get_running_loop()).time() - run.began[1]
     print(
         f"[{wall:.1f} s wall, {loop_s:.1f} s loop] {run.impl}: {what}",
         file=sys.stderr,
         flush=True,
     )
+
+
+class Watch:
+    """Every `every` wall seconds, a progress line on the run under way: nodes, workers listed,
+    datagrams sent and dropped at full lines. From a thread, since the loop's clock may leap
+    (virtual) or crawl (a STORE storm) and a long run must still say where it is."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._followed: tuple[Run, EmulatedNetwork, asyncio.AbstractEventLoop] | None = None
+
+    def follow(self, run: Run, network: EmulatedNetwork) -> None:
+        """Report on `run` over `network` from now on (called in the loop)."""
+        self._followed = (run, network, asyncio.get_running_loop())
+
+    @contextlib.contextmanager
+    def ticking(self) -> Iterator[None]:
+        """Lines while the block runs (none with `every` 0)."""
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(self.every):
+                if self._followed is not None:
+                    run, network, loop = self._followed
+                    traffic = network.traffic  # plain ints: a torn read is a line off by a few
+                    listed = sum(w.listed for w in list(run.workers))
+                    progress(
+                        run,
+                        f"{len(network.hosts)} hosts, {listed} workers listed, datagrams sent "
+                        f"{traffic.sent:,}, dropped at full lines {traffic.overflow:,}",
+                        loop,
+                    )
+
+        thread = threading.Thread(target=tick, name="field-bench-watch", daemon=True)
+        if self.every > 0:
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if thread.is_alive():
+                thread.join()
 
 
 def services(args: argparse.Namespace) -> list[str]:
@@ -429,10 +472,11 @@ def roles(args: argparse.Namespace) -> tuple[int, int]:
 # Our DHT.
 
 
-async def run_ours(args: argparse.Namespace, profile: Profile) -> Run:
+async def run_ours(args: argparse.Namespace, profile: Profile, watch: Watch) -> Run:
     """Build, publish, window and lookups on our DHTNode."""
     run = Run("ours")
     network = EmulatedNetwork(profile, seed=args.seed, uplink=args.uplink)
+    watch.follow(run, network)
     servers, clients = roles(args)
     started = time.monotonic()
     built = await start_field(
@@ -651,10 +695,13 @@ async def our_lookups(workers: list[Worker], args: argparse.Namespace) -> dict[s
 # The stock library.
 
 
-async def run_stock(args: argparse.Namespace, profile: Profile, value_size: int) -> Run:
+async def run_stock(
+    args: argparse.Namespace, profile: Profile, value_size: int, watch: Watch
+) -> Run:
     """The same plan on `kademlia.network.Server` as it ships: all servers, `set` and `get`."""
     run = Run("stock")
     network = EmulatedNetwork(profile, seed=args.seed, uplink=args.uplink)
+    watch.follow(run, network)
     rng = random.Random(args.seed)
     nodes: list[StockServer] = []
     started = time.monotonic()
@@ -799,9 +846,11 @@ async def main_async(args: argparse.Namespace) -> int:
     """Run ours, then the stock library (either skipped on request), and report."""
     profile = PROFILES[args.profile]
     print(profile.describe(), f"({clock_line(args)})", flush=True)
-    runs = [] if args.no_ours else [await walled(run_ours(args, profile))]
-    if not args.no_stock:
-        runs.append(await walled(run_stock(args, profile, record_size(args))))
+    watch = Watch(args.progress)
+    with watch.ticking():
+        runs = [] if args.no_ours else [await walled(run_ours(args, profile, watch))]
+        if not args.no_stock:
+            runs.append(await walled(run_stock(args, profile, record_size(args), watch)))
     figures = report.figures(runs, args)
     print(report.render(figures, profile))
     if args.out:
@@ -848,6 +897,12 @@ def build_parser() -> argparse.ArgumentParser:
         "clock (datagrams and CPU cost no simulated time)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=60.0,
+        help="wall seconds between progress lines on stderr (0: only at each phase's end)",
+    )
     parser.add_argument(
         "--session-median", type=float, default=1800.0, help="churn: median session, seconds"
     )

@@ -5,6 +5,7 @@ figures are is the benchmark's business, not a test's."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tests.support.bench import bench_module, run_bench_script
@@ -116,11 +117,16 @@ def test_field_bench_runs_the_stock_library_alone(tmp_path: Path) -> None:
         "field_bench.py",
         *("--profile", "world", "--nodes", "14", "--coordinators", "2", "--virtual"),
         *("--lookups", "12", "--window", "30", "--settle", "30", "--no-ours"),
-        *("--uplink", "1e5", "--out", str(out)),
+        *("--uplink", "1e5", "--progress", "0.01", "--out", str(out)),
         timeout=300,
     )
     figures = json.loads(out.read_text())["figures"]
     assert set(figures) == {"stock"}
+    # The watch's lines, between the phases' own (a long run says where it is).
+    assert re.search(
+        r"stock: 14 hosts, \d+ workers listed, datagrams sent [\d,]+, dropped at full lines",
+        result.stderr,
+    )
     assert figures["stock"]["ops"]["record_get"]["count"] == 12
     assert "uplink: 100000 B/s per host, 0.2 s buffer" in result.stdout
 
