@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -83,17 +84,29 @@ async def test_one_lookup_alone_is_still_one_round_trip(registry: Registry) -> N
     assert await _evalsha_calls(registry) == 1
 
 
-async def test_lookups_of_one_page_read_it_once(registry: Registry) -> None:
-    """Lookups of one service in several regions read the same page: it is read once."""
+async def test_lookups_of_one_page_read_it_once(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups of one service in several regions read the same page: it is read once, and its
+    records sorted out once."""
     now = time.time()
     for i, region in enumerate(["eu", "us", "ap"]):
         await registry.upsert(make_record(services=["ocr"], now=now, region=region, load=i / 10))
     await _warm(registry)
     regions = ["eu", "us", "ap", "eu", "sa"]
+    sorted_out: list[str] = []
+    usable = Registry._usable
+
+    def counting(self: Registry, service: str, *args: Any, **kwargs: Any) -> Any:
+        sorted_out.append(service)
+        return usable(self, service, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "_usable", counting)
 
     found = await asyncio.gather(*(registry.lookup("ocr", region=r) for r in regions))
 
     assert await _evalsha_calls(registry) == 1
+    assert sorted_out == ["ocr"]
     for region, records in zip(regions, found, strict=True):
         assert len(records) == 3
         # Each caller's own region ranking, from the shared page.
