@@ -107,7 +107,13 @@ ROUTER_OPTIONS = OptionTable(
         "float",
         DEFAULT_CACHE_STALE,
     ),
-    Option("cache_size", "CACHE_SIZE", "cached lookups kept", "int", DEFAULT_CACHE_SIZE),
+    Option(
+        "cache_size",
+        "CACHE_SIZE",
+        "cached lookups kept (the least recently asked go first)",
+        "int",
+        DEFAULT_CACHE_SIZE,
+    ),
     Option(
         "trusted_proxies",
         "TRUSTED_PROXIES",
