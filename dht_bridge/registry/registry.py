@@ -143,7 +143,7 @@ class _PageReply:
     service read its first page once (batch.py), and each parsing it again cost a router's miss
     about a tenth of its own work."""
 
-    __slots__ = ("gone", "ids", "scores", "usable", "values")
+    __slots__ = ("gone", "ids", "pruning", "scores", "usable", "values")
 
     def __init__(self, scored: Sequence[bytes | str], values: Sequence[Any]) -> None:
         self.ids = [_text(member) for member in scored[::2]]
@@ -152,6 +152,9 @@ class _PageReply:
         self.gone = [wid for wid, raw in zip(self.ids, values, strict=True) if raw is None]
         # The usable providers, by (service, stale asked for).
         self.usable: dict[tuple[str, bool], list[Provider]] = {}
+        # The one pruning of `gone`, whose count every sharer pages on by: a second prune of
+        # the same ids removes none, and a sharer counting 0 would skip that many records.
+        self.pruning: asyncio.Future[int] | None = None
 
 
 class Registry:
@@ -432,7 +435,15 @@ class Registry:
             if usable is None:
                 usable = reply.usable[service, stale] = self._usable(service, reply, stale)
             found.extend(usable[: want - len(found)])
-            pruned = await self._prune_ids(key, reply.gone) if reply.gone else 0
+            pruned = 0
+            if reply.gone:
+                if reply.pruning is None:
+                    task = asyncio.get_running_loop().create_task(self._prune_ids(key, reply.gone))
+                    # Its error is every sharer's; read here too, in case all of them gave up.
+                    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+                    reply.pruning = task
+                # Shielded: one sharer giving up must not cancel the others' pruning.
+                pruned = await asyncio.shield(reply.pruning)
             start += len(reply.ids) - pruned
             if len(reply.ids) < page or (not stale and reply.scores[-1] >= STALE_SCORE):
                 break

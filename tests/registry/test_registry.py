@@ -284,6 +284,20 @@ async def test_lookup_pages_past_vanished_ids_and_prunes_them(registry: Registry
     assert await registry.count("ocr") == 10
 
 
+async def test_concurrent_lookups_past_vanished_ids_each_get_every_provider(
+    registry: Registry,
+) -> None:
+    """Lookups sharing a page of vanished ids prune them once, and each pages on from where
+    the pruning left the set (a sharer that saw 0 pruned once skipped the next page)."""
+    batch = [make_record(load=i / 100) for i in range(20)]
+    assert all(await registry.upsert_many(batch))
+    await registry.client.delete(*(registry.worker_key(r.worker_id) for r in batch[:10]))
+    found = await asyncio.gather(*(registry.lookup("ocr", limit=10) for _ in range(4)))
+    expected = [round(0.10 + i / 100, 2) for i in range(10)]
+    assert [[r.load for r in records] for records in found] == [expected] * 4
+    assert await registry.count("ocr") == 10
+
+
 async def test_lookup_of_an_unknown_or_impossible_service_is_empty(registry: Registry) -> None:
     assert await registry.upsert(make_record())
     assert await registry.lookup("gpu") == []
