@@ -150,8 +150,8 @@ class _PageReply:
         self.scores = [float(score) for score in scored[1::2]]
         self.values = values
         self.gone = [wid for wid, raw in zip(self.ids, values, strict=True) if raw is None]
-        # The usable providers, by (service, stale asked for).
-        self.usable: dict[tuple[str, bool], list[Provider]] = {}
+        # The usable providers, by whether stale ones were asked for (a page is one service's).
+        self.usable: dict[bool, list[Provider]] = {}
         # The one pruning of `gone`, whose count every sharer pages on by: a second prune of
         # the same ids removes none, and a sharer counting 0 would skip that many records.
         self.pruning: asyncio.Future[int] | None = None
@@ -431,9 +431,9 @@ class Registry:
             reply = await self._pages.read((key, start, start + page - 1))
             if not reply.ids:
                 break
-            usable = reply.usable.get((service, stale))
+            usable = reply.usable.get(stale)
             if usable is None:
-                usable = reply.usable[service, stale] = self._usable(service, reply, stale)
+                usable = reply.usable[stale] = self._usable(service, reply, stale)
             found.extend(usable[: want - len(found)])
             pruned = 0
             if reply.gone:
