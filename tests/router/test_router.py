@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
@@ -296,6 +297,40 @@ async def test_country_header_is_trusted_only_from_cloudflare(registry: Registry
     resolver = app.state.rma.resolver
     assert not resolver.peer_trusted(_fake_request(CLIENT_PEER, headers))
     assert resolver.peer_trusted(_fake_request(("2606:4700::1", 443), headers))
+
+
+async def test_query_parameters_override_the_defaults_and_bad_ones_are_400(
+    registry: Registry,
+) -> None:
+    de = make_record(region="de", load=0.9)
+    us = make_record(region="us", load=0.1)
+    for record in (de, us):
+        await registry.upsert(record)
+    headers = {"CF-IPCountry": "DE"}
+
+    async def regions(client: httpx.AsyncClient, path: str) -> list[str]:
+        answer = await client.get(path, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return [p["region"] for p in answer.json()["providers"]]
+
+    async with client_for(router_app(registry), peer=("173.245.48.10", 443)) as cloudflare:
+        assert await regions(cloudflare, "/services/ocr") == ["de", "us"]  # the country
+        assert await regions(cloudflare, "/services/ocr?region=US") == ["us", "de"]
+        # An empty region asks for none, even with the country header beside it.
+        assert await regions(cloudflare, "/services/ocr?region=") == ["us", "de"]
+        assert await regions(cloudflare, "/services/ocr?limit=1") == ["de"]
+        assert await regions(cloudflare, "/services/ocr?cap=gpu=true") == []
+        for query, message in [
+            ("limit=", "limit must be"),
+            ("limit=abc", "limit must be"),
+            ("limit=0", "limit must be"),
+            ("limit=1&limit=x", "limit must be"),  # the last value counts, as in Starlette
+            ("region=e%20u", "region must match"),
+            ("region=" + "a" * 33, "region must match"),
+        ]:
+            answer = await cloudflare.get(f"/services/ocr?{query}", headers=headers)
+            assert answer.status_code == 400, query
+            assert message in answer.json()["detail"], query
 
 
 CLIENT_PEER = ("203.0.113.7", 40000)
