@@ -82,18 +82,27 @@ def test_field_bench_writes_every_figure_under_its_profile(tmp_path: Path) -> No
     assert "p50 RTT" in result.stdout
 
 
-def test_field_bench_runs_simulated_time_on_the_virtual_clock(tmp_path: Path) -> None:
+def test_field_bench_runs_simulated_time_on_the_virtual_clock_in_two_processes(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "field-virtual.json"
     window = 1800.0
-    run_bench_script(
+    result = run_bench_script(
         "field_bench.py",
         *("--profile", "world", "--nodes", "14", "--coordinators", "2", "--virtual"),
         *("--lookups", "12", "--window", str(window), "--out", str(out)),
-        *("--session-median", "300", "--uplink", "1e6"),
+        *("--session-median", "300", "--uplink", "1e6", "--jobs", "2"),
         timeout=300,
     )
     data = json.loads(out.read_text())
     assert data["clock"] == "virtual"
+    # Ours and the stock library ran as two processes; one report holds both.
+    assert set(data["figures"]) == {"ours", "stock"}
+    assert data["figures"]["ours"]["pid"] != data["figures"]["stock"]["pid"]
+    tables = result.stdout.split("world: ", 2)
+    assert len(tables) == 3, result.stdout  # the profile, then over the tables: once each
+    assert re.search(r"^ours +service_lookup", tables[2], re.M)
+    assert re.search(r"^stock +record_get", tables[2], re.M)
     for run in data["figures"].values():
         assert run["clock"] == "virtual"
         # A 1 MB/s line is far above what 14 nodes send: nothing dropped, for either.
