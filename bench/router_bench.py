@@ -59,7 +59,7 @@ from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import PROOF_OFF, RATE_OFF, RateSettings, RouterConfig
-from edge_router.server import protocol_class
+from edge_router.server import server_config
 from tests.support.dht import start_network
 from tests.support.helpers import free_port, make_record
 from tests.support.redis_server import RedisServer
@@ -206,18 +206,15 @@ async def serve_child(args: argparse.Namespace) -> int:
         )
         app = create_app(config, registry=registry, dht=dht)
     server = _Server(
-        uvicorn.Config(
+        # The router's server stack (as `rma router` serves it) for every case; --http
+        # httptools: uvicorn's httptools protocol instead, to compare.
+        server_config(
             app,
             host="127.0.0.1",
             port=0,
             log_level="warning",
-            access_log=False,  # as `rma router` by default (RMA_ACCESS_LOG)
-            proxy_headers=False,
-            server_header=False,
             lifespan="off" if args.serve == "bare" else "on",
-            # The router's server stack: its strict-framing h11 protocol, for every case
-            # (--http httptools: uvicorn's httptools protocol instead, to compare).
-            http=protocol_class() if args.http == "router" else args.http,
+            **({} if args.http == "router" else {"http": args.http}),
         )
     )
     task = asyncio.get_running_loop().create_task(server.serve())

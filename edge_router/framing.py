@@ -75,7 +75,9 @@ class StrictConnection(h11.Connection):
 
     def __init__(self, max_incomplete_event_size: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self.max_head = max_incomplete_event_size
         self.refused: str | None = None
+        self.refused_status = 400  # 431 for a head over `max_head`
         self._searched = 0  # how far the head now buffered was searched for its end
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -83,7 +85,7 @@ class StrictConnection(h11.Connection):
         if self.refused is None and self.their_state is h11.IDLE:
             self.refused = self._raw_head_problem()
         if self.refused is not None:
-            raise h11.RemoteProtocolError(self.refused, error_status_hint=400)
+            raise h11.RemoteProtocolError(self.refused, error_status_hint=self.refused_status)
         event = super().next_event()
         if isinstance(event, h11.Request):
             self._searched = 0
@@ -96,6 +98,11 @@ class StrictConnection(h11.Connection):
         # While the client is IDLE the buffer starts with the next head: h11 consumed the rest.
         buffered, _ = self.trailing_data
         end = _HEAD_END.search(buffered, max(0, self._searched - 2))
+        # h11 bounds only a head still incomplete: one that arrives whole in a read (up to
+        # 256 KiB on loopback) would pass, and be forwarded to a provider.
+        if (len(buffered) if end is None else end.end()) > self.max_head:
+            self.refused_status = 431
+            return f"request head over {self.max_head} bytes (RFC 6585 section 5)"
         if end is None:
             # A head dribbled in byte by byte is searched once, not once per byte.
             self._searched = len(buffered)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import h11
+from starlette.types import ASGIApp
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.server import ServerState
@@ -115,8 +116,12 @@ class GuardedH11Protocol(H11Protocol):
             self._follow_state()
 
     def send_400_response(self, msg: str) -> None:
-        """Refuse a malformed or ambiguous request, saying why, and close the connection."""
-        self._answer_and_close(400, "bad_request", self.conn.refused or msg)
+        """Refuse a malformed, ambiguous or oversized request, saying why, and close the
+        connection."""
+        if self.conn.refused_status == 431:
+            self._answer_and_close(431, "head_too_large", self.conn.refused or msg)
+        else:
+            self._answer_and_close(400, "bad_request", self.conn.refused or msg)
 
     def _follow_state(self) -> None:
         state = self.conn.their_state
@@ -212,6 +217,21 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+def server_config(app: ASGIApp, *, host: str, port: int, **options: Any) -> Config:
+    """uvicorn's Config for serving the router, the same wherever it is served (`rma router`,
+    the demo, the benches): its guarded h11 protocol, no Server header, no access log, and no
+    proxy headers, since the app alone decides whom to believe about a client's address
+    (edge_router.cloudflare; uvicorn's default takes X-Forwarded-For from any loopback peer).
+    `options` go to uvicorn.Config, over these."""
+    chosen: dict[str, Any] = {
+        "http": protocol_class(),
+        "proxy_headers": False,
+        "server_header": False,
+        "access_log": False,
+    }
+    return Config(app, host=host, port=port, **(chosen | options))
+
+
 def protocol_class(limits: ServerLimits | None = None) -> type[GuardedH11Protocol]:
     """A protocol class for `uvicorn.Config(http=...)`, with its own count of slow connections
     (one per server: every connection of a server shares it)."""
@@ -234,4 +254,5 @@ __all__ = [
     "ServerLimits",
     "SlowHeads",
     "protocol_class",
+    "server_config",
 ]

@@ -36,7 +36,7 @@ from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
-from edge_router.server import protocol_class
+from edge_router.server import server_config
 from edge_router.state import RouterState
 from rma.commands.router import QuietServer
 from worker.agent import WorkerAgent
@@ -261,14 +261,8 @@ class _Servers:
     async def serve(self, app: Starlette, host: str, port: int, name: str) -> int:
         """Serve `app` with uvicorn in this loop until `stop`; returns the bound port."""
         server = QuietServer(
-            uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                log_level="warning",
-                server_header=False,
-                http=protocol_class(),  # the router's strict framing and read deadlines
-            )
+            # The router's server stack for every demo server (the workers' stand-ins too).
+            server_config(app, host=host, port=port, log_level="warning")
         )
         task = asyncio.get_running_loop().create_task(server.serve(), name=name)
         self._running.append((server, task))

@@ -16,7 +16,7 @@ from dht_bridge.registry.registry import Registry, open_registry
 from edge_router import page
 from edge_router.app import create_app
 from edge_router.config import ROUTER_OPTIONS, RouterConfig
-from edge_router.server import protocol_class
+from edge_router.server import server_config
 from rma.exits import Exit
 from rma.process import wait_for_stop_signal
 
@@ -49,7 +49,7 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
         await _check_registry(registry)
         app = create_app(config, registry=registry, dht=dht)
         server = QuietServer(
-            uvicorn.Config(
+            server_config(
                 app,
                 host=config.host,
                 port=config.port,
@@ -58,11 +58,6 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 log_config=None,
                 # A line per request only when the operator asks (RMA_ACCESS_LOG).
                 access_log=config.access_log,
-                proxy_headers=False,
-                server_header=False,
-                # Strict framing (400 and close on ambiguity), head and body read deadlines and a
-                # bound on slow connections per client address: see edge_router.server.
-                http=protocol_class(),
                 timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
             )
         )

@@ -91,10 +91,15 @@ async def test_demo_with_twenty_workers_looks_up_routes_and_stops_on_sigint() ->
             return len(answer.json()["providers"]) if answer.status_code == 200 else 0
 
         await wait_for(lambda: _ge(ocr_count(), 10), timeout=30, message="10 ocr providers")
-        routed = await client.post("/route/gpu/hello", content=b"some work")
+        # A loopback client's own X-Forwarded-For is not believed: the demo serves as
+        # `rma router` does (edge_router.server.server_config).
+        routed = await client.post(
+            "/route/gpu/hello", content=b"some work", headers={"X-Forwarded-For": "198.51.100.7"}
+        )
         assert routed.status_code == 200
         assert routed.json()["service"] == "gpu"
         assert routed.json()["received_bytes"] == 9
+        assert routed.json()["forwarded_for"] == "127.0.0.1"
         assert routed.headers["x-rma-worker"]
         # "ready" waited for the registry, and /readyz says so.
         assert (await client.get("/readyz")).json()["status"] == "ready"

@@ -20,12 +20,18 @@ from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.config import PROOF_OFF, RouterConfig
-from edge_router.server import GuardedH11Protocol, ServerLimits, protocol_class
+from edge_router.server import (
+    MAX_HEAD_BYTES,
+    GuardedH11Protocol,
+    ServerLimits,
+    protocol_class,
+    server_config,
+)
 from tests.support.helpers import make_record, wait_for
 from tests.support.rawhttp import RawUpstream, hang_up, send_raw
 from tests.support.redis_server import TEST_REDIS_TIMEOUT
 from tests.support.router import ADMIN_TOKEN, client_for, router_app
-from tests.support.upstreams import serve
+from tests.support.upstreams import serve_config
 
 # The tests, and only they, let tunnel URLs point at loopback.
 LOOPBACK = TunnelPolicy(allow_loopback=True)
@@ -71,7 +77,11 @@ async def running(registry: Registry, limits: ServerLimits | None = None) -> Asy
     """The router app (lifespan included) under uvicorn on an OS port."""
     protocol = protocol_class(limits)
     app = router_app(registry, config=ROBUSTNESS_CONFIG)
-    async with app.router.lifespan_context(app), serve(app, http=protocol) as base:
+    # As `rma router` serves it (edge_router.server.server_config).
+    config = server_config(
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="off", http=protocol
+    )
+    async with app.router.lifespan_context(app), serve_config(config) as base:
         yield Router(app, int(base.rsplit(":", 1)[1]), protocol)
 
 
@@ -143,6 +153,55 @@ async def test_ambiguous_framing_is_refused_with_400_and_a_closed_connection(
     assert [r.target for r in upstream.requests] == ["/fine"]
     assert b"smuggled" not in upstream.all_bytes()
     assert b"x-admin" not in upstream.all_bytes().lower()
+
+
+def _head_with(padding: int) -> bytes:
+    start = b"GET /route/ocr/big HTTP/1.1\r\nHost: router\r\nConnection: close\r\nX-Pad: "
+    return start + b"a" * (padding - len(start) - 4)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "never-ending"])
+async def test_a_request_head_over_the_limit_is_431_and_never_forwarded(
+    registry: Registry, whole: bool
+) -> None:
+    # Whole: the head and its end arrive in one read, which h11's own bound does not see.
+    # Never-ending: the head's end never comes; the answer must not wait for it.
+    oversized = _head_with(MAX_HEAD_BYTES + 1024) + (b"\r\n\r\n" if whole else b"")
+    upstream = RawUpstream()
+    async with upstream.running() as url, running(registry) as router:
+        await register(registry, url)
+        answer = await send_raw(router.port, oversized, timeout=WAIT)
+        within = await send_raw(router.port, _head_with(MAX_HEAD_BYTES) + b"\r\n\r\n")
+
+    assert answer.status == 431, answer.raw[:200]
+    assert answer.closed
+    assert answer.json() == {
+        "error": "head_too_large",
+        "detail": f"request head over {MAX_HEAD_BYTES} bytes (RFC 6585 section 5)",
+    }
+    assert within.status == 200, within.raw[:200]  # the limit itself is allowed
+    assert [r.target for r in upstream.requests] == ["/big"]
+
+
+async def test_a_loopback_client_cannot_name_its_address_in_x_forwarded_for(
+    registry: Registry,
+) -> None:
+    # uvicorn's default (proxy headers from 127.0.0.1) would believe it; the app decides whom to
+    # believe (edge_router.cloudflare), and nothing vouches for this peer.
+    upstream = RawUpstream()
+    async with upstream.running() as url, running(registry) as router:
+        await register(registry, url)
+        answer = await send_raw(
+            router.port,
+            b"GET /route/ocr/who HTTP/1.1\r\nHost: router\r\nConnection: close\r\n"
+            b"X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\n\r\n",
+            timeout=WAIT,
+        )
+
+    assert answer.status == 200, answer.raw[:200]
+    (seen,) = upstream.requests
+    assert seen.header(b"x-forwarded-for") == b"127.0.0.1"
+    assert seen.header(b"x-forwarded-proto") == b"http"
 
 
 async def test_chunked_and_streamed_bodies_reach_the_upstream_framed_by_the_router(

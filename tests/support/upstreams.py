@@ -52,6 +52,16 @@ async def serve(
         ws="none",
         http=http or "h11",
     )
+    async with serve_config(config, sock=sock) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def serve_config(
+    config: uvicorn.Config, *, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """Serve with `config` (its app, port and protocol) until the block ends; yield the base
+    URL."""
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(
         server.serve(sockets=None if sock is None else [sock]), name="uvicorn-upstream"
