@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import StateInUse
+from worker.errors import StartError, StateInUse
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class StateFile:
         return self.path.with_name(self.path.name + ".lock")
 
     def acquire(self) -> None:
-        """Hold this state for the running agent, or raise StateInUse.
+        """Hold this state for the running agent, or raise StateInUse (StartError when its
+        directory cannot be made or written).
 
         Two agents on one state file sign with one key: the second's tunnel URL would replace
         the first's and either one's stop would tombstone both. The lock is the kernel's
@@ -117,8 +118,14 @@ class StateFile:
         """
         if self._held is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StartError(
+                f"cannot use state file {self.path}: {exc.strerror or exc}; give a --state-file "
+                "(RMA_STATE_FILE) in a directory this user may write"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -160,6 +160,26 @@ async def test_an_unusable_key_file_stops_the_start_instead_of_replacing_it(
     assert key.read_bytes() == b"not a key"
 
 
+async def test_a_state_or_key_file_that_cannot_be_written_stops_the_start_saying_which(
+    tmp_path: Path,
+) -> None:
+    # A regular file where a directory should be: refused even for root, unlike a chmod.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable_state = worker_config(tmp_path, "w-nostate", state_file=blocker / "state.json")
+    with pytest.raises(
+        StartError, match=rf"cannot use state file {blocker}/state.json: .*--state-file"
+    ):
+        await WorkerAgent(unwritable_state).start()
+    unwritable_key = worker_config(tmp_path, "w-nokey", key_file=blocker / "worker.key")
+    with pytest.raises(IdentityError, match=rf"cannot write key file {blocker}/worker.key"):
+        await WorkerAgent(unwritable_key).start()
+    # The refused start let go of its state: the next one may take it.
+    again = StateFile(unwritable_key.state_file)
+    again.acquire()
+    again.release()
+
+
 def test_state_round_trip_and_refusals(tmp_path: Path) -> None:
     store = StateFile(tmp_path / "s.json")
     state = WorkerState("ab" * 20, "/k.key", 7, [("127.0.0.1", 4000)], [["ocr", "ab", 1]], 5.5)
