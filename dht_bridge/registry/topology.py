@@ -102,7 +102,9 @@ def parse_redis_url(url: str, *, cluster: bool = False) -> RedisTarget:
     if scheme not in SENTINEL_SCHEMES + CLUSTER_SCHEMES:
         schemes = SINGLE_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES
         known = ", ".join(f"{name}://" for name in schemes)
-        raise ConfigError(f"RMA_REDIS_URL must start with one of {known}, not {parts.scheme!r}")
+        # The scheme alone: the rest of a URL may hold a password.
+        given = f"not {parts.scheme}://" if parts.scheme else "and has none"
+        raise ConfigError(f"RMA_REDIS_URL must start with one of {known}, {given}")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, password = _credentials(userinfo)
     default_port = DEFAULT_SENTINEL_PORT if scheme in SENTINEL_SCHEMES else DEFAULT_REDIS_PORT

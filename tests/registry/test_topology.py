@@ -72,3 +72,14 @@ def test_malformed_urls_are_config_errors(url: str) -> None:
 def test_a_unix_socket_cannot_seed_a_cluster() -> None:
     with pytest.raises(ConfigError):
         parse_redis_url("unix:///run/r.sock", cluster=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [("garbage", ", and has none"), ("http://user:secret@h:1/", ", not http://")],
+)
+def test_an_unknown_scheme_is_named_and_a_password_never_is(url: str, named: str) -> None:
+    with pytest.raises(ConfigError, match="must start with one of redis://") as refused:
+        parse_redis_url(url)
+    assert str(refused.value).endswith(named)
+    assert "secret" not in str(refused.value)
