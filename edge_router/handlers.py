@@ -291,18 +291,14 @@ async def bootstrap_peers(
 async def register(request: Request) -> Response:
     """POST /workers: register or heartbeat a signed record (for workers off the DHT)."""
     state = state_of(request)
-    record = parse_and_validate(
-        await read_json(request, state), state.config.policy, now=state.clock()
-    )
+    record = await _signed_record(request, state, "the worker's signed record")
     return await _store(state, record)
 
 
 async def leave(request: Request) -> Response:
     """DELETE /workers/{worker_id}: graceful leave with a signed tombstone."""
     state = state_of(request)
-    record = parse_and_validate(
-        await read_json(request, state), state.config.policy, now=state.clock()
-    )
+    record = await _signed_record(request, state, "the worker's signed tombstone")
     if record.worker_id != request.path_params["worker_id"]:
         raise BadRequest("the tombstone's worker_id does not match the URL")
     if not record.tombstone:
@@ -311,6 +307,13 @@ async def leave(request: Request) -> Response:
     for service in record.services:
         state.lookups.flush(("svc", service))
     return response
+
+
+async def _signed_record(request: Request, state: RouterState, what: str) -> WorkerRecord:
+    body = await read_json(request, state)
+    if body is None:  # no body at all: say what belongs there, not what is wrong with nothing
+        raise BadRequest(f"{request.method} {request.url.path} takes {what} as its JSON body")
+    return parse_and_validate(body, state.config.policy, now=state.clock())
 
 
 async def _store(state: RouterState, record: WorkerRecord) -> Response:

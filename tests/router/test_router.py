@@ -195,6 +195,12 @@ async def test_bad_bodies_get_clear_errors(registry: Registry) -> None:
         assert "signature" in forged_answer.json()["detail"]
         missing = await client.post("/workers", json={"worker_id": record.worker_id})
         assert missing.status_code == 422
+        empty = await client.post("/workers")
+        assert empty.status_code == 400
+        assert "POST /workers takes the worker's signed record" in empty.json()["detail"]
+        leave = await client.delete(f"/workers/{record.worker_id}")
+        assert leave.status_code == 400
+        assert "signed tombstone as its JSON body" in leave.json()["detail"]
         assert (await client.get("/nowhere")).json()["error"] == "not_found"
         assert (await client.put("/workers")).status_code == 405
         assert (await client.get("/services/Bad_Name")).status_code == 400
