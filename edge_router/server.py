@@ -219,15 +219,17 @@ class GuardedH11Protocol(H11Protocol):
 
 def server_config(app: ASGIApp, *, host: str, port: int, **options: Any) -> Config:
     """uvicorn's Config for serving the router, the same wherever it is served (`rma router`,
-    the demo, the benches): its guarded h11 protocol, no Server header, no access log, and no
-    proxy headers, since the app alone decides whom to believe about a client's address
-    (edge_router.cloudflare; uvicorn's default takes X-Forwarded-For from any loopback peer).
-    `options` go to uvicorn.Config, over these."""
+    the demo, the benches): its guarded h11 protocol, no Server header, no access log, the
+    process's logging setup rather than uvicorn's own, and no proxy headers, since the app
+    alone decides whom to believe about a client's address (edge_router.cloudflare;
+    uvicorn's default takes X-Forwarded-For from any loopback peer). `options` go to
+    uvicorn.Config, over these."""
     chosen: dict[str, Any] = {
         "http": protocol_class(),
         "proxy_headers": False,
         "server_header": False,
         "access_log": False,
+        "log_config": None,
     }
     return Config(app, host=host, port=port, **(chosen | options))
 

@@ -54,8 +54,6 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 host=config.host,
                 port=config.port,
                 log_level=log_level,
-                # One format for uvicorn's lines and ours (rma.logs): no config of its own.
-                log_config=None,
                 # A line per request only when the operator asks (RMA_ACCESS_LOG).
                 access_log=config.access_log,
                 timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),

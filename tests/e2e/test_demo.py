@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -169,3 +170,25 @@ async def test_the_demo_start_up_wait_survives_a_registry_outage(
     finally:
         await registry.aclose()
     assert "the registry is out of reach while starting" in caplog.text
+
+
+async def test_a_demo_on_a_taken_port_says_so_in_the_log_format_and_exits() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RMA_REDIS_URL"}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "rma", "demo", "--workers", "1", "--port", str(port)),
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), READY_DEADLINE)
+    finally:
+        taken.close()
+    log = stderr.decode(errors="replace")
+    assert proc.returncode != 0, log
+    # One line, in the format of every other line (uvicorn's own would start "ERROR:").
+    assert re.search(rf" ERROR +uvicorn\.error: .*'127\.0\.0\.1', {port}\).*in use", log), log
+    assert not re.search(r"^ERROR:", log, re.M), log

@@ -78,9 +78,7 @@ async def running(registry: Registry, limits: ServerLimits | None = None) -> Asy
     protocol = protocol_class(limits)
     app = router_app(registry, config=ROBUSTNESS_CONFIG)
     # As `rma router` serves it (edge_router.server.server_config).
-    config = server_config(
-        app, host="127.0.0.1", port=0, log_config=None, lifespan="off", http=protocol
-    )
+    config = server_config(app, host="127.0.0.1", port=0, lifespan="off", http=protocol)
     async with app.router.lifespan_context(app), serve_config(config) as base:
         yield Router(app, int(base.rsplit(":", 1)[1]), protocol)
 
