@@ -238,6 +238,8 @@ async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
         if isinstance(metrics, MetricsServer):
             stack.push_async_callback(metrics.aclose)
         if config.state_file is not None:
+            # Saved at once too: a path that cannot be written shows now, not at the stop.
+            _save_state(config.state_file, node, bridge)
             stack.callback(_save_state, config.state_file, node, bridge)
         host, port = node.address
         where = "off"
@@ -278,7 +280,13 @@ def _save_state(path: Path, node: DHTNode, bridge: Bridge) -> None:
     state["services"] = bridge.services
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, path)
     except OSError as exc:
-        logger.warning("cannot save the state file %s: %s", path, exc)
+        logger.warning(
+            "cannot save the state file %s (%s): this node's id and contacts will not survive "
+            "a restart",
+            path,
+            exc.strerror or exc,
+        )

@@ -89,10 +89,35 @@ def test_python_m_dht_bridge_runs_and_exits_cleanly_on_sigterm(tmp_path: Path) -
         for line in process.stderr:
             if "bridge ready" in line:
                 break
+        first_id = json.loads(state.read_text())["node_id"]  # saved at the start already
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()
         assert process.wait(timeout=30) == 0, rest
     assert "bridge exited cleanly" in rest
     saved = json.loads(state.read_text())
     assert saved["services"] == ["ocr"]
+    assert saved["node_id"] == first_id
     assert len(saved["node_id"]) == 40
+
+
+def test_a_state_file_the_bridge_cannot_write_is_said_at_the_start(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"  # a file where the state file's directory should be
+    blocker.write_text("")
+    command = [
+        *(sys.executable, "-m", "rma", "bridge", "--journal", str(tmp_path / "j.jsonl")),
+        *("--state-file", str(blocker / "state.json")),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RMA_")}
+    with subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None
+        before_ready = []
+        for line in process.stderr:
+            if "bridge ready" in line:
+                break
+            before_ready.append(line)
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=30) == 0, rest
+    warned = [line for line in before_ready if "cannot save the state file" in line]
+    assert warned, before_ready
+    assert "will not survive a restart" in warned[0]
