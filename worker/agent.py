@@ -45,7 +45,7 @@ from worker.config import (
     MODE_SERVER,
     WorkerConfig,
 )
-from worker.discovery import Discovery, DiscoveryCache, discover
+from worker.discovery import Discovery, DiscoveryCache, check_ask, discover
 from worker.edge import BootstrapPeers, EdgeClient, Registered
 from worker.errors import EdgeError, EdgeRefused, EdgeUnavailable, StartError, TunnelError
 from worker.load import HttpLoad, LoadSource, StaticLoad, clamp
@@ -350,9 +350,11 @@ class WorkerAgent:
 
         Answers are cached and refreshed in the background (never older than one heartbeat;
         a tombstone this node stores takes its worker out at once): a warm discovery costs no
-        round trip. `fresh=True` asks the network now.
+        round trip. `fresh=True` asks the network now. ConfigError for a malformed service
+        name or a limit outside 1..100.
         """
         if fresh:
+            check_ask(service, limit)
             return await self._discover_now(service, limit)
         return await self.discovery.discover(service, limit)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.storage import RecordStorage
-from dht_bridge.errors import DHTError
-from dht_bridge.records import WorkerRecord
+from dht_bridge.errors import ConfigError, DHTError
+from dht_bridge.records import SERVICE_RE, WorkerRecord
 from worker.edge import EdgeClient
 from worker.errors import EdgeError
 
@@ -36,10 +36,14 @@ DEFAULT_FRESH_SHARE = 0.5
 # keep it full until the refresh. On `world` under churn a 30 s answer of exactly 10 fell
 # short of 10 two times in three.
 SPARE_FACTOR = 2
+# The most providers one discovery may ask for: the router's API allows 1 to 100 a lookup
+# (docs/design.md), and asking the edge for more is refused there.
+MAX_LIMIT = 100
 
 __all__ = [
     "DEFAULT_FRESH_SHARE",
     "DEFAULT_MAX_ENTRIES",
+    "MAX_LIMIT",
     "SOURCE_DHT",
     "SOURCE_EDGE",
     "SOURCE_NONE",
@@ -47,6 +51,7 @@ __all__ = [
     "DiscoveryCache",
     "Fetch",
     "MergeHook",
+    "check_ask",
     "discover",
 ]
 
@@ -65,6 +70,14 @@ class Discovery:
     detail: str = ""
     age: float = 0.0
     cached: bool = False
+
+
+def check_ask(service: str, limit: int) -> None:
+    """Refuse a discovery that no provider could answer: ConfigError naming what is wrong."""
+    if not SERVICE_RE.fullmatch(service):
+        raise ConfigError(f"service {service!r} does not match [a-z0-9-]{{1,32}}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ConfigError(f"limit {limit!r}: must be from 1 to {MAX_LIMIT}")
 
 
 async def discover(
@@ -103,7 +116,8 @@ async def discover(
         source = SOURCE_DHT if local else SOURCE_NONE
         return Discovery(service, local, source, _since(started), f"{reason}; no edge configured")
     try:
-        providers = await edge.services(service, limit=limit, region=region)
+        # A cache asks for spares beyond `limit`: never past what the edge accepts.
+        providers = await edge.services(service, limit=min(limit, MAX_LIMIT), region=region)
     except EdgeError as exc:
         logger.warning("discovery of %s: %s, and the edge failed too: %s", service, reason, exc)
         source = SOURCE_DHT if local else SOURCE_NONE
@@ -169,7 +183,9 @@ class DiscoveryCache:
 
     async def discover(self, service: str, limit: int = 10) -> Discovery:
         """Up to `limit` providers of `service`, from the cache when it has a young enough
-        answer, else from a lookup (one at a time per service and limit)."""
+        answer, else from a lookup (one at a time per service and limit); ConfigError for a
+        malformed service name or a limit outside 1..MAX_LIMIT."""
+        check_ask(service, limit)
         started = self._clock()
         key = (service, limit)
         entry = self._entries.get(key)

@@ -17,12 +17,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
+from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.support.helpers import POLICY, make_record, wait_for
 from tests.support.worker import EDGE_URL, running_edge, worker_config
-from worker.agent import Mode
+from worker.agent import Mode, WorkerAgent
 from worker.discovery import discover
 from worker.edge import EdgeClient, Registered
 from worker.errors import EdgeRefused, EdgeUnavailable
@@ -170,3 +171,36 @@ async def test_edge_only_worker_heartbeats_through_the_edge_and_recovers_a_stale
             assert await edge.lookup() == [agent.worker_id]
         assert agent.edge_requests["leave"] == 1
         assert await edge.lookup() == []
+
+
+async def test_a_discovery_asks_the_edge_for_no_more_than_the_edge_accepts(
+    registry: Registry,
+) -> None:
+    # A cache asks for twice the providers wanted (spares): 120 for 60, past the edge's 100.
+    for _ in range(3):
+        assert await registry.upsert(make_record(services=["ocr"]))
+    async with running_edge(registry, RouterConfig()) as edge:
+        client = EdgeClient(EDGE_URL, policy=POLICY, transport=edge.transport())
+        try:
+            found = await discover("ocr", limit=120, node=None, edge=client, deadline=1.0)
+        finally:
+            await client.aclose()
+    assert (found.source, len(found.providers)) == ("edge", 3), found.detail
+
+
+@pytest.mark.parametrize(
+    ("service", "limit", "wrong"),
+    [
+        ("BAD NAME", 10, "does not match"),
+        ("ocr", 0, "from 1 to 100"),
+        ("ocr", 101, "from 1 to 100"),
+    ],
+)
+@pytest.mark.parametrize("fresh", [False, True])
+async def test_a_discovery_no_provider_could_answer_is_refused_before_asking(
+    tmp_path: Path, service: str, limit: int, wrong: str, fresh: bool
+) -> None:
+    agent = WorkerAgent(worker_config(tmp_path, "w-ask", edge_url="http://127.0.0.1:1"))
+    with pytest.raises(ConfigError, match=wrong):
+        await agent.discover(service, limit, fresh=fresh)
+    assert agent.edge_requests == {}
