@@ -14,9 +14,16 @@ from dht_bridge.backoff import ExponentialBackoff
 from dht_bridge.dht.mode import DHTMode
 from dht_bridge.errors import ConfigError, RecordError
 from dht_bridge.identity import Identity
-from dht_bridge.options import Option, OptionTable
+from dht_bridge.options import Option, OptionTable, parse_hostport
 from dht_bridge.paths import STATE_DIR_TEXT, state_dir
-from dht_bridge.records import MAX_LEASE, REGION_RE, SERVICE_RE, CapabilityValue, sign_record
+from dht_bridge.records import (
+    HOST_RE,
+    MAX_LEASE,
+    REGION_RE,
+    SERVICE_RE,
+    CapabilityValue,
+    sign_record,
+)
 from dht_bridge.settings import DHT_OPTIONS, TUNNEL_OPTIONS, DHTSettings, tunnel_policy
 from dht_bridge.tunnels import TunnelPolicy
 
@@ -257,6 +264,8 @@ class WorkerConfig:
             raise ConfigError("heartbeat jitter must be from 0 to 0.5")
         if self.dht_mode not in DHT_MODES:
             raise ConfigError(f"--dht-mode (RMA_DHT_MODE) must be one of {', '.join(DHT_MODES)}")
+        if self.advertise not in (ADVERTISE_AUTO, ADVERTISE_NONE):
+            _check_advertised(self.advertise)
         if self.dht_mode == MODE_SERVER and self.advertise == ADVERTISE_NONE:
             raise ConfigError(
                 "--dht-mode server hands out an address: not with --dht-advertise none"
@@ -336,6 +345,24 @@ class WorkerConfig:
             )
         except ValueError as exc:  # DHTSettings
             raise ConfigError(str(exc)) from None
+
+
+def _check_advertised(text: str) -> None:
+    """`--dht-advertise HOST[:PORT]` read as the agent reads it (a colon means HOST:PORT, an
+    IPv6 address in brackets): ConfigError when no record could carry it."""
+    host = text
+    if text.count(":") > 1 and not text.startswith("["):
+        host = ""  # a bare IPv6 address: its last group would be read as the port
+    elif ":" in text:
+        try:
+            host, _ = parse_hostport(text)
+        except ValueError:
+            host = ""
+    if not host or not HOST_RE.fullmatch(host):
+        raise ConfigError(
+            f"--dht-advertise (RMA_DHT_ADVERTISE) {text!r}: must be auto, none, HOST or "
+            "HOST:PORT with a port from 1 to 65535 ([v6]:PORT for IPv6)"
+        )
 
 
 def _lease(name: str, interval: float, ttl: float, jitter: float) -> None:

@@ -82,6 +82,10 @@ def test_options_beat_variables_beat_defaults() -> None:
             "with --dht-advertise none",
         ),
         (["--service", "ocr", "--reach-interval", "0"], {"RMA_TUNNEL_URL": TUNNEL}, "reach"),
+        *(
+            (["--service", "ocr", "--dht-advertise", bad], {"RMA_TUNNEL_URL": TUNNEL}, "ADVERTISE")
+            for bad in ("host:99999", ":4000", "host:", "bad host", "2001:db8::1", "[::1]:0")
+        ),
     ],
 )
 def test_bad_configuration_is_a_config_error(
@@ -102,6 +106,8 @@ def test_dht_mode_from_options_and_variables() -> None:
     assert build(["--dht-mode", "server"], {**env, "RMA_DHT_MODE": "client"}).mode == "server"
     # The older spelling of client mode still means it.
     assert build(["--dht-advertise", "none"], env).mode == "client"
+    for good in ("203.0.113.5", "203.0.113.5:4000", "[2001:db8::1]:4000", "dht.example.org"):
+        assert build(["--dht-advertise", good], env).advertise == good
 
 
 def test_loopback_tunnels_only_when_the_policy_is_widened() -> None:
