@@ -9,6 +9,7 @@ Tuning internals are not options: they are named constants beside the code they 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -110,7 +111,7 @@ class Option:
             kwargs["action"] = "append"
             kwargs["metavar"] = self.metavar or ("HOST:PORT" if self.kind == "peers" else "NAME")
         else:
-            kwargs["type"] = {"int": int, "float": float}.get(self.kind, str)
+            kwargs["type"] = {"int": int, "float": _finite_float}.get(self.kind, str)
             if self.metavar:
                 kwargs["metavar"] = self.metavar
         if self.choices:
@@ -160,9 +161,21 @@ class Option:
 
 def _number(kind: type[int] | type[float], text: str, what: str) -> int | float:
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise ValueError(f"is not {what}") from None
+    # float() reads "nan" and "inf": no timeout, interval or share means either.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"is not {what}: it must be finite")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse's type for float flags: as `float`, without nan and inf."""
+    try:
+        return float(_number(float, text, "a number"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
 
 
 def _join_peer(item: Any) -> str:

@@ -259,11 +259,16 @@ class RateSettings:
             if text.strip().lower() == RATE_OFF:
                 continue
             try:
-                parse_many(text)
+                items = parse_many(text)
             except ValueError:
                 raise ConfigError(
                     f"RMA_RATE_{name.upper()}: {text!r} is not a rate like 60/minute"
                 ) from None
+            if any(item.amount < 1 for item in items):
+                raise ConfigError(
+                    f"RMA_RATE_{name.upper()}: {text!r} would refuse every request; "
+                    f"{RATE_OFF} turns the limit off"
+                )
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,12 @@ class RouterConfig:
             raise ConfigError("RMA_MAX_BODY must be at least 1024 bytes")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("RMA_ADMIN_TOKEN must be at least 16 characters")
+        if self.origin_secret is not None and len(self.origin_secret) < 16:
+            raise ConfigError("RMA_ORIGIN_SECRET must be at least 16 characters")
+        if self.proxy_connect_timeout <= 0 or self.proxy_read_timeout <= 0:
+            raise ConfigError("RMA_PROXY_CONNECT_TIMEOUT and RMA_PROXY_READ_TIMEOUT must be > 0")
+        if self.proxy_max_connections < 1:
+            raise ConfigError("RMA_PROXY_MAX_CONNECTIONS must be at least 1")
         self.rates.check()
         if self.tunnel_proof not in PROOF_MODES:
             raise ConfigError(f"RMA_TUNNEL_PROOF must be one of {', '.join(PROOF_MODES)}")

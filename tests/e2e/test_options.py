@@ -16,6 +16,7 @@ TABLE = OptionTable(
     Option("peers", "TEST_PEERS", "peers", "peers", (("a", 1),)),
     Option("names", "TEST_NAMES", "names", "list", ()),
     Option("flag", "TEST_FLAG", "a switch", "bool", False),
+    Option("wait", "TEST_WAIT", "seconds", "float", 1.5),
     Option("only_flag", None, "no variable", default="x"),
 )
 
@@ -46,6 +47,8 @@ def test_a_flag_beats_its_variable_which_beats_the_default() -> None:
         ({"RMA_TEST_PORT": "many"}, "RMA_TEST_PORT"),
         ({"RMA_TEST_FLAG": "perhaps"}, "RMA_TEST_FLAG"),
         ({"RMA_TEST_PEERS": "nohost"}, "RMA_TEST_PEERS"),
+        ({"RMA_TEST_WAIT": "nan"}, "RMA_TEST_WAIT='nan': is not a number: it must be finite"),
+        ({"RMA_TEST_WAIT": "inf"}, "RMA_TEST_WAIT"),
     ],
 )
 def test_a_bad_variable_is_a_config_error_naming_it(environ: dict[str, str], named: str) -> None:
@@ -56,6 +59,15 @@ def test_a_bad_variable_is_a_config_error_naming_it(environ: dict[str, str], nam
 def test_a_bad_flag_value_is_a_config_error_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match="--peers"):
         resolve(["--peers", "nohost"], {})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e999"])
+def test_a_float_flag_must_be_finite(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        resolve(["--wait", value], {})
+    refused = capsys.readouterr().err
+    assert f"argument --wait: {value!r} is not a number: it must be finite" in refused
+    assert resolve(["--wait", "2.5"], {})["wait"] == 2.5
 
 
 def test_an_option_declared_twice_in_one_table_is_refused() -> None:

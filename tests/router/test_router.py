@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
+from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
 from dht_bridge.records import tombstone_for
 from dht_bridge.registry.registry import Registry, open_registry
@@ -444,3 +445,21 @@ async def test_topology_and_metrics_say_when_the_registry_holds_more_than_they_r
     assert "rma_topology_truncated 1.0\n" in cut_metrics
     assert (len(whole["workers"]), whole["truncated"]) == (3, False)
     assert "rma_topology_truncated 0.0\n" in whole_metrics
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"RMA_SHUTDOWN_TIMEOUT": "inf"}, "RMA_SHUTDOWN_TIMEOUT"),  # was a traceback at start
+        ({"RMA_PROXY_READ_TIMEOUT": "nan"}, "RMA_PROXY_READ_TIMEOUT"),
+        ({"RMA_PROXY_CONNECT_TIMEOUT": "0"}, "RMA_PROXY_CONNECT_TIMEOUT"),
+        ({"RMA_PROXY_MAX_CONNECTIONS": "0"}, "RMA_PROXY_MAX_CONNECTIONS"),
+        ({"RMA_RATE_ROUTE": "0/minute"}, "RMA_RATE_ROUTE: '0/minute' would refuse every request"),
+        ({"RMA_ORIGIN_SECRET": "short"}, "RMA_ORIGIN_SECRET must be at least 16"),
+    ],
+)
+def test_router_settings_that_cannot_work_are_refused_naming_them(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        RouterConfig.build(environ=environ)
