@@ -127,7 +127,8 @@ ROUTER_OPTIONS = OptionTable(
     Option(
         "origin_secret",
         "ORIGIN_SECRET",
-        "the secret our Cloudflare Worker sends in X-RMA-Origin-Secret; none: not checked",
+        "the secret our Cloudflare Worker sends in X-RMA-Origin-Secret, at least 16 characters; "
+        "none: not checked",
     ),
     Option("max_body", "MAX_BODY", "largest JSON body accepted, bytes", "int", DEFAULT_MAX_BODY),
     Option(
