@@ -92,7 +92,10 @@ class RegistrySettings:
 
     @classmethod
     def from_values(cls, values: Values) -> RegistrySettings:
-        """The settings `REGISTRY_OPTIONS` resolved to."""
+        """The settings `REGISTRY_OPTIONS` resolved to; ConfigError for a timeout of 0 or less
+        (redis-py would read it as no wait at all, and every command would fail)."""
+        if values["redis_timeout"] <= 0:
+            raise ConfigError(f"RMA_REDIS_TIMEOUT must be > 0, not {values['redis_timeout']}")
         return cls(
             redis_url=values["redis_url"],
             timeout=values["redis_timeout"],

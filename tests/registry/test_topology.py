@@ -83,3 +83,13 @@ def test_an_unknown_scheme_is_named_and_a_password_never_is(url: str, named: str
         parse_redis_url(url)
     assert str(refused.value).endswith(named)
     assert "secret" not in str(refused.value)
+
+
+def test_a_redis_timeout_of_zero_or_less_is_refused() -> None:
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match="RMA_REDIS_TIMEOUT must be > 0"):
+            RegistrySettings.from_values(REGISTRY_OPTIONS.resolve(None, {"RMA_REDIS_TIMEOUT": bad}))
+    settings = RegistrySettings.from_values(
+        REGISTRY_OPTIONS.resolve(None, {"RMA_REDIS_TIMEOUT": "0.5"})
+    )
+    assert settings.timeout == 0.5
