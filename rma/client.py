@@ -36,7 +36,10 @@ def router_url(text: str) -> str:
 
 
 def request(method: str, url: str, *, timeout: float, **kwargs: Any) -> Any:
-    """The JSON answer of one request; RequestFailed says why there is none."""
+    """The JSON answer of one request; RequestFailed says why there is none, ConfigError
+    that `timeout` leaves it no time."""
+    if timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, not {timeout:g}")
     try:
         response = httpx.request(method, url, timeout=timeout, **kwargs)
     except httpx.HTTPError as exc:

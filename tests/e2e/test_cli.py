@@ -97,3 +97,22 @@ def test_bad_option_exits_with_usage_error() -> None:
         main(["node", "--port", "not-a-number"])
     assert info.value.code == 2
     assert isinstance(build_parser(), argparse.ArgumentParser)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["flush", "--timeout", "0"], "rma flush: configuration error: --timeout must be > 0"),
+        (["lookup", "ocr", "--timeout=-1"], "rma lookup: configuration error: --timeout must be"),
+        (["lookup", "ocr", "--router", "garbage"], "'garbage' is not an http(s) URL"),
+    ],
+)
+def test_client_commands_refuse_what_could_not_reach_a_router_before_trying(
+    argv: list[str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RMA_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv("RMA_ROUTER_URL", "http://127.0.0.1:1")  # nothing is sent anyway
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert said in capsys.readouterr().err
