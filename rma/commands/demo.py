@@ -13,6 +13,7 @@ from rma.demo import DemoConfig, run_demo
 from rma.process import run_service
 
 MAX_WORKERS = 500
+MIN_HEARTBEAT = 1.0
 
 DEMO_OPTIONS = OptionTable(
     Option("workers", "DEMO_WORKERS", f"worker agents to start, 1 to {MAX_WORKERS}", "int", 20),
@@ -21,7 +22,7 @@ DEMO_OPTIONS = OptionTable(
     Option(
         "heartbeat",
         "DEMO_HEARTBEAT",
-        "worker heartbeat interval, seconds (lease: 3 times it)",
+        f"worker heartbeat interval, seconds, at least {MIN_HEARTBEAT:g} (lease: 3 times it)",
         "float",
         30.0,
     ),
@@ -42,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--services {services!r}: names must match [a-z0-9-]{{1,32}}")
     if not 1 <= values["workers"] <= MAX_WORKERS:
         raise ConfigError(f"--workers must be from 1 to {MAX_WORKERS}")
-    if values["heartbeat"] <= 0:
-        raise ConfigError("--heartbeat must be > 0")
+    if values["heartbeat"] < MIN_HEARTBEAT:
+        # Below a second, the demo's workers flood its one process with heartbeats.
+        raise ConfigError(f"--heartbeat must be at least {MIN_HEARTBEAT:g} s")
+    if not 0 <= values["port"] <= 65535:
+        raise ConfigError(f"--port {values['port']} is not 0..65535")
     config = DemoConfig(
         workers=values["workers"],
         services=services,

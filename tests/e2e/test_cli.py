@@ -116,3 +116,20 @@ def test_client_commands_refuse_what_could_not_reach_a_router_before_trying(
         main(argv)
     assert info.value.code == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["demo", "--port=-1"], "--port -1 is not 0..65535"),  # was a traceback from uvicorn
+        (["demo", "--port", "70000"], "--port 70000 is not 0..65535"),
+        (["demo", "--heartbeat", "0.001"], "--heartbeat must be at least 1 s"),
+    ],
+)
+def test_a_demo_that_could_not_run_is_refused_before_it_starts(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert said in capsys.readouterr().err
