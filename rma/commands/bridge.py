@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from dht_bridge.settings import (
     tunnel_policy,
 )
 from dht_bridge.tunnels import TunnelPolicy
-from rma.commands.node import load_state
+from rma.commands.node import load_state, save_state
 from rma.exits import Exit
 from rma.process import run_service
 
@@ -274,19 +273,5 @@ async def _start_metrics(config: BridgeConfig, bridge: Bridge) -> MetricsServer 
 
 def _save_state(path: Path, node: DHTNode, bridge: Bridge) -> None:
     """The node's state (id, contacts, shard levels) plus the services the bridge polls."""
-    if node.transport is None:
-        return
-    state = node.state()
-    state["services"] = bridge.services
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)
-    except OSError as exc:
-        logger.warning(
-            "cannot save the state file %s (%s): this node's id and contacts will not survive "
-            "a restart",
-            path,
-            exc.strerror or exc,
-        )
+    if node.transport is not None:
+        save_state(path, {**node.state(), "services": bridge.services})

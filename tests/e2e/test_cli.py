@@ -65,8 +65,15 @@ def test_parse_hostport() -> None:
             parse_hostport(bad)
 
 
-def test_rma_node_runs_saves_json_state_and_stops_on_sigterm(tmp_path: Path) -> None:
-    state = tmp_path / "node.json"
+@pytest.mark.parametrize("writable", [True, False])
+def test_rma_node_runs_saves_json_state_and_stops_on_sigterm(
+    tmp_path: Path, writable: bool
+) -> None:
+    if writable:
+        state = tmp_path / "node.json"
+    else:  # a file where the state file's directory should be: a warning, and it runs on
+        (tmp_path / "a-file").write_text("")
+        state = tmp_path / "a-file" / "node.json"
     env = {**os.environ, "RMA_DHT_PORT": "0", "RMA_STATE_FILE": str(state)}
     with subprocess.Popen(
         [sys.executable, "-m", "rma", "node"],
@@ -83,10 +90,15 @@ def test_rma_node_runs_saves_json_state_and_stops_on_sigterm(tmp_path: Path) -> 
                 line = proc.stderr.readline()
                 assert line or proc.poll() is None, "rma node exited early"
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=15) == 0
+            rest = proc.stderr.read()
+            assert proc.wait(timeout=15) == 0, rest
         finally:
             if proc.poll() is None:
                 proc.kill()
+    assert "Traceback" not in rest
+    if not writable:
+        assert f"cannot save the state file {state}" in rest
+        return
     saved = json.loads(state.read_text())
     assert saved["version"] == 1
     assert len(bytes.fromhex(saved["node_id"])) == 20
