@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dht_bridge.backoff import ExponentialBackoff
 from dht_bridge.dht.mode import DHTMode
@@ -240,7 +241,8 @@ class WorkerConfig:
             if not SERVICE_RE.fullmatch(name):
                 raise ConfigError(f"service {name!r} does not match [a-z0-9-]{{1,32}}")
         if self.cloudflared:
-            if not self.service_url.startswith(("http://", "https://")):
+            parts = urlsplit(self.service_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(
                     "--cloudflared needs --service-url (RMA_SERVICE_URL), the http(s) URL "
                     "of this worker's own service"

@@ -83,6 +83,10 @@ def test_options_beat_variables_beat_defaults() -> None:
         ),
         (["--service", "ocr", "--reach-interval", "0"], {"RMA_TUNNEL_URL": TUNNEL}, "reach"),
         *(
+            (["--service", "ocr", "--cloudflared", "--service-url", bad], {}, "needs --service-url")
+            for bad in ("ftp://x", "http://", "127.0.0.1:9000")
+        ),
+        *(
             (["--service", "ocr", "--dht-advertise", bad], {"RMA_TUNNEL_URL": TUNNEL}, "ADVERTISE")
             for bad in ("host:99999", ":4000", "host:", "bad host", "2001:db8::1", "[::1]:0")
         ),
