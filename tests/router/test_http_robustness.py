@@ -28,7 +28,7 @@ from edge_router.server import (
     server_config,
 )
 from tests.support.helpers import make_record, wait_for
-from tests.support.rawhttp import RawUpstream, hang_up, send_raw
+from tests.support.rawhttp import Answer, RawUpstream, hang_up, send_raw
 from tests.support.redis_server import TEST_REDIS_TIMEOUT
 from tests.support.router import ADMIN_TOKEN, client_for, router_app
 from tests.support.upstreams import serve_config
@@ -90,6 +90,16 @@ async def register(registry: Registry, url: str, *, load: float = 0.0) -> Worker
     return record
 
 
+async def through_router(registry: Registry, *requests: bytes) -> tuple[list[Answer], RawUpstream]:
+    """Each of `requests`, raw, on a new connection to a router whose one ocr provider is a raw
+    upstream; their answers, and the upstream (what reached it)."""
+    upstream = RawUpstream()
+    async with upstream.running() as url, running(registry) as router:
+        await register(registry, url)
+        answers = [await send_raw(router.port, raw, timeout=WAIT) for raw in requests]
+    return answers, upstream
+
+
 # -- case 6: request smuggling -------------------------------------------------------------
 
 SMUGGLED = b"GET /route/ocr/smuggled HTTP/1.1\r\nHost: router\r\n\r\n"
@@ -131,16 +141,9 @@ AMBIGUOUS = {
 async def test_ambiguous_framing_is_refused_with_400_and_a_closed_connection(
     registry: Registry, raw: bytes
 ) -> None:
-    upstream = RawUpstream()
-    async with upstream.running() as url, running(registry) as router:
-        await register(registry, url)
-        answer = await send_raw(router.port, raw, timeout=WAIT)
-        # The router still serves well-framed requests, on a new connection.
-        fine = await send_raw(
-            router.port,
-            b"GET /route/ocr/fine HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n",
-            timeout=WAIT,
-        )
+    # The router still serves well-framed requests, on a new connection.
+    fine_request = b"GET /route/ocr/fine HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n"
+    (answer, fine), upstream = await through_router(registry, raw, fine_request)
 
     assert answer.status == 400, answer.raw
     assert answer.closed, "the connection must be closed after a framing error"
@@ -165,11 +168,9 @@ async def test_a_request_head_over_the_limit_is_431_and_never_forwarded(
     # Whole: the head and its end arrive in one read, which h11's own bound does not see.
     # Never-ending: the head's end never comes; the answer must not wait for it.
     oversized = _head_with(MAX_HEAD_BYTES + 1024) + (b"\r\n\r\n" if whole else b"")
-    upstream = RawUpstream()
-    async with upstream.running() as url, running(registry) as router:
-        await register(registry, url)
-        answer = await send_raw(router.port, oversized, timeout=WAIT)
-        within = await send_raw(router.port, _head_with(MAX_HEAD_BYTES) + b"\r\n\r\n")
+    (answer, within), upstream = await through_router(
+        registry, oversized, _head_with(MAX_HEAD_BYTES) + b"\r\n\r\n"
+    )
 
     assert answer.status == 431, answer.raw[:200]
     assert answer.closed
@@ -186,15 +187,11 @@ async def test_a_loopback_client_cannot_name_its_address_in_x_forwarded_for(
 ) -> None:
     # uvicorn's default (proxy headers from 127.0.0.1) would believe it; the app decides whom to
     # believe (edge_router.cloudflare), and nothing vouches for this peer.
-    upstream = RawUpstream()
-    async with upstream.running() as url, running(registry) as router:
-        await register(registry, url)
-        answer = await send_raw(
-            router.port,
-            b"GET /route/ocr/who HTTP/1.1\r\nHost: router\r\nConnection: close\r\n"
-            b"X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\n\r\n",
-            timeout=WAIT,
-        )
+    (answer,), upstream = await through_router(
+        registry,
+        b"GET /route/ocr/who HTTP/1.1\r\nHost: router\r\nConnection: close\r\n"
+        b"X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\n\r\n",
+    )
 
     assert answer.status == 200, answer.raw[:200]
     (seen,) = upstream.requests
@@ -205,32 +202,20 @@ async def test_a_loopback_client_cannot_name_its_address_in_x_forwarded_for(
 async def test_chunked_and_streamed_bodies_reach_the_upstream_framed_by_the_router(
     registry: Registry,
 ) -> None:
-    upstream = RawUpstream()
     big = bytes(range(256)) * 400  # 100 KiB, over the replay limit: streamed, not buffered
     chunked_big = b"".join(
         b"%x\r\n%s\r\n" % (len(big[i : i + 8000]), big[i : i + 8000])
         for i in range(0, len(big), 8000)
     )
-    async with upstream.running() as url, running(registry) as router:
-        await register(registry, url)
-        small = await send_raw(
-            router.port,
-            b"POST /route/ocr/small HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
-            b"Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
-            timeout=WAIT,
-        )
-        large = await send_raw(
-            router.port,
-            b"POST /route/ocr/large HTTP/1.1\r\nHost: router\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(big), big),
-            timeout=WAIT,
-        )
-        chunked = await send_raw(
-            router.port,
-            b"POST /route/ocr/chunked HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
-            b"Connection: close\r\n\r\n" + chunked_big + b"0\r\n\r\n",
-            timeout=WAIT,
-        )
+    (small, large, chunked), upstream = await through_router(
+        registry,
+        b"POST /route/ocr/small HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        b"POST /route/ocr/large HTTP/1.1\r\nHost: router\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (len(big), big),
+        b"POST /route/ocr/chunked HTTP/1.1\r\nHost: router\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + chunked_big + b"0\r\n\r\n",
+    )
 
     assert (small.status, large.status, chunked.status) == (200, 200, 200)
     first, second, third = upstream.requests
