@@ -33,7 +33,6 @@ from dht_bridge.errors import (
 )
 from dht_bridge.identity import Identity
 from dht_bridge.logcontext import add_log_fields
-from dht_bridge.options import parse_hostport
 from dht_bridge.records import CapabilityValue, WorkerRecord, sign_record
 from dht_bridge.tunnels import canonical_tunnel_url
 from worker.cloudflared import QuickTunnel
@@ -44,6 +43,7 @@ from worker.config import (
     MODE_CLIENT,
     MODE_SERVER,
     WorkerConfig,
+    advertised_address,
 )
 from worker.discovery import Discovery, DiscoveryCache, check_ask, discover
 from worker.edge import BootstrapPeers, EdgeClient, Registered
@@ -542,9 +542,9 @@ class WorkerAgent:
     def _advertised_port(self) -> int:
         """The port servers should probe: the configured one, else 0 (where they see us)."""
         advertise = self.config.advertise
-        if advertise not in (ADVERTISE_AUTO, ADVERTISE_NONE) and ":" in advertise:
-            return parse_hostport(advertise)[1]
-        return 0
+        if advertise in (ADVERTISE_AUTO, ADVERTISE_NONE):
+            return 0
+        return advertised_address(advertise)[1]
 
     async def _recover_seq(self) -> None:
         """Continue after the newest seq the DHT holds for us: the state file may be lost,
@@ -601,9 +601,8 @@ class WorkerAgent:
             if observed is not None:
                 return observed  # where servers reached us: the NAT's public side, if any
             return ("", 0) if host in WILDCARDS else (host, port)
-        if ":" in self.config.advertise:
-            return parse_hostport(self.config.advertise)
-        return self.config.advertise, port
+        given_host, given_port = advertised_address(self.config.advertise)
+        return given_host, given_port or port
 
     # Heartbeats.
 

@@ -267,7 +267,7 @@ class WorkerConfig:
         if self.dht_mode not in DHT_MODES:
             raise ConfigError(f"--dht-mode (RMA_DHT_MODE) must be one of {', '.join(DHT_MODES)}")
         if self.advertise not in (ADVERTISE_AUTO, ADVERTISE_NONE):
-            _check_advertised(self.advertise)
+            advertised_address(self.advertise)
         if self.dht_mode == MODE_SERVER and self.advertise == ADVERTISE_NONE:
             raise ConfigError(
                 "--dht-mode server hands out an address: not with --dht-advertise none"
@@ -349,15 +349,15 @@ class WorkerConfig:
             raise ConfigError(str(exc)) from None
 
 
-def _check_advertised(text: str) -> None:
-    """`--dht-advertise HOST[:PORT]` read as the agent reads it (a colon means HOST:PORT, an
-    IPv6 address in brackets): ConfigError when no record could carry it."""
-    host = text
+def advertised_address(text: str) -> tuple[str, int]:
+    """`--dht-advertise HOST[:PORT]` as host and port (0: none given). A colon means
+    HOST:PORT, an IPv6 address in brackets; ConfigError when no record could carry it."""
+    host, port = text, 0
     if text.count(":") > 1 and not text.startswith("["):
         host = ""  # a bare IPv6 address: its last group would be read as the port
     elif ":" in text:
         try:
-            host, _ = parse_hostport(text)
+            host, port = parse_hostport(text)
         except ValueError:
             host = ""
     if not host or not HOST_RE.fullmatch(host):
@@ -365,6 +365,7 @@ def _check_advertised(text: str) -> None:
             f"--dht-advertise (RMA_DHT_ADVERTISE) {text!r}: must be auto, none, HOST or "
             "HOST:PORT with a port from 1 to 65535 ([v6]:PORT for IPv6)"
         )
+    return host, port
 
 
 def _lease(name: str, interval: float, ttl: float, jitter: float) -> None:
