@@ -18,7 +18,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1368,11 +1368,15 @@ class DHTNode(Server):  # type: ignore[misc]
             "levels": [[s, w, level] for (s, w), level in self._levels.items()],
         }
 
-    def save_state(self, fname: str | os.PathLike[str]) -> None:
-        """Write `state()` as JSON, atomically."""
+    def save_state(
+        self, fname: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
+    ) -> None:
+        """Write `state()` (with `extra`'s keys added) as JSON, atomically, making its
+        directory; OSError when it cannot."""
         path = Path(fname)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.state(), indent=2))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**self.state(), **(extra or {})}, indent=2))
         os.replace(tmp, path)
 
     @staticmethod

@@ -274,4 +274,4 @@ async def _start_metrics(config: BridgeConfig, bridge: Bridge) -> MetricsServer 
 def _save_state(path: Path, node: DHTNode, bridge: Bridge) -> None:
     """The node's state (id, contacts, shard levels) plus the services the bridge polls."""
     if node.transport is not None:
-        save_state(path, {**node.state(), "services": bridge.services})
+        save_state(path, node, {"services": bridge.services})

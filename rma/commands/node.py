@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,25 +86,22 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         logger.info("node %s ready on %s:%d", node.node.id.hex(), host, port)
         while not stop.is_set():
             if config.state_file is not None:
-                save_state(config.state_file, node.state())
+                save_state(config.state_file, node)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATE_SAVE_INTERVAL)
     finally:
         if config.state_file is not None and node.transport is not None:
-            save_state(config.state_file, node.state())
+            save_state(config.state_file, node)
         await node.aclose()
         logger.info("node stopped")
     return 0
 
 
-def save_state(path: Path, state: Mapping[str, Any]) -> bool:
-    """Write a node's JSON state (`rma node` and `rma bridge`) atomically, its directory made;
-    False, and a warning, when it cannot be written: the node runs on without it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def save_state(path: Path, node: DHTNode, extra: Mapping[str, Any] | None = None) -> bool:
+    """`node.save_state` for `rma node` and `rma bridge`: False, and a warning, when the file
+    cannot be written; the node runs on without it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)
+        node.save_state(path, extra)
     except OSError as exc:
         logger.warning(
             "cannot save the state file %s (%s): this node's id and contacts will not survive "
