@@ -79,6 +79,10 @@ MAX_WELCOMED = 8192
 # anyone can send a join in a contact's name, and the check only shows the contact is there,
 # so this bounds what a spoofer draws towards it as WELCOME_MEMORY does for a newcomer's id.
 REJOIN_MEMORY = WELCOME_MEMORY
+# A seed welcomes a joiner on its first ping, so the joiner's own-id lookup comes after that
+# welcome; elsewhere the lookup comes first. Either way the two belong to one join when they
+# are this many rpc timeouts apart or less (one check's exchange, with room for a slow loop).
+JOIN_SPAN = 2.0
 _UNKNOWN: Any = object()
 # Requests of a node in client mode start their message id with this; a server's with
 # SERVER_TAG. Four bytes: a stock node's random id carries either by chance once in 2 billion
@@ -217,6 +221,10 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         self._rejoined: OrderedDict[bytes, float] = OrderedDict()
+        # A join's two halves, to tell its own lookup from a restart's (see `_rejoining`):
+        # when its own-id lookup reached us, and when we welcomed it before that lookup came.
+        self._joined: OrderedDict[bytes, float] = OrderedDict()
+        self._lookup_due: OrderedDict[bytes, float] = OrderedDict()
         self._bounds: dict[bytes, int | None] = {}
         self._bounds_version = -1
         self._family = socket.AF_INET
@@ -739,12 +747,20 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         still hold at that address (nothing told us it crashed): such a node kept serving
         the few records heartbeats had stored since, with no overflow mark. So its welcome is
         forgotten and, if we hold it there, it leaves the table: its check admits it again as
-        a newcomer. At most once per REJOIN_MEMORY per id."""
+        a newcomer. At most once per REJOIN_MEMORY per id.
+
+        The lookup of a joiner we welcomed moments before (as a seed does, on its first
+        ping) is that same join's, not a restart: counting it would spend the allowance a
+        real crash and restart minutes later needs."""
         home = (node.ip, node.port)
         held = self.router.held(node)
         at_home = held is not None and (held.ip, held.port) == home
         if not at_home and node.id not in self._welcomed:
+            _note(self._joined, node.id)
             return  # a newcomer: welcomed once its check comes back
+        due = self._lookup_due.pop(node.id, None)
+        if due is not None and time.monotonic() - due < JOIN_SPAN * self._wait_timeout:
+            return
         if _noted_lately(self._rejoined, node.id, REJOIN_MEMORY):
             return
         self._welcomed.pop(node.id, None)
@@ -782,6 +798,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if self._welcomed_lately(node.id):
             self.router.add_contact(node)
             return
+        looked_up = self._joined.pop(node.id, None)
+        if looked_up is None or time.monotonic() - looked_up >= JOIN_SPAN * self._wait_timeout:
+            _note(self._lookup_due, node.id)
         due = self._values_for(node)
         self.router.add_contact(node)
         if due and len(self._tasks) - len(self._checking) < MAX_PUSH_TASKS:
@@ -832,15 +851,19 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 def _noted_lately(memory: OrderedDict[bytes, float], key: bytes, seconds: float) -> bool:
     """Was `key` noted in `memory` within `seconds`? Notes it now if not (the oldest notes
     beyond MAX_WELCOMED are forgotten)."""
-    now = time.monotonic()
     seen = memory.get(key)
-    if seen is not None and now - seen < seconds:
+    if seen is not None and time.monotonic() - seen < seconds:
         return True
-    memory[key] = now
+    _note(memory, key)
+    return False
+
+
+def _note(memory: OrderedDict[bytes, float], key: bytes) -> None:
+    """Note `key` in `memory` now, forgetting the oldest notes beyond MAX_WELCOMED."""
+    memory[key] = time.monotonic()
     memory.move_to_end(key)
     while len(memory) > MAX_WELCOMED:
         memory.popitem(last=False)
-    return False
 
 
 def is_partial(reply: Any) -> bool:

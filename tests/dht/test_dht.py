@@ -267,6 +267,49 @@ async def test_a_holder_back_from_a_crash_receives_what_it_held(
         await back.aclose()
 
 
+async def test_a_join_whose_welcome_came_first_leaves_a_later_restart_its_push(
+    network: list[DHTNode],
+) -> None:
+    # Each seed's check of the joiner answers before the joiner's own-id lookup reaches it
+    # (the order a loaded machine or a near seed gives): that lookup is the same join, and
+    # must not spend the once-per-REJOIN_MEMORY allowance the restart below needs.
+    record = make_record(services=["gpu"])
+    await network[4].publish(record)
+    digest = key_digest(shards.service_key("gpu", 0))
+    node_id = digest[:-1] + bytes([digest[-1] ^ 1])
+    holder = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=node_id)
+    await holder.listen()
+    contact = Node(node_id, *holder.address)
+    try:
+        for node in network:
+            assert (await holder.rpc.call_ping(Node(node.node.id, *node.address)))[0]
+        await wait_for(
+            lambda: all(n.rpc.router.knows(contact) for n in network),
+            timeout=10,
+            message="every node to have checked and welcomed the joiner",
+        )
+        await holder.bootstrap([network[0].address])
+        await wait_for(
+            lambda: holder.storage.value(digest) is not None,
+            timeout=10,
+            message="the joiner to receive the key",
+        )
+    finally:
+        await holder.aclose()
+    await wait_for(lambda: udp_port_free(contact.port), timeout=5, message="the port to be free")
+    back = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=node_id)
+    await back.listen(port=contact.port)
+    try:
+        await back.bootstrap([network[0].address])
+        await wait_for(
+            lambda: back.storage.value(digest) is not None,
+            timeout=10,
+            message="the restarted holder to receive the key again",
+        )
+    finally:
+        await back.aclose()
+
+
 async def test_lookups_survive_twenty_percent_of_nodes_vanishing() -> None:
     nodes = await start_network(50)
     try:
