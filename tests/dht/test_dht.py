@@ -223,6 +223,26 @@ def udp_port_free(port: int) -> bool:
     return True
 
 
+async def restarted_holder_receives(
+    contact: Node, seed: tuple[str, int], digest: bytes
+) -> list[WorkerRecord]:
+    """Restart the crashed `contact` (same id and port, empty storage) through `seed`, wait
+    until it is pushed `digest` again, and return the records it then holds there."""
+    await wait_for(lambda: udp_port_free(contact.port), timeout=5, message="the port to be free")
+    back = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=contact.id)
+    await back.listen(port=contact.port)
+    try:
+        await back.bootstrap([seed])
+        await wait_for(
+            lambda: back.storage.value(digest) is not None,
+            timeout=10,
+            message="the restarted holder to receive the key again",
+        )
+        return back.storage.records(digest)
+    finally:
+        await back.aclose()
+
+
 @pytest.mark.parametrize("dropped", [False, True], ids=["still-held", "dropped"])
 async def test_a_holder_back_from_a_crash_receives_what_it_held(
     network: list[DHTNode], dropped: bool
@@ -252,19 +272,8 @@ async def test_a_holder_back_from_a_crash_receives_what_it_held(
 
         await asyncio.gather(*(drop(n) for n in network))
         assert not any(n.rpc.router.knows(contact) for n in network)
-    await wait_for(lambda: udp_port_free(contact.port), timeout=5, message="the port to be free")
-    back = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=node_id)
-    await back.listen(port=contact.port)
-    try:
-        await back.bootstrap([network[0].address])
-        await wait_for(
-            lambda: back.storage.value(digest) is not None,
-            timeout=10,
-            message="the restarted holder to receive the key again",
-        )
-        assert [r.worker_id for r in back.storage.records(digest)] == [record.worker_id]
-    finally:
-        await back.aclose()
+    held = await restarted_holder_receives(contact, network[0].address, digest)
+    assert [r.worker_id for r in held] == [record.worker_id]
 
 
 async def test_a_join_whose_welcome_came_first_leaves_a_later_restart_its_push(
@@ -296,18 +305,7 @@ async def test_a_join_whose_welcome_came_first_leaves_a_later_restart_its_push(
         )
     finally:
         await holder.aclose()
-    await wait_for(lambda: udp_port_free(contact.port), timeout=5, message="the port to be free")
-    back = DHTNode(TEST_SETTINGS, policy=POLICY, node_id=node_id)
-    await back.listen(port=contact.port)
-    try:
-        await back.bootstrap([network[0].address])
-        await wait_for(
-            lambda: back.storage.value(digest) is not None,
-            timeout=10,
-            message="the restarted holder to receive the key again",
-        )
-    finally:
-        await back.aclose()
+    await restarted_holder_receives(contact, network[0].address, digest)
 
 
 async def test_lookups_survive_twenty_percent_of_nodes_vanishing() -> None:
