@@ -81,7 +81,9 @@ class EdgeClient:
         body = await self._json("bootstrap", "GET", "/dht/bootstrap", params=params)
         peers: list[tuple[str, int]] = []
         coordinators: list[tuple[str, int]] = []
-        for item in body.get("peers", []) if isinstance(body, dict) else []:
+        named = body.get("peers") if isinstance(body, dict) else None
+        named = named if isinstance(named, list) else []
+        for item in named:
             if not isinstance(item, dict):
                 continue
             host, port = item.get("host"), item.get("port")
@@ -89,6 +91,14 @@ class EdgeClient:
                 peers.append((host, port))
                 if item.get("kind") == "coordinator":
                     coordinators.append((host, port))
+        if not peers or len(peers) < len(named):
+            # Else the agent only says it could not join: this says the edge was the cause.
+            logger.warning(
+                "GET /dht/bootstrap: %d of the %d peers the edge named are usable "
+                "(each needs a host and a port from 1 to 65535)",
+                len(peers),
+                len(named),
+            )
         ttl = body.get("ttl") if isinstance(body, dict) else None
         good_for = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else 60.0
         return BootstrapPeers(tuple(peers), good_for, tuple(coordinators))

@@ -80,6 +80,21 @@ async def test_edge_client_counts_every_request_by_kind_and_logs_it(
     assert edge.counts == {"bootstrap": 1, "services": 1, "register": 3, "leave": 1}
     assert edge.total == 6
     assert "(edge requests: 6 (bootstrap 1, leave 1, register 3, services 1))" in caplog.text
+    assert "1 of the 3 peers the edge named are usable" in caplog.text
+
+
+@pytest.mark.parametrize("body", [{}, {"peers": "10.0.0.1:4000"}, [], {"peers": [["h", 1]]}])
+async def test_a_bootstrap_answer_naming_no_usable_peer_says_so(
+    body: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    edge = edge_with(httpx.MockTransport(lambda _: httpx.Response(200, json=body)))
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.edge"):
+            assert (await edge.bootstrap()).peers == ()
+    finally:
+        await edge.aclose()
+    assert " 0 of the " in caplog.text
+    assert "peers the edge named are usable" in caplog.text
 
 
 @pytest.mark.parametrize(
