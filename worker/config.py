@@ -238,8 +238,7 @@ class WorkerConfig:
         if not self.services:
             raise ConfigError("at least one --service (RMA_SERVICES) is required")
         for name in self.services:
-            if not SERVICE_RE.fullmatch(name):
-                raise ConfigError(f"service {name!r} does not match [a-z0-9-]{{1,32}}")
+            check_service(name)
         if self.cloudflared:
             parts = urlsplit(self.service_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -347,6 +346,12 @@ class WorkerConfig:
             )
         except ValueError as exc:  # DHTSettings
             raise ConfigError(str(exc)) from None
+
+
+def check_service(name: str) -> None:
+    """ConfigError unless `name` is a service name a record can carry."""
+    if not SERVICE_RE.fullmatch(name):
+        raise ConfigError(f"service {name!r} does not match [a-z0-9-]{{1,32}}")
 
 
 def advertised_address(text: str) -> tuple[str, int]:

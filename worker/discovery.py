@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.storage import RecordStorage
 from dht_bridge.errors import ConfigError, DHTError
-from dht_bridge.records import SERVICE_RE, WorkerRecord
+from dht_bridge.records import WorkerRecord
+from worker.config import check_service
 from worker.edge import EdgeClient
 from worker.errors import EdgeError
 
@@ -74,8 +75,7 @@ class Discovery:
 
 def check_ask(service: str, limit: int) -> None:
     """Refuse a discovery that no provider could answer: ConfigError naming what is wrong."""
-    if not SERVICE_RE.fullmatch(service):
-        raise ConfigError(f"service {service!r} does not match [a-z0-9-]{{1,32}}")
+    check_service(service)
     if not 1 <= limit <= MAX_LIMIT:
         raise ConfigError(f"limit {limit!r}: must be from 1 to {MAX_LIMIT}")
 
