@@ -126,6 +126,7 @@ class WorkerAgent:
         self.load: LoadSource = load or _default_load(config)
         self._state_file = StateFile(config.state_file)
         self._seq_reserved = -1  # the ceiling saved in this run; none yet
+        self._peers_on_disk = False  # does the state file name peers to rejoin through?
         self._dht_retry = Backoff(config.retry, self.rng)
         self._edge_retry = Backoff(config.retry, self.rng)
         self._edge_peers: BootstrapPeers | None = None
@@ -190,6 +191,7 @@ class WorkerAgent:
         self._state_file.acquire()
         try:
             self.state, self.state_status = self._state_file.load()
+            self._peers_on_disk = bool(self.state.peers)
             self.identity = self._load_identity()
             add_log_fields(worker=self.identity.worker_id)
             self._check_somewhere_to_go()
@@ -420,6 +422,7 @@ class WorkerAgent:
         # Shielded: a heartbeat cancelled mid-save still finishes writing its ceiling.
         await asyncio.shield(asyncio.to_thread(self._state_file.save, snapshot))
         self._seq_reserved = ceiling  # only once it is on disk
+        self._peers_on_disk = bool(snapshot.peers)
 
     def _remember_dht(self) -> None:
         """Copy what a restart needs from the node into the state (saved with the next seq
@@ -625,6 +628,10 @@ class WorkerAgent:
         self.mode = Mode.DHT
         self.heartbeats += 1
         self._remember_dht()
+        if not self._peers_on_disk and self.state.peers:
+            # A first start's peers would reach the disk only with the next seq ceiling (half
+            # an hour) or a clean stop: a crash before that would cost a restart an edge request.
+            await self._reserve()
         self._dht_retry.reset()
         self._next_beat = _now() + jittered(self.config.heartbeat, self.config.jitter, self.rng)
 

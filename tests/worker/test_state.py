@@ -73,6 +73,21 @@ async def test_a_crash_never_reuses_a_seq_although_a_heartbeat_does_not_save(
         assert listed.seq == again.record.seq
 
 
+async def test_a_crash_soon_after_a_first_start_restarts_through_its_saved_peers(
+    tmp_path: Path, edge: Edge, network: list[DHTNode]
+) -> None:
+    config = worker_config(tmp_path, "w-first-crash")
+    async with edge.agent(config) as agent:
+        assert agent.mode is Mode.DHT
+        assert agent.edge_requests == {"bootstrap": 1}
+        image = config.state_file.read_bytes()  # what a crash now would leave on disk
+    assert json.loads(image)["peers"]
+    config.state_file.write_bytes(image)  # as if it had crashed instead of stopping
+    async with edge.agent(config) as again:
+        assert again.mode is Mode.DHT
+        assert again.edge_requests == {}
+
+
 def saved_seq(image: bytes) -> int:
     seq: int = json.loads(image)["seq"]
     return seq
