@@ -85,13 +85,17 @@ async def test_a_worker_switches_mode_when_its_reachability_changes(
         nat.open(worker.node.address)  # port forwarding switched on, no restart
 
         async def serving() -> bool:
+            # The agent takes the record as its own once publish() returns, which can be after
+            # a coordinator already hands it out: wait for both sides.
+            record = worker.record
             return (
-                worker.dht_mode == SERVER and await advertised(network, worker.worker_id) == public
+                worker.dht_mode == SERVER
+                and record is not None
+                and (record.dht_host, record.dht_port) == public
+                and await advertised(network, worker.worker_id) == public
             )
 
         await wait_for(serving, timeout=30, interval=0.1, message="a server, record republished")
-        assert worker.record is not None
-        assert (worker.record.dht_host, worker.record.dht_port) == public
         await wait_for(
             lambda: held(network, worker.node.node.id) if worker.node else False,
             timeout=30,
