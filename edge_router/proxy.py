@@ -7,7 +7,9 @@ failing is ejected for a while; one that answers 429 is skipped for its Retry-Af
 stream both ways: only a request body up to `replay_limit` bytes is held in memory, so that it
 can be sent again on a retry. The upstream request is built from parsed, checked parts only:
 httpx frames the body itself, and no Content-Length or Transfer-Encoding of the client's is
-passed on.
+passed on; a streamed body keeps the length the client declared (the server checked it, and
+the exchange fails unless exactly that many bytes go out), so that a provider still sees how
+large an upload is before it reads it.
 """
 
 from __future__ import annotations
@@ -301,6 +303,10 @@ class Proxy:
             raise NoProvider(self._nothing_healthy(service, providers))
         headers = request_headers(request, client_ip=client_ip, cf_ray=cf_ray)
         body = await _RequestBody.read(request.stream(), self.settings.replay_limit)
+        if not body.replayable:
+            length = _declared_length(request.headers.raw)
+            if length is not None:
+                headers.append((b"content-length", length))
         try:
             return await self._exchange(
                 provider, providers, request.method, service, target, headers, body
@@ -631,6 +637,19 @@ def request_headers(
     if cf_ray:
         out.append((b"cf-ray", cf_ray.encode("latin-1")))
     return out
+
+
+def _declared_length(raw: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    """The Content-Length a request declares, in canonical digits; None when it has none.
+
+    For a request the server has framed already (edge_router.framing refuses conflicting
+    values): what is not plain digits is not passed on.
+    """
+    for name, value in raw:
+        if name.lower() == b"content-length":
+            digits = value.split(b",")[0].strip()
+            return str(int(digits)).encode("ascii") if digits.isdigit() else None
+    return None
 
 
 def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

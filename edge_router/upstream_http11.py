@@ -24,11 +24,12 @@ HTTP/2 stays httpcore's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import select
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import httpcore
@@ -76,6 +77,12 @@ class _Wire(asyncio.Protocol):
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
+        self._resume()  # a request body waiting to go out stops for an early answer
+
+    def answered(self) -> bool:
+        """Has a final answer begun? An interim 1xx does not count: the body is wanted after it."""
+        buffer = self.buffer
+        return len(buffer) >= 10 and buffer.startswith(b"HTTP/") and buffer[9:10] != b"1"
 
     def taken(self) -> None:
         """The reader consumed from the buffer: read from the socket again below READ_LOW."""
@@ -89,10 +96,37 @@ class _Wire(asyncio.Protocol):
         return False  # nothing more to write once the tunnel is done: close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.answered():
+            self._rescue()
         self.eof = True
         self.error = exc
         self._wake()
         self._resume()
+
+    def _rescue(self) -> None:
+        """Read what the kernel still holds for a connection a failed write is closing.
+
+        A tunnel that answers without reading the whole body (a 413, say) and closes makes the
+        kernel reset the connection; the next write fails and the transport closes unread, but
+        the answer is in the receive queue until the socket closes, which is after this call
+        on asyncio and uvloop alike. Plain TCP only: under TLS those bytes are records.
+        """
+        transport = self.transport
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            with sock.dup() as copy:
+                copy.setblocking(False)
+                while len(self.buffer) < READ_HIGH:
+                    data = copy.recv(PIECE)
+                    if not data:
+                        break
+                    self.buffer += data
+        except OSError:
+            pass  # nothing more to read (EAGAIN, or the reset itself)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -120,9 +154,25 @@ class _Wire(asyncio.Protocol):
         finally:
             self._reader = None
 
+    async def send(self, data: bytes, seconds: float | None) -> bool:
+        """Write a piece of the request and wait while the kernel cannot take more; False when
+        the tunnel's final answer began meanwhile, or came before it closed the connection."""
+        assert self.transport is not None
+        self.transport.write(data)
+        try:
+            await self.drain(seconds)
+        except httpcore.WriteError:
+            if not self.answered():
+                raise
+            # The tunnel answered and closed (a 413 for a body it will not read, say): that
+            # answer is the exchange's, not a broken pipe.
+            return False
+        return not (self._paused and self.answered())
+
     async def drain(self, seconds: float | None) -> None:
-        """Wait while the kernel's send buffer is full; httpcore.WriteTimeout after `seconds`."""
-        while self._paused and not self.eof:
+        """Wait while the kernel's send buffer is full and no answer has begun;
+        httpcore.WriteTimeout after `seconds`."""
+        while self._paused and not self.eof and not self.answered():
             future = asyncio.get_running_loop().create_future()
             self._writable = future
             try:
@@ -231,8 +281,9 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
                 self._wire = await self._connect(timeouts.get("connect"), trace)
             wire = self._wire
             assert wire is not None
-            await self._send(wire, request, timeouts.get("write"))
+            whole = await self._send(wire, request, timeouts.get("write"))
             answer = _Answer(self, wire, request.method, timeouts.get("read"))
+            answer.reusable = whole  # the rest of a cut-off body must not pass for a request
             await answer.read_head()
             if trace is not None:
                 await trace("http11.receive_response_headers.complete", {"request": request})
@@ -269,7 +320,9 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
             await trace("connection.connect_tcp.complete", info)
         return wire
 
-    async def _send(self, wire: _Wire, request: httpcore.Request, seconds: float | None) -> None:
+    async def _send(self, wire: _Wire, request: httpcore.Request, seconds: float | None) -> bool:
+        """Write the request; False when a final answer came before the whole body went out
+        (RFC 9112 section 9.5: the client stops sending, reads that answer, then closes)."""
         length: int | None = None
         chunked = False
         parts = [request.method, b" ", request.url.target, b" HTTP/1.1\r\n"]
@@ -285,29 +338,28 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
                     raise httpcore.LocalProtocolError("only chunked request bodies are sent")
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        transport = wire.transport
-        assert transport is not None
         if wire.eof:
             raise httpcore.WriteError(_describe(wire.error) or "connection closed by the tunnel")
         head = b"".join(parts)
         sent = 0
-        async for chunk in _request_chunks(request):
-            if not chunk:
-                continue
-            sent += len(chunk)
-            if length is not None and sent > length:
-                raise httpcore.LocalProtocolError("Too much data for declared Content-Length")
-            data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
-            if head:  # the head goes out with the first piece of the body
-                data, head = head + data, b""
-            transport.write(data)
-            await wire.drain(seconds)
+        async with contextlib.aclosing(_request_chunks(request)) as chunks:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                if length is not None and sent > length:
+                    raise httpcore.LocalProtocolError("Too much data for declared Content-Length")
+                data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                if head:  # the head goes out with the first piece of the body
+                    data, head = head + data, b""
+                elif wire.answered():
+                    return False  # the tunnel answered before taking the whole body
+                if not await wire.send(data, seconds):
+                    return False
         if length is not None and sent != length:
             raise httpcore.LocalProtocolError("Too little data for declared Content-Length")
         tail = head + (b"0\r\n\r\n" if chunked else b"")
-        if tail:
-            transport.write(tail)
-            await wire.drain(seconds)
+        return not tail or await wire.send(tail, seconds)
 
     def _finished(self, keep_alive: bool) -> None:
         """The answer was read to its end: the connection is idle again, or closed."""
@@ -332,7 +384,7 @@ def _readable(transport: asyncio.Transport | None) -> bool:
         return True
 
 
-async def _request_chunks(request: httpcore.Request) -> AsyncIterator[bytes]:
+async def _request_chunks(request: httpcore.Request) -> AsyncGenerator[bytes, None]:
     stream: Any = request.stream
     if isinstance(stream, bytes):
         yield stream
@@ -372,6 +424,7 @@ class _Answer:
         self.complete = False  # the answer was parsed to its end
         self._stray = False  # and bytes came after it
         self._ended = False  # finish or aclose ran
+        self.reusable = True  # False when the request's body was cut short by this answer
 
     async def read_head(self) -> None:
         """Parse up to the end of the answer's head and not a byte further: what follows stays
@@ -434,7 +487,7 @@ class _Answer:
         """The body was read to its end: the connection is idle again, or closed."""
         if not self._ended:
             self._ended = True
-            self._connection._finished(self._keep_alive and not self._stray)
+            self._connection._finished(self._keep_alive and not self._stray and self.reusable)
 
     async def aclose(self) -> None:
         """Done with the body: an unread rest makes the connection unusable, so it closes."""

@@ -446,6 +446,31 @@ async def test_broken_exchange_is_retried_for_safe_methods_only(
     assert proxy.health.failures(rude.worker_id) == 2
 
 
+async def test_a_worker_that_refuses_an_upload_unread_is_answered_and_stays_healthy(
+    stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    """A worker's service that answers 413 to a body over its limit without reading it (as a
+    Starlette app checking Content-Length does) answers the client; it is not a broken
+    exchange, and a few large uploads do not get a healthy worker ejected."""
+
+    async def limited(request: Request) -> Response:
+        if int(request.headers.get("content-length", "0")) > 1024:
+            return Response(b"too large", status_code=413)
+        return Response(b"took " + str(len(await request.body())).encode())
+
+    app = Starlette(routes=[Route("/{path:path}", limited, methods=["POST"])])
+    worker = provider(await stack.enter_async_context(serve(app)))
+    proxy = make_proxy(http, clock, eject_after=3)
+    upload = b"u" * (16 * 1024 * 1024)
+    async with edge(proxy, [worker]) as client:
+        for _ in range(4):
+            refused = await client.post("/ocr/pages", content=upload)
+            assert (refused.status_code, refused.content) == (413, b"too large")
+        assert proxy.health.failures(worker.worker_id) == 0
+        took = await client.post("/ocr/pages", content=b"small")
+        assert (took.status_code, took.content) == (200, b"took 5")
+
+
 async def test_every_provider_down_gives_502_json(
     stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
 ) -> None:

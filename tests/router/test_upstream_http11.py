@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -17,6 +20,7 @@ from edge_router.upstream_pool import TunnelTransport
 from tests.support.upstreams import Scripted
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+PIECE_SIZE = 512 * 1024
 
 
 async def test_delimited_answers_are_read_and_the_connection_is_reused() -> None:
@@ -281,3 +285,112 @@ async def test_forward_sends_straight_to_the_pool_and_not_once_closed() -> None:
             assert not client.cookies  # the forwarding path files no cookie
         with pytest.raises(RuntimeError, match="closed"):
             await client.forward(httpx.Request("GET", url + "/g"))
+
+
+TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 4\r\n\r\nbig!"
+BIG = 32 * 1024 * 1024  # beyond what loopback's socket buffers take while nobody reads
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+if sys.platform != "win32":
+    import uvloop
+
+    LOOPS["uvloop"] = uvloop.new_event_loop
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("then", ["close", "hold"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["bytes", "stream"])
+def test_an_answer_before_the_whole_body_is_the_exchanges_answer(
+    loop: str, then: str, streamed: bool
+) -> None:
+    """RFC 9112 section 9.5: a tunnel that refuses a body it has not read (a 413) and closes,
+    which makes the kernel reset the connection under our writes, or keeps the connection
+    without reading: its answer is passed on, not a broken pipe or a write timeout, and the
+    connection, whose request was cut short, is not used again. On uvloop, the router's loop,
+    a failed write closes the transport before the answer is read (see `_Wire._rescue`)."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(answer_before_the_whole_body(then, streamed))
+
+
+async def answer_before_the_whole_body(then: str, streamed: bool) -> None:
+    """One case of the test above."""
+    release = asyncio.Event()
+    connections = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"content-length: 2\r\n" in head.lower():  # the small request after
+            await reader.readexactly(2)
+            writer.write(OK)
+        else:
+            writer.write(TOO_LARGE)
+        await writer.drain()
+        if then == "hold":
+            await release.wait()
+        writer.close()  # with the body unread: a reset
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for _ in range(BIG // PIECE_SIZE):
+            yield b"x" * PIECE_SIZE
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # A write timeout far beyond the test's: a client waiting for the kernel to take the body
+    # would fail the test by its timeout, not pass by luck.
+    settings = ProxySettings(write_timeout=120.0)
+    async with server, upstream_client(settings) as client:
+        body: bytes | AsyncIterator[bytes] = pieces() if streamed else b"x" * BIG
+        async with asyncio.timeout(60):
+            refused = await client.post(url + "/upload", content=body)
+        assert (refused.status_code, refused.content) == (413, b"big!")
+        assert (await client.post(url + "/small", content=b"ok")).content == b"ok"
+        release.set()
+    assert connections == 2  # the cut-short connection was not reused
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_an_answer_still_unread_when_the_reset_fails_a_write_is_read(loop: str) -> None:
+    """The tunnel answers and resets the connection before the event loop has read the answer:
+    the next write fails and the transport closes at once, yet the answer is in the kernel's
+    receive queue and is what the client gets."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(answer_unread_at_the_reset())
+
+
+async def answer_unread_at_the_reset() -> None:
+    """The test above; the tunnel is a thread with a blocking socket, so that the client's loop
+    can be kept from reading while the tunnel answers and closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed = threading.Event()
+
+    def tunnel() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(TOO_LARGE)
+        closed.set()  # closed with the body unread: the kernel resets the connection
+
+    thread = threading.Thread(target=tunnel, daemon=True)
+    thread.start()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"x" * PIECE_SIZE
+        # Blocks the loop on purpose: nothing is read until the writes below have failed.
+        assert closed.wait(timeout=30)
+        for _ in range(8):
+            yield b"x" * PIECE_SIZE
+
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        async with upstream_client(ProxySettings(write_timeout=30.0)) as client:
+            refused = await client.post(url + "/upload", content=pieces())
+        assert (refused.status_code, refused.content) == (413, b"big!")
+    finally:
+        listener.close()
+        thread.join(timeout=30)
