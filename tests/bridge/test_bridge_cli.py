@@ -103,8 +103,11 @@ def test_python_m_dht_bridge_runs_and_exits_cleanly_on_sigterm(tmp_path: Path) -
 def test_a_state_file_the_bridge_cannot_write_is_said_at_the_start(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"  # a file where the state file's directory should be
     blocker.write_text("")
+    # Metrics on a port the OS picks: a bridge already running on this machine with the
+    # default (9464) must not fail the test.
     command = [
-        *(sys.executable, "-m", "rma", "bridge", "--journal", str(tmp_path / "j.jsonl")),
+        *(sys.executable, "-m", "rma", "bridge", "--metrics-port", "0"),
+        *("--journal", str(tmp_path / "j.jsonl")),
         *("--state-file", str(blocker / "state.json")),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMA_")}
