@@ -455,12 +455,22 @@ class WorkerAgent:
             endpoint=self._dht_endpoint,
             coordinators=self._edge_peers.coordinators if self._edge_peers else (),
         )
+        # Any port was asked for: the last run's first, as peers know us there.
+        last = self.state.dht_port if self.config.dht.port == 0 else 0
         try:
-            await node.listen()
+            if last:
+                try:
+                    await node.listen(port=last)
+                except OSError as exc:
+                    logger.info("DHT port %d of the last run is taken (%s): another", last, exc)
+                    await node.listen()
+            else:
+                await node.listen()
         except OSError as exc:
             await node.aclose()
             host, port = self.config.dht.host, self.config.dht.port
             raise StartError(f"cannot bind the DHT socket to {host}:{port}: {exc}") from exc
+        self.state.dht_port = node.address[1]
         node.restore_levels(self.state.levels)
         self.node = node
         self.discovery.watch(node.storage)

@@ -46,6 +46,9 @@ class WorkerState:
     # Until when a record this worker registered through the edge stays live there: a leave
     # within that time also sends the tombstone to the edge.
     edge_lease_until: float = 0.0
+    # The UDP port the DHT node had: a restart binds it again when it is free, so that the
+    # routing tables and bootstrap lists that name this worker's address still reach it.
+    dht_port: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The file's JSON object."""
@@ -57,6 +60,7 @@ class WorkerState:
             "peers": [[host, port] for host, port in self.peers],
             "levels": self.levels,
             "edge_lease_until": self.edge_lease_until,
+            "dht_port": self.dht_port,
         }
 
     @classmethod
@@ -90,7 +94,10 @@ class WorkerState:
             raise ValueError("edge_lease_until must be a number")
         if not isinstance(levels, list):
             raise ValueError("levels must be a list")
-        return cls(worker_id, key_file, seq, parsed, levels, float(lease))
+        dht_port = data.get("dht_port", 0)  # absent in files of 0.2.0's first releases
+        if isinstance(dht_port, bool) or not isinstance(dht_port, int) or not 0 <= dht_port < 65536:
+            raise ValueError("dht_port must be a port number (0: none)")
+        return cls(worker_id, key_file, seq, parsed, levels, float(lease), dht_port)
 
 
 class StateFile:

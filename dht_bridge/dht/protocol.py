@@ -83,6 +83,8 @@ REJOIN_MEMORY = WELCOME_MEMORY
 # welcome; elsewhere the lookup comes first. Either way the two belong to one join when they
 # are this many rpc timeouts apart or less (one check's exchange, with room for a slow loop).
 JOIN_SPAN = 2.0
+# Seconds aclose waits for the socket to be closed before it aborts the transport.
+CLOSE_WAIT = 1.0
 _UNKNOWN: Any = object()
 # Requests of a node in client mode start their message id with this; a server's with
 # SERVER_TAG. Four bytes: a stock node's random id carries either by chance once in 2 billion
@@ -229,6 +231,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._bounds_version = -1
         self._family = socket.AF_INET
         self._closing = False
+        self._lost: asyncio.Future[None] | None = None  # done when the transport has closed
         # Called when the transport closes without `aclose` (the node reopens it).
         self.on_lost: Callable[[Exception | None], None] | None = None
         # Opens the probes' sockets (None: UDP); the node sets it to its own endpoint.
@@ -239,9 +242,12 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport = transport
         sock = transport.get_extra_info("socket")
         self._family = sock.family if sock is not None else socket.AF_INET
+        self._lost = asyncio.get_running_loop().create_future()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket closed: on purpose after `aclose`, otherwise tell the node."""
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         if self._closing:
             return
         logger.warning("DHT socket closed unexpectedly: %r", exc)
@@ -292,7 +298,18 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             if not pending.future.done():
                 pending.future.set_result((False, None))
         self._outstanding.clear()
+        transport, lost = self.transport, self._lost
+        open_before = transport is not None and not transport.is_closing()
         self.close()
+        if transport is None or lost is None or not open_before:
+            return
+        # asyncio closes the socket a loop turn after close(): until then its port is taken,
+        # and an agent restarted in the same process could not bind it again.
+        try:
+            async with asyncio.timeout(CLOSE_WAIT):
+                await asyncio.shield(lost)
+        except TimeoutError:
+            transport.abort()  # datagrams still queued for a socket that cannot send
 
     def close(self) -> None:
         """Close the socket on purpose (the node does not reopen it)."""

@@ -187,6 +187,19 @@ async def test_a_node_closed_on_purpose_stays_closed() -> None:
         await stop_all(nodes[:1])
 
 
+async def test_a_closed_node_has_let_its_port_go_when_aclose_returns() -> None:
+    """An agent restarted in the same process binds the port its last run had: the socket
+    must be closed by then, not a loop turn later."""
+    nodes = await start_network(2)
+    host, port = nodes[1].address
+    await nodes[1].aclose()  # and no await in between that could let the loop turn
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind((host, port))
+    finally:
+        await stop_all(nodes[:1])
+
+
 async def test_the_router_reports_a_dht_whose_socket_closed_until_it_is_reopened(
     registry: Registry,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import stat
 from pathlib import Path
 from typing import cast
@@ -86,6 +87,34 @@ async def test_a_crash_soon_after_a_first_start_restarts_through_its_saved_peers
     async with edge.agent(config) as again:
         assert again.mode is Mode.DHT
         assert again.edge_requests == {}
+
+
+async def test_a_restart_binds_the_dht_port_of_the_last_run_when_it_is_free(
+    tmp_path: Path, edge: Edge, network: list[DHTNode], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Peers' routing tables and the edge's bootstrap list name the address a worker had: a
+    restart on a new random port would leave them pointing at nothing."""
+    config = worker_config(tmp_path, "w-port")
+    assert config.dht.port == 0  # any port: the OS picks the first
+    async with edge.agent(config) as agent:
+        assert agent.node is not None
+        host, port = agent.node.address
+    assert saved(config)["dht_port"] == port
+    async with edge.agent(config) as again:
+        assert again.node is not None
+        assert again.node.address == (host, port)
+        assert again.record is not None
+        assert (again.record.dht_host, again.record.dht_port) == (host, port)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind((host, port))  # another program took it meanwhile
+        with caplog.at_level(logging.INFO, logger="worker.agent"):
+            async with edge.agent(config) as elsewhere:
+                assert elsewhere.node is not None
+                assert elsewhere.node.address[1] != port
+                assert elsewhere.mode is Mode.DHT
+    assert f"DHT port {port} of the last run is taken" in caplog.text
+    assert saved(config)["dht_port"] == elsewhere.node.address[1]
 
 
 def saved_seq(image: bytes) -> int:
@@ -197,10 +226,21 @@ async def test_a_state_or_key_file_that_cannot_be_written_stops_the_start_saying
 
 def test_state_round_trip_and_refusals(tmp_path: Path) -> None:
     store = StateFile(tmp_path / "s.json")
-    state = WorkerState("ab" * 20, "/k.key", 7, [("127.0.0.1", 4000)], [["ocr", "ab", 1]], 5.5)
+    state = WorkerState(
+        "ab" * 20, "/k.key", 7, [("127.0.0.1", 4000)], [["ocr", "ab", 1]], 5.5, dht_port=4001
+    )
     store.save(state)
     assert store.load() == (state, LoadStatus.LOADED)
-    for bad in ('{"version": 2, "seq": 1}', '{"version": 1, "seq": -1}', "[]", "\xff"):
+    older = {"version": 1, "seq": 3}  # a file from before dht_port was saved
+    (tmp_path / "s.json").write_text(json.dumps(older))
+    assert store.load() == (WorkerState(seq=3), LoadStatus.LOADED)
+    for bad in (
+        '{"version": 2, "seq": 1}',
+        '{"version": 1, "seq": -1}',
+        "[]",
+        "\xff",
+        '{"version": 1, "seq": 1, "dht_port": 70000}',
+    ):
         (tmp_path / "s.json").write_text(bad)
         assert store.load() == (WorkerState(), LoadStatus.CORRUPT)
     peers = {"version": 1, "seq": 1, "peers": [["h", 0]]}
