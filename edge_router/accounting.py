@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dht_bridge.logcontext import log_fields_bound
-from edge_router.metrics import Metrics, request_class, route_label
+from edge_router.metrics import ROUTED_SERVICE, Metrics, request_class, route_label
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def answered(
     """Count one answered request (`cache`: its X-Cache, if any); a failure is logged."""
     path = scope["path"]
     klass = request_class(path)
-    metrics.count(klass, status, seconds, route_label(klass, path, cache))
+    routed = scope.get("state", {}).get(ROUTED_SERVICE)
+    metrics.count(klass, status, seconds, route_label(klass, cache, routed))
     if status >= 500:
         logger.warning("%s %s -> %d (cf-ray %s)", scope["method"], path, status, ray or "-")
 

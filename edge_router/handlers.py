@@ -32,6 +32,7 @@ from edge_router.errors import (
     Unauthorized,
 )
 from edge_router.limits import parse_json
+from edge_router.metrics import ROUTED_SERVICE
 from edge_router.proof import prover_of
 from edge_router.state import Peer, RouterState
 
@@ -413,6 +414,8 @@ async def route(request: Request) -> Response:
     region = _region(params, request, state)
     filters = parse_filters(list(_caps(params)))
     providers, _, _, _ = await cached_providers(state, service, region)
+    if providers:
+        setattr(request.state, ROUTED_SERVICE, service)  # its own latency series (metrics)
     providers = select(providers, filters)
     if not providers:
         which = " with those capabilities" if filters else ""

@@ -25,6 +25,7 @@ __all__ = [
     "FIGURES",
     "OPERATOR_CLASSES",
     "REQUEST_CLASSES",
+    "ROUTED_SERVICE",
     "Metrics",
     "request_class",
     "route_label",
@@ -34,9 +35,12 @@ REQUEST_CLASSES = ("bootstrap", "lookup", "register", "route", "admin", "topolog
 OPERATOR_CLASSES = frozenset({"health", "topology"})
 # Latency buckets from a cache hit (tens of µs) to a slow routed request (a minute).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# Distinct services given their own latency series; past it they share "other", so that a
-# client inventing service names cannot grow the exposition without bound.
+# Distinct services given their own latency series; past it they share "other", so that
+# workers registering ever new service names cannot grow the exposition without bound.
 MAX_SERVICE_LABELS = 256
+# The request state key (scope["state"]) under which the route handler names a service it found
+# providers of: only such a service gets a latency series of its own.
+ROUTED_SERVICE = "rma_routed_service"
 SECONDS_A_DAY = 86_400.0  # a UTC day (POSIX time has no leap seconds)
 
 # The operator's figures (`handlers.figures`, prefixed rma_): counters typed as such.
@@ -89,13 +93,16 @@ def request_class(path: str) -> str:
     return "other"
 
 
-def route_label(klass: str, path: str, cache: str | None) -> str:
-    """The latency series of a request: lookups by hit or miss, routes by service."""
+def route_label(klass: str, cache: str | None, routed: str | None) -> str:
+    """The latency series of a request: lookups by hit or miss, routes by service.
+
+    A route has its service's series only when the router found providers of it (`routed`,
+    see ROUTED_SERVICE): a name from the path alone would let any client add series at will.
+    """
     if klass == "lookup" and cache:
         return f"lookup_{cache.lower()}"
     if klass == "route":
-        service = path.split("/", 3)[2] if path.count("/") >= 2 else ""
-        return f"route:{service}" if SERVICE_RE.fullmatch(service) else "route:other"
+        return f"route:{routed}" if routed and SERVICE_RE.fullmatch(routed) else "route:other"
     return klass
 
 

@@ -12,7 +12,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
@@ -20,6 +23,7 @@ from dht_bridge.records import tombstone_for
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from edge_router.config import CacheSettings, RouterConfig
+from edge_router.metrics import MAX_SERVICE_LABELS
 from tests.support.dht import ManualClock, publish_all, start_network, stop_all
 from tests.support.helpers import POLICY, make_record, wait_for
 from tests.support.redis_server import RedisServer
@@ -406,10 +410,15 @@ async def test_metrics_parse_with_prometheus_types_histograms_and_no_duplicates(
     registry: Registry,
 ) -> None:
     await registry.upsert(make_record(services=["ocr"]))
-    async with client_for(router_app(registry)) as client:
+    # The worker's service, in process: every path answers 200.
+    worker = Starlette(routes=[Route("/{path:path}", lambda _: PlainTextResponse("done"))])
+    tunnels = httpx.AsyncClient(transport=httpx.ASGITransport(app=worker))
+    async with tunnels, client_for(router_app(registry, http=tunnels)) as client:
         await client.get("/services/ocr")  # a miss
         await client.get("/services/ocr")  # a hit
-        await client.get("/route/nobody/x")  # 503: no provider
+        assert (await client.get("/route/ocr/x")).text == "done"
+        for n in range(MAX_SERVICE_LABELS + 5):  # 503: no provider; names any client can invent
+            assert (await client.get(f"/route/nobody-{n}/x")).status_code == 503
         answer = await client.get("/metrics")
     assert answer.headers["content-type"].startswith("text/plain; version=")
     families = list(text_string_to_metric_families(answer.text))
@@ -424,7 +433,8 @@ async def test_metrics_parse_with_prometheus_types_histograms_and_no_duplicates(
     assert kinds["rma_request_duration_seconds"] == "histogram"
     assert kinds["rma_upstream_duration_seconds"] == "histogram"
     routes = {dict(s.labels).get("route") for f in families for s in f.samples}
-    assert {"lookup_miss", "lookup_hit", "route:nobody"} <= routes
+    assert {"lookup_miss", "lookup_hit", "route:ocr", "route:other"} <= routes
+    assert not any(r and r.startswith("route:nobody") for r in routes)  # no series per name
     assert "process_cpu_seconds" in kinds
     assert all(f.documentation for f in families), "a family without HELP"
 
