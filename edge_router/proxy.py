@@ -2,8 +2,10 @@
 
 Providers are chosen load-aware (the less loaded of two random healthy ones). A connect failure,
 or a reused keep-alive connection that broke before any answer, is retried once on another
-provider; a record whose tunnel URL cannot be requested is skipped; a provider that keeps
-failing is ejected for a while; one that answers 429 is skipped for its Retry-After. Bodies
+provider; a record whose tunnel URL cannot be requested is skipped; a provider whose gateway
+answers 502, 503 or 504 (its service is down behind cloudflared) fails the try, which a safe
+request retries elsewhere; a provider that keeps failing is ejected for a while; one that
+answers 429 (or 503 with Retry-After) is skipped for its Retry-After. Bodies
 stream both ways: only a request body up to `replay_limit` bytes is held in memory, so that it
 can be sent again on a retry. The upstream request is built from parsed, checked parts only:
 httpx frames the body itself, and no Content-Length or Transfer-Encoding of the client's is
@@ -84,6 +86,11 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Cloudflare's answer when the tunnel behind a hostname is not connected (error 1033 and kin):
 # the worker never saw the request, so it is a connect failure in all but name.
 TUNNEL_DOWN = 530
+# A worker's own gateway answering for a service behind it that is down or stuck (cloudflared
+# answers 502 when it cannot reach the volunteer's service; a reverse proxy 502 or 504): counted
+# as failures, as a connect failure is (Envoy's consecutive gateway failures), and a safe request
+# goes to another provider. 503 with Retry-After is a worker saying "later", as a 429 is.
+GATEWAY_ERRORS = frozenset({502, 503, 504})
 # A path is quoted back from its decoded form; these stay literal (RFC 3986 pchar and "/").
 _PATH_SAFE = "/:@!$&'()*+,;="
 # Answers declaring at most this many bytes are read whole before the client's answer starts.
@@ -100,7 +107,7 @@ class ProxySettings:
     read_timeout: float = 60.0
     write_timeout: float = 60.0
     pool_timeout: float = 3.0
-    eject_after: int = 3  # consecutive connect failures before a provider is ejected
+    eject_after: int = 3  # consecutive connect failures or gateway errors before ejection
     eject_for: float = 30.0  # seconds an ejected provider is skipped
     busy_default: float = 5.0  # seconds a provider answering 429 without Retry-After is skipped
     busy_max: float = 300.0  # cap on Retry-After
@@ -354,7 +361,7 @@ class Proxy:
                 if following is None:
                     reasons.append("no other healthy provider")
             if following is None:
-                if response is not None:  # a 429 that no one else can take: the client gets it
+                if response is not None:  # a 429 or 502 no one else can take: the client gets it
                     return relay(response, provider.worker_id)
                 raise UpstreamUnavailable(
                     f"no provider of {service!r} answered: {'; '.join(reasons)}"
@@ -419,7 +426,13 @@ class Proxy:
             await response.aclose()
             self._failed(wid, f"HTTP {TUNNEL_DOWN}")
             return None, f"tunnel not connected (HTTP {TUNNEL_DOWN})", body.resendable, True
-        if response.status_code == 429:
+        later = response.status_code == 503 and "retry-after" in response.headers
+        if response.status_code in GATEWAY_ERRORS and not later:
+            self._failed(wid, f"HTTP {response.status_code}")
+            # The client gets this answer unless another provider takes the request.
+            retry = method in SAFE_METHODS and body.resendable
+            return response, f"gateway error (HTTP {response.status_code})", retry, True
+        if response.status_code == 429 or later:
             busy = retry_after_seconds(
                 response.headers.get("retry-after"),
                 now=time.time(),  # an HTTP date is wall-clock time, not the monotonic clock
@@ -427,8 +440,9 @@ class Proxy:
                 cap=self.settings.busy_max,
             )
             self.health.mark_busy(wid, busy)
-            logger.debug("worker %s answered 429: busy for %.1f s", wid, busy)
-            return response, f"busy (429, retry after {busy:g} s)", body.resendable, True
+            status = response.status_code
+            logger.debug("worker %s answered %d: busy for %.1f s", wid, status, busy)
+            return response, f"busy ({status}, retry after {busy:g} s)", body.resendable, True
         self.health.record_success(wid)
         return response, None, False, True
 

@@ -419,6 +419,58 @@ async def test_tunnel_not_connected_530_counts_as_a_failure_and_is_retried(
     assert proxy.health.failures(down.worker_id) == 1
 
 
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_a_workers_gateway_error_fails_the_try_and_a_safe_request_goes_elsewhere(
+    stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock, status: int
+) -> None:
+    """cloudflared answers 502 when the volunteer's service behind it is down (a reverse proxy
+    502 or 504): the worker is not healthy, though something answered."""
+    broken_service = Upstream("broken", status=status)
+    ok = Upstream("ok")
+    broken = provider(await start(stack, broken_service), load=IDLE)
+    alive = provider(await start(stack, ok), load=BUSY)
+    proxy = make_proxy(http, clock, eject_after=3)
+    async with edge(proxy, [broken, alive]) as client:
+        got = await client.get("/ocr/page")
+        assert (got.status_code, got.headers["x-rma-worker"]) == (200, alive.worker_id)
+        assert proxy.health.failures(broken.worker_id) == 1
+        # Not safe to send twice: the worker's answer is the client's, and still a failure.
+        posted = await client.post("/ocr/jobs", content=b"once")
+        assert (posted.status_code, posted.headers["x-rma-worker"]) == (status, broken.worker_id)
+        assert posted.json()["upstream"] == "broken"  # the worker's own body, not ours
+        assert proxy.health.failures(broken.worker_id) == 2
+        await client.get("/ocr/page")
+        assert proxy.health.status(broken.worker_id) == "ejected"  # three in a row
+        assert (await client.post("/ocr/jobs", content=b"x")).status_code == 200
+    assert [s["method"] for s in ok.seen] == ["GET", "GET", "POST"]
+
+
+async def test_a_gateway_error_no_one_else_can_take_is_passed_on(
+    stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    only = provider(await start(stack, Upstream("only", status=502)))
+    proxy = make_proxy(http, clock)
+    async with edge(proxy, [only]) as client:
+        response = await client.get("/ocr/page")
+    assert (response.status_code, response.json()["upstream"]) == (502, "only")
+    assert proxy.health.failures(only.worker_id) == 1
+
+
+async def test_503_with_retry_after_is_busy_not_broken(
+    stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    later = Upstream("later", status=503, headers=[("retry-after", "20")])
+    ok = Upstream("ok")
+    busy = provider(await start(stack, later), load=IDLE)
+    free = provider(await start(stack, ok), load=BUSY)
+    proxy = make_proxy(http, clock)
+    async with edge(proxy, [busy, free]) as client:
+        response = await client.post("/ocr/run", content=b"small")
+    assert (response.status_code, response.headers["x-rma-worker"]) == (200, free.worker_id)
+    assert proxy.health.status(busy.worker_id) == "busy"
+    assert proxy.health.failures(busy.worker_id) == 0
+
+
 async def test_broken_exchange_is_retried_for_safe_methods_only(
     stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
 ) -> None:
