@@ -172,11 +172,12 @@ WORKER_OPTIONS = OptionTable(
         "float",
         DEFAULT_TTL,
     ),
-    Option("load", "LOAD", "fixed load 0..1, or the fallback when --load-url fails", "float", 0.0),
+    Option("load", "LOAD", "fixed load 0..1, when there is no --load-url", "float", 0.0),
     Option(
         "load_url",
         "LOAD_URL",
-        'our own service\'s URL answering {"load": x} or {"in_flight": n}',
+        'our own service\'s URL answering {"load": x} or {"in_flight": n}; while it does '
+        "not answer, the load is 1 (full)",
         metavar="URL",
     ),
     Option("capacity", "CAPACITY", "in-flight requests that mean full load", "int", 1),

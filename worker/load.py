@@ -106,7 +106,7 @@ class HttpLoad:
         url: str,
         *,
         capacity: int = 1,
-        fallback: float = 0.0,
+        fallback: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 1.0,
     ) -> None:

@@ -22,7 +22,8 @@ from dht_bridge.identity import Identity
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.support.helpers import POLICY, make_record, wait_for
-from tests.support.worker import EDGE_URL, running_edge, worker_config
+from tests.support.upstreams import refusing_port, url_of
+from tests.support.worker import EDGE_URL, Edge, running_edge, worker_config
 from worker.agent import Mode, WorkerAgent
 from worker.discovery import discover
 from worker.edge import EdgeClient, Registered
@@ -159,6 +160,17 @@ async def test_load_sources() -> None:
         assert [await polled(), await polled(), await polled()] == [0.3, 0.5, 0.2]
     finally:
         await polled.aclose()
+
+
+async def test_a_worker_whose_load_url_does_not_answer_reports_itself_full(
+    tmp_path: Path, edge: Edge
+) -> None:
+    """Its service is likely down: a load of 0 would make routers prefer it over the others."""
+    with refusing_port() as dead:
+        config = worker_config(tmp_path, "w-load", load=0.1, load_url=url_of(dead) + "/load")
+        async with edge.agent(config) as agent:
+            assert agent.record is not None
+            assert agent.record.load == 1.0
 
 
 async def test_edge_only_worker_heartbeats_through_the_edge_and_recovers_a_stale_seq(
