@@ -108,6 +108,8 @@ class WorkerAgent:
         self.state = WorkerState()
         self.state_status = LoadStatus.MISSING
         self.identity: Identity | None = None
+        # The key was made by this start: no record of it can be anywhere, so its seq is ours.
+        self._fresh_key = False
         self.node: DHTNode | None = None
         self.record: WorkerRecord | None = None
         # When the earliest copy of our record in the DHT lapses: a holder whose renewal waits
@@ -205,10 +207,8 @@ class WorkerAgent:
             if not self.config.edge_only:
                 await self._open_node()
                 if await self._join(allow_edge=True):
-                    await self._check_reach()
-                    await self._recover_seq()
                     try:
-                        await self._enter_dht()
+                        await self._publish_joined()
                     except (DHTError, RecordError) as exc:
                         logger.warning("joined the DHT but could not publish: %s", exc)
             if self.mode is Mode.DHT:
@@ -382,6 +382,7 @@ class WorkerAgent:
         else:
             identity = Identity.generate()
             identity.save(path)
+            self._fresh_key = True
             # Expected on a first start; a state file of some worker with no key is not.
             log = logger.warning if self.state.worker_id else logger.info
             log("no key file at %s: created a new identity, worker %s", path, identity.worker_id)
@@ -507,6 +508,23 @@ class WorkerAgent:
             logger.info("joining through %s failed: %s", what, exc)
             return False
         return len(self.node.rpc.router) > 0
+
+    async def _publish_joined(self) -> None:
+        """Publish after a join, then check whether servers can reach us, and publish again
+        when that changed the mode (a server's record hands out its address). Raises DHTError
+        or RecordError when the first publish found no holder.
+
+        The record goes out before the check: in the field the check costs several round
+        trips (behind a NAT, a probe's whole wait), and the worker is listed meanwhile.
+        """
+        if not self._fresh_key:
+            await self._recover_seq()
+        await self._enter_dht()
+        if await self._check_reach():
+            try:
+                await self._enter_dht()
+            except (DHTError, RecordError) as exc:
+                logger.info("republishing in the new mode failed; the next beat will: %s", exc)
 
     # Reachability.
 
@@ -713,10 +731,8 @@ class WorkerAgent:
         if self.node is None:
             return False
         if await self._join(allow_edge=True):
-            await self._check_reach()
-            await self._recover_seq()
             try:
-                await self._enter_dht()
+                await self._publish_joined()
                 logger.info("back on the DHT; heartbeats through the edge stop")
                 return True
             except (DHTError, RecordError) as exc:

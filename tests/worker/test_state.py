@@ -12,7 +12,7 @@ from typing import cast
 
 import pytest
 
-from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.node import SERVER, DHTNode
 from dht_bridge.errors import IdentityError
 from tests.support.helpers import wait_for
 from tests.support.worker import Edge, worker_config
@@ -28,6 +28,12 @@ async def run_once(edge: Edge, config: WorkerConfig) -> tuple[str, int]:
         assert agent.mode is Mode.DHT
         worker_id = agent.worker_id
     return worker_id, agent.state.seq
+
+
+def starting_records(agent: WorkerAgent) -> int:
+    """Records a start signs: one, and one more when the reachability check that follows the
+    first publish made the worker a server (its record then hands out its address)."""
+    return 2 if agent.dht_mode == SERVER else 1
 
 
 def saved(config: WorkerConfig) -> dict[str, object]:
@@ -168,7 +174,7 @@ async def test_missing_state_file_keeps_the_identity_and_recovers_seq(
             assert agent.state_status is LoadStatus.MISSING
             assert agent.worker_id == worker_id
             assert agent.record is not None
-            assert agent.record.seq == last + 1
+            assert agent.record.seq == last + starting_records(agent)
     assert f"no worker state file at {config.state_file}" in caplog.text
     assert f"the DHT holds seq {last} of this worker" in caplog.text
 
@@ -185,7 +191,7 @@ async def test_a_new_identity_only_when_the_key_file_is_gone(
         async with edge.agent(config) as agent:
             assert agent.worker_id != worker_id
             assert agent.record is not None
-            assert agent.record.seq == 1
+            assert agent.record.seq == starting_records(agent)  # from 1: nothing to recover
     assert f"no key file at {key}: created a new identity" in caplog.text
     assert f"belongs to worker {worker_id}" in caplog.text
 
@@ -255,6 +261,29 @@ async def test_a_first_start_creates_its_identity_without_a_warning(
         await run_once(edge, worker_config(tmp_path, "w-first"))
     created = [r for r in caplog.records if "created a new identity" in r.getMessage()]
     assert [r.levelno for r in created] == [logging.INFO]
+
+
+async def test_a_first_start_publishes_first_and_reads_no_seq_for_a_key_it_just_made(
+    tmp_path: Path, edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A volunteer's first start is listed before its reachability check (in the field the check
+    costs a probe's wait behind a NAT), and does not look up a record of a key made this
+    start (nobody can hold one); a restart with the same key does."""
+    config = worker_config(tmp_path, "w-fresh")
+    with caplog.at_level(logging.INFO, logger="worker.agent"):
+        async with edge.agent(config) as agent:
+            assert agent.node is not None
+            assert "read" not in agent.node.crawl_queries
+            assert agent.dht_mode == SERVER  # loopback: the check found servers reach it
+            assert agent.record is not None
+            assert (agent.record.dht_host, agent.record.dht_port) == agent.node.address
+    said = [r.getMessage() for r in caplog.records]
+    listed = next(i for i, m in enumerate(said) if "is on the DHT (seq 1)" in m)
+    checked = next(i for i, m in enumerate(said) if "servers reached us" in m)
+    assert listed < checked
+    async with edge.agent(config) as again:
+        assert again.node is not None
+        assert again.node.crawl_queries.get("read", 0) > 0
 
 
 async def test_a_second_agent_on_the_same_state_file_refuses_to_start(
