@@ -261,6 +261,34 @@ async def test_our_nodes_join_publish_and_look_up_on_a_continent(field: Field) -
     assert 0 < traffic.lost < 0.03 * traffic.sent
 
 
+async def test_a_client_joins_asking_fewer_nodes_than_a_server_and_works_at_once() -> None:
+    """A client is in nobody's table: its join fills its own from the closest few, and it
+    publishes and finds records right after. A server's join waits for its k closest, so that
+    they add it."""
+    built = await start_field(EmulatedNetwork(LAN, seed=5), servers=30, clients=4, seed=5)
+    try:
+        seeds = [c.address for c in built.coordinators]
+        client = await built.new_node(client=True)
+        server = await built.new_node(client=False)
+        built.clients.append(client)
+        built.servers.append(server)
+        await client.bootstrap(seeds)
+        await server.bootstrap(seeds)
+        asked_by_client = client.crawl_queries["join"]
+        asked_by_server = server.crawl_queries["join"]
+        assert asked_by_client < asked_by_server
+        assert asked_by_server >= server.ksize  # its k closest answered
+        record = make_record(services=("ocr",))
+        assert (await client.publish(record)).stored
+        found = await client.lookup("ocr", limit=10)
+        assert record.worker_id in {r.worker_id for r in found}
+        assert server.node.id in {
+            n.id for s in built.servers if s is not server for n in s.rpc.router.contacts()
+        }
+    finally:
+        await built.aclose()
+
+
 async def test_a_stock_server_joins_and_gets_through_the_emulation(field: Field) -> None:
     records = await publish_from_clients(field, ("ocr",))
     stock = await start_stock(field.network, [field.coordinators[0].address])
