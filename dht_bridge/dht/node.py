@@ -8,6 +8,7 @@ join a network of these nodes and `get` a key: the wire protocol is unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import json
@@ -544,14 +545,7 @@ class DHTNode(Server):  # type: ignore[misc]
         """Join through `addrs` (host names allowed); raises BootstrapError if none answers."""
         wanted = list(addrs)
         resolved = await self._resolve(wanted)
-        replies = await asyncio.gather(
-            *(self.rpc.request(addr, "ping", self.node.id) for addr in resolved)
-        )
-        seeds = [
-            Node(reply, addr[0], addr[1])
-            for (ok, reply), addr in zip(replies, resolved, strict=True)
-            if ok and isinstance(reply, bytes) and len(reply) == 20 and reply != self.node.id
-        ]
+        seeds = await self._answering_seeds(resolved)
         if not seeds:
             tried = ", ".join(f"{h}:{p}" for h, p in wanted) or "(no peers given)"
             raise BootstrapError(
@@ -579,6 +573,52 @@ class DHTNode(Server):  # type: ignore[misc]
             len(self.rpc.router),
         )
         return result.closest
+
+    async def _answering_seeds(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        """Ping `addrs`; the seeds that answered by a stall after the first answer.
+
+        Waiting for all of them held every join up to the farthest seed's round trip, and a lost
+        ping up to the rpc timeout (on `world`, 250 ms and 0.5 s). Later answers are welcomed
+        into the table as they come.
+        """
+        loop = asyncio.get_running_loop()
+        pings = {
+            loop.create_task(self.rpc.request(addr, "ping", self.node.id), name="seed-ping"): addr
+            for addr in addrs
+        }
+        seeds: list[Node] = []
+        pending = set(pings)
+        until: float | None = None  # set by the first answer
+        while pending:
+            wait = None if until is None else max(0.0, until - loop.time())
+            done, pending = await asyncio.wait(
+                pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            for task in done:
+                seed = self._seed_of(task, pings[task])
+                if seed is not None:
+                    seeds.append(seed)
+            if seeds and until is None:
+                until = loop.time() + self._stall
+        for task in pending:
+            task.add_done_callback(functools.partial(self._late_seed, addr=pings[task]))
+            self.rpc.adopt(task)
+        return seeds
+
+    def _seed_of(self, ping: asyncio.Task[tuple[bool, Any]], addr: tuple[str, int]) -> Node | None:
+        if ping.cancelled() or ping.exception() is not None:
+            return None
+        ok, reply = ping.result()
+        if ok and isinstance(reply, bytes) and len(reply) == 20 and reply != self.node.id:
+            return Node(reply, addr[0], addr[1])
+        return None
+
+    def _late_seed(self, ping: asyncio.Task[tuple[bool, Any]], *, addr: tuple[str, int]) -> None:
+        seed = self._seed_of(ping, addr)
+        if seed is not None and self.protocol is not None:
+            self.rpc.welcome_if_new(seed)
 
     async def _resolve(self, addrs: list[tuple[str, int]]) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()

@@ -276,6 +276,70 @@ async def test_a_holder_back_from_a_crash_receives_what_it_held(
     assert [r.worker_id for r in held] == [record.worker_id]
 
 
+class HeldRelay(asyncio.DatagramProtocol):
+    """A UDP address in front of `target` that holds what it is sent until `release`, then
+    passes both ways: a seed that answers late."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.held: list[tuple[bytes, tuple[str, int]]] = []
+        self.released = False
+        self.client: tuple[str, int] | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        if addr == self.target:  # the real node's answer, back to whoever asked
+            if self.client is not None:
+                self.transport.sendto(data, self.client)
+        elif self.released:
+            self.client = addr
+            self.transport.sendto(data, self.target)
+        else:
+            self.held.append((data, addr))
+
+    def release(self) -> None:
+        """Pass on what was held, and everything from now on."""
+        self.released = True
+        for data, addr in self.held:
+            self.datagram_received(data, addr)
+
+
+async def test_a_join_starts_on_the_first_seeds_answer_and_takes_a_late_seed_after() -> None:
+    """A join waited for every seed's ping: the farthest seed's round trip, a lost ping the
+    whole rpc timeout. It now crawls from the seeds that answered by a stall after the first,
+    and a seed answering later still joins the routing table."""
+    nodes = await start_network(2)
+    lone = await start_node()  # in no one's table: only its own answer can put it in ours
+    nodes.append(lone)
+    relay = HeldRelay(lone.address)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: relay, local_addr=("127.0.0.1", 0)
+    )
+    late = transport.get_extra_info("sockname")[:2]
+    joiner = await start_node()
+    try:
+        await joiner.bootstrap([nodes[0].address, late])
+        # The join ended with the late seed's ping still out, not after waiting it out.
+        assert relay.held
+        assert joiner.rpc.stats.timeouts == 0
+        relay.release()
+        await wait_for(
+            lambda: any(
+                (n.ip, n.port) == late and n.id == lone.node.id
+                for n in joiner.rpc.router.contacts()
+            ),
+            timeout=5,
+            message="the late seed in the joiner's table",
+        )
+    finally:
+        transport.close()
+        await stop_all([*nodes, joiner])
+
+
 async def test_a_join_whose_welcome_came_first_leaves_a_later_restart_its_push(
     network: list[DHTNode],
 ) -> None:
