@@ -94,7 +94,7 @@ class WorkerState:
             raise ValueError("edge_lease_until must be a number")
         if not isinstance(levels, list):
             raise ValueError("levels must be a list")
-        dht_port = data.get("dht_port", 0)  # absent in files of 0.2.0's first releases
+        dht_port = data.get("dht_port", 0)  # absent in files written before it was kept
         if isinstance(dht_port, bool) or not isinstance(dht_port, int) or not 0 <= dht_port < 65536:
             raise ValueError("dht_port must be a port number (0: none)")
         return cls(worker_id, key_file, seq, parsed, levels, float(lease), dht_port)
