@@ -220,13 +220,20 @@ class TunnelTransport(httpx.AsyncHTTPTransport):
     """httpx's transport (its request mapping and error translation) over a `TunnelPool`."""
 
     def __init__(
-        self, *, max_connections: int, keepalive_expiry: float, http2: bool = False
+        self,
+        *,
+        max_connections: int,
+        keepalive_expiry: float,
+        http2: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: how tunnels' certificates are checked (default: certifi's roots, as
+        httpx checks them; tests give one that trusts their own)."""
         super().__init__(http2=http2, trust_env=False)
         self.pool = TunnelPool(
             max_connections=max_connections,
             keepalive_expiry=keepalive_expiry,
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
             http2=http2,
         )
         # httpx keeps its pool here and sends every request through it (httpx 0.2x).

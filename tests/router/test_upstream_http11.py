@@ -5,19 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from edge_router.proxy import ProxySettings, upstream_client
 from edge_router.upstream_http11 import MAX_HEAD_BYTES
 from edge_router.upstream_pool import TunnelTransport
-from tests.support.upstreams import Scripted
+from tests.support.upstreams import Scripted, serve_config
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 PIECE_SIZE = 512 * 1024
@@ -394,3 +407,72 @@ async def answer_unread_at_the_reset() -> None:
     finally:
         listener.close()
         thread.join(timeout=30)
+
+
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "tunnel.pem", directory / "tunnel.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_over_tls_answers_are_read_connections_reused_and_an_early_413_passed_on(
+    tmp_path: Path,
+) -> None:
+    """Every tunnel in production is https: the same exchanges over TLS (uvicorn with a
+    certificate of ours), including a service refusing an upload it has not read."""
+    cert, key = tls_files(tmp_path)
+
+    async def answer(request: Request) -> Response:
+        if int(request.headers.get("content-length", "0")) > 1024:
+            return Response(b"too large", status_code=413)
+        return Response(b"took " + str(len(await request.body())).encode())
+
+    app = Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST"])])
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        log_config=None,
+        lifespan="off",
+        ssl_certfile=str(cert),
+        ssl_keyfile=str(key),
+    )
+    trusted = ssl.create_default_context(cafile=str(cert))
+    transport = TunnelTransport(max_connections=4, keepalive_expiry=60.0, ssl_context=trusted)
+    async with serve_config(config) as url, httpx.AsyncClient(transport=transport) as client:
+        base = url.replace("http://", "https://")
+        for n in range(5):
+            got = await client.post(base + "/small", content=b"x" * n)
+            assert (got.status_code, got.content) == (200, b"took %d" % n)
+        assert transport.pool.connections == 1  # one TLS handshake for the five
+        refused = await client.post(base + "/pages", content=b"u" * (16 * 1024 * 1024))
+        assert (refused.status_code, refused.content) == (413, b"too large")
+        after = await client.post(base + "/small", content=b"ok")
+        assert after.content == b"took 2"
