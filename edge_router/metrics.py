@@ -19,7 +19,6 @@ from prometheus_client.registry import Collector
 
 from dht_bridge.bridge.metrics import METRICS as BRIDGE_METRICS
 from dht_bridge.exposition import FiguresCollector, MetricTable, process_registry
-from dht_bridge.records import SERVICE_RE
 
 __all__ = [
     "FIGURES",
@@ -97,12 +96,13 @@ def route_label(klass: str, cache: str | None, routed: str | None) -> str:
     """The latency series of a request: lookups by hit or miss, routes by service.
 
     A route has its service's series only when the router found providers of it (`routed`,
-    see ROUTED_SERVICE): a name from the path alone would let any client add series at will.
+    see ROUTED_SERVICE; the handler checked the name): a name from the path alone would let
+    any client add series at will.
     """
     if klass == "lookup" and cache:
         return f"lookup_{cache.lower()}"
     if klass == "route":
-        return f"route:{routed}" if routed and SERVICE_RE.fullmatch(routed) else "route:other"
+        return f"route:{routed}" if routed else "route:other"
     return klass
 
 

@@ -282,8 +282,8 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
             wire = self._wire
             assert wire is not None
             whole = await self._send(wire, request, timeouts.get("write"))
-            answer = _Answer(self, wire, request.method, timeouts.get("read"))
-            answer.reusable = whole  # the rest of a cut-off body must not pass for a request
+            # The rest of a cut-off body must not pass for a request: no reuse after it.
+            answer = _Answer(self, wire, request.method, timeouts.get("read"), reusable=whole)
             await answer.read_head()
             if trace is not None:
                 await trace("http11.receive_response_headers.complete", {"request": request})
@@ -404,6 +404,8 @@ class _Answer:
         wire: _Wire,
         method: bytes,
         seconds: float | None,
+        *,
+        reusable: bool = True,
     ) -> None:
         self._connection = connection
         self._wire = wire
@@ -424,7 +426,7 @@ class _Answer:
         self.complete = False  # the answer was parsed to its end
         self._stray = False  # and bytes came after it
         self._ended = False  # finish or aclose ran
-        self.reusable = True  # False when the request's body was cut short by this answer
+        self._reusable = reusable  # False when the request's body was cut short by this answer
 
     async def read_head(self) -> None:
         """Parse up to the end of the answer's head and not a byte further: what follows stays
@@ -487,7 +489,7 @@ class _Answer:
         """The body was read to its end: the connection is idle again, or closed."""
         if not self._ended:
             self._ended = True
-            self._connection._finished(self._keep_alive and not self._stray and self.reusable)
+            self._connection._finished(self._keep_alive and not self._stray and self._reusable)
 
     async def aclose(self) -> None:
         """Done with the body: an unread rest makes the connection unusable, so it closes."""

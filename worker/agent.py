@@ -843,7 +843,5 @@ def _now() -> float:
 
 def _default_load(config: WorkerConfig) -> LoadSource:
     if config.load_url:
-        # A service that cannot say how loaded it is may well be down: full, so that routers
-        # send its share to others (loads decide between two providers).
-        return HttpLoad(config.load_url, capacity=config.capacity, fallback=1.0)
+        return HttpLoad(config.load_url, capacity=config.capacity)
     return StaticLoad(config.load)

@@ -99,7 +99,8 @@ class InFlightMiddleware:
 
 class HttpLoad:
     """Polls the worker's own HTTP service at `url` for `{"load": x}` or `{"in_flight": n}`
-    (divided by `capacity`); answers `fallback` while the service cannot say."""
+    (divided by `capacity`); while it cannot say, `fallback`: 1 (full) by default, as it may
+    well be down, and routers should send its share to others."""
 
     def __init__(
         self,
