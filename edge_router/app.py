@@ -25,11 +25,11 @@ from edge_router.errors import handle_error
 from edge_router.events import listen_for_events
 from edge_router.fastpath import RouterApp
 from edge_router.metrics import Metrics
-from edge_router.proof import ProofSettings, TunnelProver
 from edge_router.providers import ProviderSource
-from edge_router.proxy import Proxy, ProxySettings, upstream_client
 from edge_router.ratelimit import RateLimit, RateLimiter
 from edge_router.state import RouterState
+from edge_router.upstream.proof import ProofSettings, TunnelProver
+from edge_router.upstream.proxy import Proxy, ProxySettings, upstream_client
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def create_app(
         extra_figures=extra_figures,
     )
 
-    # Proves tunnel URLs in the background; routes read its verdicts (edge_router.proof).
+    # Proves tunnel URLs in the background; routes read its verdicts (edge_router.upstream.proof).
     prover = TunnelProver(
         client,
         ProofSettings(mode=config.tunnel_proof),

@@ -55,7 +55,7 @@ DEFAULT_RATE_ADMIN = "30/minute"
 DEFAULT_RATE_TOPOLOGY = "120/minute"
 # What turns a class's limit off.
 RATE_OFF = "none"
-# RMA_TUNNEL_PROOF (edge_router.proof): not checked; proved first; proved only.
+# RMA_TUNNEL_PROOF (edge_router.upstream.proof): not checked; proved first; proved only.
 PROOF_OFF = "off"
 PROOF_PREFER = "prefer"
 PROOF_REQUIRE = "require"
@@ -301,7 +301,7 @@ class RouterConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     rates: RateSettings = field(default_factory=RateSettings)
-    # off | prefer | require: see edge_router.proof.
+    # off | prefer | require: see edge_router.upstream.proof.
     tunnel_proof: str = PROOF_PREFER
 
     @classmethod

@@ -33,8 +33,8 @@ from edge_router.errors import (
 )
 from edge_router.limits import parse_json
 from edge_router.metrics import ROUTED_SERVICE
-from edge_router.proof import prover_of
 from edge_router.state import Peer, RouterState
+from edge_router.upstream.proof import prover_of
 
 logger = logging.getLogger(__name__)
 

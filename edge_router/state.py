@@ -17,7 +17,7 @@ from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig
 from edge_router.metrics import Metrics
 from edge_router.providers import ProviderSource
-from edge_router.proxy import Proxy
+from edge_router.upstream.proxy import Proxy
 
 Peer = dict[str, object]
 # Records whose JSON is kept (a record is a few hundred bytes: a few MB at most).

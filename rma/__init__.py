@@ -3,10 +3,13 @@
 worker use `dht_bridge`, nothing else crosses).
 
 - `cli`       the `rma` dispatcher: one parser, one subcommand per process.
-- `commands/` one module per subcommand (node, bridge, router, worker, demo, flush), each
-  with `configure(parser)` and `run(args) -> int`.
+- `commands/` one module per subcommand (node, bridge, router, worker, demo, flush, lookup),
+  each with `configure(parser)` and `run(args) -> int`.
 - `process`   running a service until SIGTERM or SIGINT, then stopping it cleanly.
+- `exits`     the exit codes every subcommand returns; `logs` the log handler and its options.
+- `client`    what the client subcommands (flush, lookup) share: one request to a router.
 - `demo`      everything on loopback in one process, with no Redis.
+- `reference` docs/configuration.md's table, generated from every option table.
 """
 
 from __future__ import annotations

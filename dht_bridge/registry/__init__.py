@@ -4,6 +4,7 @@ sorted set per service (by load) and publish an event per change.
 - `topology` one Redis, a Sentinel deployment or a Cluster, from one URL.
 - `events`   the change events routers subscribe to, and their decoding.
 - `registry` `Registry`: upsert, lookup, hold and release during a partition.
+- `batch`    concurrent lookups sent to Redis as one call per turn of the event loop.
 - `lua/`     the scripts, with the service-name filter they share (`services.lua`).
 """
 

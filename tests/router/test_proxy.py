@@ -31,11 +31,11 @@ from dht_bridge.logcontext import log_fields
 from dht_bridge.records import WorkerRecord, validate
 from dht_bridge.registry.registry import Registry
 from dht_bridge.tunnels import TunnelPolicy
-from edge_router import proxy as proxy_module
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
 from edge_router.errors import BadRequest, error_response
-from edge_router.proxy import (
+from edge_router.upstream import proxy as proxy_module
+from edge_router.upstream.proxy import (
     ProviderHealth,
     Proxy,
     ProxySettings,
@@ -75,7 +75,7 @@ async def stack() -> AsyncIterator[AsyncExitStack]:
 @pytest.fixture(params=["httpcore", "router"])
 async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
     """The proxy's outbound client (no proxies from the environment on loopback): httpx's own,
-    and the router's (its pool and lean HTTP/1.1 connections, edge_router.upstream_http11)."""
+    and the router's (its pool and lean HTTP/1.1 connections, edge_router.upstream.http11)."""
     made = (
         httpx.AsyncClient(trust_env=False)
         if request.param == "httpcore"
@@ -339,7 +339,7 @@ async def test_provider_is_ejected_after_consecutive_failures_until_the_clock_pa
     alive = provider(await start(stack, up), load=BUSY)
     dead = provider(refusing(stack), load=IDLE)
     proxy = make_proxy(http, clock, eject_after=3, eject_for=30.0)
-    caplog.set_level(logging.WARNING, logger="edge_router.proxy")
+    caplog.set_level(logging.WARNING, logger="edge_router.upstream.proxy")
     async with edge(proxy, [dead, alive]) as client:
         for attempt in range(1, 4):
             assert (await client.get("/ocr/x")).status_code == 200

@@ -28,7 +28,7 @@ from dht_bridge.settings import RegistrySettings
 from dht_bridge.tunnel_proof import PROOF_PATH, Outcome
 from edge_router.config import RouterConfig
 from edge_router.errors import NoProvider
-from edge_router.proof import ProofSettings, TunnelProver
+from edge_router.upstream.proof import ProofSettings, TunnelProver
 from tests.support.helpers import ManualClock, make_record, wait_for
 from tests.support.router import ADMIN_TOKEN, LOOPBACK, client_for, router_app
 from tests.support.upstreams import Upstream, serve, url_of

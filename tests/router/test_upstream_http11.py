@@ -1,4 +1,4 @@
-"""The proxy's lean HTTP/1.1 connection (edge_router.upstream_http11) against scripted servers:
+"""The proxy's lean HTTP/1.1 connection (edge_router.upstream.http11) against scripted servers:
 every way an answer can be delimited, keep-alive and close, and the answers it must refuse."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge_router.proxy import ProxySettings, upstream_client
-from edge_router.upstream_http11 import MAX_HEAD_BYTES
-from edge_router.upstream_pool import TunnelTransport
+from edge_router.upstream.http11 import MAX_HEAD_BYTES
+from edge_router.upstream.pool import TunnelTransport
+from edge_router.upstream.proxy import ProxySettings, upstream_client
 from tests.support.upstreams import Scripted, serve_config
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge_router.proxy import ProxySettings, upstream_client
-from edge_router.upstream_pool import TunnelTransport
+from edge_router.upstream.pool import TunnelTransport
+from edge_router.upstream.proxy import ProxySettings, upstream_client
 from tests.support.helpers import wait_for
 from tests.support.upstreams import serve
 

@@ -6,7 +6,7 @@ held (quadratic): with 64 requests in flight it spent more CPU than the rest of 
 larger pool made it worse (measured in bench/router_bench.py, see bench/README.md). Here each
 origin has a stack of idle HTTP/1.1 connections and a list of HTTP/2 ones that take several
 requests at once; a request takes the most recently used idle connection and checks that one
-only. HTTP/1.1 connections are the lean ones of edge_router.upstream_http11 (httpcore's cost
+only. HTTP/1.1 connections are the lean ones of edge_router.upstream.http11 (httpcore's cost
 most of a routed request's CPU); with HTTP/2 enabled, httpcore's, which negotiate either.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from edge_router.upstream_http11 import LeanHTTP11Connection
+from edge_router.upstream.http11 import LeanHTTP11Connection
 
 __all__ = ["TunnelClient", "TunnelPool", "TunnelTransport"]
 

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 connection to a tunnel for the routing proxy's pool (edge_router.upstream_pool).
+"""A lean HTTP/1.1 connection to a tunnel for the routing proxy's pool (edge_router.upstream.pool).
 
 httpcore's HTTP/1.1 connection runs every request through h11's state machine, anyio streams,
 an anyio lock and a shielded cancel scope per step: measured alone (64 concurrent keep-alive

@@ -38,7 +38,7 @@ from dht_bridge.tunnel_proof import (
 )
 from edge_router.config import PROOF_MODES, PROOF_OFF, PROOF_PREFER, PROOF_REQUIRE
 from edge_router.errors import NoProvider
-from edge_router.proxy import upstream_url
+from edge_router.upstream.proxy import upstream_url
 
 __all__ = [
     "PROOF_MODES",

@@ -38,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 from dht_bridge.records import WorkerRecord
 from edge_router.errors import BadRequest, NoProvider, UpstreamTimeout, UpstreamUnavailable
 from edge_router.framing import header_problem
-from edge_router.upstream_pool import TunnelClient, TunnelTransport
+from edge_router.upstream.pool import TunnelClient, TunnelTransport
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def upstream_client(settings: ProxySettings) -> TunnelClient:
     httpx's default pool kept only 20 idle connections: under more concurrent requests than
     that, each answer closed a connection and the next request opened one (a TLS handshake to
     Cloudflare per routed request); its bookkeeping also grew with the square of the pool
-    (see edge_router.upstream_pool).
+    (see edge_router.upstream.pool).
     """
     transport = TunnelTransport(
         max_connections=settings.max_connections,
