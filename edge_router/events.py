@@ -7,7 +7,7 @@ import contextlib
 import logging
 from typing import Any
 
-from dht_bridge.backoff import Backoff, ExponentialBackoff
+from dht_bridge.backoff import Backoff, BackoffPolicy, ExponentialBackoff
 from dht_bridge.errors import RegistryError
 from edge_router.handlers import flush_local
 from edge_router.state import RouterState
@@ -17,19 +17,28 @@ logger = logging.getLogger(__name__)
 RESUBSCRIBE = ExponentialBackoff(base=0.5, cap=30.0)
 
 
-async def listen_for_events(state: RouterState, stop: asyncio.Event) -> None:
+async def listen_for_events(
+    state: RouterState, stop: asyncio.Event, policy: BackoffPolicy = RESUBSCRIBE
+) -> None:
     """Apply events until `stop` is set, resubscribing with backoff and jitter when Redis drops.
 
     It polls rather than blocks, and is stopped by the flag rather than by cancellation,
     which redis-py's pubsub read does not reliably honour on Python 3.11.
     """
-    backoff = Backoff(RESUBSCRIBE)
+    backoff = Backoff(policy)
     while not stop.is_set():
         try:
             async with state.registry.subscribe_events() as events:
                 state.events_connected = True
+                if backoff.attempts:
+                    logger.info(
+                        "listening for events on %s again, after %d failed attempts",
+                        state.registry.channel,
+                        backoff.attempts,
+                    )
+                else:
+                    logger.info("listening for events on %s", state.registry.channel)
                 backoff.reset()
-                logger.info("listening for events on %s", state.registry.channel)
                 while not stop.is_set():
                     event = await events.get()
                     if event is not None:
@@ -37,7 +46,10 @@ async def listen_for_events(state: RouterState, stop: asyncio.Event) -> None:
                         apply_event(state, event)
         except RegistryError as exc:
             delay = backoff.next()
-            logger.warning("events connection lost (%s); retrying in %.1fs", exc, delay)
+            # One warning an outage: a Redis down for an hour would otherwise write a line
+            # every backoff cap; the metric rma_events_connected shows the rest.
+            log = logger.warning if backoff.attempts == 1 else logger.debug
+            log("events connection lost (%s); retrying in %.1fs", exc, delay)
         else:
             delay = backoff.next()
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -17,12 +18,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from dht_bridge.backoff import NoBackoff
 from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
 from dht_bridge.records import tombstone_for
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from edge_router.config import CacheSettings, RouterConfig
+from edge_router.events import listen_for_events
 from edge_router.metrics import MAX_SERVICE_LABELS
 from tests.support.dht import ManualClock, publish_all, start_network, stop_all
 from tests.support.helpers import POLICY, make_record, wait_for
@@ -255,6 +258,36 @@ async def test_a_flush_on_one_router_reaches_another_sharing_redis(registry: Reg
             message="the flush to reach the second router",
         )
         assert (await two.get("/services/ocr")).headers["x-cache"] == "MISS"
+
+
+async def test_events_listener_warns_once_an_outage_and_says_when_it_is_back(
+    make_redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_redis_server()
+    registry = open_registry(RegistrySettings(redis_url=server.url, timeout=1.0), policy=POLICY)
+    state = router_app(registry).state.rma
+    stop = asyncio.Event()
+    caplog.set_level(logging.DEBUG, logger="edge_router.events")
+    server.kill()
+    listener = asyncio.create_task(listen_for_events(state, stop, NoBackoff()))
+    try:
+        await wait_for(
+            lambda: sum("events connection lost" in r.message for r in caplog.records) >= 5,
+            timeout=20,
+            message="five failed subscriptions",
+        )
+        lost = [r for r in caplog.records if "events connection lost" in r.message]
+        assert [r.levelno for r in lost[:2]] == [logging.WARNING, logging.DEBUG]
+        assert all(r.levelno == logging.DEBUG for r in lost[1:])
+        server.start()
+        await wait_for(lambda: state.events_connected, timeout=20, message="resubscribed")
+        back = [r.message for r in caplog.records if "again, after" in r.message]
+        assert len(back) == 1
+        assert "failed attempts" in back[0]
+    finally:
+        stop.set()
+        await asyncio.wait_for(listener, 10)
+        await registry.aclose()
 
 
 async def test_bootstrap_hands_out_coordinators_then_server_workers(registry: Registry) -> None:
