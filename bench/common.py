@@ -139,8 +139,8 @@ def quantile(values: Iterable[float], q: float, *, empty: float = 0.0) -> float:
 
 
 def json_safe(value: Any) -> Any:
-    """NaN becomes None, so the JSON is strict."""
-    if isinstance(value, float) and math.isnan(value):
+    """NaN and infinities become None, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
@@ -150,7 +150,8 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """The figures as strict JSON (NaN as null, paths as strings), creating the directory."""
+    """The figures as strict JSON (NaN and infinities as null, paths as strings), creating the
+    directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(data), indent=2, default=str) + "\n")
     logger.info("wrote %s", path)
