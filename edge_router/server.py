@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +34,9 @@ BODY_TIMEOUT = 30.0  # seconds without a body byte while the router is ready to 
 SLOW_AFTER = 2.0  # seconds after which a connection still without a full head counts as slow
 MAX_SLOW_PER_ADDRESS = 8  # slow connections one client address may hold at once
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's max_incomplete_event_size)
+REFUSALS_LOG_INTERVAL = 60.0  # seconds between log lines about refused requests, at least
+# What uvicorn's protocol warns of about a client's bytes: said again, counted, by RefusalLog.
+CLIENT_CAUSED = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,60 @@ class SlowHeads:
             self._counts.pop(address, None)
 
 
+class RefusalLog:
+    """Requests the server refused before the app (malformed, too large, too slow), counted and
+    logged at most once an interval: a line for each would let any client write the
+    operator's log as fast as it can send junk."""
+
+    def __init__(
+        self,
+        interval: float = REFUSALS_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.total = 0
+        self._unlogged = 0
+        self._next_line = float("-inf")
+
+    def note(self, status: int, detail: str, client: tuple[str, int] | None) -> None:
+        """Count one refusal; log it with those since the last line, when a line is due."""
+        self.total += 1
+        self._unlogged += 1
+        now = self.clock()
+        if now < self._next_line:
+            logger.debug("%s: refused with %d: %s", client, status, detail)
+            return
+        logger.warning(
+            "refused %d request(s) before the app since the last such line (%d in all); "
+            "the latest with %d from %s: %s",
+            self._unlogged,
+            self.total,
+            status,
+            client[0] if client else "?",
+            detail,
+        )
+        self._unlogged = 0
+        self._next_line = now + self.interval
+
+
+class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn.error as uvicorn's protocol uses it, with its warnings about what a client sent
+    at debug: the refusal that follows each is counted and logged by `RefusalLog`."""
+
+    @property
+    def level(self) -> int:
+        """The logger's own level (uvicorn compares it with its TRACE level)."""
+        return int(self.logger.level)
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Client-caused warnings at debug, the others as they were."""
+        if msg in CLIENT_CAUSED:
+            self.logger.debug(msg, *args, **kwargs)
+        else:
+            self.logger.warning(msg, *args, **kwargs)
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with strict framing, read deadlines and the slow-connection bound.
 
@@ -81,6 +140,7 @@ class GuardedH11Protocol(H11Protocol):
 
     limits: ClassVar[ServerLimits]
     slow_heads: ClassVar[SlowHeads]
+    refusals: ClassVar[RefusalLog]
 
     def __init__(
         self,
@@ -90,6 +150,8 @@ class GuardedH11Protocol(H11Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        # uvicorn types it a Logger; its protocol calls only what an adapter has as well.
+        self.logger = _ProtocolLog(self.logger, {})  # type: ignore[assignment]
         self.conn: StrictConnection = StrictConnection(
             config.h11_max_incomplete_event_size or self.limits.max_head_bytes
         )
@@ -197,6 +259,7 @@ class GuardedH11Protocol(H11Protocol):
             self._body_timer = None
 
     def _answer_and_close(self, status: int, code: str, detail: str) -> None:
+        self.refusals.note(status, detail, self.client)
         body = json.dumps({"error": code, "detail": detail}).encode("ascii")
         headers = [
             (b"content-type", b"application/json"),
@@ -234,14 +297,20 @@ def server_config(app: ASGIApp, *, host: str, port: int, **options: Any) -> Conf
     return Config(app, host=host, port=port, **(chosen | options))
 
 
-def protocol_class(limits: ServerLimits | None = None) -> type[GuardedH11Protocol]:
+def protocol_class(
+    limits: ServerLimits | None = None, refusals: RefusalLog | None = None
+) -> type[GuardedH11Protocol]:
     """A protocol class for `uvicorn.Config(http=...)`, with its own count of slow connections
-    (one per server: every connection of a server shares it)."""
+    and of refusals (one per server: every connection of a server shares them)."""
     chosen = limits or ServerLimits()
+    # Not read from inside the class: a class body looks a name it assigns up in its own
+    # namespace and the globals only, never in this function.
+    counted = RefusalLog() if refusals is None else refusals
 
     class EdgeH11Protocol(GuardedH11Protocol):
         limits = chosen
         slow_heads = SlowHeads(chosen.max_slow_per_address)
+        refusals = counted
 
     return EdgeH11Protocol
 
@@ -253,6 +322,7 @@ __all__ = [
     "MAX_SLOW_PER_ADDRESS",
     "SLOW_AFTER",
     "GuardedH11Protocol",
+    "RefusalLog",
     "ServerLimits",
     "SlowHeads",
     "protocol_class",

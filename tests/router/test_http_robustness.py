@@ -23,11 +23,12 @@ from edge_router.config import PROOF_OFF, RouterConfig
 from edge_router.server import (
     MAX_HEAD_BYTES,
     GuardedH11Protocol,
+    RefusalLog,
     ServerLimits,
     protocol_class,
     server_config,
 )
-from tests.support.helpers import make_record, wait_for
+from tests.support.helpers import ManualClock, make_record, wait_for
 from tests.support.rawhttp import Answer, RawUpstream, hang_up, send_raw
 from tests.support.redis_server import TEST_REDIS_TIMEOUT
 from tests.support.router import ADMIN_TOKEN, client_for, router_app
@@ -73,9 +74,11 @@ async def registry(redis_url: str) -> AsyncIterator[Registry]:
 
 
 @contextlib.asynccontextmanager
-async def running(registry: Registry, limits: ServerLimits | None = None) -> AsyncIterator[Router]:
+async def running(
+    registry: Registry, limits: ServerLimits | None = None, refusals: RefusalLog | None = None
+) -> AsyncIterator[Router]:
     """The router app (lifespan included) under uvicorn on an OS port."""
-    protocol = protocol_class(limits)
+    protocol = protocol_class(limits, refusals)
     app = router_app(registry, config=ROBUSTNESS_CONFIG)
     # As `rma router` serves it (edge_router.server.server_config).
     config = server_config(app, host="127.0.0.1", port=0, lifespan="off", http=protocol)
@@ -154,6 +157,42 @@ async def test_ambiguous_framing_is_refused_with_400_and_a_closed_connection(
     assert [r.target for r in upstream.requests] == ["/fine"]
     assert b"smuggled" not in upstream.all_bytes()
     assert b"x-admin" not in upstream.all_bytes().lower()
+
+
+async def test_refusals_are_logged_once_an_interval_not_once_a_request(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    refusals = RefusalLog(interval=60.0, clock=clock)
+    junk = [AMBIGUOUS["bare-lf-line-ends"], b"GET / HTTP/1.1\r\nX A: b\r\n\r\n", b"\x16\x03\x01"]
+    caplog.set_level(logging.DEBUG)
+    async with running(registry, refusals=refusals) as router:
+        for raw in junk * 10:
+            assert (await send_raw(router.port, raw + b"\r\n\r\n", timeout=WAIT)).status == 400
+        clock.advance(60.0)
+        assert (await send_raw(router.port, junk[0], timeout=WAIT)).status == 400
+
+    def warned(text: str) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and text in r.getMessage()
+        ]
+
+    assert refusals.total == 31
+    # The first refusal at once, then the next 30 (29 within the interval, one after it).
+    lines = warned("refused")
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(
+        "refused 1 request(s) before the app since the last such line (1 in all)"
+    )
+    assert lines[1].startswith(
+        "refused 30 request(s) before the app since the last such line (31 in all)"
+    )
+    assert "from 127.0.0.1" in lines[1]
+    # uvicorn's own line for each malformed request is at debug.
+    assert not warned("Invalid HTTP request received.")
+    assert any(r.getMessage() == "Invalid HTTP request received." for r in caplog.records)
 
 
 def _head_with(padding: int) -> bytes:
