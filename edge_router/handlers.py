@@ -538,4 +538,5 @@ def figures(state: RouterState) -> dict[str, float]:
         "edge_daily_budget": state.metrics.daily_budget,
         "events_received": state.events_received,
         "events_connected": int(state.events_connected),
+        "requests_refused": state.refused.total,
     }

@@ -56,6 +56,10 @@ FIGURES: MetricTable = {
     "rma_edge_daily_budget": ("gauge", "Edge requests a day the plan allows."),
     "rma_events_received_total": ("counter", "Change events heard on rma:events."),
     "rma_events_connected": ("gauge", "1 while subscribed to rma:events."),
+    "rma_requests_refused_total": (
+        "counter",
+        "Requests the server refused before the app: malformed, head too large, or slow.",
+    ),
     "rma_dht_servers": ("gauge", "Live workers in DHT server mode (from the registry)."),
     "rma_dht_clients": ("gauge", "Live workers in DHT client mode (from the registry)."),
     "rma_topology_truncated": ("gauge", "1 when the registry holds more than was read."),

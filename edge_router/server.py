@@ -280,15 +280,18 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def server_config(app: ASGIApp, *, host: str, port: int, **options: Any) -> Config:
+def server_config(
+    app: ASGIApp, *, host: str, port: int, refusals: RefusalLog | None = None, **options: Any
+) -> Config:
     """uvicorn's Config for serving the router, the same wherever it is served (`rma router`,
     the demo, the benches): its guarded h11 protocol, no Server header, no access log, the
     process's logging setup rather than uvicorn's own, and no proxy headers, since the app
     alone decides whom to believe about a client's address (edge_router.cloudflare;
-    uvicorn's default takes X-Forwarded-For from any loopback peer). `options` go to
-    uvicorn.Config, over these."""
+    uvicorn's default takes X-Forwarded-For from any loopback peer). Refused requests are
+    counted in `refusals` (the router's is `app.state.rma.refused`, exposed in /metrics).
+    `options` go to uvicorn.Config, over these."""
     chosen: dict[str, Any] = {
-        "http": protocol_class(),
+        "http": protocol_class(refusals=refusals),
         "proxy_headers": False,
         "server_header": False,
         "access_log": False,

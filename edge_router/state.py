@@ -17,6 +17,7 @@ from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig
 from edge_router.metrics import Metrics
 from edge_router.providers import ProviderSource
+from edge_router.server import RefusalLog
 from edge_router.upstream.proxy import Proxy
 
 Peer = dict[str, object]
@@ -47,6 +48,8 @@ class RouterState:
     extra_figures: Callable[[], Mapping[str, float]] | None = None
     events_connected: bool = False
     events_received: int = 0
+    # Requests the server protocol refused before the app (see `server_config`).
+    refused: RefusalLog = field(default_factory=RefusalLog)
     # Readiness: set once the lifespan has started; draining from SIGTERM until the exit.
     started: bool = False
     draining: bool = False

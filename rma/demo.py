@@ -36,7 +36,7 @@ from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
-from edge_router.server import server_config
+from edge_router.server import RefusalLog, server_config
 from edge_router.state import RouterState
 from rma.commands.router import QuietServer
 from worker.agent import WorkerAgent
@@ -172,7 +172,9 @@ async def _start_router(
         extra_figures=bridge.figures,
         ready_at_start=False,
     )
-    port = await servers.serve(app, config.host, config.port, "demo-router")
+    port = await servers.serve(
+        app, config.host, config.port, "demo-router", refusals=app.state.rma.refused
+    )
     state: RouterState = app.state.rma
     return f"http://{config.host}:{port}", state
 
@@ -258,11 +260,13 @@ class _Servers:
         self._stack = stack
         self._running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def serve(self, app: Starlette, host: str, port: int, name: str) -> int:
+    async def serve(
+        self, app: Starlette, host: str, port: int, name: str, refusals: RefusalLog | None = None
+    ) -> int:
         """Serve `app` with uvicorn in this loop until `stop`; returns the bound port."""
         server = QuietServer(
             # The router's server stack for every demo server (the workers' stand-ins too).
-            server_config(app, host=host, port=port, log_level="warning")
+            server_config(app, host=host, port=port, refusals=refusals, log_level="warning")
         )
         task = asyncio.get_running_loop().create_task(server.serve(), name=name)
         self._running.append((server, task))

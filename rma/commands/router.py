@@ -53,6 +53,7 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
                 app,
                 host=config.host,
                 port=config.port,
+                refusals=app.state.rma.refused,
                 log_level=log_level,
                 # A line per request only when the operator asks (RMA_ACCESS_LOG).
                 access_log=config.access_log,

@@ -77,9 +77,12 @@ async def registry(redis_url: str) -> AsyncIterator[Registry]:
 async def running(
     registry: Registry, limits: ServerLimits | None = None, refusals: RefusalLog | None = None
 ) -> AsyncIterator[Router]:
-    """The router app (lifespan included) under uvicorn on an OS port."""
-    protocol = protocol_class(limits, refusals)
+    """The router app (lifespan included) under uvicorn on an OS port, counting refusals in
+    `refusals` if given, as the app's own (which /metrics exposes)."""
     app = router_app(registry, config=ROBUSTNESS_CONFIG)
+    if refusals is not None:
+        app.state.rma.refused = refusals
+    protocol = protocol_class(limits, app.state.rma.refused)
     # As `rma router` serves it (edge_router.server.server_config).
     config = server_config(app, host="127.0.0.1", port=0, lifespan="off", http=protocol)
     async with app.router.lifespan_context(app), serve_config(config) as base:
@@ -171,6 +174,9 @@ async def test_refusals_are_logged_once_an_interval_not_once_a_request(
             assert (await send_raw(router.port, raw + b"\r\n\r\n", timeout=WAIT)).status == 400
         clock.advance(60.0)
         assert (await send_raw(router.port, junk[0], timeout=WAIT)).status == 400
+        async with httpx.AsyncClient(base_url=router.url) as client:
+            exposed = (await client.get("/metrics")).text
+        assert "\nrma_requests_refused_total 31.0\n" in exposed
 
     def warned(text: str) -> list[str]:
         return [
