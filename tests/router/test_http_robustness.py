@@ -169,6 +169,8 @@ async def test_refusals_are_logged_once_an_interval_not_once_a_request(
     refusals = RefusalLog(interval=60.0, clock=clock)
     junk = [AMBIGUOUS["bare-lf-line-ends"], b"GET / HTTP/1.1\r\nX A: b\r\n\r\n", b"\x16\x03\x01"]
     caplog.set_level(logging.DEBUG)
+    # Another test's `rma` logging set-up may have left uvicorn's logger at WARNING.
+    caplog.set_level(logging.DEBUG, logger="uvicorn.error")
     async with running(registry, refusals=refusals) as router:
         for raw in junk * 10:
             assert (await send_raw(router.port, raw + b"\r\n\r\n", timeout=WAIT)).status == 400
