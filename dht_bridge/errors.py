@@ -40,6 +40,10 @@ class RecordExpired(RecordError):
     """The record's lease has already ended."""
 
 
+class JSONTooDeep(RMAError, ValueError):
+    """JSON from elsewhere nests deeper than its reader allows (dht_bridge.jsontext)."""
+
+
 class RegistryError(RMAError):
     """The Redis registry failed."""
 

@@ -25,6 +25,7 @@ from dht_bridge.errors import (
     RecordTooLarge,
 )
 from dht_bridge.identity import Identity, verify_signature, worker_id_for
+from dht_bridge.jsontext import loads_bounded
 from dht_bridge.tunnels import TunnelPolicy, canonical_tunnel_url
 
 DEFAULT_TTL = 90.0
@@ -32,6 +33,7 @@ DEFAULT_TTL = 90.0
 # worker and how far a fast clock can push a lease.
 MAX_LEASE = 3600.0
 MAX_RECORD_BYTES = 1024
+MAX_RECORD_DEPTH = 8  # a record's JSON nests 3 levels (record, capabilities or services)
 MAX_SERVICES = 16
 MAX_CAPABILITIES = 16
 MAX_CAPABILITY_VALUE = 64
@@ -173,8 +175,8 @@ class WorkerRecord:
         if len(text) > 4 * MAX_RECORD_BYTES:
             raise RecordTooLarge("record", f"larger than {4 * MAX_RECORD_BYTES} bytes")
         try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = loads_bounded(text, max_depth=MAX_RECORD_DEPTH)
+        except ValueError as exc:  # UnicodeDecodeError and JSONTooDeep are ValueErrors
             raise RecordInvalid("record", f"not valid JSON ({exc})") from exc
         return cls.from_dict(data)
 

@@ -12,6 +12,7 @@ from dht_bridge.errors import (
     ConfigError,
     DHTError,
     IdentityError,
+    JSONTooDeep,
     RecordError,
     RecordTooLarge,
     RegistryError,
@@ -92,6 +93,7 @@ class UpstreamTimeout(RouterError):
 # a client is told which side failed, never "internal" for an error we raise on purpose.
 _CORE_ERRORS: tuple[tuple[type[RMAError], int, str], ...] = (
     (RecordTooLarge, 413, "too_large"),
+    (JSONTooDeep, 400, "bad_request"),
     (RecordError, 422, "invalid_record"),
     (RegistryError, 503, "registry_unavailable"),
     (DHTError, 503, "dht_unavailable"),

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from dht_bridge.errors import ConfigError, RMAError
+from dht_bridge.jsontext import loads_bounded
 from dht_bridge.options import Option
 
 __all__ = ["ROUTER_URL", "TIMEOUT", "RequestFailed", "request", "router_url"]
@@ -21,6 +22,7 @@ ROUTER_URL = Option(
     metavar="URL",
 )
 TIMEOUT = Option("timeout", None, "seconds to wait for the answer", "float", 10.0)
+MAX_ANSWER_DEPTH = 16  # a lookup answer nests 4 levels
 
 
 class RequestFailed(RMAError):
@@ -45,8 +47,8 @@ def request(method: str, url: str, *, timeout: float, **kwargs: Any) -> Any:
     except httpx.HTTPError as exc:
         raise RequestFailed(f"{url}: {exc or type(exc).__name__}") from exc
     try:
-        answer = response.json()
-    except ValueError:
+        answer = loads_bounded(response.content, max_depth=MAX_ANSWER_DEPTH)
+    except ValueError:  # not JSON, or nested past any answer of ours
         answer = None
     if response.status_code != 200:
         detail = answer.get("detail") if isinstance(answer, dict) else response.text[:200]

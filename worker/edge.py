@@ -2,10 +2,14 @@
 
 Every request is counted by kind and logged, so each worker's share of the edge's daily
 request budget is visible. The httpx transport is injectable (an in-process router in tests).
+An answer is read within the request's timeout, up to MAX_ANSWER_BYTES, and its JSON to
+MAX_ANSWER_DEPTH levels: whatever sits at the edge's address, a worker fails its request, not
+itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -17,11 +21,18 @@ from typing import Any
 import httpx
 
 from dht_bridge.errors import RecordError
+from dht_bridge.jsontext import loads_bounded
 from dht_bridge.records import WorkerRecord, parse_and_validate
 from dht_bridge.tunnels import TunnelPolicy
 from worker.errors import EdgeRefused, EdgeUnavailable
 
 logger = logging.getLogger(__name__)
+
+# A lookup of 100 providers is about 60 KB, a bootstrap answer a few KB.
+MAX_ANSWER_BYTES = 1 << 20
+MAX_ANSWER_DEPTH = 16  # a lookup answer nests 4 levels
+# Peers taken from one bootstrap answer: the edge hands out a few; a join needs one.
+MAX_PEERS = 64
 
 
 class Registered(enum.Enum):
@@ -56,6 +67,7 @@ class EdgeClient:
     ) -> None:
         self.policy = policy
         self.clock = clock
+        self.timeout = timeout
         self.counts: Counter[str] = Counter()
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -83,7 +95,7 @@ class EdgeClient:
         coordinators: list[tuple[str, int]] = []
         named = body.get("peers") if isinstance(body, dict) else None
         named = named if isinstance(named, list) else []
-        for item in named:
+        for item in named[:MAX_PEERS]:
             if not isinstance(item, dict):
                 continue
             host, port = item.get("host"), item.get("port")
@@ -91,13 +103,14 @@ class EdgeClient:
                 peers.append((host, port))
                 if item.get("kind") == "coordinator":
                     coordinators.append((host, port))
-        if not peers or len(peers) < len(named):
+        if not peers or len(peers) < min(len(named), MAX_PEERS):
             # Else the agent only says it could not join: this says the edge was the cause.
             logger.warning(
                 "GET /dht/bootstrap: %d of the %d peers the edge named are usable "
-                "(each needs a host and a port from 1 to 65535)",
+                "(each needs a host and a port from 1 to 65535; %d are read at most)",
                 len(peers),
                 len(named),
+                MAX_PEERS,
             )
         ttl = body.get("ttl") if isinstance(body, dict) else None
         good_for = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else 60.0
@@ -114,7 +127,8 @@ class EdgeClient:
         body = await self._json("services", "GET", f"/services/{service}", params=params)
         now = self.clock()
         found: list[WorkerRecord] = []
-        for item in body.get("providers", []) if isinstance(body, dict) else []:
+        listed = body.get("providers") if isinstance(body, dict) else None
+        for item in listed[:limit] if isinstance(listed, list) else []:
             try:
                 found.append(parse_and_validate(item, self.policy, now=now))
             except RecordError as exc:
@@ -123,41 +137,55 @@ class EdgeClient:
 
     async def register(self, record: WorkerRecord) -> Registered:
         """POST /workers: register or heartbeat through the edge."""
-        response = await self._send("register", "POST", "/workers", json=record.to_dict())
+        response, body = await self._send("register", "POST", "/workers", json=record.to_dict())
         if response.status_code == 409:
             return Registered.STALE
-        self._check(response)
+        self._check(response, body)
         return Registered.STORED_IN_DHT if response.status_code == 202 else Registered.APPLIED
 
     async def leave(self, tombstone: WorkerRecord) -> None:
         """DELETE /workers/{id} with the signed tombstone."""
-        response = await self._send(
+        response, body = await self._send(
             "leave", "DELETE", f"/workers/{tombstone.worker_id}", json=tombstone.to_dict()
         )
         if response.status_code != 409:  # an equal or newer tombstone is there: fine
-            self._check(response)
+            self._check(response, body)
 
     async def _json(self, kind: str, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self._send(kind, method, path, **kwargs)
-        self._check(response)
+        response, body = await self._send(kind, method, path, **kwargs)
+        self._check(response, body)
         try:
-            return response.json()
+            return loads_bounded(body, max_depth=MAX_ANSWER_DEPTH)
         except ValueError as exc:
-            raise EdgeUnavailable(f"{method} {path}: the answer is not JSON") from exc
+            raise EdgeUnavailable(f"{method} {path}: the answer is not JSON ({exc})") from exc
 
-    async def _send(self, kind: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(
+        self, kind: str, method: str, path: str, **kwargs: Any
+    ) -> tuple[httpx.Response, bytes]:
+        """The answer and its body, read within the timeout and up to MAX_ANSWER_BYTES."""
         self.counts[kind] += 1
+        failure: Exception | None = None
         try:
-            response = await self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(self.timeout):
+                response, body = await self._read(
+                    self._client.build_request(method, path, **kwargs)
+                )
+            why = "" if body is not None else f"the answer is over {MAX_ANSWER_BYTES} bytes"
+        except (httpx.HTTPError, TimeoutError) as exc:
+            failure = exc
+            why = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                why = f"no whole answer within {self.timeout:g} s"
+        if why:
             logger.info(
                 "edge request %s %s failed: %s (edge requests: %s)",
                 method,
                 path,
-                exc or type(exc).__name__,
+                why,
                 self._summary(),
             )
-            raise EdgeUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
+            raise EdgeUnavailable(f"{method} {path}: {why}") from failure
+        assert body is not None
         logger.info(
             "edge request %s %s -> %d (edge requests: %s)",
             method,
@@ -165,21 +193,35 @@ class EdgeClient:
             response.status_code,
             self._summary(),
         )
-        return response
+        return response, body
+
+    async def _read(self, request: httpx.Request) -> tuple[httpx.Response, bytes | None]:
+        """The answer and its body; None for a body over MAX_ANSWER_BYTES."""
+        response = await self._client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for piece in response.aiter_bytes():  # decoded: a gzip bomb is counted too
+                body += piece
+                if len(body) > MAX_ANSWER_BYTES:
+                    return response, None
+            return response, bytes(body)
+        finally:
+            await response.aclose()
 
     def _summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items()))
         return f"{self.total} ({kinds})"
 
     @staticmethod
-    def _check(response: httpx.Response) -> None:
+    def _check(response: httpx.Response, body: bytes) -> None:
         if response.is_success:
             return
+        text = body[:200].decode("utf-8", "replace")
         try:
-            body = response.json()
-            detail = str(body.get("detail") or body.get("error") or response.text)
+            answer = loads_bounded(body, max_depth=MAX_ANSWER_DEPTH)
+            detail = str(answer.get("detail") or answer.get("error") or text)[:200]
         except (ValueError, AttributeError):
-            detail = response.text[:200]
+            detail = text
         if response.status_code >= 500 or response.status_code == 429:
             raise EdgeUnavailable(f"edge answered {response.status_code}: {detail}")
         raise EdgeRefused(response.status_code, detail)

@@ -15,9 +15,14 @@ from typing import Any, Protocol
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dht_bridge.jsontext import loads_bounded
+
 __all__ = ["HttpLoad", "InFlightCounter", "InFlightMiddleware", "LoadSource", "StaticLoad", "clamp"]
 
 logger = logging.getLogger(__name__)
+
+# The service's figure is a number or a flat object: anything deeper is not one.
+MAX_LOAD_DEPTH = 4
 
 
 class LoadSource(Protocol):
@@ -121,7 +126,7 @@ class HttpLoad:
         try:
             response = await self._client.get(self.url)
             response.raise_for_status()
-            return self._parse(response.json())
+            return self._parse(loads_bounded(response.content, max_depth=MAX_LOAD_DEPTH))
         except (httpx.HTTPError, ValueError) as exc:
             logger.warning(
                 "cannot read load from %s (%s); reporting %s", self.url, exc, self.fallback

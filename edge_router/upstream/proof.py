@@ -16,7 +16,6 @@ another key is never routed to for that record.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ import httpx
 from starlette.requests import Request
 
 from dht_bridge.errors import RecordError
+from dht_bridge.jsontext import loads_bounded
 from dht_bridge.records import WorkerRecord
 from dht_bridge.tunnel_proof import (
     NONCE_PARAM,
@@ -68,6 +68,7 @@ DEFAULT_QUEUE = 1024
 DEFAULT_MAX_ENTRIES = 10_000
 # A proof answer is about 300 bytes; a tunnel that sends more is not answering a proof.
 MAX_ANSWER_BYTES = 4096
+MAX_ANSWER_DEPTH = 4
 
 Pair = tuple[str, str]
 
@@ -280,9 +281,11 @@ class TunnelProver:
         if body is None:
             return ProofCheck(Outcome.FAILED, f"an answer over {MAX_ANSWER_BYTES} bytes")
         try:
-            answer = json.loads(body)
-        except ValueError:
-            return ProofCheck(Outcome.FAILED, "the answer is not JSON")
+            # A proof is one flat object: a tunnel's 4 KB of "[" would otherwise raise
+            # RecursionError in the fetcher.
+            answer = loads_bounded(body, max_depth=MAX_ANSWER_DEPTH)
+        except ValueError as exc:
+            return ProofCheck(Outcome.FAILED, f"the answer is not JSON ({exc})")
         try:
             return check_proof(
                 worker_id=record.worker_id,

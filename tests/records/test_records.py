@@ -195,6 +195,7 @@ def test_expired_and_overlong_leases_are_refused() -> None:
         ("not json", "not valid JSON"),
         ("[]", "JSON object"),
         ('{"worker_id": "x"}', "missing fields"),
+        ("[" * 2000 + "]" * 2000, "nests deeper than 8"),
     ],
 )
 def test_malformed_json_is_refused_with_a_reason(data: str, message: str) -> None:

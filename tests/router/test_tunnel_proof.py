@@ -238,6 +238,22 @@ async def test_a_hanging_proof_times_out_as_failed(registry: Registry) -> None:
     assert "no answer within 0.3 s" in verdict.why
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [(b"[" * 2048 + b"]" * 2048, "nests deeper than 4"), (b"\xff{", "not JSON")],
+)
+async def test_a_tunnel_answering_hostile_json_fails_its_proof(body: bytes, why: str) -> None:
+    async def proof(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    app = Starlette(routes=[Route(PROOF_PATH, proof)])
+    async with serve(app) as url, httpx.AsyncClient(trust_env=False) as http:
+        record = Volunteer("hostile", tunnel_url=url).record()
+        verdict = await asyncio.wait_for(TunnelProver(http, ProofSettings()).prove(record), 5)
+    assert verdict.outcome is Outcome.FAILED
+    assert why in verdict.why
+
+
 def prover_of_app(app: Starlette) -> TunnelProver:
     prover: TunnelProver = app.state.tunnel_proof
     return prover

@@ -4,10 +4,12 @@ load sources, discovery without a DHT, and the edge-only path against a real rou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -15,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
 from dht_bridge.errors import ConfigError
@@ -22,11 +25,11 @@ from dht_bridge.identity import Identity
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.support.helpers import POLICY, make_record, wait_for
-from tests.support.upstreams import refusing_port, url_of
+from tests.support.upstreams import refusing_port, serve, url_of
 from tests.support.worker import EDGE_URL, Edge, running_edge, worker_config
 from worker.agent import Mode, WorkerAgent
 from worker.discovery import discover
-from worker.edge import EdgeClient, Registered
+from worker.edge import MAX_PEERS, EdgeClient, Registered
 from worker.errors import EdgeRefused, EdgeUnavailable
 from worker.load import HttpLoad, InFlightCounter, StaticLoad
 
@@ -96,6 +99,74 @@ async def test_a_bootstrap_answer_naming_no_usable_peer_says_so(
         await edge.aclose()
     assert " 0 of the " in caplog.text
     assert "peers the edge named are usable" in caplog.text
+
+
+# What a hostile or broken edge answers to /dht/bootstrap?region=<case>: status and body.
+HOSTILE_ANSWERS = {
+    "deep": (200, b"[" * 100_000 + b"]" * 100_000),
+    "deep-error": (503, b"{" + b'"a":{' * 50_000 + b"}" * 50_001),
+    "huge": (200, b'{"peers": [' + b'{"host": "127.0.0.1", "port": 1}, ' * 40_000 + b"{}]}"),
+    "many": (
+        200,
+        json.dumps({"peers": [{"host": "127.0.0.1", "port": 1 + i} for i in range(5000)]}).encode(),
+    ),
+}
+
+
+async def hostile_edge(scope: Scope, receive: Receive, send: Send) -> None:
+    """An ASGI app answering each case of HOSTILE_ANSWERS, or ("slow") one byte every 0.1 s."""
+    if scope["type"] != "http":
+        return
+    case = dict(parse_qsl(scope["query_string"].decode())).get("region", "")
+    status, body = HOSTILE_ANSWERS.get(case, (200, b""))
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    if case != "slow":
+        await send({"type": "http.response.body", "body": body})
+        return
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while not gone.is_set():
+            await send({"type": "http.response.body", "body": b" ", "more_body": True})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), 0.1)  # the drip's pace
+    finally:
+        watcher.cancel()
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("deep", "nests deeper than"),
+        ("deep-error", "edge answered 503"),
+        ("huge", "answer is over 1048576 bytes"),
+        ("slow", "no whole answer within 1 s"),
+    ],
+)
+async def test_a_hostile_edge_fails_the_request_not_the_worker(case: str, why: str) -> None:
+    async with serve(hostile_edge) as url:
+        edge = EdgeClient(url, policy=POLICY, timeout=1.0)
+        try:
+            with pytest.raises(EdgeUnavailable, match=why):
+                await asyncio.wait_for(edge.bootstrap(region=case), 10)
+        finally:
+            await edge.aclose()
+
+
+async def test_a_bootstrap_answer_is_read_for_its_first_peers_only() -> None:
+    async with serve(hostile_edge) as url:
+        edge = EdgeClient(url, policy=POLICY)
+        try:
+            peers = (await edge.bootstrap(region="many")).peers
+        finally:
+            await edge.aclose()
+    assert peers == tuple(("127.0.0.1", 1 + i) for i in range(MAX_PEERS))
 
 
 @pytest.mark.parametrize(
