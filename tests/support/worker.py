@@ -13,11 +13,12 @@ import httpx
 from starlette.applications import Starlette
 
 from dht_bridge.backoff import ExponentialBackoff
-from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.node import CLIENT, DHTNode
 from dht_bridge.registry.registry import Registry
 from dht_bridge.settings import DHTSettings
 from edge_router.app import create_app
 from edge_router.config import RouterConfig
+from tests.support.helpers import wait_for
 from worker.agent import WorkerAgent
 from worker.config import WorkerConfig
 
@@ -26,6 +27,19 @@ EDGE_URL = "http://edge.test"
 AGENT_DHT = DHTSettings(host="127.0.0.1", port=0, rpc_timeout=0.5, stall=0.1)
 HEARTBEAT = 0.3  # for a 1.2 s lease: the real 30 s / 90 s, scaled down 75 times
 TTL = 1.2
+
+
+async def reach_checked(agent: WorkerAgent) -> None:
+    """Wait for the reachability check that follows a start (in the agent's loop) to answer
+    and, where it made the agent a server, for the record that hands out its address."""
+
+    def settled() -> bool:
+        node, record = agent.node, agent.record
+        if agent.reachability is None or node is None or record is None:
+            return False
+        return agent.dht_mode == CLIENT or (record.dht_host, record.dht_port) == node.address
+
+    await wait_for(settled, timeout=15, message="the start's reachability check")
 
 
 def worker_config(tmp_path: Path, name: str, **changes: Any) -> WorkerConfig:

@@ -11,7 +11,7 @@ import pytest
 from dht_bridge.dht.node import CLIENT, SERVER, DHTNode
 from tests.support.helpers import wait_for
 from tests.support.udp_nat import UdpNat
-from tests.support.worker import Edge, worker_config
+from tests.support.worker import Edge, reach_checked, worker_config
 from worker.agent import Mode, WorkerAgent
 
 # Slower than the other agent tests' 0.3 s / 1.2 s: a check of a node behind the NAT waits
@@ -58,6 +58,8 @@ async def test_a_worker_behind_nat_is_a_client_and_one_on_the_lan_a_server(
     ):
         assert behind.mode is Mode.DHT
         assert lan.mode is Mode.DHT
+        await reach_checked(behind)
+        await reach_checked(lan)
         assert behind.dht_mode == CLIENT
         assert lan.dht_mode == SERVER
         assert behind.node is not None

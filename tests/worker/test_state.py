@@ -15,7 +15,7 @@ import pytest
 from dht_bridge.dht.node import SERVER, DHTNode
 from dht_bridge.errors import IdentityError
 from tests.support.helpers import wait_for
-from tests.support.worker import Edge, worker_config
+from tests.support.worker import Edge, reach_checked, worker_config
 from worker.agent import Mode, WorkerAgent
 from worker.config import WorkerConfig
 from worker.errors import StartError, StateInUse
@@ -109,6 +109,7 @@ async def test_a_restart_binds_the_dht_port_of_the_last_run_when_it_is_free(
     async with edge.agent(config) as again:
         assert again.node is not None
         assert again.node.address == (host, port)
+        await reach_checked(again)
         assert again.record is not None
         assert (again.record.dht_host, again.record.dht_port) == (host, port)
 
@@ -173,6 +174,7 @@ async def test_missing_state_file_keeps_the_identity_and_recovers_seq(
         async with edge.agent(config) as agent:
             assert agent.state_status is LoadStatus.MISSING
             assert agent.worker_id == worker_id
+            await reach_checked(agent)
             assert agent.record is not None
             assert agent.record.seq == last + starting_records(agent)
     assert f"no worker state file at {config.state_file}" in caplog.text
@@ -190,6 +192,7 @@ async def test_a_new_identity_only_when_the_key_file_is_gone(
     with caplog.at_level(logging.WARNING, logger="worker"):
         async with edge.agent(config) as agent:
             assert agent.worker_id != worker_id
+            await reach_checked(agent)
             assert agent.record is not None
             assert agent.record.seq == starting_records(agent)  # from 1: nothing to recover
     assert f"no key file at {key}: created a new identity" in caplog.text
@@ -267,13 +270,18 @@ async def test_a_first_start_publishes_first_and_reads_no_seq_for_a_key_it_just_
     tmp_path: Path, edge: Edge, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A volunteer's first start is listed before its reachability check (in the field the check
-    costs a probe's wait behind a NAT), and does not look up a record of a key made this
-    start (nobody can hold one); a restart with the same key does."""
+    costs a probe's wait behind a NAT), returns without waiting for it, and does not look up
+    a record of a key made this start (nobody can hold one); a restart with the same key does."""
     config = worker_config(tmp_path, "w-fresh")
     with caplog.at_level(logging.INFO, logger="worker.agent"):
         async with edge.agent(config) as agent:
+            # Nothing has yielded to the loop since start() returned: the check is still to run.
+            assert agent.reachability is None
+            assert agent.record is not None
+            assert agent.record.seq == 1
             assert agent.node is not None
             assert "read" not in agent.node.crawl_queries
+            await reach_checked(agent)
             assert agent.dht_mode == SERVER  # loopback: the check found servers reach it
             assert agent.record is not None
             assert (agent.record.dht_host, agent.record.dht_port) == agent.node.address

@@ -17,6 +17,7 @@ from tests.support.worker import (
     HEARTBEAT,
     Edge,
     dht_ids,
+    reach_checked,
     running_edge,
     worker_config,
 )
@@ -33,6 +34,7 @@ async def test_joins_with_one_edge_request_and_restarts_with_none(
         assert agent.edge_requests == {"bootstrap": 1}
         assert agent.node is not None
         assert agent.node.node.id.hex() == agent.worker_id  # the id the edge hands out
+        await reach_checked(agent)  # then a server on loopback: its record names its address
         assert agent.record is not None
         assert (agent.record.dht_host, agent.record.dht_port) == agent.node.address
         worker_id = agent.worker_id
