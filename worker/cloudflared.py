@@ -99,6 +99,13 @@ class QuickTunnel:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
+        except FileNotFoundError as exc:
+            # A volunteer's first try, most often: say what to do about it.
+            raise TunnelError(
+                f"cannot run {self.binary!r}: not found. Install cloudflared "
+                "(https://developers.cloudflare.com/cloudflare-one/connections/connect-networks/"
+                "downloads/) or name it with --cloudflared-bin (RMA_CLOUDFLARED_BIN)"
+            ) from exc
         except OSError as exc:
             raise TunnelError(f"cannot run {self.binary!r}: {exc}") from exc
         self._tail = []

@@ -149,5 +149,5 @@ async def test_a_missing_cloudflared_is_a_clear_start_error(
     tmp_path: Path, router: str, service: str
 ) -> None:
     agent = WorkerAgent(config(tmp_path, router, service, str(tmp_path / "nowhere")))
-    with pytest.raises(TunnelError, match="cannot run"):
+    with pytest.raises(TunnelError, match=r"cannot run .*: not found\. Install cloudflared"):
         await agent.start()
