@@ -47,12 +47,6 @@ class Forbidden(RouterError):
     status, code = 403, "forbidden"
 
 
-class NotFound(RouterError):
-    """Nothing by that name."""
-
-    status, code = 404, "not_found"
-
-
 class PayloadTooLarge(RouterError):
     """A request body over the configured limit."""
 

@@ -159,11 +159,6 @@ class Bridge:
         tests and the bench); asks for them at once rather than at the next interval."""
         await self._sync.wait_synced(passes)
 
-    async def sync_once(self) -> None:
-        """One pass both ways: compare what Redis holds with every record in the shards of
-        every known service, write each side's newer records to the other."""
-        await self._sync.once()
-
     # -- figures ---------------------------------------------------------------------------
 
     @property

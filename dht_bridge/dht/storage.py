@@ -182,12 +182,6 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         entry = self._data.get(digest)
         return entry.key if entry else None
 
-    def has_newer_or_equal(self, digest: bytes, record: WorkerRecord) -> bool:
-        """True when what is held for this worker is at least as new as `record`."""
-        entry = self._live_entry(digest)
-        held = entry.records.get(record.worker_id) if entry else None
-        return held is not None and not supersedes(record, held)
-
     def _live_entry(self, digest: bytes) -> _Entry | None:
         entry = self._data.get(digest)
         if entry is None:
