@@ -255,6 +255,11 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.on_lost(exc)
 
     @property
+    def _join_span(self) -> float:
+        """Seconds within which a welcome and an own-id lookup belong to one join."""
+        return JOIN_SPAN * float(self._wait_timeout)
+
+    @property
     def listening(self) -> bool:
         """Is the socket open?"""
         return self.transport is not None and not self.transport.is_closing()
@@ -776,7 +781,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             _note(self._joined, node.id)
             return  # a newcomer: welcomed once its check comes back
         due = self._lookup_due.pop(node.id, None)
-        if due is not None and time.monotonic() - due < JOIN_SPAN * self._wait_timeout:
+        if due is not None and time.monotonic() - due < self._join_span:
             return
         if _noted_lately(self._rejoined, node.id, REJOIN_MEMORY):
             return
@@ -816,7 +821,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self.router.add_contact(node)
             return
         looked_up = self._joined.pop(node.id, None)
-        if looked_up is None or time.monotonic() - looked_up >= JOIN_SPAN * self._wait_timeout:
+        if looked_up is None or time.monotonic() - looked_up >= self._join_span:
             _note(self._lookup_due, node.id)
         due = self._values_for(node)
         self.router.add_contact(node)
