@@ -8,7 +8,9 @@ import logging
 import time
 from typing import Any
 
+from dht_bridge.errors import ConfigError
 from dht_bridge.options import Option, OptionTable
+from dht_bridge.records import SERVICE_RE
 from rma.client import ROUTER_URL, TIMEOUT, RequestFailed, request, router_url
 from rma.exits import Exit
 
@@ -32,21 +34,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """GET /services/SERVICE and print the providers; exit 1 when there are none."""
     values = LOOKUP_OPTIONS.resolve(args)
+    if not SERVICE_RE.fullmatch(args.service):
+        raise ConfigError(f"service {args.service!r} does not match [a-z0-9-]{{1,32}}")
     params: dict[str, Any] = {"limit": values["limit"]}
     if values["region"]:
         params["region"] = values["region"]
     url = f"{router_url(values['router'])}/services/{args.service}"
     try:
         answer = request("GET", url, timeout=values["timeout"], params=params)
+        providers = providers_of(url, answer)
     except RequestFailed as exc:
         logger.error("lookup failed: %s", exc)
         return Exit.FAILURE
-    providers: list[dict[str, Any]] = answer.get("providers", [])
     if values["json"]:
         print(json.dumps(answer, indent=2))
     else:
         print(_table(args.service, answer.get("source", "?"), providers))
     return Exit.OK if providers else Exit.FAILURE
+
+
+def providers_of(url: str, answer: Any) -> list[dict[str, Any]]:
+    """The providers of a lookup answer; RequestFailed when it is not one (a URL that names
+    some other service, say)."""
+    listed = answer.get("providers") if isinstance(answer, dict) else None
+    if not (isinstance(listed, list) and all(isinstance(p, dict) for p in listed)):
+        raise RequestFailed(f"{url} answered JSON that is not a lookup answer")
+    for p in listed:
+        if not all(isinstance(p.get(k, 0), int | float) for k in ("load", "expires_at")):
+            raise RequestFailed(f"{url} answered a provider with a non-numeric load or lease")
+    return listed
 
 
 def _table(service: str, source: str, providers: list[dict[str, Any]]) -> str:

@@ -16,6 +16,8 @@ import pytest
 from dht_bridge.errors import ConfigError
 from dht_bridge.options import parse_hostport
 from rma.cli import build_parser, main
+from rma.client import RequestFailed
+from rma.commands.lookup import providers_of
 from rma.commands.node import NodeConfig
 
 
@@ -117,6 +119,7 @@ def test_bad_option_exits_with_usage_error() -> None:
         (["flush", "--timeout", "0"], "rma flush: configuration error: --timeout must be > 0"),
         (["lookup", "ocr", "--timeout=-1"], "rma lookup: configuration error: --timeout must be"),
         (["lookup", "ocr", "--router", "garbage"], "'garbage' is not an http(s) URL"),
+        (["lookup", "OCR!"], "service 'OCR!' does not match [a-z0-9-]{1,32}"),
     ],
 )
 def test_client_commands_refuse_what_could_not_reach_a_router_before_trying(
@@ -145,3 +148,13 @@ def test_a_demo_that_could_not_run_is_refused_before_it_starts(
         main(argv)
     assert info.value.code == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [[1, 2], {"providers": "all"}, {"providers": [1]}, {"providers": [{"load": "high"}]}, None],
+)
+def test_a_lookup_answer_of_another_shape_is_a_clear_failure(answer: object) -> None:
+    # A --router URL that names some other JSON service must not end in a traceback.
+    with pytest.raises(RequestFailed, match="answered"):
+        providers_of("http://elsewhere/services/ocr", answer)
