@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     except RequestFailed as exc:
         logger.error("flush failed: %s", exc)
         return Exit.FAILURE
+    if not isinstance(answer, dict):
+        logger.error("flush failed: %s answered JSON that is not a flush answer", url)
+        return Exit.FAILURE
     told = "yes" if answer.get("propagated") else "no (events channel unavailable)"
     print(
         f"flushed {answer.get('flushed', 0)} cached lookups "
