@@ -17,6 +17,7 @@ from dht_bridge.errors import ConfigError
 from dht_bridge.options import parse_hostport
 from rma.cli import build_parser, main
 from rma.client import RequestFailed
+from rma.commands import flush as flush_command
 from rma.commands.lookup import providers_of
 from rma.commands.node import NodeConfig
 
@@ -158,3 +159,13 @@ def test_a_lookup_answer_of_another_shape_is_a_clear_failure(answer: object) -> 
     # A --router URL that names some other JSON service must not end in a traceback.
     with pytest.raises(RequestFailed, match="answered"):
         providers_of("http://elsewhere/services/ocr", answer)
+
+
+def test_a_flush_answer_that_is_not_an_object_is_a_clear_failure(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("RMA_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef")
+    # What a --router URL naming some other JSON service would answer.
+    monkeypatch.setattr(flush_command, "request", lambda *args, **kwargs: ["not", "a", "flush"])
+    assert main(["flush", "--router", "http://elsewhere"]) == 1
+    assert "is not a flush answer" in caplog.text
