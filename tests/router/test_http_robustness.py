@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from dht_bridge.tunnels import TunnelPolicy
 from edge_router.config import PROOF_OFF, RouterConfig
 from edge_router.server import (
     MAX_HEAD_BYTES,
+    Deadline,
     GuardedH11Protocol,
     RefusalLog,
     ServerLimits,
@@ -499,3 +500,36 @@ async def test_the_app_refuses_ambiguous_framing_whatever_server_runs_it(
     assert "Content-Length and Transfer-Encoding" in both.json()["detail"]
     assert tabbed.status_code == 200  # a tab inside a value is allowed (RFC 9110 section 5.5)
     assert [r.target for r in upstream.requests] == ["/x"]
+
+
+async def test_a_deadline_moved_later_expires_then_and_a_cleared_one_never() -> None:
+    loop = asyncio.get_running_loop()
+    fired: dict[str, float] = {}
+    done = asyncio.Event()
+
+    def expire(name: str) -> Callable[[], None]:
+        def note() -> None:
+            fired[name] = loop.time()
+            if name == "last":
+                done.set()
+
+        return note
+
+    began = loop.time()
+    moved, cleared, earlier, last = (
+        Deadline(expire(name)) for name in ("moved", "cleared", "earlier", "last")
+    )
+    moved.set(loop, 0.05)
+    cleared.set(loop, 0.05)
+    earlier.set(loop, 10.0)
+    earlier.set(loop, 0.05)  # moved sooner than its armed timer: armed again
+    last.set(loop, 0.3)
+    moved.set(loop, 0.2)  # pushed back before its first time came
+    cleared.clear()
+    assert moved.pending
+    assert not cleared.pending
+    await asyncio.wait_for(done.wait(), WAIT)
+    assert set(fired) == {"moved", "earlier", "last"}
+    assert fired["moved"] - began >= 0.2
+    assert fired["earlier"] - began < 5.0
+    assert not moved.pending
