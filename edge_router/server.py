@@ -35,7 +35,9 @@ SLOW_AFTER = 2.0  # seconds after which a connection still without a full head c
 MAX_SLOW_PER_ADDRESS = 8  # slow connections one client address may hold at once
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's max_incomplete_event_size)
 REFUSALS_LOG_INTERVAL = 60.0  # seconds between log lines about refused requests, at least
-# What uvicorn's protocol warns of about a client's bytes: said again, counted, by RefusalLog.
+# What uvicorn's protocol warns of, a line a request, about what a client sent: a malformed
+# request (its refusal is counted by RefusalLog) and an Upgrade header (ignored: the request
+# is served as it is).
 CLIENT_CAUSED = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
 
 
@@ -165,7 +167,7 @@ class RefusalLog:
 
 class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """uvicorn.error as uvicorn's protocol uses it, with its warnings about what a client sent
-    at debug: the refusal that follows each is counted and logged by `RefusalLog`."""
+    (`CLIENT_CAUSED`) at debug: any client could otherwise write a line a request."""
 
     @property
     def level(self) -> int:
