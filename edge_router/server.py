@@ -271,6 +271,13 @@ class GuardedH11Protocol(H11Protocol):
         if self.slow_heads.admit(address):
             self._slow_address = address
             return
+        buffered, _ = self.conn.trailing_data
+        if not buffered:
+            # Idle, not slow: a kept-alive or preconnected socket (a browser opens several)
+            # that has sent nothing. Closed as a keep-alive timeout closes it, without a 408 a
+            # client could read as the answer to the request it is about to send.
+            self.transport.close()
+            return
         logger.debug("%s: too many slow connections from this address", self.client)
         self._answer_and_close(
             408, "request_timeout", "too many connections from this address are slow to send"

@@ -399,6 +399,25 @@ async def test_slow_heads_are_bounded_per_address_and_time_out(registry: Registr
     assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
 
 
+async def test_idle_sockets_over_the_slow_bound_are_closed_without_an_answer(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A browser preconnects several sockets and sends nothing on most: past the per-address
+    bound they are closed quietly, as a keep-alive timeout closes them; no 408 is written and
+    no refusal counted. (The demo's page test logged such a refusal once, in CI.)"""
+    refusals = RefusalLog()
+    async with running(registry, FAST, refusals=refusals) as router:
+        idle = await asyncio.gather(
+            *(
+                send_raw(router.port, b"", timeout=WAIT)
+                for _ in range(FAST.max_slow_per_address + 3)
+            )
+        )
+    assert all(answer.closed and answer.raw == b"" for answer in idle)
+    assert refusals.total == 0
+    assert "refused" not in caplog.text
+
+
 async def test_idle_connections_and_stalled_bodies_are_closed(registry: Registry) -> None:
     async with running(registry, FAST) as router:
         idle = await send_raw(router.port, b"", timeout=WAIT)
