@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dht_bridge.jsontext import loads_bounded
 from worker.errors import StartError, StateInUse
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# The state nests 3 levels (peers in a list of pairs); a deeper file is corrupt, and json.loads
+# would raise RecursionError on a deep enough one instead of a ValueError.
+MAX_STATE_DEPTH = 8
 
 
 class LoadStatus(enum.Enum):
@@ -163,8 +167,9 @@ class StateFile:
         except OSError as exc:
             return self._corrupt(f"cannot read it: {exc}")
         try:
-            return WorkerState.from_json(json.loads(text)), LoadStatus.LOADED
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            data = loads_bounded(text, max_depth=MAX_STATE_DEPTH)
+            return WorkerState.from_json(data), LoadStatus.LOADED
+        except ValueError as exc:  # not JSON, or nested past any state of ours
             return self._corrupt(str(exc))
 
     def _corrupt(self, reason: str) -> tuple[WorkerState, LoadStatus]:

@@ -138,6 +138,19 @@ def test_a_late_save_never_rolls_the_ceiling_back(tmp_path: Path) -> None:
     assert store.load()[0].seq == 100
 
 
+@pytest.mark.parametrize(
+    "text",
+    ['{"version": 1, "seq": "many"', "[" * 5000 + "]" * 5000, '{"a": ' * 20 + "1" + "}" * 20],
+)
+def test_a_state_file_that_is_not_a_state_is_moved_aside(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    state, status = StateFile(path).load()
+    assert status is LoadStatus.CORRUPT
+    assert state.seq == 0
+    assert path.with_name("s.json.corrupt").read_text() == text
+
+
 async def test_corrupt_state_file_is_logged_moved_aside_and_seq_recovered_from_the_dht(
     tmp_path: Path, edge: Edge, network: list[DHTNode], caplog: pytest.LogCaptureFixture
 ) -> None:
