@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from dht_bridge.errors import RecordError
+from dht_bridge.jsontext import loads_bounded
 from dht_bridge.records import WorkerRecord, merge_into, supersedes
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 # full file on every append: past that point the journal is simply full.
 RECOMPACT_GROWTH = 0.25
 MIN_MAX_BYTES = 4096
+# A line nests 3 levels (entry, record, capabilities); deeper is not one of ours (torn or
+# damaged), and json.loads would raise RecursionError rather than ValueError on a deep one.
+MAX_LINE_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -342,7 +346,7 @@ def _decode(line: bytes) -> JournalEntry | None:
     if not line.endswith(b"\n"):
         return None  # torn: a line is only complete with its newline
     try:
-        data = json.loads(line)
+        data = loads_bounded(line, max_depth=MAX_LINE_DEPTH)
         if not isinstance(data, dict):
             return None
         at = data.get("at")

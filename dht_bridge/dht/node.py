@@ -47,6 +47,7 @@ from dht_bridge.dht.values import (
     leaves_no_room,
 )
 from dht_bridge.errors import BootstrapError, NotListening, PublishError
+from dht_bridge.jsontext import loads_bounded
 from dht_bridge.records import WorkerRecord, merge_into, validate
 from dht_bridge.settings import DHTSettings
 from dht_bridge.tunnels import TunnelPolicy
@@ -54,6 +55,8 @@ from dht_bridge.tunnels import TunnelPolicy
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# A state file nests 3 levels (a list of [service, worker, level]); deeper is not one of ours.
+MAX_STATE_DEPTH = 8
 # Every this many publishes, a worker placed below the root tries one level up, so that
 # shards drain back towards the root when a service shrinks.
 RISE_EVERY = 8
@@ -1426,7 +1429,7 @@ class DHTNode(Server):  # type: ignore[misc]
     @staticmethod
     def read_state(fname: str | os.PathLike[str]) -> dict[str, Any]:
         """Read a state file written by `save_state`; ValueError if it is not one."""
-        data = json.loads(Path(fname).read_text())
+        data = loads_bounded(Path(fname).read_text(), max_depth=MAX_STATE_DEPTH)
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise ValueError(f"{fname} is not a version {STATE_VERSION} DHT state file")
         return data

@@ -89,10 +89,11 @@ def test_an_unreadable_line_is_skipped_with_a_warning(
         journal.append([record])
     with path.open("ab") as file:
         file.write(b'{"at": 1, "record": {"worker_id": "nope"}}\n[1, 2]\n')
+        file.write(b"[" * 5000 + b"]" * 5000 + b"\n")  # json.loads: RecursionError
     with caplog.at_level(logging.WARNING), Journal(path, clock=clock) as journal:
         replay = journal.replay()
     assert replay.records == [record]
-    assert replay.skipped == 2
+    assert replay.skipped == 3
     assert "unreadable line" in caplog.text
 
 

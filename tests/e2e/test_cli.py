@@ -19,7 +19,7 @@ from rma.cli import build_parser, main
 from rma.client import RequestFailed
 from rma.commands import flush as flush_command
 from rma.commands.lookup import providers_of
-from rma.commands.node import NodeConfig
+from rma.commands.node import NodeConfig, load_state
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,3 +169,13 @@ def test_a_flush_answer_that_is_not_an_object_is_a_clear_failure(
     monkeypatch.setattr(flush_command, "request", lambda *args, **kwargs: ["not", "a", "flush"])
     assert main(["flush", "--router", "http://elsewhere"]) == 1
     assert "is not a flush answer" in caplog.text
+
+
+@pytest.mark.parametrize("text", ["{not json", "[" * 5000 + "]" * 5000, '{"version": 99}'])
+def test_a_node_state_file_that_is_not_one_is_a_configuration_error(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"state file {path}"):
+        load_state(path)
