@@ -135,7 +135,17 @@ class RedisSide:
             await self.registry.ping()
             await self._recover()
         except RegistryError as exc:
-            logger.debug("Redis still unreachable: %s", exc)
+            if self._backoff.attempts == 0 and state.counters.redis_outages == 0:
+                # Never up since the start (a wrong URL, a Redis not started yet): said once,
+                # as an outage is, or an operator sees nothing until the first write fails.
+                logger.warning(
+                    "Redis not reachable since the start (%s): journaling what it must learn "
+                    "to %s until it answers",
+                    exc,
+                    self.journal.path,
+                )
+            else:
+                logger.debug("Redis still unreachable: %s", exc)
             await state.wakes.pause(self._backoff.next())
         else:
             self._backoff.reset()

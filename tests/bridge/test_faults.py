@@ -5,6 +5,7 @@ during an outage. Nothing that happened during an outage may be lost."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
@@ -278,3 +281,36 @@ def _tail(path: Path, lines: int = 15) -> str:
     if not path.exists():
         return "(no log)"
     return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def test_a_bridge_started_without_redis_says_so_once_and_when_it_is_back(
+    make_redis_server: Callable[[], RedisServer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = make_redis_server()
+    server.kill()  # a Redis not started yet, or a wrong port
+    registry = fault_registry(server.url)
+    node = await start_bridge_node(None)
+    caplog.set_level(logging.DEBUG, logger="dht_bridge.bridge")
+    try:
+        async with running_bridge(node, registry, tmp_path / "journal.jsonl"):
+
+            def attempts() -> int:
+                return sum("Redis still unreachable" in r.message for r in caplog.records)
+
+            await wait_for(lambda: attempts() >= 2, timeout=20, message="a few retries")
+            warned = [
+                r
+                for r in caplog.records
+                if r.levelno >= logging.WARNING and r.name == "dht_bridge.bridge.redis_side"
+            ]
+            assert len(warned) == 1, [r.getMessage() for r in warned]
+            assert "Redis not reachable since the start" in warned[0].getMessage()
+            server.start()
+            await wait_for(
+                lambda: "Redis reachable: replayed" in caplog.text, timeout=20, message="back"
+            )
+    finally:
+        await stop_all([node])
+        await registry.aclose()
