@@ -44,6 +44,8 @@ MAX_CHUNK_LINE = 1024
 READ_HIGH = 256 * 1024  # bytes buffered from a tunnel before its socket is no longer read
 READ_LOW = 64 * 1024  # and below which it is read again
 PIECE = 64 * 1024  # the largest piece of a body handed on at once
+# Seconds `aclose` waits for the socket to be closed (its unsent bytes flushed) before it aborts.
+CLOSE_WAIT = 1.0
 
 _BAD_REQUEST_BYTES = re.compile(rb"[\r\n\x00]")
 # llhttp takes any byte but CR and LF in a reason phrase; RFC 9112 section 4 (and h11) allow
@@ -65,10 +67,13 @@ class _Wire(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._paused = False
         self._reading_paused = False
+        # Done once the transport has closed the socket (`connection_lost`).
+        self.lost: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports are not asyncio.Transport's.
         self.transport = cast(asyncio.Transport, transport)
+        self.lost = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -98,6 +103,8 @@ class _Wire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self.answered():
             self._rescue()
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
         self.eof = True
         self.error = exc
         self._wake()
@@ -257,8 +264,18 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
         return wire is None or wire.eof or bool(wire.buffer) or _readable(wire.transport)
 
     async def aclose(self) -> None:
-        """Close the socket (an answer still being read ends with it)."""
+        """Close the socket (an answer still being read ends with it), and wait until it is
+        closed, up to CLOSE_WAIT: a transport only closes its socket a loop turn later, and a
+        loop stopped before that (a shutdown, a test's runner) left it open."""
         self._close()
+        wire = self._wire
+        if wire is None or wire.lost is None or wire.lost.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_WAIT)
+        except TimeoutError:
+            if wire.transport is not None:
+                wire.transport.abort()
 
     def _close(self) -> None:
         self._state = "closed"

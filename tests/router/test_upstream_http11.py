@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 import uvicorn
@@ -27,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge_router.upstream.http11 import MAX_HEAD_BYTES
+from edge_router.upstream.http11 import MAX_HEAD_BYTES, LeanHTTP11Connection
 from edge_router.upstream.pool import TunnelTransport
 from edge_router.upstream.proxy import ProxySettings, upstream_client
 from tests.support.upstreams import Scripted, serve_config
@@ -476,3 +477,37 @@ async def test_over_tls_answers_are_read_connections_reused_and_an_early_413_pas
         assert (refused.status_code, refused.content) == (413, b"too large")
         after = await client.post(base + "/small", content=b"ok")
         assert after.content == b"took 2"
+
+
+async def test_a_connections_socket_is_closed_when_its_aclose_returns() -> None:
+    """A transport closes its socket a loop turn after `close()`: a connection's `aclose` waits
+    for that, or a loop stopped just after (a shutdown, a test's runner) leaves the socket open
+    and warns of it when the transport is collected."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        origin = httpcore.Origin(b"http", b"127.0.0.1", port)
+        connection = LeanHTTP11Connection(origin, ssl_context=None, keepalive_expiry=5.0)
+        request = httpcore.Request(
+            "GET", f"http://127.0.0.1:{port}/", headers=[(b"host", b"127.0.0.1")]
+        )
+        response = await connection.handle_async_request(request)
+        assert await response.aread() == b"ok"
+        await response.aclose()
+        wire = connection._wire
+        assert wire is not None
+        assert wire.transport is not None
+        sock = wire.transport.get_extra_info("socket")
+        await connection.aclose()
+        assert sock.fileno() == -1  # closed, not only closing
+    finally:
+        server.close()
+        await server.wait_closed()
