@@ -5,6 +5,7 @@ Layered bottom-up; each imports only what is above it in this list:
 - `version`, `paths`, `logcontext`, `exposition`  the version, default state paths, log
               fields of the current task, Prometheus exposition of figures.
 - `jsontext`  JSON from elsewhere, read with its nesting bounded.
+- `closing`   waiting for a closed transport's socket to be closed for real.
 - `options`   options declared once (flag, `RMA_*` variable, type, default, help).
 - `backoff`   retry delays: exponential with jitter, or none (for tests).
 - `identity`  Ed25519 keys and the worker id derived from them.

@@ -47,6 +47,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
+from dht_bridge.closing import wait_closed
 from dht_bridge.dht import reach as dht_reach
 from dht_bridge.dht.address import sendable
 from dht_bridge.dht.admission import (
@@ -83,8 +84,6 @@ REJOIN_MEMORY = WELCOME_MEMORY
 # welcome; elsewhere the lookup comes first. Either way the two belong to one join when they
 # are this many rpc timeouts apart or less (one check's exchange, with room for a slow loop).
 JOIN_SPAN = 2.0
-# Seconds aclose waits for the socket to be closed before it aborts the transport.
-CLOSE_WAIT = 1.0
 _UNKNOWN: Any = object()
 # Requests of a node in client mode start their message id with this; a server's with
 # SERVER_TAG. Four bytes: a stock node's random id carries either by chance once in 2 billion
@@ -308,13 +307,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.close()
         if transport is None or lost is None or not open_before:
             return
-        # asyncio closes the socket a loop turn after close(): until then its port is taken,
-        # and an agent restarted in the same process could not bind it again.
-        try:
-            async with asyncio.timeout(CLOSE_WAIT):
-                await asyncio.shield(lost)
-        except TimeoutError:
-            transport.abort()  # datagrams still queued for a socket that cannot send
+        # Else an agent restarted in the same process could not bind the port again; an abort
+        # drops datagrams still queued for a socket that cannot send.
+        await wait_closed(transport, lost)
 
     def close(self) -> None:
         """Close the socket on purpose (the node does not reopen it)."""

@@ -35,6 +35,8 @@ from typing import Any, cast
 import httpcore
 import httptools
 
+from dht_bridge.closing import wait_closed
+
 __all__ = ["MAX_HEAD_BYTES", "LeanHTTP11Connection"]
 
 MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers, at most
@@ -44,8 +46,6 @@ MAX_CHUNK_LINE = 1024
 READ_HIGH = 256 * 1024  # bytes buffered from a tunnel before its socket is no longer read
 READ_LOW = 64 * 1024  # and below which it is read again
 PIECE = 64 * 1024  # the largest piece of a body handed on at once
-# Seconds `aclose` waits for the socket to be closed (its unsent bytes flushed) before it aborts.
-CLOSE_WAIT = 1.0
 
 _BAD_REQUEST_BYTES = re.compile(rb"[\r\n\x00]")
 # llhttp takes any byte but CR and LF in a reason phrase; RFC 9112 section 4 (and h11) allow
@@ -265,17 +265,12 @@ class LeanHTTP11Connection(httpcore.AsyncConnectionInterface):
 
     async def aclose(self) -> None:
         """Close the socket (an answer still being read ends with it), and wait until it is
-        closed, up to CLOSE_WAIT: a transport only closes its socket a loop turn later, and a
-        loop stopped before that (a shutdown, a test's runner) left it open."""
+        closed (dht_bridge.closing): a loop stopped first, at a shutdown or a test's end, left
+        it open."""
         self._close()
         wire = self._wire
-        if wire is None or wire.lost is None or wire.lost.done():
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_WAIT)
-        except TimeoutError:
-            if wire.transport is not None:
-                wire.transport.abort()
+        if wire is not None and wire.transport is not None and wire.lost is not None:
+            await wait_closed(wire.transport, wire.lost)
 
     def _close(self) -> None:
         self._state = "closed"
