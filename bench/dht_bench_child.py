@@ -28,7 +28,8 @@ from kademlia.network import Server
 from kademlia.utils import digest
 
 from dht_bridge.dht import shards
-from dht_bridge.dht.node import DHTNode, KeyPublish, PublishReport
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.publish import KeyPublish, PublishReport
 from dht_bridge.dht.values import key_digest
 from dht_bridge.errors import BootstrapError, PublishError
 from dht_bridge.records import MAX_LEASE, CapabilityValue

@@ -13,24 +13,21 @@ records. Layered bottom-up; each module imports only those above it in this list
 - `reach`    reachability probes: is a node behind NAT (client mode) or a server?
 - `protocol` the RPCs on the wire, safe parsing, timeouts, replication to newcomers.
 - `crawl`    iterative lookups: for the nodes closest to a key, or for its value.
-- `node`     `DHTNode`: join, publish, look up; the only class most callers need.
+- `host`     what the node's two halves below use of it (a Protocol, so they never import it).
+- `publish`  `Publisher`, the node's writing half: shard levels, holders, renewals, proofs.
+- `lookup`   `Reader`, the node's reading half: service lookups over the trie, record gets.
+- `node`     `DHTNode`: join, crawl, publish, look up; the only class most callers need.
 """
 
 from __future__ import annotations
 
 from dht_bridge.dht.address import contact_address
 from dht_bridge.dht.admission import DiversityLimits
+from dht_bridge.dht.lookup import LookupReport
 from dht_bridge.dht.mode import DHTMode
-from dht_bridge.dht.node import (
-    CLIENT,
-    SERVER,
-    DHTNode,
-    KeyPublish,
-    LookupReport,
-    PublishReport,
-    udp_endpoint,
-)
+from dht_bridge.dht.node import CLIENT, SERVER, DHTNode, udp_endpoint
 from dht_bridge.dht.protocol import RMAProtocol, TrafficStats
+from dht_bridge.dht.publish import KeyPublish, PublishReport
 from dht_bridge.dht.values import RecordVerifier, key_digest
 
 __all__ = [

@@ -19,7 +19,8 @@ from kademlia.node import Node
 
 from dht_bridge.dht import shards
 from dht_bridge.dht.admission import AMPLIFICATION
-from dht_bridge.dht.node import PARTIAL_LIMIT, DHTNode
+from dht_bridge.dht.lookup import PARTIAL_LIMIT
+from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.protocol import SERVER_TAG, VALUE_PADDED, is_partial, padded_size
 from dht_bridge.dht.values import DecodedValue, backs_mark, decode_value, key_digest
 from tests.support.dht import NetworkFactory, publish_all, start_node

@@ -20,7 +20,8 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dht_bridge.dht import shards
-from dht_bridge.dht.node import DHTNode, PublishReport
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.publish import PublishReport
 from dht_bridge.dht.values import (
     MAX_DATAGRAM_BODY,
     RecordVerifier,
@@ -429,7 +430,7 @@ async def test_lookup_finds_the_true_k_closest_nodes(network_factory: NetworkFac
     for _ in range(10):
         target = rng.randbytes(20)
         searcher = rng.choice(nodes)
-        result = await searcher._crawl(target, purpose="test")
+        result = await searcher.crawl(target, purpose="test")
         assert [n.id for n in result.closest] == true_closest(nodes, searcher, target, 8)
 
 
@@ -445,9 +446,9 @@ async def test_a_holder_lookup_settles_on_the_replicas_closest_asking_fewer_cont
         target = rng.randbytes(20)
         searcher = rng.choice(nodes)
         before = dict(searcher.crawl_queries)
-        holders, cached = await searcher._holders(target)
+        holders, cached = await searcher.publisher._holders(target)
         asked = searcher.crawl_queries["holders"] - before.get("holders", 0)
-        wide = await searcher._crawl(target, purpose="test")
+        wide = await searcher.crawl(target, purpose="test")
         want = true_closest(nodes, searcher, target, 8)
         assert not cached
         assert [n.id for n in holders] == want
@@ -479,7 +480,7 @@ async def test_a_holder_lookup_waits_for_a_slow_node_among_the_closest(
         return True
 
     slow.rpc._send = late  # type: ignore[method-assign]
-    holders, _ = await searcher._holders(target)
+    holders, _ = await searcher.publisher._holders(target)
     assert [n.id for n in holders] == want
 
 
@@ -492,7 +493,7 @@ async def test_expired_holders_are_rechecked_by_asking_them_and_a_newcomer_is_ta
     nodes = await network_factory(24, settings=stale)
     publisher = nodes[0]
     digest = key_digest(shards.service_key("ocr", 0))
-    first, _ = await publisher._holders(digest)
+    first, _ = await publisher.publisher._holders(digest)
     assert [n.id for n in first] == true_closest(nodes, publisher, digest, stale.replicas)
     # Joined through the last node: the publisher has never heard of it.
     newcomer_id = bytes([*digest[:-1], digest[-1] ^ 1])
@@ -501,7 +502,7 @@ async def test_expired_holders_are_rechecked_by_asking_them_and_a_newcomer_is_ta
         nodes.append(newcomer)
         assert publisher.rpc.router.find_neighbors(newcomer.node, k=1)[0].id != newcomer_id
         crawled = dict(publisher.crawl_queries)
-        again, cached = await publisher._holders(digest)
+        again, cached = await publisher.publisher._holders(digest)
         assert cached
         assert [n.id for n in again] == true_closest(nodes, publisher, digest, stale.replicas)
         assert again[0].id == newcomer_id
@@ -814,7 +815,7 @@ async def test_a_read_of_a_key_nobody_holds_shares_the_k_closest_between_its_pat
     # Two disjoint paths each concluding "absent" from k closest of their own asked 2k nodes.
     nodes = await network_factory(60)
     for i in range(4):
-        read = await nodes[i]._crawl(
+        read = await nodes[i].crawl(
             key_digest(f"nobody-{i}"), purpose="read", find_value=True, want_values=2, paths=2
         )
         assert not read.values

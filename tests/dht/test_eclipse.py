@@ -14,7 +14,9 @@ import pytest
 from dht_bridge.dht import node as dht
 from dht_bridge.dht import shards
 from dht_bridge.dht.crawl import Crawl
-from dht_bridge.dht.node import COORDINATOR_COPIES, DHTNode
+from dht_bridge.dht.lookup import DISJOINT_PATHS
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.publish import COORDINATOR_COPIES
 from dht_bridge.dht.storage import RecordStorage
 from dht_bridge.dht.values import key_digest
 from dht_bridge.identity import Identity
@@ -84,10 +86,10 @@ async def test_a_worker_copies_to_the_same_two_coordinators_and_workers_spread_o
     used: set[Address] = set()
     for _ in range(40):
         worker_id = os.urandom(20).hex()
-        picked = [(n.ip, n.port) for n in node._coordinator_nodes(worker_id)]
+        picked = [(n.ip, n.port) for n in node.publisher._coordinator_nodes(worker_id)]
         assert len(picked) == COORDINATOR_COPIES
         assert node.address not in picked  # never itself
-        assert picked == [(n.ip, n.port) for n in node._coordinator_nodes(worker_id)]
+        assert picked == [(n.ip, n.port) for n in node.publisher._coordinator_nodes(worker_id)]
         used.update(picked)
     assert used == set(coordinators)
 
@@ -106,11 +108,12 @@ async def test_service_reads_take_two_disjoint_paths_that_each_find_a_copy(
             crawls.append(self)
 
     monkeypatch.setattr(dht, "Crawl", Recorded)
-    nodes[9]._depth_hint["ocr"] = 0  # one shard read (a cold reader reads a few levels at once)
+    # One shard read (a cold reader reads a few levels at once).
+    nodes[9].reader.depth_hints["ocr"] = 0
     found = await nodes[9].lookup("ocr", limit=50)
     assert {r.worker_id for r in found} == {r.worker_id for r in records}
     reads = [c for c in crawls if c.find_value]
-    assert len(reads) == dht.DISJOINT_PATHS == 2
+    assert len(reads) == DISJOINT_PATHS == 2
     asked = [
         {n for n, c in crawl._candidates.items() if c.state.name != "WAITING"} for crawl in reads
     ]

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from kademlia.node import Node
 
-from dht_bridge.dht import node as dht
+from dht_bridge.dht import lookup as reading
+from dht_bridge.dht import publish as publishing
 from dht_bridge.dht import shards
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
@@ -174,20 +175,20 @@ async def test_a_reader_goes_down_at_most_a_few_levels_past_what_it_read(
         node.storage.merge(digest, mark)
     reader = await start_node(seeds=[nodes[3].address])
     asked: list[str] = []
-    read_key = reader._read_key
+    read_key = reader.reader._read_key
 
-    async def counted(key: str, **kwargs: Any) -> dht.KeyRead:
+    async def counted(key: str, **kwargs: Any) -> reading.KeyRead:
         asked.append(key)
         return await read_key(key, **kwargs)
 
-    monkeypatch.setattr(reader, "_read_key", counted)
-    reader._depth_hint["ocr"] = 0  # its last lookup ended at the root: it reads that first
+    monkeypatch.setattr(reader.reader, "_read_key", counted)
+    reader.reader.depth_hints["ocr"] = 0  # its last lookup ended at the root: it reads that first
     try:
         report = await reader.lookup_report("ocr", limit=10)
         assert len(report.providers) == 10
         # Level 0, then at most MAX_PREFETCH levels below it at once: not all 16.
         levels = [shards.level_of(shards.parse_service_key(k)[1]) for k in asked]  # type: ignore[index]
-        assert max(levels) == dht.MAX_PREFETCH, levels
+        assert max(levels) == reading.MAX_PREFETCH, levels
     finally:
         await reader.aclose()
 
@@ -206,7 +207,7 @@ async def test_a_liar_asked_alone_cannot_keep_a_worker_from_rising(
         record = make_record(services=["ocr"])
         publisher = nodes[4]
         publisher.restore_levels([["ocr", record.worker_id, 1]])
-        monkeypatch.setattr(dht, "RISE_EVERY", 1)
+        monkeypatch.setattr(publishing, "RISE_EVERY", 1)
         choose = random.choice
         monkeypatch.setattr(
             random,

@@ -12,7 +12,8 @@ import msgpack
 import pytest
 from kademlia.node import Node
 
-from dht_bridge.dht import node as dht
+from dht_bridge.dht import lookup as reading
+from dht_bridge.dht import publish as publishing
 from dht_bridge.dht import shards
 from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
 from dht_bridge.dht.values import (
@@ -155,11 +156,11 @@ async def test_a_cold_reader_reads_a_deep_service_at_once_and_rises_renew_the_de
         assert all(report.stored for report in reports)
         assert max(report.levels["ocr"] for report in reports) >= 2
 
-        async def cold_read(hint: int | None = None) -> dht.LookupReport:
+        async def cold_read(hint: int | None = None) -> reading.LookupReport:
             reader = await start_node(clock=clock, seeds=[nodes[0].address])
             readers.append(reader)
             if hint is not None:
-                reader._depth_hint["ocr"] = hint
+                reader.reader.depth_hints["ocr"] = hint
             return await reader.lookup_report("ocr", limit=10)
 
         depth = max(report.levels["ocr"] for report in reports)
@@ -167,14 +168,14 @@ async def test_a_cold_reader_reads_a_deep_service_at_once_and_rises_renew_the_de
         # A reader with no history reads MAX_PREFETCH levels at once: one round when the trie
         # is no deeper; else the root's holders said how deep publishers filed, and every
         # level below is read in a second round.
-        assert (top.rounds, len(top.providers)) == (1 if depth < dht.MAX_PREFETCH else 2, 10)
+        assert (top.rounds, len(top.providers)) == (1 if depth < reading.MAX_PREFETCH else 2, 10)
         assert top.shards_read >= 3
 
         # Ten minutes on, every mark has lapsed. Workers placed below the root heartbeat and
         # try one level up (every publish here, not every 8th); those turned away renew the
         # marks, and the deep ones the root's depth (always here, by chance in production).
         clock.advance(OVERFLOW_MEMORY + 1)
-        monkeypatch.setattr(dht, "RISE_EVERY", 1)
+        monkeypatch.setattr(publishing, "RISE_EVERY", 1)
         monkeypatch.setattr(random, "random", lambda: 0.0)
         second = [
             make_record(i, now=clock(), seq=2, ttl=3000, load=(n % 50) / 50)
@@ -188,7 +189,7 @@ async def test_a_cold_reader_reads_a_deep_service_at_once_and_rises_renew_the_de
         # once it held 10 (the grace, tested on its own below) could return those, and on a
         # loaded machine did. A worker whose seq 2 lies off the reader's random path is
         # returned at seq 1, as it should be; none whose seq 2 lies on it.
-        monkeypatch.setattr(dht, "ENOUGH_GRACE", 60.0)
+        monkeypatch.setattr(reading, "ENOUGH_GRACE", 60.0)
         leaves: list[int] = []
         getrandbits = random.getrandbits
 
@@ -221,27 +222,27 @@ async def test_a_cold_reader_reads_a_deep_service_at_once_and_rises_renew_the_de
         # those down to where its path ends: the reads of keys nobody holds are cancelled.
         stale = await start_node(clock=clock, seeds=[nodes[0].address])
         readers.append(stale)
-        stale._depth_hint["ocr"] = shards.MAX_LEVEL
+        stale.reader.depth_hints["ocr"] = shards.MAX_LEVEL
         deep = await stale.lookup_report("ocr", limit=10)
         assert (deep.rounds, len(deep.providers)) == (1, 10)
         assert deep.shards_read <= max(report.levels["ocr"] for report in again) + 1
         assert not [t for t in asyncio.all_tasks() if "_read_key" in repr(t.get_coro())]
-        assert stale._depth_hint["ocr"] == deep.shards_read - 1
+        assert stale.reader.depth_hints["ocr"] == deep.shards_read - 1
 
         # A reader new to `ocr` guesses its depth: where it files ocr itself, else how deep
         # its lookups of other services went. A guess deep enough reads it in one round.
         depth = max(report.levels["ocr"] for report in again)
         filer = await start_node(clock=clock, seeds=[nodes[0].address])
         readers.append(filer)
-        filer._levels[("ocr", identities[0].worker_id)] = depth
+        filer.publisher.levels[("ocr", identities[0].worker_id)] = depth
         guessed = await filer.lookup_report("ocr", limit=10)
         assert (guessed.rounds, len(guessed.providers)) == (1, 10)
         other = await start_node(clock=clock, seeds=[nodes[0].address])
         readers.append(other)
-        other._depth_hint["gpu"] = depth
+        other.reader.depth_hints["gpu"] = depth
         borrowed = await other.lookup_report("ocr", limit=10)
         # Borrowed from other services, a guess reads at most MAX_PREFETCH levels at once.
-        assert borrowed.rounds == (1 if depth < dht.MAX_PREFETCH else 2)
+        assert borrowed.rounds == (1 if depth < reading.MAX_PREFETCH else 2)
         assert len(borrowed.providers) == 10
     finally:
         await stop_all([*nodes, *readers])
@@ -285,7 +286,7 @@ async def test_a_rise_refused_by_a_full_parent_sends_the_record_to_one_holder_on
         return await store(node, key, value)
 
     monkeypatch.setattr(publisher.rpc, "call_store", counted)
-    monkeypatch.setattr(dht, "RISE_EVERY", 1)
+    monkeypatch.setattr(publishing, "RISE_EVERY", 1)
     again = await publisher.publish(make_record(newcomer, seq=2))
     assert again.levels["ocr"] == 1
     upper = again.keys[1]
@@ -298,7 +299,7 @@ async def test_a_rise_refused_by_a_full_parent_sends_the_record_to_one_holder_on
     ]
     assert sum(1 for d in decoded if d.records) == 1
     marks = [d for d in decoded if not d.records]
-    holders, _ = await publisher._holders(DIGEST)
+    holders, _ = await publisher.publisher._holders(DIGEST)
     assert len(marks) == len(holders)
 
 
@@ -324,14 +325,14 @@ async def test_a_lookup_holding_enough_providers_gives_up_a_slow_deeper_read(
 
     async def read_key(
         key: str, *, lazy: bool = False, want: int = 2, partial_ok: bool = False
-    ) -> dht.KeyRead:
+    ) -> reading.KeyRead:
         if key == ROOT:
-            return dht.KeyRead(list(root), overflowed=True, deepest=1)
+            return reading.KeyRead(list(root), overflowed=True, deepest=1)
         deeper.append(key)
         await below.wait()
-        return dht.KeyRead(list(late))
+        return reading.KeyRead(list(late))
 
-    reader._read_key = read_key  # type: ignore[method-assign]
+    reader.reader._read_key = read_key  # type: ignore[method-assign]
     try:
         lookup = asyncio.create_task(reader.lookup_report("ocr", limit=10))
         if genuine >= 10:
@@ -364,16 +365,16 @@ async def test_a_lookup_passes_over_a_level_without_mark_when_the_level_below_ho
 
     async def read_key(
         key: str, *, lazy: bool = False, want: int = 2, partial_ok: bool = False
-    ) -> dht.KeyRead:
+    ) -> reading.KeyRead:
         if key == ROOT:
             await root_read.wait()
-            return dht.KeyRead(list(partial))
+            return reading.KeyRead(list(partial))
         if shards.level_of(int(key.rsplit(":", 1)[1])) == 1:
             root_read.set()  # the root's answer comes after this one
-            return dht.KeyRead(list(below))
-        return dht.KeyRead([])
+            return reading.KeyRead(list(below))
+        return reading.KeyRead([])
 
-    reader._read_key = read_key  # type: ignore[method-assign]
+    reader.reader._read_key = read_key  # type: ignore[method-assign]
     try:
         report = await asyncio.wait_for(reader.lookup_report("ocr", limit=10), timeout=10)
         assert [r.worker_id for r in report.providers] == [r.worker_id for r in below[:10]]

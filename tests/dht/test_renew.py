@@ -71,7 +71,7 @@ async def test_a_holder_that_lost_the_record_is_sent_it_whole(network: list[DHTN
     victim = next(n for n in holding(network, key, identity.worker_id) if n is not publisher)
     victim.storage._data.clear()  # a restart
     await publisher.publish(make_record(identity, seq=2))
-    assert publisher.renewals_refused >= 1
+    assert publisher.publisher.renewals_refused >= 1
     assert holding([victim], key, identity.worker_id) == {victim: 2}
 
 
@@ -109,7 +109,7 @@ async def test_a_cached_holder_that_misses_one_heartbeat_is_asked_again_not_recr
     crawled = publisher.crawl_queries.get("holders", 0)
     await publisher.publish(make_record(identity, seq=2))
     assert lost
-    assert publisher.store_retries == 1
+    assert publisher.publisher.store_retries == 1
     assert publisher.crawl_queries.get("holders", 0) == crawled  # no crawl for the key again
     assert holding([victim], key, identity.worker_id) == {victim: 2}
 
@@ -122,9 +122,11 @@ async def test_a_cached_holder_that_left_is_replaced_by_asking_two_holders_not_a
     await publisher.publish(make_record(identity, seq=1))
     key = shards.worker_key(identity.worker_id)
     digest = key_digest(key)
-    cached = publisher._holder_cache[digest][1]
+    cached = publisher.publisher._holder_cache[digest][1]
     victim = next(n for n in network if n is not publisher and n.node.id == cached[0].id)
-    among = sum(victim.node.id in [n.id for n in h] for _, h in publisher._holder_cache.values())
+    among = sum(
+        victim.node.id in [n.id for n in h] for _, h in publisher.publisher._holder_cache.values()
+    )
     await victim.aclose()  # crashed: no answer, ever
     crawled = publisher.crawl_queries.get("holders", 0)
     rechecked = publisher.crawl_queries.get("recheck", 0)
@@ -132,7 +134,7 @@ async def test_a_cached_holder_that_left_is_replaced_by_asking_two_holders_not_a
     assert publisher.crawl_queries.get("holders", 0) == crawled
     # Two questions for each key (worker, shard) whose cached holders it was among.
     assert publisher.crawl_queries.get("recheck", 0) - rechecked == 2 * among
-    now_cached = [n.id for n in publisher._holder_cache[digest][1]]
+    now_cached = [n.id for n in publisher.publisher._holder_cache[digest][1]]
     assert victim.node.id not in now_cached
     assert len(now_cached) == len(cached)  # the next closest took its place
     alive = [n for n in network if n is not victim]

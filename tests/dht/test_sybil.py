@@ -231,7 +231,7 @@ async def test_one_address_fills_at_most_a_few_places_of_a_lookup(
             lambda: all(held_at(n, sybil.home) == 1 for n in nodes), timeout=5, message="admission"
         )
         digest = os.urandom(20)
-        closest = await nodes[0]._crawl(digest, purpose="test")
+        closest = await nodes[0].crawl(digest, purpose="test")
         at_home = [n for n in closest.closest if (n.ip, n.port) == sybil.home]
         assert len(at_home) <= LIMITS.per_ip_bucket
         assert len(closest.closest) >= len(nodes) - 1

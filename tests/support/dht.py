@@ -7,7 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
-from dht_bridge.dht.node import DHTNode, PublishReport
+from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.publish import PublishReport
 from dht_bridge.records import WorkerRecord
 from dht_bridge.settings import DHTSettings
 from tests.support.helpers import POLICY, ManualClock
