@@ -46,6 +46,11 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def format_hostport(host: str, port: int) -> str:
+    """`parse_hostport`'s inverse, for messages: `host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its key in the resolved values, its variable (without `RMA_`), its help.

@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dht_bridge.options import format_hostport
 from dht_bridge.registry.topology import (
     DEFAULT_REDIS_PORT,
     MAX_CONNECTIONS,
@@ -155,7 +156,7 @@ def storage_uri(settings: RegistrySettings) -> tuple[str, dict[str, Any]]:
         if parts.port is None and parts.hostname:
             netloc += f":{DEFAULT_REDIS_PORT}"  # `limits` wants a port in every location
         return urlunsplit(parts._replace(scheme=f"async+{parts.scheme}", netloc=netloc)), options
-    hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in target.hosts)
+    hosts = ",".join(format_hostport(h, p) for h, p in target.hosts)
     credentials = {"username": target.username, "password": target.password}
     options.update({k: v for k, v in credentials.items() if v is not None})
     if target.tls:

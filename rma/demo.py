@@ -31,6 +31,7 @@ from dht_bridge.bridge.bridge import Bridge, BridgeSettings
 from dht_bridge.bridge.journal import Journal
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RegistryError
+from dht_bridge.options import format_hostport
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import DHTSettings, RegistrySettings
 from dht_bridge.tunnels import TunnelPolicy
@@ -145,7 +146,7 @@ async def _start_bridge(
         await asyncio.gather(task, return_exceptions=True)
 
     stack.push_async_callback(halt)
-    logger.info("demo: bridge (coordinator) DHT node on %s:%d", *node.address)
+    logger.info("demo: bridge (coordinator) DHT node on %s", format_hostport(*node.address))
     return bridge, halt
 
 

@@ -33,6 +33,7 @@ from dht_bridge.errors import (
 )
 from dht_bridge.identity import Identity
 from dht_bridge.logcontext import add_log_fields
+from dht_bridge.options import format_hostport
 from dht_bridge.records import CapabilityValue, WorkerRecord, sign_record
 from dht_bridge.tunnels import canonical_tunnel_url
 from worker.cloudflared import QuickTunnel
@@ -470,7 +471,8 @@ class WorkerAgent:
         except OSError as exc:
             await node.aclose()
             host, port = self.config.dht.host, self.config.dht.port
-            raise StartError(f"cannot bind the DHT socket to {host}:{port}: {exc}") from exc
+            where = format_hostport(host, port)
+            raise StartError(f"cannot bind the DHT socket to {where}: {exc}") from exc
         self.state.dht_port = node.address[1]
         node.restore_levels(self.state.levels)
         self.node = node
@@ -567,10 +569,10 @@ class WorkerAgent:
         changed = await node.set_mode(mode)
         if changed:
             logger.info(
-                "worker %s: %s at %s:%d (%d of %d servers reached us): DHT %s mode",
+                "worker %s: %s at %s (%d of %d servers reached us): DHT %s mode",
                 self.worker_id,
                 "reachable" if verdict.reachable else "not reachable",
-                *(verdict.observed or ("?", 0)),
+                format_hostport(*verdict.observed) if verdict.observed else "?",
                 verdict.confirmed,
                 verdict.answers,
                 mode,

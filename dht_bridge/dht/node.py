@@ -29,7 +29,7 @@ from kademlia.node import Node
 from dht_bridge.backoff import Backoff, ExponentialBackoff
 from dht_bridge.dht import reach as dht_reach
 from dht_bridge.dht import shards
-from dht_bridge.dht.address import sendable
+from dht_bridge.dht.address import contact_address, sendable
 from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits
 from dht_bridge.dht.crawl import NEAR_FACTOR, Crawl, CrawlResult
 from dht_bridge.dht.lookup import LookupReport, Reader
@@ -42,6 +42,7 @@ from dht_bridge.dht.values import (
 )
 from dht_bridge.errors import BootstrapError, NotListening
 from dht_bridge.jsontext import loads_bounded
+from dht_bridge.options import format_hostport
 from dht_bridge.records import WorkerRecord
 from dht_bridge.settings import DHTSettings
 from dht_bridge.tunnels import TunnelPolicy
@@ -174,9 +175,9 @@ class DHTNode(Server):  # type: ignore[misc]
         self.protocol.endpoint = self._endpoint
         self._maintenance = loop.create_task(self._maintain(), name="dht-maintenance")
         logger.info(
-            "DHT node %s listening on %s:%d (%s mode)",
+            "DHT node %s listening on %s (%s mode)",
             self.node.id.hex()[:12],
-            *self.address,
+            format_hostport(*self.address),
             self.mode,
         )
 
@@ -204,8 +205,8 @@ class DHTNode(Server):  # type: ignore[misc]
             except OSError as exc:
                 delay = backoff.next()
                 logger.warning(
-                    "cannot reopen the DHT socket on %s:%d (%s); again in %.1fs",
-                    *bound,
+                    "cannot reopen the DHT socket on %s (%s); again in %.1fs",
+                    format_hostport(*bound),
                     exc,
                     delay,
                 )
@@ -213,7 +214,7 @@ class DHTNode(Server):  # type: ignore[misc]
                 continue
             self._widen_receive_buffer()
             self.reopened += 1
-            logger.warning("DHT socket reopened on %s:%d", *bound)
+            logger.warning("DHT socket reopened on %s", format_hostport(*bound))
             return
 
     def _widen_receive_buffer(self) -> None:
@@ -359,7 +360,9 @@ class DHTNode(Server):  # type: ignore[misc]
         resolved = await self._resolve(wanted)
         seeds = await self._answering_seeds(resolved)
         if not seeds:
-            tried = ", ".join(f"{h}:{p}" for h, p in wanted) or "(no peers given)"
+            tried = ", ".join(format_hostport(h, p) for h, p in wanted) or "(no peers given)"
+            if wanted and not resolved:
+                raise BootstrapError(f"no usable bootstrap peer (see above): {tried}")
             raise BootstrapError(
                 f"no bootstrap peer answered within {self.settings.rpc_timeout}s: {tried}"
             )
@@ -433,22 +436,43 @@ class DHTNode(Server):  # type: ignore[misc]
             self.rpc.welcome_if_new(seed)
 
     async def _resolve(self, addrs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The peers' addresses this node's socket can send to; the others are said why not."""
         loop = asyncio.get_running_loop()
-        family = self.transport.get_extra_info("socket").family if self.transport else 0
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        family = sock.family if sock is not None else socket.AF_INET
+        dual = self.protocol is not None and self.protocol.dual_stack
         out: list[tuple[str, int]] = []
         for host, port in addrs:
             # An IP literal needs no resolver (a thread, which a virtual clock cannot wait for).
-            literal = sendable((host, port), family)
+            literal = contact_address(host, port)
             if literal is not None:
-                out.append(literal)
+                usable = sendable(literal, family, dual=dual)
+                if usable is not None:
+                    out.append(usable)
+                    continue
+                ours, theirs = ("IPv6", "IPv4") if family == socket.AF_INET6 else ("IPv4", "IPv6")
+                logger.warning(
+                    "bootstrap peer %s is %s and this node's DHT socket (%s) is %s only: "
+                    "skipped (bind the DHT to :: on a dual-stack host to reach both)",
+                    format_hostport(host, port),
+                    theirs,
+                    format_hostport(*self.address),
+                    ours,
+                )
                 continue
             try:
-                infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+                infos = await loop.getaddrinfo(
+                    host, port, family=0 if dual else family, type=socket.SOCK_DGRAM
+                )
             except OSError as exc:
-                logger.warning("cannot resolve bootstrap peer %s:%s: %s", host, port, exc)
+                logger.warning(
+                    "cannot resolve bootstrap peer %s: %s", format_hostport(host, port), exc
+                )
                 continue
-            if infos:
-                out.append((str(infos[0][4][0]), int(infos[0][4][1])))
+            found = (sendable(info[4][:2], family, dual=dual) for info in infos)
+            first = next((addr for addr in found if addr is not None), None)
+            if first is not None:
+                out.append(first)
         return out
 
     def bootstrappable_neighbors(self) -> list[tuple[str, int]]:

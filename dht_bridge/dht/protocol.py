@@ -49,7 +49,7 @@ from rpcudp.protocol import RPCProtocol
 
 from dht_bridge.closing import wait_closed
 from dht_bridge.dht import reach as dht_reach
-from dht_bridge.dht.address import sendable
+from dht_bridge.dht.address import dual_stack, from_wire, sendable, to_wire
 from dht_bridge.dht.admission import (
     AMPLIFICATION,
     DEFAULT_DIVERSITY,
@@ -229,6 +229,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._bounds: dict[bytes, int | None] = {}
         self._bounds_version = -1
         self._family = socket.AF_INET
+        self.dual_stack = False  # an IPv6 socket on `::` that reaches IPv4 contacts too
         self._closing = False
         self._lost: asyncio.Future[None] | None = None  # done when the transport has closed
         # Called when the transport closes without `aclose` (the node reopens it).
@@ -241,6 +242,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport = transport
         sock = transport.get_extra_info("socket")
         self._family = sock.family if sock is not None else socket.AF_INET
+        self.dual_stack = dual_stack(sock)
         self._lost = asyncio.get_running_loop().create_future()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -324,7 +326,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.stats.packets_in += 1
         self.stats.bytes_in += len(data)
         try:
-            self._dispatch(data, (addr[0], addr[1]))
+            self._dispatch(data, from_wire(addr))
         except Exception as exc:  # anything a hostile packet can provoke
             self.stats.malformed += 1
             self.stats.count_rpc("malformed", len(data))
@@ -460,14 +462,14 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         """Send one datagram; False when it was not sent (no socket, or no address)."""
         if self.transport is None or self.transport.is_closing():
             return False
-        target = sendable(addr, self._family)
+        target = sendable(addr, self._family, dual=self.dual_stack)
         if target is None:
             # asyncio closes the transport on any non-OSError from sendto: never pass it one.
             self.stats.unsendable += 1
             logger.debug("not sending %s to %r: no contact address", name, addr)
             return False
         try:
-            self.transport.sendto(datagram, target)
+            self.transport.sendto(datagram, to_wire(target, self._family))
         except Exception as exc:  # a transport (a test's, a wrapper) that raises
             self.stats.unsendable += 1
             logger.debug("sending %s to %s failed: %r", name, target, exc)
@@ -497,7 +499,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         body = msgpack.packb([name, list(args)])
         if len(body) > MAX_DATAGRAM_BODY:
             raise ValueError(f"{name} request of {len(body)} bytes exceeds {MAX_DATAGRAM_BODY}")
-        target = sendable(address, self._family)
+        target = sendable(address, self._family, dual=self.dual_stack)
         if target is None:
             # Not an address a reply could come from; no timeout to wait for.
             self.stats.unsendable += 1

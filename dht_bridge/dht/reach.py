@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
+
+from dht_bridge.dht.address import from_wire, to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class _Probe(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if (
-            (addr[0], addr[1]) == self.target
+            from_wire(addr) == self.target
             and data[:1] == RESPONSE
             and data[1 : 1 + MSG_ID_BYTES] == self.msg_id
             and not self.done.done()
@@ -128,7 +131,10 @@ async def probe(
         lambda: _Probe(target, msg_id, done), (bind_host, 0)
     )
     try:
-        transport.sendto(REQUEST + msg_id + msgpack.packb(["stun", []]), target)
+        sock = transport.get_extra_info("socket")
+        family = sock.family if sock is not None else socket.AF_INET
+        request = REQUEST + msg_id + msgpack.packb(["stun", []])
+        transport.sendto(request, to_wire(target, family))
         async with asyncio.timeout(wait):
             return await done
     except TimeoutError:

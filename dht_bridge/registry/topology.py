@@ -32,6 +32,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from dht_bridge.errors import ConfigError
+from dht_bridge.options import format_hostport
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class RedisTarget:
             parts = urlsplit(self.url)
             where = parts.hostname or parts.path
             return f"one Redis at {where}" + (f":{parts.port}" if parts.port else "")
-        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
+        hosts = ",".join(format_hostport(host, port) for host, port in self.hosts)
         if self.topology is Topology.SENTINEL:
             return f"Sentinel master {self.service_name!r} (db {self.db}) via {hosts}"
         return f"Redis Cluster via {hosts}"

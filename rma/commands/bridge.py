@@ -22,7 +22,7 @@ from dht_bridge.bridge.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, Journal
 from dht_bridge.bridge.metrics import MetricsServer
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
-from dht_bridge.options import Option, OptionTable
+from dht_bridge.options import Option, OptionTable, format_hostport
 from dht_bridge.paths import STATE_DIR_TEXT, state_dir
 from dht_bridge.records import SERVICE_RE
 from dht_bridge.registry.registry import open_registry
@@ -210,7 +210,9 @@ async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
         try:
             await node.listen()
         except OSError as exc:
-            logger.error("cannot bind %s:%s: %s", config.dht.host, config.dht.port, exc)
+            logger.error(
+                "cannot bind %s: %s", format_hostport(config.dht.host, config.dht.port), exc
+            )
             return Exit.START_FAILED
         stack.push_async_callback(node.aclose)
         try:
@@ -245,10 +247,9 @@ async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
         if isinstance(metrics, MetricsServer):
             where = "{}:{}".format(*metrics.address)
         logger.info(
-            "bridge ready: DHT node %s on %s:%d, journal %s, metrics %s",
+            "bridge ready: DHT node %s on %s, journal %s, metrics %s",
             node.node.id.hex()[:12],
-            host,
-            port,
+            format_hostport(host, port),
             config.journal,
             where,
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, ConfigError
-from dht_bridge.options import Option, OptionTable
+from dht_bridge.options import Option, OptionTable, format_hostport
 from dht_bridge.settings import DHT_OPTIONS, TUNNEL_OPTIONS, DHTSettings, tunnel_policy
 from dht_bridge.tunnels import TunnelPolicy
 from rma.exits import Exit
@@ -72,7 +72,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     try:
         await node.listen()
     except OSError as exc:
-        logger.error("cannot bind %s:%s: %s", config.dht.host, config.dht.port, exc)
+        logger.error("cannot bind %s: %s", format_hostport(config.dht.host, config.dht.port), exc)
         return Exit.START_FAILED
     try:
         known = [(str(h), int(p)) for h, p in (saved or {}).get("neighbors", [])]
@@ -82,8 +82,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
                 await node.bootstrap(peers)
             except BootstrapError as exc:
                 logger.warning("%s; serving alone until peers contact us", exc)
-        host, port = node.address
-        logger.info("node %s ready on %s:%d", node.node.id.hex(), host, port)
+        logger.info("node %s ready on %s", node.node.id.hex(), format_hostport(*node.address))
         while not stop.is_set():
             if config.state_file is not None:
                 save_state(config.state_file, node)

@@ -12,6 +12,7 @@ import uvicorn
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import BootstrapError, RegistryError
+from dht_bridge.options import format_hostport
 from dht_bridge.registry.registry import Registry, open_registry
 from edge_router import page
 from edge_router.app import create_app
@@ -41,7 +42,8 @@ async def serve(config: RouterConfig, *, log_level: str = "info") -> int:
     try:
         await dht.listen()
     except OSError as exc:
-        logger.error("cannot bind the DHT node to %s:%s: %s", config.dht.host, config.dht.port, exc)
+        where = format_hostport(config.dht.host, config.dht.port)
+        logger.error("cannot bind the DHT node to %s: %s", where, exc)
         await registry.aclose()
         return Exit.START_FAILED
     try:
