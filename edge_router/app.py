@@ -73,7 +73,7 @@ def create_app(
         registry=registry,
         dht=dht,
         http=client,
-        providers=ProviderSource(registry, dht),
+        providers=ProviderSource(registry, dht, clock=monotonic),
         lookups=LookupCache(
             ttl=config.cache.ttl,
             stale=config.cache.stale,

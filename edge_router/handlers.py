@@ -534,6 +534,7 @@ def figures(state: RouterState) -> dict[str, float]:
         "backend_reads": stats.backend_reads,
         "registry_failures": state.providers.registry_failures,
         "dht_reads": state.providers.dht_reads,
+        "dht_reads_refused": state.providers.dht_reads_refused,
         "edge_requests_today": state.metrics.edge_requests_today,
         "edge_daily_budget": state.metrics.daily_budget,
         "events_received": state.events_received,

@@ -52,6 +52,10 @@ FIGURES: MetricTable = {
     "rma_backend_reads_total": ("counter", "Backend reads (concurrent misses share one)."),
     "rma_registry_failures_total": ("counter", "Lookups the registry could not answer."),
     "rma_dht_reads_total": ("counter", "Lookups answered from the DHT."),
+    "rma_dht_reads_refused_total": (
+        "counter",
+        "Lookups not sent to the DHT: over its read budget (edge_router.providers.DHT_READS).",
+    ),
     "rma_edge_requests_today": ("gauge", "Requests since 00:00 UTC, operator pages excluded."),
     "rma_edge_daily_budget": ("gauge", "Edge requests a day the plan allows."),
     "rma_events_received_total": ("counter", "Change events heard on rma:events."),

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from cachetools import TTLCache
+from limits import parse_many
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import DHTError, RegistryUnavailable
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
 from edge_router.errors import BackendUnavailable
+from edge_router.windows import LocalWindows
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +22,13 @@ logger = logging.getLogger(__name__)
 # Held records remembered this long (the router's longest stale window) and this many at most.
 HELD_MEMORY = 300.0
 HELD_MAX = 65_536
+# DHT reads for lookups, at most this many (per replica). A service nobody offers misses the
+# cache under every new name, and each miss cost a DHT lookup of some 30 datagrams (30 nodes;
+# more on a bigger network): a flood of made-up names must not become a flood of DHT traffic,
+# nor grow the node's memory. A worker that joined seconds ago and is not in Redis yet is still
+# found within it; beyond it, a lookup gets Redis's (empty) answer, or a 503 while Redis is down
+# (a name read before is served from the cache, stale if need be).
+DHT_READS = parse_many("20/second;600/minute")
 
 
 class ProviderSource:
@@ -27,12 +38,21 @@ class ProviderSource:
     those are served after every fresh provider although their lease has ended.
     """
 
-    def __init__(self, registry: Registry, dht: DHTNode | None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        dht: DHTNode | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry
         self.dht = dht
         self._held: TTLCache[tuple[str, int], bool] = TTLCache(HELD_MAX, HELD_MEMORY)
+        self._budget = LocalWindows(longest=max(i.get_expiry() for i in DHT_READS), clock=clock)
         self.registry_failures = 0
         self.dht_reads = 0
+        self.dht_reads_refused = 0
+        self._registry_down = False  # said once an outage, not once a lookup
 
     async def find(
         self, service: str, *, region: str | None, limit: int
@@ -42,8 +62,13 @@ class ProviderSource:
             marked = await self.registry.lookup_marked(service, limit=limit, region=region)
         except RegistryUnavailable as exc:
             self.registry_failures += 1
-            logger.warning("registry unavailable for lookup of %s: %s", service, exc)
+            if not self._registry_down:
+                self._registry_down = True
+                logger.warning("registry unavailable for lookups, reading the DHT: %s", exc)
             return await self._from_dht(service, region, limit, reason=exc)
+        if self._registry_down:
+            self._registry_down = False
+            logger.warning("registry answers lookups again")
         for provider in marked:
             if provider.stale:
                 self._held[(provider.record.worker_id, provider.record.seq)] = True
@@ -65,6 +90,9 @@ class ProviderSource:
     ) -> tuple[list[WorkerRecord], str]:
         if self.dht is None:
             raise BackendUnavailable(f"registry unavailable ({reason}) and no DHT node configured")
+        if self._budget.hit(DHT_READS, "dht") is not None:
+            self.dht_reads_refused += 1
+            raise BackendUnavailable(f"registry unavailable ({reason}); DHT reads over budget")
         self.dht_reads += 1
         try:
             found = await self.dht.lookup(service, limit=max(limit * 4, limit))

@@ -51,6 +51,9 @@ ENOUGH_GRACE = 0.25
 # takes two or more holders' shares); one for more asks again for every record, a round
 # trip later. A read of every record (the bridge's, a record get) always asks again.
 PARTIAL_LIMIT = 10
+# Services whose depth is remembered, at most: a router looks up whatever names its clients
+# ask for, and made-up ones must not grow its memory. The least recently read go first.
+MAX_DEPTH_HINTS = 4096
 
 
 @dataclass
@@ -165,13 +168,20 @@ class Reader:
                 versions.extend(got.records)
                 hops = max(hops, got.hops)
             if not results or not results[-1].overflowed:
-                self.depth_hints[service] = level + max(len(results) - 1, 0)
+                self._hint(service, level + max(len(results) - 1, 0))
                 break
             level += len(results)
             reported = max(got.deepest for got in results)
             depth = max(level, min(reported, level + MAX_PREFETCH - 1, shards.MAX_LEVEL))
         chosen = self._select(versions, limit)
         return LookupReport(chosen, read, hops, time.monotonic() - started, rounds)
+
+    def _hint(self, service: str, depth: int) -> None:
+        hints = self.depth_hints
+        hints.pop(service, None)  # to the end: the services read lately stay
+        hints[service] = depth
+        if len(hints) > MAX_DEPTH_HINTS:
+            del hints[next(iter(hints))]
 
     def _guess_depth(self, service: str) -> int:
         """The deepest level a lookup of `service` reads in its first round: where the last

@@ -48,6 +48,9 @@ RISE_EVERY = 8
 # the root per heartbeat from each full level, where one per OVERFLOW_MEMORY would do.
 ROOT_MARK_SHARE = 0.25
 MAX_CACHED_HOLDER_SETS = 4096
+# (service, worker) places in the trie remembered, at most: forgetting one costs that worker a
+# descent from the root on its next publish.
+MAX_SLOTS = 65536
 # Cached holders whose time is up are rechecked by asking this many of them for the nodes they
 # know near the key, not by a crawl of the whole path.
 RECHECK_ASKS = 2
@@ -244,6 +247,11 @@ class Publisher:
         slot = (service, record.worker_id)
         level = self.levels.get(slot, 0)
         count = self._publishes[slot] = self._publishes.get(slot, 0) + 1
+        if len(self._publishes) > MAX_SLOTS:
+            # A bridge publishes for whoever reaches Redis first: workers come and go for good.
+            for table in (self._publishes, self.levels):
+                if table:
+                    del table[next(iter(table))]
         outcomes: list[KeyPublish] = []
         turned_away: list[int] = []  # levels whose holders had no room for this record
         if level > 0 and count % RISE_EVERY == 0:

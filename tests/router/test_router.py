@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from dht_bridge.settings import RegistrySettings
 from edge_router.config import CacheSettings, RouterConfig
 from edge_router.events import listen_for_events
 from edge_router.metrics import MAX_SERVICE_LABELS
+from edge_router.providers import DHT_READS
 from tests.support.dht import ManualClock, publish_all, start_network, stop_all
 from tests.support.helpers import POLICY, make_record, wait_for
 from tests.support.redis_server import RedisServer
@@ -125,6 +127,61 @@ async def test_lookups_come_from_the_dht_when_redis_is_down(
             health = await client.get("/healthz")
             assert health.status_code == 200
             assert health.json()["redis"] is False
+    finally:
+        await stop_all(nodes)
+        await registry.aclose()
+
+
+async def test_lookups_of_made_up_names_cost_the_dht_no_more_than_its_read_budget(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    server = make_redis_server()
+    registry = await private_registry(server)
+    nodes = await start_network(6)
+    clock = ManualClock(0.0)
+    per_second = DHT_READS[0].amount
+    try:
+        async with client_for(router_app(registry, dht=nodes[0], monotonic=clock)) as client:
+
+            async def made_up(count: int) -> list[httpx.Response]:
+                names = [f"made-up-{secrets.token_hex(6)}" for _ in range(count)]
+                return [await client.get(f"/services/{name}") for name in names]
+
+            async def figures() -> dict[str, float]:
+                return dict((await client.get("/topology")).json()["figures"])
+
+            # Redis up and knowing nobody: the DHT is asked only within the budget, and every
+            # lookup still answers (Redis's empty answer).
+            sent = nodes[0].rpc.stats.packets_out
+            answers = await made_up(3 * per_second)
+            assert all(a.status_code == 200 and a.json()["providers"] == [] for a in answers)
+            assert [a.json()["source"] for a in answers].count("dht") == per_second
+            assert (await figures())["dht_reads_refused"] == 2 * per_second
+            assert len(nodes[0].reader.depth_hints) == per_second
+            budgeted = nodes[0].rpc.stats.packets_out - sent
+
+            clock.advance(2.0)  # the sliding window past: the budget again, and no more
+            answers = await made_up(2 * per_second)
+            assert [a.json()["source"] for a in answers].count("dht") == per_second
+            assert nodes[0].rpc.stats.packets_out - sent < 3 * budgeted
+
+            # Redis down: the DHT is the only source; over the budget a new name gets 503,
+            # a name read before its cached answer.
+            server.kill()
+            clock.advance(2.0)
+            known = await client.get("/services/made-up-known")
+            assert known.status_code == 200
+            assert known.json()["source"] == "dht"
+            answers = await made_up(per_second)
+            assert {a.status_code for a in answers} == {200, 503}
+            clock.advance(10.0)  # the known name's answer is no longer fresh
+            for _ in range(per_second):
+                await client.get(f"/services/made-up-{secrets.token_hex(6)}")
+            again = await client.get("/services/made-up-known")
+            assert again.status_code == 200
+            assert again.headers["x-cache"] == "STALE"
+            metrics = (await client.get("/metrics")).text
+            assert "rma_dht_reads_refused_total" in metrics
     finally:
         await stop_all(nodes)
         await registry.aclose()
