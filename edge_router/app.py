@@ -83,7 +83,7 @@ def create_app(
         peers=LookupCache(
             ttl=min(config.bootstrap_ttl, 60),
             stale=config.bootstrap_ttl * 4,
-            maxsize=256,
+            maxsize=1,  # one pool, whatever the region asked (see edge_router.bootstrap)
             clock=monotonic,
         ),
         catalog=LookupCache(

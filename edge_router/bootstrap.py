@@ -1,13 +1,22 @@
-"""Choosing DHT peers for a new worker: coordinators first, then long-lived healthy workers."""
+"""Choosing DHT peers for a new worker: coordinators first, then long-lived healthy workers.
+
+The registry is scanned once for the pool of candidates (`scan_pool`, cached by the caller),
+whatever region each joining worker asks for; `choose_peers` only orders that pool. A scan
+reads up to SCAN_LIMIT records: done per asked region, a client naming a new region on every
+request turned each request into a scan of the registry.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import RegistryError
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
+
+__all__ = ["SCAN_LIMIT", "Peer", "PeerPool", "choose_peers", "scan_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -15,29 +24,43 @@ Peer = dict[str, object]
 SCAN_LIMIT = 2000
 
 
-async def choose_peers(
+@dataclass(frozen=True)
+class PeerPool:
+    """What `/dht/bootstrap` chooses from: the coordinators, then live server-mode workers,
+    highest `seq` (the longest up) first, then the less loaded."""
+
+    coordinators: tuple[Peer, ...]
+    servers: tuple[WorkerRecord, ...]
+
+
+async def scan_pool(
     *,
     coordinators: tuple[tuple[str, int], ...],
     registry: Registry,
     dht: DHTNode | None,
-    region: str | None,
-    count: int,
     now: float,
-) -> list[Peer]:
-    """Up to `count` peers: configured coordinators, then server-mode workers.
-
-    Workers in `region` come first; among them the higher `seq` first, since a worker's seq grows
-    with every heartbeat and so tells how long it has been up; then the less loaded.
-    """
-    peers = [_coordinator(host, port, dht) for host, port in coordinators]
+) -> PeerPool:
+    """The pool, from one scan of the registry (coordinators only while it is unavailable)."""
     try:
         records = await registry.records(limit=SCAN_LIMIT)
     except RegistryError as exc:
         logger.warning("bootstrap: registry unavailable, coordinators only: %s", exc)
         records = []
-    servers = [r for r in records if _serves(r, now)]
-    servers.sort(key=lambda r: (region is not None and r.region != region, -r.seq, r.load))
-    for record in servers[: max(count - len(peers), 0)]:
+    servers = sorted((r for r in records if _serves(r, now)), key=lambda r: (-r.seq, r.load))
+    return PeerPool(tuple(_coordinator(h, p, dht) for h, p in coordinators), tuple(servers))
+
+
+def choose_peers(pool: PeerPool, *, region: str | None, count: int) -> list[Peer]:
+    """Up to `count` peers (never fewer than the coordinators): the coordinators, then the
+    pool's servers, those in `region` first."""
+    wanted = max(count - len(pool.coordinators), 0)
+    servers = list(pool.servers)
+    if region is not None:
+        near = [r for r in servers if r.region == region][:wanted]
+        taken = {r.worker_id for r in near}
+        servers = near + [r for r in servers if r.worker_id not in taken]
+    peers = list(pool.coordinators)
+    for record in servers[:wanted]:
         peers.append(
             {
                 "node_id": record.worker_id,
@@ -47,7 +70,7 @@ async def choose_peers(
                 "kind": "worker",
             }
         )
-    return peers[: max(count, len(coordinators))]
+    return peers[: max(count, len(pool.coordinators))]
 
 
 def _serves(record: WorkerRecord, now: float) -> bool:

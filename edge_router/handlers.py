@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from dht_bridge.errors import RecordInvalid, RegistryError, RegistryUnavailable
 from dht_bridge.records import SERVICE_RE, WorkerRecord, parse_and_validate
-from edge_router.bootstrap import choose_peers
+from edge_router.bootstrap import Peer, PeerPool, choose_peers, scan_pool
 from edge_router.cache import CacheState, Entry
 from edge_router.capabilities import parse_filters, select
 from edge_router.config import CacheSettings
@@ -33,7 +33,7 @@ from edge_router.errors import (
 )
 from edge_router.limits import parse_json
 from edge_router.metrics import ROUTED_SERVICE
-from edge_router.state import Peer, RouterState
+from edge_router.state import RouterState
 from edge_router.upstream.proof import prover_of
 
 logger = logging.getLogger(__name__)
@@ -271,19 +271,18 @@ async def bootstrap(request: Request) -> Response:
 async def bootstrap_peers(
     state: RouterState, region: str | None
 ) -> tuple[list[Peer], CacheState, float]:
-    """The peers `/dht/bootstrap` hands out for `region`, through the router's peer cache."""
+    """The peers `/dht/bootstrap` hands out for `region`, from the router's cached pool."""
 
-    async def fetch() -> list[Peer]:
-        return await choose_peers(
+    async def fetch() -> PeerPool:
+        return await scan_pool(
             coordinators=state.config.coordinators,
             registry=state.registry,
             dht=state.dht,
-            region=region,
-            count=state.config.bootstrap_peers,
             now=state.clock(),
         )
 
-    return await state.peers.get(("peers", region or ""), fetch)
+    pool, cache_state, age = await state.peers.get(("pool",), fetch)
+    return choose_peers(pool, region=region, count=state.config.bootstrap_peers), cache_state, age
 
 
 # Registration fallback.

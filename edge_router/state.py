@@ -12,6 +12,7 @@ import httpx
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
+from edge_router.bootstrap import PeerPool
 from edge_router.cache import BoundedMemo, LookupCache
 from edge_router.cloudflare import ClientResolver
 from edge_router.config import RouterConfig
@@ -20,7 +21,6 @@ from edge_router.providers import ProviderSource
 from edge_router.server import RefusalLog
 from edge_router.upstream.proxy import Proxy
 
-Peer = dict[str, object]
 # Records whose JSON is kept (a record is a few hundred bytes: a few MB at most).
 RECORD_JSON_KEPT = 16_384
 
@@ -35,7 +35,7 @@ class RouterState:
     http: httpx.AsyncClient
     providers: ProviderSource
     lookups: LookupCache[list[WorkerRecord]]
-    peers: LookupCache[list[Peer]]
+    peers: LookupCache[PeerPool]
     catalog: LookupCache[list[dict[str, Any]]]
     # What /topology and /metrics read of the registry, kept briefly: a flood of them costs one
     # registry scan per TOPOLOGY_CACHE_SECONDS.

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from dht_bridge.backoff import NoBackoff
 from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
-from dht_bridge.records import tombstone_for
+from dht_bridge.records import WorkerRecord, tombstone_for
 from dht_bridge.registry.registry import Registry, open_registry
 from dht_bridge.settings import RegistrySettings
 from edge_router.config import CacheSettings, RouterConfig
@@ -366,6 +366,32 @@ async def test_bootstrap_hands_out_coordinators_then_server_workers(registry: Re
         assert answer.json()["ttl"] > 0
         us = (await client.get("/dht/bootstrap?region=us")).json()["peers"]
         assert [p["port"] for p in us] == [4000, 4102, 4101]
+
+
+async def test_bootstrap_scans_the_registry_once_whatever_the_regions_asked(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for region in ("de", "us"):
+        await registry.upsert(make_record(region=region, dht_host="127.0.0.1", dht_port=4100))
+    scans = 0
+    scan = registry.records
+
+    async def counted(**kwargs: int) -> list[WorkerRecord]:
+        nonlocal scans
+        scans += 1
+        return await scan(**kwargs)
+
+    monkeypatch.setattr(registry, "records", counted)
+    async with client_for(router_app(registry)) as client:
+        for i in range(50):
+            answer = await client.get(f"/dht/bootstrap?region=made-up-{i}")
+            assert answer.status_code == 200
+        firsts = {
+            region: (await client.get(f"/dht/bootstrap?region={region}")).json()["peers"][0]
+            for region in ("de", "us")
+        }
+    assert scans == 1
+    assert {region: peer["region"] for region, peer in firsts.items()} == {"de": "de", "us": "us"}
 
 
 async def test_bootstrap_with_no_known_peer_is_503(registry: Registry) -> None:
