@@ -214,6 +214,8 @@ class Bridge:
             "rma_bridge_vanished_reads_total": c.vanished_reads,
             "rma_bridge_known_services": len(self._state.services),
             "rma_bridge_dht_contacts": contacts,
+            "rma_bridge_dht_keys": len(self.node.storage),
+            "rma_bridge_dht_keys_refused_total": self.node.storage.refused_full,
         }
 
 

@@ -83,6 +83,11 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "rma_bridge_known_services": ("gauge", "Services whose DHT shards are polled."),
     "rma_bridge_dht_contacts": ("gauge", "Contacts in the bridge node's routing table."),
+    "rma_bridge_dht_keys": ("gauge", "Keys the bridge node holds (at most 50,000)."),
+    "rma_bridge_dht_keys_refused_total": (
+        "counter",
+        "New keys the bridge node refused because its storage was full.",
+    ),
 }
 
 

@@ -33,6 +33,8 @@ DEFAULT_MAX_KEYS = 50_000
 # retry one level up every few heartbeats (and renew the mark when refused again), so this is
 # several of those rounds: readers keep looking below for as long as anyone may be there.
 OVERFLOW_MEMORY = 600.0
+# A full storage refuses every new key: said at most once this often, with the count since.
+FULL_LOG_EVERY = 60.0
 
 
 class StoreResult(enum.Enum):
@@ -78,6 +80,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self.clock = clock
         self.max_keys = max_keys
         self._data: dict[bytes, _Entry] = {}
+        self.refused_full = 0  # new keys refused because every key was taken
+        self._full_said: tuple[float, int] | None = None  # when, and the count then
 
     def merge(self, digest: bytes, value: object) -> StoreResult:
         """Validate `value` and merge its records into what is held under `digest`."""
@@ -101,12 +105,24 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             if len(self._data) >= self.max_keys:
                 self.cull()
                 if len(self._data) >= self.max_keys:
-                    logger.warning(
-                        "storage full (%d keys); refusing %s", self.max_keys, decoded.key
-                    )
+                    self._refuse_full(decoded.key)
                     return StoreResult.FULL
             entry = _Entry(key=decoded.key)
         return self._merge_entry(digest, entry, decoded, now)
+
+    def _refuse_full(self, key: str) -> None:
+        self.refused_full += 1
+        now = time.monotonic()
+        if self._full_said is not None and now - self._full_said[0] < FULL_LOG_EVERY:
+            return
+        since = self.refused_full - (self._full_said[1] if self._full_said else 0)
+        self._full_said = (now, self.refused_full)
+        logger.warning(
+            "storage full (%d keys): refusing new keys (%d since last said, the last %s)",
+            self.max_keys,
+            since,
+            key,
+        )
 
     def renew(self, digest: bytes, args: list[Any]) -> StoreResult:
         """Apply a renewal (`dht_renew`) to the record held for its worker under `digest`."""
