@@ -215,7 +215,9 @@ class Bridge:
             "rma_bridge_known_services": len(self._state.services),
             "rma_bridge_dht_contacts": contacts,
             "rma_bridge_dht_keys": len(self.node.storage),
-            "rma_bridge_dht_keys_refused_total": self.node.storage.refused_full,
+            "rma_bridge_dht_keys_refused_total": (
+                self.node.storage.refused_full + self.node.storage.refused_quota
+            ),
         }
 
 

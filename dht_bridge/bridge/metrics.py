@@ -86,7 +86,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "rma_bridge_dht_keys": ("gauge", "Keys the bridge node holds (at most 50,000)."),
     "rma_bridge_dht_keys_refused_total": (
         "counter",
-        "New keys the bridge node refused because its storage was full.",
+        "New keys the bridge node refused: its storage full, or the sender over its quota.",
     ),
 }
 

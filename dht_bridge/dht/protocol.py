@@ -60,7 +60,7 @@ from dht_bridge.dht.admission import (
 from dht_bridge.dht.renew import RENEW_RPC
 from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.rtt import RoundTrips
-from dht_bridge.dht.storage import RecordStorage
+from dht_bridge.dht.storage import UNPROVEN, RecordStorage
 from dht_bridge.dht.values import MAX_DATAGRAM_BODY
 
 logger = logging.getLogger(__name__)
@@ -745,7 +745,10 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
     def rpc_store(self, sender: Address, nodeid: Any, key: Any, value: Any) -> str:
         """Merge a record set; answers ok / stale / full / invalid (stock clients ignore it)."""
         self._caller(nodeid, sender)
-        return self.storage.merge(_node_id(key), value).value
+        # The sender's groups count against its quota of new keys (see dht_storage), all
+        # unproved senders as one: a STORE's source address can be forged.
+        source = self.router.limits.groups(*sender) if sender in self.validated else UNPROVEN
+        return self.storage.merge(_node_id(key), value, source=source).value
 
     def rpc_renew(self, sender: Address, nodeid: Any, key: Any, *renewal: Any) -> str:
         """Renew a held record (dht_renew); answers ok / stale / unknown / invalid / full."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from kademlia.storage import IStorage
 
+from dht_bridge.dht.admission import Groups
 from dht_bridge.dht.renew import Renewal
 from dht_bridge.dht.values import (
     MAX_RECORDS_BYTES,
@@ -35,6 +37,19 @@ DEFAULT_MAX_KEYS = 50_000
 OVERFLOW_MEMORY = 600.0
 # A full storage refuses every new key: said at most once this often, with the count since.
 FULL_LOG_EVERY = 60.0
+# Once this share of the keys is taken, a sender may add new keys only while the keys it added
+# (still held) stay under a quota: QUOTA_PER_IP of `max_keys` for its IP group (an IPv4
+# address, an IPv6 /64) and QUOTA_PER_SUBNET for its subnet group (a /24, a /48). Signed
+# records cost an attacker nothing (identities are free): without quotas one host could take
+# every key and shut new workers out (a coordinator so filled hands none to Redis). With them
+# the last half is shared: 1,000 keys an address, 5,000 a subnet, of 50,000. Legitimate
+# senders stay far below: a worker adds its own keys, a neighbour pushing a newcomer its share
+# adds a few, a NAT with hundreds of volunteers behind it fits. A sender whose address has not
+# answered us (a STORE's source can be forged) counts in one pool, as one subnet.
+QUOTA_FROM = 0.5
+QUOTA_PER_IP = 0.02
+QUOTA_PER_SUBNET = 0.1
+UNPROVEN: Groups = ("", "unproven")
 
 
 class StoreResult(enum.Enum):
@@ -56,6 +71,8 @@ class _Entry:
     overflow_until: float = 0.0
     deepest: int = 0
     deepest_until: float = 0.0
+    # Who added the key (its IP and subnet groups), counted against their quota while held.
+    source: Groups | None = None
 
 
 class RecordStorage(IStorage):  # type: ignore[misc]
@@ -81,10 +98,13 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self.max_keys = max_keys
         self._data: dict[bytes, _Entry] = {}
         self.refused_full = 0  # new keys refused because every key was taken
+        self.refused_quota = 0  # new keys refused because their sender was over its quota
         self._full_said: tuple[float, int] | None = None  # when, and the count then
+        self._added: Counter[str] = Counter()  # keys held, by the groups of who added them
 
-    def merge(self, digest: bytes, value: object) -> StoreResult:
-        """Validate `value` and merge its records into what is held under `digest`."""
+    def merge(self, digest: bytes, value: object, *, source: Groups | None = None) -> StoreResult:
+        """Validate `value` and merge its records into what is held under `digest`. A new key
+        from `source` (the sender's groups; None: our own) counts against its quota."""
         now = self.clock()
         try:
             decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now)
@@ -107,8 +127,27 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 if len(self._data) >= self.max_keys:
                     self._refuse_full(decoded.key)
                     return StoreResult.FULL
-            entry = _Entry(key=decoded.key)
+            if source is not None and self._over_quota(source):
+                self.refused_quota += 1
+                logger.debug("%s is over its quota of new keys; refusing %s", source, decoded.key)
+                return StoreResult.FULL
+            entry = _Entry(key=decoded.key, source=source)
         return self._merge_entry(digest, entry, decoded, now)
+
+    def _over_quota(self, source: Groups) -> bool:
+        if len(self._data) < QUOTA_FROM * self.max_keys:
+            return False
+        ip, subnet = source
+        return (bool(ip) and self._added[ip] >= QUOTA_PER_IP * self.max_keys) or (
+            self._added[subnet] >= QUOTA_PER_SUBNET * self.max_keys
+        )
+
+    def _count(self, source: Groups | None, step: int) -> None:
+        for group in dict.fromkeys(source or ()):  # loopback: both groups are ip:port
+            if group:
+                self._added[group] += step
+                if self._added[group] <= 0:
+                    del self._added[group]
 
     def _refuse_full(self, key: str) -> None:
         self.refused_full += 1
@@ -179,6 +218,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         entry.records, entry.encoded, entry.changed_at = candidate, encoded, time.monotonic()
         entry.overflow_until = overflow
         entry.deepest, entry.deepest_until = depth
+        if digest not in self._data:
+            self._count(entry.source, 1)
         self._data[digest] = entry
         applied = [r for r in changed if candidate.get(r.worker_id) is r]
         if applied and self.on_merge is not None:
@@ -214,6 +255,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             entry.encoded = None
         if not entry.records and not entry.overflow_until:
             del self._data[digest]
+            self._count(entry.source, -1)
             return None
         return entry
 
