@@ -46,7 +46,7 @@ async def test_a_publisher_forgets_the_oldest_places_beyond_its_bound(
         assert bridge.publisher.levels[("ocr", records[0].worker_id)] == 0
 
 
-def test_a_full_storage_refuses_new_keys_and_says_so_once_a_minute(
+def test_a_full_storage_refuses_new_keys_looking_for_room_and_saying_so_seldom(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dht_bridge.dht.storage")
@@ -58,7 +58,17 @@ def test_a_full_storage_refuses_new_keys_and_says_so_once_a_minute(
 
     identities = [Identity.generate() for _ in range(3)]
     assert [store(make_record(i)) for i in identities] == [StoreResult.OK] * 3
+    walks = 0
+    cull = storage.cull
+
+    def counted() -> int:
+        nonlocal walks
+        walks += 1
+        return cull()
+
+    storage.cull = counted  # type: ignore[method-assign]
     assert [store(make_record()) for _ in range(5)] == [StoreResult.FULL] * 5
+    assert walks == 1  # not a walk over every key for each refused one
     assert storage.refused_full == 5
     said = [r for r in caplog.records if "storage full" in r.getMessage()]
     assert len(said) == 1  # one line for the five, not five
