@@ -68,7 +68,7 @@ class ProviderSource:
             return await self._from_dht(service, region, limit, reason=exc)
         if self._registry_down:
             self._registry_down = False
-            logger.warning("registry answers lookups again")
+            logger.info("registry answers lookups again")
         for provider in marked:
             if provider.stale:
                 self._held[(provider.record.worker_id, provider.record.seq)] = True
