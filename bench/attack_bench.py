@@ -16,6 +16,11 @@ In one process, on 127.0.0.1:
             every live provider (target: at least 99%); then, after a lease and a heartbeat
             (records the registry got only from the DHT's shards would have lapsed), GET
             /services/ocr --router-checks times: does it keep every live provider?
+  fill      --fill records of fresh identities (free to make) STOREd from one socket that
+            answers checks, into the bridge's node and into a reference node without storage
+            quotas, both holding at most --fill-keys keys: what each kept, whether a worker
+            that starts next is listed at the edge, and whether the reference still takes
+            a worker's new keys
 
     .venv/bin/python bench/attack_bench.py --nodes 100 --out bench/results/attack.json
 """
@@ -35,19 +40,22 @@ from pathlib import Path
 from typing import Any
 
 from common import ROOT, HelpFormatter, machine, text_table, write_json
+from kademlia.node import Node
 
 from dht_bridge.dht import shards
 from dht_bridge.dht.node import DHTNode
-from dht_bridge.dht.values import key_digest
+from dht_bridge.dht.storage import RecordStorage
+from dht_bridge.dht.values import encode_value, key_digest
+from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import open_registry
 from dht_bridge.settings import RegistrySettings
 from edge_router.app import create_app
 from edge_router.config import CacheSettings, RouterConfig
 from tests.support.bridge import Swarm, running_bridge
-from tests.support.dht import TEST_SETTINGS, start_network, start_node, stop_all
+from tests.support.dht import TEST_SETTINGS, start_network, stop_all
 from tests.support.eclipse import introduce_ids
-from tests.support.helpers import POLICY
-from tests.support.raw_peer import open_raw_peer
+from tests.support.helpers import POLICY, make_record
+from tests.support.raw_peer import RawPeer, open_raw_peer
 from tests.support.router import ADMIN_TOKEN, client_for
 
 logger = logging.getLogger("attack_bench")
@@ -74,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=2.0, help="heartbeat seconds")
     parser.add_argument("--ttl", type=float, default=8.0, help="lease seconds")
     parser.add_argument("--router-checks", type=int, default=5, help="GET /services/ocr")
+    parser.add_argument("--fill", type=int, default=6000, help="storage fill records (0: none)")
+    parser.add_argument("--fill-keys", type=int, default=4000, help="keys the filled nodes hold")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds, all in")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -133,6 +143,80 @@ async def lookups(nodes: list[DHTNode], live: set[str], count: int) -> dict[str,
     }
 
 
+def answers_checks(sender: Address, name: str, args: list[Any]) -> Any:
+    """A flooder that answers our checks: its address is proved, as a real host's would be."""
+    return os.urandom(20) if name == "ping" else list(sender) if name == "stun" else None
+
+
+def store_args(record: WorkerRecord) -> tuple[bytes, bytes]:
+    """A STORE of `record` under its worker key: (digest, value)."""
+    key = shards.worker_key(record.worker_id)
+    return key_digest(key), encode_value(key, [record])
+
+
+async def flood_store(peer: RawPeer, target: Address, values: list[tuple[bytes, bytes]]) -> int:
+    """STORE every value at `target`, a window at a time; how many it kept."""
+    kept = 0
+    for start in range(0, len(values), LOOKUP_CONCURRENCY * 8):
+        window = values[start : start + LOOKUP_CONCURRENCY * 8]
+        replies = await asyncio.gather(
+            *(peer.ask(target, "store", os.urandom(20), *value, timeout=5) for value in window),
+            return_exceptions=True,
+        )
+        kept += sum(reply == "ok" for reply in replies)
+    return kept
+
+
+async def fill(
+    args: argparse.Namespace, nodes: list[DHTNode], bridge_node: DHTNode, client: Any, swarm: Swarm
+) -> dict[str, Any]:
+    """The storage fill stage (see the module's docstring)."""
+    reference = DHTNode(
+        TEST_SETTINGS,
+        policy=POLICY,
+        storage=RecordStorage(POLICY, max_keys=args.fill_keys, quotas=False),
+    )
+    await reference.listen()
+    transport, peer = await open_raw_peer(answers_checks)
+    try:
+        await reference.bootstrap([nodes[0].address])
+        values = [store_args(make_record(services=("fill",))) for _ in range(args.fill)]
+        started = time.monotonic()
+        kept = await flood_store(peer, bridge_node.address, values)
+        kept_by_reference = await flood_store(peer, reference.address, values)
+        flood_s = time.monotonic() - started
+
+        newcomer = swarm.add(nodes[len(nodes) // 2], (SERVICE,))
+        began = time.monotonic()
+        await newcomer.beat()
+        deadline, listed_s = began + 3 * args.interval, None
+        while listed_s is None and time.monotonic() < deadline:
+            if newcomer.worker_id in await router_providers(client):
+                listed_s = round(time.monotonic() - began, 2)
+            else:
+                await asyncio.sleep(0.05)  # polling the edge, as a client would
+        sender = nodes[len(nodes) // 3]
+        contact = next(
+            (c for c in sender.rpc.router.contacts() if c.port == reference.address[1]), None
+        ) or Node(reference.node.id, *reference.address)
+        replies = [
+            (await sender.rpc.call_store(contact, *store_args(make_record())))[1] for _ in range(4)
+        ]
+        return {
+            "sent": args.fill,
+            "max_keys": args.fill_keys,
+            "flood_s": round(flood_s, 1),
+            "bridge_kept": kept,
+            "bridge_refused_quota": bridge_node.storage.refused_quota,
+            "newcomer_listed_s": listed_s,
+            "reference_kept": kept_by_reference,
+            "reference_took_of_4": replies.count("ok"),
+        }
+    finally:
+        transport.close()
+        await reference.aclose()
+
+
 async def router_providers(client: Any) -> set[str]:
     """The worker ids GET /services/ocr lists."""
     response = await client.get(f"/services/{SERVICE}", params={"limit": 100})
@@ -144,7 +228,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, attack, measure; the figures."""
     started = time.monotonic()
     nodes = await start_network(args.nodes)
-    bridge_node = await start_node(seeds=[nodes[0].address])
+    bridge_node = DHTNode(
+        TEST_SETTINGS, policy=POLICY, storage=RecordStorage(POLICY, max_keys=args.fill_keys)
+    )
+    await bridge_node.listen()
+    await bridge_node.bootstrap([nodes[0].address])
     coordinators = [bridge_node.address]
     router_node = DHTNode(TEST_SETTINGS, policy=POLICY, coordinators=coordinators)
     await router_node.listen()
@@ -219,6 +307,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["eclipse_asked"] = sum(a.asked for a in eclipsers)
                     result["eclipse_swallowed"] = sum(a.swallowed for a in eclipsers)
                     result["live"] = len(live)
+                    if args.fill:
+                        result["fill"] = await fill(args, nodes, bridge_node, client, swarm)
                     await swarm.aclose()
     finally:
         for transport in transports:
@@ -248,6 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['eclipse_swallowed']} stores"
     )
     ok = result["attacked"]["complete_pct"] >= 99.0 and result["attacked"]["router_all"]
+    if "fill" in result:
+        f = result["fill"]
+        print(
+            f"storage fill, {f['sent']} fresh identities from one socket into nodes of "
+            f"{f['max_keys']} keys: the coordinator (quotas) kept {f['bridge_kept']} and "
+            f"listed a worker that started next in {f['newcomer_listed_s']} s; the reference "
+            f"(no quotas) kept {f['reference_kept']} and took {f['reference_took_of_4']} of a "
+            f"worker's 4 new keys"
+        )
+        ok = ok and f["newcomer_listed_s"] is not None
     return 0 if ok else 1
 
 

@@ -84,6 +84,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     """Record sets by key digest, merged by the merge rule, each record expiring with its lease.
 
     `clock` is wall-clock time (leases are unix times); `monotonic` orders changes.
+    `quotas=False` lets any sender take every key (measurements only: the attack bench's
+    reference).
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         max_keys: int = DEFAULT_MAX_KEYS,
         verifier: RecordVerifier | None = None,
         on_merge: Callable[[str, list[WorkerRecord]], None] | None = None,
+        quotas: bool = True,
     ) -> None:
         self.policy = policy
+        self.quotas = quotas
         # Told of every record that changed what this node holds (the bridge listens here).
         self.on_merge = on_merge
         self.verifier = verifier or RecordVerifier(policy)
@@ -134,7 +138,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 if len(self._data) >= self.max_keys:
                     self._refuse_full(decoded.key)
                     return StoreResult.FULL
-            if source is not None and self._over_quota(source):
+            if source is not None and self.quotas and self._over_quota(source):
                 self.refused_quota += 1
                 logger.debug("%s is over its quota of new keys; refusing %s", source, decoded.key)
                 return StoreResult.FULL
