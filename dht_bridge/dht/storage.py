@@ -117,7 +117,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         from `source` (the sender's groups; None: our own) counts against its quota."""
         now = self.clock()
         try:
-            decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now)
+            decoded = decode_value(
+                value, digest=digest, verifier=self.verifier, now=now, forged_refuses_all=True
+            )
         except ValueError as exc:
             logger.debug("refused STORE under %s: %s", digest.hex(), exc)
             return StoreResult.INVALID

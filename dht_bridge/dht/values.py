@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 
 from dht_bridge.dht.shards import MAX_LEVEL, belongs
-from dht_bridge.errors import RecordError
+from dht_bridge.errors import RecordError, RecordSignatureError
 from dht_bridge.records import WorkerRecord, validate_parsed, verify
 from dht_bridge.tunnels import TunnelPolicy
 
@@ -235,12 +235,17 @@ def decode_value(
     verifier: RecordVerifier,
     now: float,
     lazy: bool = False,
+    forged_refuses_all: bool = False,
 ) -> DecodedValue:
     """Decode and validate a value; raises ValueError when the envelope itself is bad.
 
     Records that fail validation (forged, expired, filed under the wrong key) are counted in
     `refused`, not returned; the rest of the set survives. With `lazy`, signatures are not
     checked: `unverified` lists the records the caller must `confirm` before trusting them.
+    With `forged_refuses_all`, the first record whose signature fails refuses the whole value
+    (ValueError), unchecked records with it: what a STORE brings was merged by an honest node
+    from checked records, and a value of 8 KB holds some 45 records, each check costing about
+    0.35 ms (one datagram, 16 ms of CPU).
     """
     if not isinstance(value, bytes) or len(value) > MAX_DATAGRAM_BODY:
         raise ValueError("value must be bytes of at most 8 KB")
@@ -270,6 +275,12 @@ def decode_value(
                     decoded.unverified.add(record.signature)
             else:
                 record = verifier.record(item, key=key, now=now)
+        except RecordSignatureError as exc:
+            if forged_refuses_all:
+                raise ValueError(f"a forged record refuses the whole value: {exc}") from exc
+            decoded.refused += 1
+            decoded.reasons.append(str(exc))
+            continue
         except RecordError as exc:
             decoded.refused += 1
             decoded.reasons.append(str(exc))

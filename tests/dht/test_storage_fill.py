@@ -4,6 +4,7 @@ address never answered us share one. The flood keeps at most its half; workers s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -82,3 +83,17 @@ async def test_a_flood_of_fresh_identities_leaves_room_for_workers(answers_check
 
 async def _store(peer: RawPeer, node: DHTNode, record: WorkerRecord) -> Any:
     return await peer.ask(node.address, "store", os.urandom(20), *store_args(record))
+
+
+def test_a_forged_record_refuses_the_whole_stored_value_after_one_check() -> None:
+    held = RecordStorage(POLICY)
+    key = shards.service_key("ocr", 0)
+    honest = make_record(services=("ocr",))
+    forged = [dataclasses.replace(make_record(services=("ocr",)), load=0.5) for _ in range(14)]
+    # Each check costs about 0.35 ms: a value of forged records was a check per record.
+    assert held.merge(key_digest(key), encode_value(key, [honest, *forged])) is (
+        StoreResult.INVALID
+    )
+    assert held.verifier.misses == 2  # the honest record, then the first forged one
+    assert held.records(key_digest(key)) == []
+    assert held.merge(key_digest(key), encode_value(key, [honest])) is StoreResult.OK
