@@ -114,7 +114,7 @@ class WorkerAgent:
         self.node: DHTNode | None = None
         self.record: WorkerRecord | None = None
         # When the earliest copy of our record in the DHT lapses: a holder whose renewal waits
-        # for the next beat keeps an older copy than `record` (see dht_renew).
+        # for the next beat keeps an older copy than `record` (see dht.renew).
         self.dht_lease_until = 0.0
         self.heartbeats = 0
         self.edge: EdgeClient | None = None

@@ -73,7 +73,7 @@ class DiversityLimits:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
-            return ip, ip  # never a contact (see dht_address), but never a crash either
+            return ip, ip  # never a contact (see dht.address), but never a crash either
         if addr.is_loopback and self.loopback_by_port:
             home = f"{addr}:{port}"
             return home, home

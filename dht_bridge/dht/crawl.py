@@ -14,7 +14,7 @@ One address cannot crowd a lookup: its shortlist (and the closest nodes it retur
 most a few candidates per IP and per subnet (the routing table's `DiversityLimits`, per
 bucket), so fakes minted next to the target at one address cannot hide the real holders.
 A node that has not yet proved our address answers with a cut list naming us (see
-dht_protocol); it is asked once more, by which time it has our answer to its check. A value
+dht.protocol); it is asked once more, by which time it has our answer to its check. A value
 too big for what we paid comes back cut to a share of its records (`partial`): a crawl with
 `partial_ok` takes it as it is, others ask once more for all of it. FIND_VALUE requests to
 candidates within `near` of the key (see `NEAR_FACTOR`) pay for that cut.
@@ -318,7 +318,7 @@ def _names(payload: Any, node_id: bytes) -> bool:
 
 def parse_contacts(payload: Any) -> list[Node]:
     """Contacts from a FIND_NODE reply; entries not shaped (20-byte id, IP literal, port) are
-    skipped, so a hostile answer cannot hand us an address (see dht_address)."""
+    skipped, so a hostile answer cannot hand us an address (see dht.address)."""
     nodes: list[Node] = []
     if not isinstance(payload, list):
         return nodes

@@ -286,7 +286,7 @@ class Reader:
 
         Verified and merged by the merge rule; with `lazy`, every version as read, unverified
         (pass them to `_select`, which verifies only what it returns). With `partial_ok`, a
-        holder's value may be a share of what it holds (a cut answer, see dht_protocol).
+        holder's value may be a share of what it holds (a cut answer, see dht.protocol).
         """
         digest = key_digest(key)
         merged: dict[str, WorkerRecord] = {}

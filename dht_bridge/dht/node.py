@@ -92,9 +92,9 @@ class DHTNode(Server):  # type: ignore[misc]
 
     Inject `clock` (wall time, for leases) and `endpoint` (the UDP socket) in tests;
     `settings` holds timeouts and sizes. With `client=True` the node starts in client mode
-    (see dht_protocol): it looks up and publishes through server nodes but is nobody's
+    (see dht.protocol): it looks up and publishes through server nodes but is nobody's
     contact; `set_mode` switches at run time, `check_reachability` tells which mode fits.
-    `diversity` bounds the contacts per IP and subnet (see dht_admission); contacts at a
+    `diversity` bounds the contacts per IP and subnet (see dht.admission); contacts at a
     `coordinators` address are exempt from it, and every publish also goes straight to a few
     of them (`set_coordinators` changes them at run time).
     """
@@ -487,7 +487,7 @@ class DHTNode(Server):  # type: ignore[misc]
         """Store `record` under `worker:<id>` and in one shard per service it offers.
 
         A caller that will publish this worker again within `again_within` seconds lets
-        holders whose copy outlives that wait for it (see dht_renew). Raises RecordError if
+        holders whose copy outlives that wait for it (see dht.renew). Raises RecordError if
         the record is invalid, PublishError if no node stored it.
         """
         return await self.publisher.publish(record, again_within=again_within)
@@ -557,7 +557,7 @@ class DHTNode(Server):  # type: ignore[misc]
         path left one value by the holders its sibling asked first stops on it once the
         sibling has all it wanted (on `world`, 500 nodes: p99 service lookup 19.2 -> 13.4 RTTs
         with nodes claimed on asking rather than on learning). With `partial_ok`, a value cut
-        to a share of its records (see dht_crawl) counts as one.
+        to a share of its records (see dht.crawl) counts as one.
         """
         seeds = self.rpc.router.find_neighbors(Node(target), k=self.ksize)
         paths = max(1, min(paths, len(seeds)))

@@ -8,7 +8,7 @@ added to a routing table: a server that sees the tag answers the request and for
 sender. The message id is opaque to the stock library, which echoes it back unread, so the wire
 format stays the library's.
 
-Admission and reflection (see dht_admission): a node that sends us a request is not taken as
+Admission and reflection (see dht.admission): a node that sends us a request is not taken as
 a contact; we ping it (a client: `stun`) and take whoever answers from that address with the
 id it answered, within the routing table's diversity limits. Until the caller's address has
 answered one of our requests, what we send it stays within `AMPLIFICATION` times its request,
@@ -151,7 +151,7 @@ class TrafficStats:
     # Timeouts that fired while our own loop ran late, and were given one more timeout.
     reprieves: int = 0
     malformed: int = 0
-    # Datagrams not sent: their address is no contact's (see dht_address), or the socket
+    # Datagrams not sent: their address is no contact's (see dht.address), or the socket
     # refused them. Either way one peer's problem, never the socket's.
     unsendable: int = 0
     stores_pushed: int = 0
@@ -160,7 +160,7 @@ class TrafficStats:
     # Requests from client-mode nodes answered (they never enter the routing table).
     client_requests: int = 0
     probes: int = 0
-    # Address checks sent (see dht_admission) and those left unanswered.
+    # Address checks sent (see dht.admission) and those left unanswered.
     checks: int = 0
     checks_failed: int = 0
     # Answers held until the caller's address answered our check, and those cut to fit its
@@ -601,7 +601,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         return self.handle_call_response(result, node_to_ask)
 
     async def call_renew(self, node_to_ask: Node, key: bytes, renewal: list[Any]) -> Reply:
-        """RENEW (see dht_renew) on a contact that holds our record, with failure accounting."""
+        """RENEW (see dht.renew) on a contact that holds our record, with failure accounting."""
         result = await self.request(
             (node_to_ask.ip, node_to_ask.port), RENEW_RPC, self.source_node.id, key, *renewal
         )
@@ -745,13 +745,13 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
     def rpc_store(self, sender: Address, nodeid: Any, key: Any, value: Any) -> str:
         """Merge a record set; answers ok / stale / full / invalid (stock clients ignore it)."""
         self._caller(nodeid, sender)
-        # The sender's groups count against its quota of new keys (see dht_storage), all
+        # The sender's groups count against its quota of new keys (see dht.storage), all
         # unproved senders as one: a STORE's source address can be forged.
         source = self.router.limits.groups(*sender) if sender in self.validated else UNPROVEN
         return self.storage.merge(_node_id(key), value, source=source).value
 
     def rpc_renew(self, sender: Address, nodeid: Any, key: Any, *renewal: Any) -> str:
-        """Renew a held record (dht_renew); answers ok / stale / unknown / invalid / full."""
+        """Renew a held record (dht.renew); answers ok / stale / unknown / invalid / full."""
         self._caller(nodeid, sender)
         return self.storage.renew(_node_id(key), list(renewal)).value
 

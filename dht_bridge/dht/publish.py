@@ -78,7 +78,7 @@ class KeyPublish:
     unreachable: int = 0
     asked: int = 0
     local: bool = False
-    # Holders not asked: their copy outlives the next publish (see dht_renew).
+    # Holders not asked: their copy outlives the next publish (see dht.renew).
     deferred: int = 0
     # When the first of the copies the holders now hold lapses (inf: none held).
     held_until: float = math.inf

@@ -1,5 +1,5 @@
 """Our routing table: a correct k-closest search, patience with contacts that miss a reply,
-and at most a few contacts per network (see dht_admission)."""
+and at most a few contacts per network (see dht.admission)."""
 
 from __future__ import annotations
 

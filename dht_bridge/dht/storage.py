@@ -177,7 +177,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         )
 
     def renew(self, digest: bytes, args: list[Any]) -> StoreResult:
-        """Apply a renewal (`dht_renew`) to the record held for its worker under `digest`."""
+        """Apply a renewal (`dht.renew`) to the record held for its worker under `digest`."""
         now = self.clock()
         try:
             renewal = Renewal.from_args(args)
