@@ -8,6 +8,7 @@ request turned each request into a scan of the registry.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -54,13 +55,15 @@ def choose_peers(pool: PeerPool, *, region: str | None, count: int) -> list[Peer
     """Up to `count` peers (never fewer than the coordinators): the coordinators, then the
     pool's servers, those in `region` first."""
     wanted = max(count - len(pool.coordinators), 0)
-    servers = list(pool.servers)
+    chosen = list(pool.servers[:wanted])
     if region is not None:
-        near = [r for r in servers if r.region == region][:wanted]
-        taken = {r.worker_id for r in near}
-        servers = near + [r for r in servers if r.worker_id not in taken]
+        # Stops at `wanted`: a few dozen records looked at for a region that has some.
+        chosen = list(itertools.islice((r for r in pool.servers if r.region == region), wanted))
+        if len(chosen) < wanted:
+            others = (r for r in pool.servers if r.region != region)
+            chosen += itertools.islice(others, wanted - len(chosen))
     peers = list(pool.coordinators)
-    for record in servers[:wanted]:
+    for record in chosen:
         peers.append(
             {
                 "node_id": record.worker_id,
