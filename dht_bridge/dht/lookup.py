@@ -317,14 +317,21 @@ class Reader:
             paths=DISJOINT_PATHS if lazy else 1,
             partial_ok=partial_ok,
         )
-        # Replicas usually hold byte-identical values: decode each distinct one once.
+        # Replicas usually hold byte-identical values: decode each distinct one once. A value
+        # checked record by record (not `lazy`) is dropped at its first forged one: an honest
+        # holder serves only records it checked, and each check costs about 0.35 ms.
         values = {value for _, value in result.values}
         if local is not None:
             values.add(local)
         for value in values:
             try:
                 decoded = decode_value(
-                    value, digest=digest, verifier=self.verifier, now=now, lazy=lazy
+                    value,
+                    digest=digest,
+                    verifier=self.verifier,
+                    now=now,
+                    lazy=lazy,
+                    forged_refuses_all=not lazy,
                 )
             except ValueError as exc:
                 logger.debug("ignored a bad value for %s: %s", key, exc)

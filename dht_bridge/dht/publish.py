@@ -343,7 +343,9 @@ class Publisher:
             return False
         now = self.clock()
         try:
-            decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now)
+            decoded = decode_value(
+                value, digest=digest, verifier=self.verifier, now=now, forged_refuses_all=True
+            )
         except ValueError:
             return False
         return leaves_no_room(decoded, record, now)

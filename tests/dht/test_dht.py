@@ -22,6 +22,7 @@ from kademlia.node import Node
 from dht_bridge.dht import shards
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.publish import PublishReport
+from dht_bridge.dht.storage import _Entry
 from dht_bridge.dht.values import (
     MAX_DATAGRAM_BODY,
     RecordVerifier,
@@ -754,8 +755,6 @@ async def test_a_lookup_sees_through_a_holder_serving_forged_copies(
     )
     entry = reader.storage._data.get(digest)
     if entry is None:
-        from dht_bridge.dht.storage import _Entry
-
         entry = reader.storage._data[digest] = _Entry(key=shards.service_key("ocr", 0))
     entry.records = {victim.worker_id: forged, other.worker_id: fake_tomb}
     entry.encoded = None
@@ -764,6 +763,25 @@ async def test_a_lookup_sees_through_a_holder_serving_forged_copies(
         (other.worker_id, other.seq),
         (victim.worker_id, victim.seq),
     ]
+
+
+async def test_a_full_read_drops_a_holders_value_at_its_first_forged_record(
+    network: list[DHTNode],
+) -> None:
+    records = [make_record(services=["ocr"], load=i / 10) for i in range(3)]
+    await publish_all(network, records)
+    reader = network[9]
+    digest = key_digest(shards.service_key("ocr", 0))
+    # A dishonest holder (the reader's own storage, written around validation) serves one
+    # real record, then 30 forged ones: each would cost the reader a signature check.
+    forged = [dataclasses.replace(make_record(services=["ocr"]), load=0.5) for _ in range(30)]
+    entry = reader.storage._data.setdefault(digest, _Entry(key=shards.service_key("ocr", 0)))
+    entry.records = {r.worker_id: r for r in [records[0], *forged]}
+    entry.encoded = None
+    checked = reader.verifier.misses
+    everything = await reader.service_records("ocr")
+    assert {r.worker_id for r in everything} == {r.worker_id for r in records}
+    assert reader.verifier.misses - checked < 10
 
 
 async def test_one_node_publishing_many_workers_records_files_each_where_readers_look(
