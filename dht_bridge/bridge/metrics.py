@@ -119,7 +119,8 @@ class MetricsServer:
 
     async def start(self) -> None:
         """Bind and serve (port 0: the OS picks); OSError when the port is taken."""
-        sock = socket.create_server((self._host, self._port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET  # ::1, [::]
+        sock = socket.create_server((self._host, self._port), family=family, reuse_port=False)
         host, port = sock.getsockname()[:2]
         self._address = (str(host), int(port))
         config = uvicorn.Config(

@@ -8,11 +8,13 @@ converge without writing back and forth, and the exported figures.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dht_bridge.bridge.metrics import MetricsServer
@@ -236,3 +238,21 @@ async def test_metrics_endpoint_serves_prometheus_text_and_health() -> None:
     assert healthy.status_code == 200
     assert healthy.json()["status"] == "ok"
     assert missing.status_code == 404
+
+
+async def test_metrics_endpoint_serves_on_an_ipv6_address() -> None:
+    # socket.create_server binds IPv4 unless told the family: --metrics-host ::1 failed with
+    # "Address family for hostname not supported".
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    server = MetricsServer(lambda: {"rma_bridge_redis_up": 1.0}, host="::1", port=0)
+    await server.start()
+    try:
+        host, port = server.address
+        assert host == "::1"
+        async with httpx.AsyncClient(base_url=f"http://[::1]:{port}", trust_env=False) as http:
+            assert (await http.get("/healthz")).json()["redis"] is True
+    finally:
+        await server.aclose()
