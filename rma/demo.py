@@ -177,7 +177,7 @@ async def _start_router(
         app, config.host, config.port, "demo-router", refusals=app.state.rma.refused
     )
     state: RouterState = app.state.rma
-    return f"http://{config.host}:{port}", state
+    return f"http://{format_hostport(config.host, port)}", state
 
 
 async def _start_workers(

@@ -242,14 +242,13 @@ async def serve(config: BridgeConfig, stop: asyncio.Event) -> int:
             # Saved at once too: a path that cannot be written shows now, not at the stop.
             _save_state(config.state_file, node, bridge)
             stack.callback(_save_state, config.state_file, node, bridge)
-        host, port = node.address
         where = "off"
         if isinstance(metrics, MetricsServer):
-            where = "{}:{}".format(*metrics.address)
+            where = format_hostport(*metrics.address)
         logger.info(
             "bridge ready: DHT node %s on %s, journal %s, metrics %s",
             node.node.id.hex()[:12],
-            format_hostport(host, port),
+            format_hostport(*node.address),
             config.journal,
             where,
         )
@@ -265,9 +264,8 @@ async def _start_metrics(config: BridgeConfig, bridge: Bridge) -> MetricsServer 
     try:
         await server.start()
     except OSError as exc:
-        logger.error(
-            "cannot serve /metrics on %s:%s: %s", config.metrics_host, config.metrics_port, exc
-        )
+        where = format_hostport(config.metrics_host, config.metrics_port)
+        logger.error("cannot serve /metrics on %s: %s", where, exc)
         return False
     return server
 
