@@ -744,10 +744,10 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def rpc_store(self, sender: Address, nodeid: Any, key: Any, value: Any) -> str:
         """Merge a record set; answers ok / stale / full / invalid (stock clients ignore it)."""
-        self._caller(nodeid, sender)
+        caller = self._caller(nodeid, sender)
         # The sender's groups count against its quota of new keys (see dht.storage), all
         # unproved senders as one: a STORE's source address can be forged.
-        source = self.router.limits.groups(*sender) if sender in self.validated else UNPROVEN
+        source = self.router.groups(caller) if sender in self.validated else UNPROVEN
         return self.storage.merge(_node_id(key), value, source=source).value
 
     def rpc_renew(self, sender: Address, nodeid: Any, key: Any, *renewal: Any) -> str:
