@@ -249,9 +249,9 @@ class Publisher:
         count = self._publishes[slot] = self._publishes.get(slot, 0) + 1
         if len(self._publishes) > MAX_SLOTS:
             # A bridge publishes for whoever reaches Redis first: workers come and go for good.
-            for table in (self._publishes, self.levels):
-                if table:
-                    del table[next(iter(table))]
+            oldest = next(iter(self._publishes))
+            del self._publishes[oldest]
+            self.levels.pop(oldest, None)
         outcomes: list[KeyPublish] = []
         turned_away: list[int] = []  # levels whose holders had no room for this record
         if level > 0 and count % RISE_EVERY == 0:
