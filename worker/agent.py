@@ -505,7 +505,8 @@ class WorkerAgent:
     async def _bootstrap(self, peers: list[tuple[str, int]], what: str) -> bool:
         assert self.node is not None
         try:
-            await self.node.bootstrap(peers)
+            # The crawl towards our own id runs on beside the publish that follows.
+            await self.node.bootstrap(peers, wait=False)
         except BootstrapError as exc:
             logger.info("joining through %s failed: %s", what, exc)
             return False

@@ -342,6 +342,33 @@ async def test_a_join_starts_on_the_first_seeds_answer_and_takes_a_late_seed_aft
         await stop_all([*nodes, joiner])
 
 
+async def test_a_join_that_does_not_wait_publishes_while_its_crawl_runs_on(
+    network_factory: NetworkFactory,
+) -> None:
+    """A start publishes beside its join's crawl (`bootstrap(wait=False)`): the call returns
+    the seeds before the crawl has asked anyone, the crawl then fills the table, and a node
+    closed mid-crawl leaves no task behind."""
+    nodes = await network_factory(6)
+    joiner = await start_node()
+    try:
+        seeds = await joiner.bootstrap([nodes[0].address], wait=False)
+        assert [s.id for s in seeds] == [nodes[0].node.id]
+        assert "join" not in joiner.crawl_queries  # counted when the crawl ends
+        report = await joiner.publish(make_record(services=["ocr"]))
+        assert report.final["ocr"].landed
+        await wait_for(
+            lambda: "join" in joiner.crawl_queries and len(joiner.rpc.router) >= 5,
+            timeout=5,
+            message="the join's crawl done, the table filled",
+        )
+    finally:
+        await joiner.aclose()
+    quitter = await start_node()
+    await quitter.bootstrap([nodes[0].address], wait=False)
+    await quitter.aclose()
+    assert quitter.rpc._tasks == set()
+
+
 async def test_a_join_whose_welcome_came_first_leaves_a_later_restart_its_push(
     network: list[DHTNode],
 ) -> None:
