@@ -7,7 +7,8 @@ IP and per /24 (IPv6: per /64 and per /48), as libp2p's kad-dht and libtorrent d
 address counts as proved only once it answered a request of ours (a reply carries our random
 20-byte message id, which an off-path spoofer never sees), as QUIC's address validation and
 BEP 5's tokens do: until then our answers to it stay within `AMPLIFICATION` times what it
-sent.
+sent. Last, each IP group's requests are metered (`RequestBudget`), as libtorrent's DHT does:
+one host's flood is dropped before it is parsed, not answered at the cost of our loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "VALIDATION_TTL",
     "DiversityLimits",
     "Groups",
+    "RequestBudget",
     "ValidatedAddresses",
 ]
 
@@ -36,6 +38,15 @@ AMPLIFICATION = 3
 VALIDATION_TTL = 600.0
 # Proved addresses remembered at most (oldest forgotten first).
 MAX_VALIDATED = 16384
+# Requests one IP group may send a node a second, and at once. An answered FIND_NODE costs
+# about 170 µs of our loop: one host's flood took a whole core and now takes at most a
+# tenth of one. Honest traffic from one address to one node is a few requests per crawl
+# through it; a bridge republishing thousands of records into a small network sends the
+# most (coordinators are not metered at all: see RMAProtocol).
+REQUEST_RATE = 500.0
+REQUEST_BURST = 2000.0
+# IP groups metered at once; the one idle longest is forgotten first (its bucket was full).
+MAX_METERED = 16384
 
 # (IP group, subnet group) of an address; equal keys count against the same limit.
 Groups = tuple[str, str]
@@ -117,3 +128,51 @@ class ValidatedAddresses:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class RequestBudget:
+    """A token bucket per sender's IP group (`DiversityLimits.groups`): `rate` requests a
+    second, `burst` at once; requests beyond it are to be dropped unanswered."""
+
+    def __init__(
+        self,
+        limits: DiversityLimits,
+        *,
+        rate: float = REQUEST_RATE,
+        burst: float = REQUEST_BURST,
+        capacity: int = MAX_METERED,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if rate <= 0 or burst < 1 or capacity < 1:
+            raise ConfigError("a request budget needs rate > 0, burst >= 1 and capacity >= 1")
+        self.limits = limits
+        self.rate = rate
+        self.burst = burst
+        self.capacity = capacity
+        self.clock = clock or time.monotonic
+        # IP group -> (tokens left, when counted); least recently heard first.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # Address -> IP group: parsing the address was most of what a dropped request cost.
+        self._group_of: dict[tuple[str, int], str] = {}
+
+    def allow(self, addr: tuple[str, int]) -> bool:
+        """Take one request from `addr`'s group; False when the group has none left."""
+        group = self._group_of.get(addr)
+        if group is None:
+            if len(self._group_of) >= self.capacity:
+                self._group_of.clear()
+            group = self._group_of[addr] = self.limits.groups(*addr)[0]
+        now = self.clock()
+        held = self._buckets.pop(group, None)
+        if held is None:
+            tokens = self.burst
+            if len(self._buckets) >= self.capacity:
+                self._buckets.popitem(last=False)
+        else:
+            tokens = min(self.burst, held[0] + (now - held[1]) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[group] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import socket
 import time
@@ -55,6 +56,7 @@ from dht_bridge.dht.admission import (
     DEFAULT_DIVERSITY,
     VALIDATION_TTL,
     DiversityLimits,
+    RequestBudget,
     ValidatedAddresses,
 )
 from dht_bridge.dht.renew import RENEW_RPC
@@ -62,6 +64,7 @@ from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.rtt import RoundTrips
 from dht_bridge.dht.storage import UNPROVEN, RecordStorage
 from dht_bridge.dht.values import MAX_DATAGRAM_BODY
+from dht_bridge.options import format_hostport
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,8 @@ PARTIAL = "partial"
 # An address that got an answer of ours counts as proved there for VALIDATION_TTL; we count
 # on it for half that (it may have restarted, or forgotten us among many), then pad again.
 HEARD_TTL = VALIDATION_TTL / 2
+# A flood is logged once per this many seconds (with the count so far), never per request.
+BUDGET_WARNING_EVERY = 60.0
 
 Address = tuple[str, int]
 Reply = tuple[bool, Any]
@@ -151,6 +156,8 @@ class TrafficStats:
     # Timeouts that fired while our own loop ran late, and were given one more timeout.
     reprieves: int = 0
     malformed: int = 0
+    # Requests dropped unread: their IP group was over its budget (see RequestBudget).
+    over_budget: int = 0
     # Datagrams not sent: their address is no contact's (see dht.address), or the socket
     # refused them. Either way one peer's problem, never the socket's.
     unsendable: int = 0
@@ -170,8 +177,9 @@ class TrafficStats:
     # Of those, values cut to fit (a share of the records, see `RecordStorage.share`).
     cut_values: int = 0
     # Bytes in and out by RPC, requests and their replies together (e.g. "store": what
-    # heartbeats cost, "find_node": what crawls cost), plus "malformed" and "unmatched" (a
-    # reply after its request timed out): where a node's traffic goes, summing to bytes in+out.
+    # heartbeats cost, "find_node": what crawls cost), plus "malformed", "over_budget" and
+    # "unmatched" (a reply after its request timed out): where a node's traffic goes,
+    # summing to bytes in+out.
     rpc_bytes: dict[str, int] = field(default_factory=dict)
 
     def count_rpc(self, name: str, size: int) -> None:
@@ -204,6 +212,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.router = RMARoutingTable(
             self, ksize, source_node, max_failures=max_failures, limits=limits, pinned=pinned
         )
+        # Requests per IP group; None meters nobody (a reference in the attack bench).
+        self.budget: RequestBudget | None = RequestBudget(limits)
+        self._budget_warned = -math.inf
         # Addresses that answered one of our requests: they get full answers.
         self.validated = ValidatedAddresses()
         # Addresses we answered lately: they count us proved, so our requests go unpadded.
@@ -340,6 +351,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if len(data) < 1 + MSG_ID_BYTES + 1:
             raise ValueError("datagram too short")
         kind, msg_id = data[:1], data[1 : 1 + MSG_ID_BYTES]
+        if kind == REQUEST and not self._within_budget(addr, len(data)):
+            return
         try:
             payload = msgpack.unpackb(data[1 + MSG_ID_BYTES :])
         except msgpack.ExtraData as extra:
@@ -352,6 +365,25 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
             self._accept_reply(msg_id, payload, addr, len(data))
         else:
             raise ValueError(f"unknown message kind {kind!r}")
+
+    def _within_budget(self, addr: Address, size: int) -> bool:
+        """Whether a request from `addr` is read: coordinators always (a bridge republishing
+        Redis sends the most), others while their IP group has budget left."""
+        budget = self.budget
+        if budget is None or addr in self.router.pinned or budget.allow(addr):
+            return True
+        self.stats.over_budget += 1
+        self.stats.count_rpc("over_budget", size)
+        now = time.monotonic()
+        if now - self._budget_warned >= BUDGET_WARNING_EVERY:
+            self._budget_warned = now
+            logger.warning(
+                "dropping requests from %s: over %g a second (%d dropped so far)",
+                format_hostport(*addr),
+                budget.rate,
+                self.stats.over_budget,
+            )
+        return False
 
     def _answer(self, msg_id: bytes, payload: Any, addr: Address, size: int) -> None:
         if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[1], list)):
