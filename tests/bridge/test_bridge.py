@@ -50,9 +50,12 @@ async def test_dht_records_and_tombstones_reach_redis(registry: Registry, tmp_pa
         async with running_bridge(
             bridge_node, registry, tmp_path / "j", bootstrap=[nodes[0].address]
         ) as bridge:
+            # The records out so far, not `swarm.newest()` at each poll: that moves with
+            # every beat, and holds only while no beat is between the DHT and Redis.
+            published = swarm.newest()
             swarm.start()
             await wait_for(
-                lambda: redis_has_at_least(registry, swarm.newest()),
+                lambda: redis_has_at_least(registry, published),
                 timeout=CONVERGE,
                 message="every worker's record in Redis",
             )
@@ -163,9 +166,12 @@ async def test_two_bridges_converge_and_stay_still(registry: Registry, tmp_path:
 
             counter = asyncio.get_running_loop().create_task(count_writes())
             try:
+                # The records out so far, not `swarm.newest()` at each poll: that moves with
+                # every beat, and holds only while no beat is between the DHT and Redis.
+                published = swarm.newest()
                 swarm.start()
                 await wait_for(
-                    lambda: redis_has_at_least(registry, swarm.newest()),
+                    lambda: redis_has_at_least(registry, published),
                     timeout=CONVERGE,
                     message="Redis converged",
                 )
@@ -179,13 +185,13 @@ async def test_two_bridges_converge_and_stay_still(registry: Registry, tmp_path:
                     message="the last beats in Redis",
                 )
                 before = sum(writes.values())
-                published = (first.counters.publish_attempts, second.counters.publish_attempts)
+                attempts = (first.counters.publish_attempts, second.counters.publish_attempts)
                 await asyncio.gather(first.wait_synced(3), second.wait_synced(3))
                 assert sum(writes.values()) == before, "a bridge wrote during a quiet period"
                 assert (
                     first.counters.publish_attempts,
                     second.counters.publish_attempts,
-                ) == published
+                ) == attempts
             finally:
                 counter.cancel()
                 await asyncio.gather(counter, return_exceptions=True)
