@@ -50,10 +50,7 @@ async def test_dht_records_and_tombstones_reach_redis(registry: Registry, tmp_pa
         async with running_bridge(
             bridge_node, registry, tmp_path / "j", bootstrap=[nodes[0].address]
         ) as bridge:
-            # The records out so far, not `swarm.newest()` at each poll: that moves with
-            # every beat, and holds only while no beat is between the DHT and Redis.
-            published = swarm.newest()
-            swarm.start()
+            published = swarm.start()
             await wait_for(
                 lambda: redis_has_at_least(registry, published),
                 timeout=CONVERGE,
@@ -166,10 +163,7 @@ async def test_two_bridges_converge_and_stay_still(registry: Registry, tmp_path:
 
             counter = asyncio.get_running_loop().create_task(count_writes())
             try:
-                # The records out so far, not `swarm.newest()` at each poll: that moves with
-                # every beat, and holds only while no beat is between the DHT and Redis.
-                published = swarm.newest()
-                swarm.start()
+                published = swarm.start()
                 await wait_for(
                     lambda: redis_has_at_least(registry, published),
                     timeout=CONVERGE,

@@ -141,10 +141,7 @@ async def test_redis_killed_and_restarted_empty_loses_nothing(
         async with running_bridge(
             bridge_node, registry, journal, bootstrap=[nodes[0].address]
         ) as bridge:
-            # The records out so far, not `swarm.newest()` at each poll: that moves with
-            # every beat, and holds only while no beat is between the DHT and Redis.
-            published = swarm.newest()
-            swarm.start()
+            published = swarm.start()
             await wait_for(
                 lambda: redis_has_at_least(registry, published),
                 timeout=CONVERGE,
@@ -237,10 +234,7 @@ async def test_a_sigkilled_bridge_loses_nothing_that_reached_its_journal(
     try:
         workers = [swarm.add(node, ("ocr",)) for node in nodes[1:]]
         await swarm.first_beats(workers)
-        # The records out so far, not `swarm.newest()` at each poll: that moves with
-        # every beat, and holds only while no beat is between the DHT and Redis.
-        published = swarm.newest()
-        swarm.start()
+        published = swarm.start()
         with bridge() as process:
             await wait_for(
                 lambda: redis_has_at_least(registry, published),

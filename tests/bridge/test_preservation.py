@@ -35,10 +35,7 @@ async def test_a_partitioned_bridge_holds_lapsing_records_until_the_dht_is_back(
         async with running_bridge(
             bridge_node, registry, tmp_path / "j", bootstrap=[nodes[0].address]
         ) as bridge:
-            # The records out so far, not `swarm.newest()` at each poll: that moves with
-            # every beat, and holds only while no beat is between the DHT and Redis.
-            published = swarm.newest()
-            swarm.start()
+            published = swarm.start()
             await wait_for(
                 lambda: redis_has_at_least(registry, published),
                 timeout=CONVERGE,

@@ -132,10 +132,7 @@ async def test_failover_keeps_routers_and_registrations_and_loses_no_record(
             with routers(topology.url, tmp_path, "one", "two", extra_env=extra_env) as (one, two):
                 for router in (one, two):
                     await router.ready(client)
-                # The records out so far, not `swarm.newest()` at each poll: that moves with
-                # every beat, and holds only while no beat is between the DHT and Redis.
-                published = swarm.newest()
-                swarm.start()
+                published = swarm.start()
                 await wait_for(
                     lambda: redis_has_at_least(registry, published),
                     timeout=CONVERGE,

@@ -126,13 +126,17 @@ class Swarm:
 
         await asyncio.gather(*(one(w) for w in workers))
 
-    def start(self, workers: Iterable[SimWorker] | None = None) -> None:
-        """Heartbeat these workers (all by default) in the background."""
+    def start(self, workers: Iterable[SimWorker] | None = None) -> dict[str, WorkerRecord]:
+        """Heartbeat these workers (all by default) in the background; returns `newest()` as
+        it was before: what to wait for in Redis. `newest()` asked at each poll moves with
+        every beat, and holds only while no beat is between the DHT and Redis."""
+        published = self.newest()
         for worker in self.workers if workers is None else workers:
             if worker.worker_id not in self._tasks and not worker.left:
                 self._tasks[worker.worker_id] = asyncio.get_running_loop().create_task(
                     self._run(worker)
                 )
+        return published
 
     def pause(self) -> None:
         """Hold every heartbeat (workers stay alive; their next beat waits)."""
