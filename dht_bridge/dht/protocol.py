@@ -43,6 +43,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+try:  # FIONREAD: is a reply waiting in our own socket (see `_expire`)
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 import msgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
@@ -240,6 +246,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self._bounds: dict[bytes, int | None] = {}
         self._bounds_version = -1
         self._family = socket.AF_INET
+        self._fileno: int | None = None  # the socket's, to look for unread datagrams
         self.dual_stack = False  # an IPv6 socket on `::` that reaches IPv4 contacts too
         self._closing = False
         self._lost: asyncio.Future[None] | None = None  # done when the transport has closed
@@ -253,6 +260,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport = transport
         sock = transport.get_extra_info("socket")
         self._family = sock.family if sock is not None else socket.AF_INET
+        # The emulated network's transports stand in a socket's facts, with no descriptor.
+        fileno = getattr(sock, "fileno", None)
+        self._fileno = fileno() if callable(fileno) else None
         self.dual_stack = dual_stack(sock)
         self._lost = asyncio.get_running_loop().create_future()
 
@@ -572,9 +582,11 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         if pending is None:
             return
         loop = asyncio.get_running_loop()
-        if not pending.reprieved and loop.time() - deadline > LATE_SHARE * self._wait_timeout:
-            # Our loop was busy past the deadline: the reply may be waiting unread in the
-            # socket, which asyncio reads one datagram per loop pass. Blaming the peer (three
+        late = loop.time() - deadline > LATE_SHARE * self._wait_timeout
+        if not pending.reprieved and (late or _unread(self._fileno)):
+            # Our loop was busy past the deadline, or datagrams wait unread in our socket
+            # (asyncio reads one per loop pass, and a busy node's replies queue behind the
+            # requests it is sent): the reply may be among them. Blaming the peer (three
             # misses drop a contact) after every stall of a busy process empties routing
             # tables, and the re-crawls that follow keep the loop busy.
             pending.reprieved = True
@@ -935,6 +947,18 @@ def padded_size(ksize: int, family: int) -> int:
     answer = len(RESPONSE) + MSG_ID_BYTES + 3 + ksize * entry
     check = len(REQUEST) + MSG_ID_BYTES + len(msgpack.packb(["ping", [bytes(NODE_ID_BYTES)]]))
     return -(-(answer + check) // AMPLIFICATION)
+
+
+def _unread(fileno: int | None) -> bool:
+    """Whether datagrams wait unread in the socket `fileno` (False where that cannot be
+    asked: no socket, as on the emulated network, or no FIONREAD, as on Windows)."""
+    if fileno is None or fcntl is None:
+        return False
+    try:
+        pending = fcntl.ioctl(fileno, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return pending != b"\0\0\0\0"
 
 
 def _node_id(value: Any) -> bytes:
