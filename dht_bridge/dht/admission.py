@@ -39,10 +39,11 @@ VALIDATION_TTL = 600.0
 # Proved addresses remembered at most (oldest forgotten first).
 MAX_VALIDATED = 16384
 # Requests one IP group may send a node a second, and at once. An answered FIND_NODE costs
-# about 170 µs of our loop: one host's flood took a whole core and now takes at most a
-# tenth of one. Honest traffic from one address to one node is a few requests per crawl
-# through it; a bridge republishing thousands of records into a small network sends the
-# most (coordinators are not metered at all: see RMAProtocol).
+# about 170 µs of our loop on a slow machine, a dropped request about 10: one host sending
+# 20,000 a second took more than the whole loop, and now takes under a third of it. Honest
+# traffic from one address to one node is a few requests per crawl through it; a bridge
+# republishing thousands of records into a small network sends the most (coordinators are
+# not metered at all: see RMAProtocol).
 REQUEST_RATE = 500.0
 REQUEST_BURST = 2000.0
 # IP groups metered at once; the one idle longest is forgotten first (its bucket was full).

@@ -268,6 +268,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket closed: on purpose after `aclose`, otherwise tell the node."""
+        self._fileno = None  # its number may be given to the next file opened
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         if self._closing:
