@@ -132,12 +132,13 @@ class ValidatedAddresses:
 
 
 class RequestBudget:
-    """A token bucket per sender's IP group (`DiversityLimits.groups`): `rate` requests a
-    second, `burst` at once; requests beyond it are to be dropped unanswered."""
+    """A token bucket per sender's IP group (the first of `groups(ip, port)`, as
+    `DiversityLimits.groups` or the routing table's memo of it): `rate` requests a second,
+    `burst` at once; requests beyond it are to be dropped unanswered."""
 
     def __init__(
         self,
-        limits: DiversityLimits,
+        groups: Callable[[str, int], Groups],
         *,
         rate: float = REQUEST_RATE,
         burst: float = REQUEST_BURST,
@@ -146,23 +147,17 @@ class RequestBudget:
     ) -> None:
         if rate <= 0 or burst < 1 or capacity < 1:
             raise ConfigError("a request budget needs rate > 0, burst >= 1 and capacity >= 1")
-        self.limits = limits
+        self.groups = groups
         self.rate = rate
         self.burst = burst
         self.capacity = capacity
         self.clock = clock or time.monotonic
         # IP group -> (tokens left, when counted); least recently heard first.
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        # Address -> IP group: parsing the address was most of what a dropped request cost.
-        self._group_of: dict[tuple[str, int], str] = {}
 
     def allow(self, addr: tuple[str, int]) -> bool:
         """Take one request from `addr`'s group; False when the group has none left."""
-        group = self._group_of.get(addr)
-        if group is None:
-            if len(self._group_of) >= self.capacity:
-                self._group_of.clear()
-            group = self._group_of[addr] = self.limits.groups(*addr)[0]
+        group = self.groups(*addr)[0]
         now = self.clock()
         held = self._buckets.pop(group, None)
         if held is None:

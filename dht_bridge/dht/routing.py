@@ -124,12 +124,16 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
 
     def groups(self, node: Node) -> Groups:
         """The (IP, subnet) groups a contact counts against, memoised per address."""
-        home = (node.ip, node.port)
+        return self.groups_at(node.ip, node.port)
+
+    def groups_at(self, ip: str, port: int) -> Groups:
+        """`groups` of an address: a request's sender, before it is anyone's contact."""
+        home = (ip, port)
         groups = self._groups.get(home)
         if groups is None:
             if len(self._groups) >= MAX_MEMO:
                 self._groups.clear()
-            groups = self._groups[home] = self.limits.groups(node.ip, node.port)
+            groups = self._groups[home] = self.limits.groups(ip, port)
         return groups
 
     def admissible(self, node: Node) -> bool:

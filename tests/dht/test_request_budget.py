@@ -27,7 +27,7 @@ class Clock:
 
 def test_a_group_gets_its_burst_then_its_rate() -> None:
     clock = Clock()
-    budget = RequestBudget(DEFAULT_DIVERSITY, rate=10.0, burst=5.0, clock=clock)
+    budget = RequestBudget(DEFAULT_DIVERSITY.groups, rate=10.0, burst=5.0, clock=clock)
     assert [budget.allow(("198.51.100.7", 4000)) for _ in range(7)] == [True] * 5 + [False] * 2
     # Another port of the same address is the same host; the next address is not.
     assert not budget.allow(("198.51.100.7", 4001))
@@ -39,20 +39,21 @@ def test_a_group_gets_its_burst_then_its_rate() -> None:
 
 
 def test_ipv6_is_metered_per_64_and_loopback_per_port() -> None:
-    budget = RequestBudget(DEFAULT_DIVERSITY, rate=1.0, burst=1.0, clock=Clock())
+    budget = RequestBudget(DEFAULT_DIVERSITY.groups, rate=1.0, burst=1.0, clock=Clock())
     assert budget.allow(("2001:db8:1:2::1", 5000))
     assert not budget.allow(("2001:db8:1:2::ffff", 5000))  # the same /64
     assert budget.allow(("2001:db8:1:3::1", 5000))
     # A test network or the demo runs every node on 127.0.0.1.
     assert budget.allow(("127.0.0.1", 5000))
     assert budget.allow(("127.0.0.1", 5001))
-    one_host = RequestBudget(DiversityLimits(loopback_by_port=False), burst=1.0, clock=Clock())
+    one_host_limits = DiversityLimits(loopback_by_port=False)
+    one_host = RequestBudget(one_host_limits.groups, burst=1.0, clock=Clock())
     assert one_host.allow(("127.0.0.1", 5000))
     assert not one_host.allow(("127.0.0.1", 5001))
 
 
 def test_the_group_heard_from_longest_ago_is_forgotten_first() -> None:
-    budget = RequestBudget(DEFAULT_DIVERSITY, rate=1.0, burst=1.0, capacity=2, clock=Clock())
+    budget = RequestBudget(DEFAULT_DIVERSITY.groups, rate=1.0, burst=1.0, capacity=2, clock=Clock())
     assert budget.allow(("192.0.2.1", 1))
     assert budget.allow(("192.0.2.2", 1))
     assert not budget.allow(("192.0.2.1", 1))  # heard again: now the latest
@@ -69,7 +70,7 @@ def test_a_budget_that_could_admit_nothing_is_refused(
     rate: float, burst: float, capacity: int
 ) -> None:
     with pytest.raises(ConfigError):
-        RequestBudget(DEFAULT_DIVERSITY, rate=rate, burst=burst, capacity=capacity)
+        RequestBudget(DEFAULT_DIVERSITY.groups, rate=rate, burst=burst, capacity=capacity)
 
 
 async def test_a_node_drops_a_flood_over_its_budget_unread_and_says_so_once(
@@ -77,7 +78,7 @@ async def test_a_node_drops_a_flood_over_its_budget_unread_and_says_so_once(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dht_bridge.dht.protocol")
     (node,) = await network_factory(1)
-    node.rpc.budget = RequestBudget(node.rpc.router.limits, rate=1.0, burst=20.0, clock=Clock())
+    node.rpc.budget = RequestBudget(node.rpc.router.groups_at, rate=1.0, burst=20.0, clock=Clock())
     transport, flooder = await open_raw_peer()
     try:
         asked = [
