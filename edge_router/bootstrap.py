@@ -55,8 +55,9 @@ def choose_peers(pool: PeerPool, *, region: str | None, count: int) -> list[Peer
     """Up to `count` peers (never fewer than the coordinators): the coordinators, then the
     pool's servers, those in `region` first."""
     wanted = max(count - len(pool.coordinators), 0)
-    chosen = list(pool.servers[:wanted])
-    if region is not None:
+    if region is None:
+        chosen = list(pool.servers[:wanted])
+    else:
         # Stops at `wanted`: a few dozen records looked at for a region that has some.
         chosen = list(itertools.islice((r for r in pool.servers if r.region == region), wanted))
         if len(chosen) < wanted:
