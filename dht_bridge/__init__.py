@@ -6,6 +6,8 @@ Layered bottom-up; each imports only what is above it in this list:
               fields of the current task, Prometheus exposition of figures.
 - `jsontext`  JSON from elsewhere, read with its nesting bounded.
 - `closing`   waiting for a closed transport's socket to be closed for real.
+- `httpwire`  hop-by-hop header names and capped body reads, for the router's and the
+              worker's proxies.
 - `options`   options declared once (flag, `RMA_*` variable, type, default, help).
 - `backoff`   retry delays: exponential with jitter, or none (for tests).
 - `identity`  Ed25519 keys and the worker id derived from them.

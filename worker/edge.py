@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from dht_bridge.errors import RecordError
+from dht_bridge.httpwire import read_capped
 from dht_bridge.jsontext import loads_bounded
 from dht_bridge.records import WorkerRecord, parse_and_validate
 from dht_bridge.tunnels import TunnelPolicy
@@ -199,12 +200,7 @@ class EdgeClient:
         """The answer and its body; None for a body over MAX_ANSWER_BYTES."""
         response = await self._client.send(request, stream=True)
         try:
-            body = bytearray()
-            async for piece in response.aiter_bytes():  # decoded: a gzip bomb is counted too
-                body += piece
-                if len(body) > MAX_ANSWER_BYTES:
-                    return response, None
-            return response, bytes(body)
+            return response, await read_capped(response, MAX_ANSWER_BYTES)
         finally:
             await response.aclose()
 

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,6 +24,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dht_bridge.errors import RecordError
+from dht_bridge.httpwire import end_to_end
 from dht_bridge.identity import Identity
 from dht_bridge.tunnel_proof import NONCE_PARAM, NONCE_RE, PROOF_PATH, sign_proof
 from dht_bridge.tunnels import canonical_tunnel_url
@@ -32,20 +33,6 @@ __all__ = ["ProofMiddleware", "ProofProxy", "ProofSource", "proof_answer"]
 
 logger = logging.getLogger(__name__)
 
-# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # The proxy's own server stamps these.
 _RESPONSE_DROP = frozenset({b"date", b"server"})
 START_TIMEOUT = 10.0
@@ -142,7 +129,7 @@ class _Forward:
         query = scope.get("query_string", b"")
         prefix = self.base.raw_path.split(b"?", 1)[0].rstrip(b"/")
         target = self.base.copy_with(raw_path=prefix + raw + (b"?" + query if query else b""))
-        headers = _end_to_end(scope["headers"])
+        headers = end_to_end(scope["headers"])
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         request = httpx.Request(
             scope["method"],
@@ -161,11 +148,7 @@ class _Forward:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": [
-                        (k, v)
-                        for k, v in _end_to_end(response.headers.raw)
-                        if k not in _RESPONSE_DROP
-                    ],
+                    "headers": end_to_end(response.headers.raw, _RESPONSE_DROP),
                 }
             )
             async for chunk in response.aiter_raw():
@@ -173,18 +156,6 @@ class _Forward:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
-
-
-def _end_to_end(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    pairs = [(k.lower(), v) for k, v in raw]
-    listed = {
-        token.strip().lower()
-        for k, v in pairs
-        if k == b"connection"
-        for token in v.split(b",")
-        if token.strip()
-    }
-    return [(k, v) for k, v in pairs if k not in _HOP_BY_HOP and k not in listed]
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

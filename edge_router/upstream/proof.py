@@ -26,6 +26,7 @@ import httpx
 from starlette.requests import Request
 
 from dht_bridge.errors import RecordError
+from dht_bridge.httpwire import read_capped
 from dht_bridge.jsontext import loads_bounded
 from dht_bridge.records import WorkerRecord
 from dht_bridge.tunnel_proof import (
@@ -271,7 +272,7 @@ class TunnelProver:
                 try:
                     if response.status_code != 200:
                         return ProofCheck(Outcome.FAILED, f"HTTP {response.status_code}")
-                    body = await _read_capped(response, MAX_ANSWER_BYTES)
+                    body = await read_capped(response, MAX_ANSWER_BYTES)
                 finally:
                     await response.aclose()
         except TimeoutError:
@@ -296,18 +297,6 @@ class TunnelProver:
             )
         except (ValueError, RecordError) as exc:  # a record that slipped past validation
             return ProofCheck(Outcome.FAILED, f"cannot check: {exc}")
-
-
-async def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
-    """The body, or None once it passes `limit` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def prover_of(request: Request) -> TunnelProver:

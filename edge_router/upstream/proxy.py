@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from dht_bridge.httpwire import HOP_BY_HOP, connection_tokens, end_to_end
 from dht_bridge.records import WorkerRecord
 from edge_router.errors import BadRequest, NoProvider, UpstreamTimeout, UpstreamUnavailable
 from edge_router.framing import header_problem
@@ -46,21 +47,6 @@ WORKER_HEADER = b"x-rma-worker"
 # Our own headers (the Cloudflare Worker's origin secret among them) never reach a volunteer, and
 # a volunteer cannot make its response look as if the router had said something.
 INTERNAL_PREFIX = b"x-rma-"
-# RFC 9110 section 7.6.1, plus the older names proxies still meet.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # Host is set by httpx from the tunnel URL, and Content-Length from the body it sends (a client's
 # framing is never passed on); the X-Forwarded-* and CF-Ray are rebuilt from what the app
 # trusts; other client-address claims are unverified, and Expect: 100-continue is a
@@ -668,20 +654,7 @@ def _declared_length(raw: Sequence[tuple[bytes, bytes]]) -> bytes | None:
 
 def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """A provider's response headers without hop-by-hop, Date/Server and our internal ones."""
-    lowered = [(k.lower(), v) for k, v in raw]
-    drop = HOP_BY_HOP | RESPONSE_DROP | connection_tokens(lowered)
-    return [(k, v) for k, v in lowered if k not in drop and not k.startswith(INTERNAL_PREFIX)]
-
-
-def connection_tokens(raw: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The header names a Connection header lists: they are hop-by-hop too."""
-    return frozenset(
-        token.strip().lower()
-        for k, v in raw
-        if k.lower() == b"connection"
-        for token in v.split(b",")
-        if token.strip()
-    )
+    return [(k, v) for k, v in end_to_end(raw, RESPONSE_DROP) if not k.startswith(INTERNAL_PREFIX)]
 
 
 def target_path(path: str, query: bytes) -> bytes:
