@@ -164,11 +164,14 @@ class DHTSide:
             return
         except DHTError as exc:
             state.counters.publish_failures += 1
-            logger.debug("publish of %s failed (kept to retry): %s", record.worker_id, exc)
+            logger.debug(
+                "publish of %s failed (the next sync pass retries): %s", record.worker_id, exc
+            )
             return
         if report.stored:
             state.counters.merged_to_dht += 1
             state.counters.last_dht_sync = state.clock()
+            state.seen_in_dht(record)  # in the DHT now: sync passes need not publish it again
         else:
             state.counters.publish_failures += 1
 

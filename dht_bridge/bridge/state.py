@@ -162,13 +162,16 @@ class BridgeState:
         self.wakes.flush.set()
 
     def queue_publish(self, record: WorkerRecord) -> None:
-        """File a record Redis holds for the DHT, unless a newer one already waits."""
+        """File a record Redis holds for the DHT, unless a newer one already waits. The same
+        record again is filed again: a sync pass that still finds it missing from the DHT
+        retries a publish that failed."""
         wid = record.worker_id
         held = self.fallback.get(wid)
-        if held is not None and not supersedes(record, held):
+        if held is not None and supersedes(held, record):
             return
-        self.fallback[wid] = record
-        self.to_publish[wid] = record
+        if held is None or supersedes(record, held):
+            self.fallback[wid] = record
+        self.to_publish[wid] = self.fallback[wid]
         self.wakes.publish.set()
 
     def forget(self, now: float) -> None:

@@ -12,6 +12,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,8 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dht_bridge.bridge.metrics import MetricsServer
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.publish import PublishReport
+from dht_bridge.errors import PublishError
 from dht_bridge.identity import Identity
-from dht_bridge.records import tombstone_for
+from dht_bridge.records import WorkerRecord, tombstone_for
 from dht_bridge.registry.registry import Registry
 from tests.support.bridge import (
     Swarm,
@@ -135,6 +138,39 @@ async def test_router_fallback_registrations_reach_the_dht_once_it_is_back(
             )
     finally:
         await stop_all([*restarted, bridge_node])
+
+
+async def test_a_publish_that_failed_is_retried_by_the_next_sync_pass(
+    registry: Registry, tmp_path: Path
+) -> None:
+    nodes = await start_network(6)
+    bridge_node = await start_bridge_node(nodes[0])
+    publish = bridge_node.publish
+    attempts: list[str] = []
+
+    async def fails_once(record: WorkerRecord, **options: Any) -> PublishReport:
+        attempts.append(record.worker_id)
+        if len(attempts) == 1:
+            raise PublishError("no holder answered (this once)")
+        return await publish(record, **options)
+
+    bridge_node.publish = fails_once  # type: ignore[method-assign]
+    try:
+        async with running_bridge(
+            bridge_node, registry, tmp_path / "j", bootstrap=[nodes[0].address]
+        ) as bridge:
+            await wait_for(lambda: bridge.dht_up, timeout=CONVERGE, message="DHT up")
+            record = make_record(services=("ocr",), ttl=300)
+            assert await registry.upsert(record)  # as the router's POST /workers does
+
+            async def in_dht() -> bool:
+                return await nodes[-1].get_record(record.worker_id) is not None
+
+            await wait_for(in_dht, timeout=CONVERGE, message="the record in the DHT")
+            assert len(attempts) >= 2
+            assert bridge.counters.publish_failures >= 1
+    finally:
+        await stop_all([*nodes, bridge_node])
 
 
 async def test_two_bridges_converge_and_stay_still(registry: Registry, tmp_path: Path) -> None:
