@@ -149,13 +149,16 @@ class SyncPass:
         A walk can miss a worker: a holder serving a copy of a shard made before it was
         marked overflowed sends the reader no further down, where the worker is filed. Its
         `worker:<id>` key still holds its newest record, a tombstone included, so a worker
-        that left is not taken for one that merely vanished.
+        that left is not taken for one that merely vanished. Live records in Redis are read
+        whatever their lease: one past it is held by self-preservation, and the release at
+        the end of this pass would delete it unless the DHT shows a newer one.
         """
         state = self.state
         known = {
+            wid for wid, record in state.in_redis.items() if wid not in view and record.live
+        } | {
             wid
-            for table in (state.in_redis, state.dht_seen)
-            for wid, record in table.items()
+            for wid, record in state.dht_seen.items()
             if wid not in view and record.live and not record.is_expired(now)
         }
         if not known:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dht_bridge.records import tombstone_for
+from dht_bridge.identity import Identity
+from dht_bridge.records import WorkerRecord, tombstone_for
 from dht_bridge.registry.registry import Registry
 from tests.support.bridge import (
     Partition,
@@ -137,3 +138,42 @@ async def test_below_the_share_leases_lapse_and_above_it_they_are_held(
             assert [p.stale for p in marked] == [False] * len(steady) + [True] * len(many)
     finally:
         await lone.aclose()
+
+
+async def test_a_held_worker_the_shard_walk_misses_is_read_by_its_own_key_before_release(
+    registry: Registry, tmp_path: Path
+) -> None:
+    nodes = await start_network(6)
+    bridge_node = await start_bridge_node(nodes[0])
+    try:
+        identity = Identity.generate()
+        old = make_record(identity, services=("ocr",), seq=1, ttl=1.0)
+        assert await registry.upsert(old)
+        now = time.time()
+        # A bridge cut off from the DHT held it; then its lease ended.
+        assert await registry.hold([identity.worker_id], lapse_before=now + 60, until=now + 60)
+        await wait_for(
+            lambda: time.time() > old.expires_at + 0.1, timeout=CONVERGE, message="lease ended"
+        )
+        # Meanwhile the worker heartbeats on in the DHT.
+        newer = make_record(identity, services=("ocr",), seq=2, ttl=120.0)
+        await nodes[1].publish(newer)
+
+        async def walk_that_misses(service: str) -> list[WorkerRecord]:
+            return []  # as a walk stopped short of the shard level the worker is filed in
+
+        bridge_node.service_records = walk_that_misses  # type: ignore[method-assign]
+        async with running_bridge(
+            bridge_node, registry, tmp_path / "j", bootstrap=[nodes[0].address], services=["ocr"]
+        ) as bridge:
+            await wait_for(
+                lambda: bridge.dht_up and bridge.redis_up, timeout=CONVERGE, message="both up"
+            )
+            await bridge.wait_synced(2)
+            assert await registry.held_count() == 0
+            stored = await registry.get(identity.worker_id)
+            assert stored is not None, "the held worker was deleted by the release"
+            assert stored.seq == newer.seq
+            assert bridge.counters.vanished_reads >= 1
+    finally:
+        await stop_all([*nodes, bridge_node])
