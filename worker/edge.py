@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 
+from dht_bridge.dht.address import contact_address
 from dht_bridge.errors import RecordError
 from dht_bridge.httpwire import read_capped
 from dht_bridge.jsontext import loads_bounded
@@ -34,6 +37,12 @@ MAX_ANSWER_BYTES = 1 << 20
 MAX_ANSWER_DEPTH = 16  # a lookup answer nests 4 levels
 # Peers taken from one bootstrap answer: the edge hands out a few; a join needs one.
 MAX_PEERS = 64
+# How long a bootstrap answer stays good when the edge names no usable ttl, and at most: an
+# edge that said "for ever" (or 10^400 s) would otherwise never be asked for peers again.
+DEFAULT_PEERS_TTL = 60.0
+MAX_PEERS_TTL = 86400.0
+# A DNS label as resolvers take it: a longer one makes getaddrinfo raise UnicodeError.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 class Registered(enum.Enum):
@@ -100,7 +109,7 @@ class EdgeClient:
             if not isinstance(item, dict):
                 continue
             host, port = item.get("host"), item.get("port")
-            if isinstance(host, str) and host and isinstance(port, int) and 0 < port < 65536:
+            if _peer_host(host) and type(port) is int and 0 < port < 65536:
                 peers.append((host, port))
                 if item.get("kind") == "coordinator":
                     coordinators.append((host, port))
@@ -108,14 +117,14 @@ class EdgeClient:
             # Else the agent only says it could not join: this says the edge was the cause.
             logger.warning(
                 "GET /dht/bootstrap: %d of the %d peers the edge named are usable "
-                "(each needs a host and a port from 1 to 65535; %d are read at most)",
+                "(each needs an IP address or DNS name and a port from 1 to 65535; %d are "
+                "read at most)",
                 len(peers),
                 len(named),
                 MAX_PEERS,
             )
         ttl = body.get("ttl") if isinstance(body, dict) else None
-        good_for = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else 60.0
-        return BootstrapPeers(tuple(peers), good_for, tuple(coordinators))
+        return BootstrapPeers(tuple(peers), _peers_ttl(ttl), tuple(coordinators))
 
     async def services(
         self, service: str, *, limit: int = 10, region: str = ""
@@ -221,3 +230,25 @@ class EdgeClient:
         if response.status_code >= 500 or response.status_code == 429:
             raise EdgeUnavailable(f"edge answered {response.status_code}: {detail}")
         raise EdgeRefused(response.status_code, detail)
+
+
+def _peer_host(host: object) -> TypeGuard[str]:
+    """Whether a bootstrap answer's `host` is an IP address or a DNS name a resolver takes."""
+    if not isinstance(host, str) or not 0 < len(host) <= 253:
+        return False
+    if contact_address(host, 1) is not None:
+        return True
+    return all(_HOST_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))
+
+
+def _peers_ttl(ttl: object) -> float:
+    """A bootstrap answer's `ttl` in seconds: a finite number above 0, at most MAX_PEERS_TTL."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        return DEFAULT_PEERS_TTL
+    try:
+        seconds = float(ttl)
+    except OverflowError:  # an integer of hundreds of digits
+        return MAX_PEERS_TTL if ttl > 0 else DEFAULT_PEERS_TTL
+    if not math.isfinite(seconds) or seconds <= 0:
+        return DEFAULT_PEERS_TTL
+    return min(seconds, MAX_PEERS_TTL)

@@ -483,7 +483,9 @@ class DHTNode(Server):  # type: ignore[misc]
                 infos = await loop.getaddrinfo(
                     host, port, family=0 if dual else family, type=socket.SOCK_DGRAM
                 )
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
+                # ValueError (UnicodeError): a name the IDNA codec refuses, say a label over
+                # 63 characters; one such peer must not cost the join through the others.
                 logger.warning(
                     "cannot resolve bootstrap peer %s: %s", format_hostport(host, port), exc
                 )

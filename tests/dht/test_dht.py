@@ -711,6 +711,23 @@ async def test_bootstrap_with_no_live_peer_says_what_it_tried() -> None:
         await node.aclose()
 
 
+@pytest.mark.parametrize("bad", ["a" * 64 + ".example", "é" * 70, "a" * 300 + ".com"])
+async def test_a_peer_name_the_resolver_refuses_is_skipped_not_fatal(
+    network: list[DHTNode], bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # getaddrinfo raises UnicodeError (a ValueError, not an OSError) for a label over 63
+    # characters: one such peer in a list must not stop the join through the others.
+    node = await start_node()
+    try:
+        await node.bootstrap([(bad, 4000), network[0].address])
+        assert len(node.rpc.router) > 0
+        assert "cannot resolve bootstrap peer" in caplog.text
+        with pytest.raises(BootstrapError, match="no usable bootstrap peer"):
+            await node.bootstrap([(bad, 4000)])
+    finally:
+        await node.aclose()
+
+
 async def test_a_lone_node_stores_and_finds_its_own_record() -> None:
     node = await start_node()
     try:

@@ -24,12 +24,13 @@ from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
+from tests.support.dht import network_of
 from tests.support.helpers import POLICY, make_record, wait_for
 from tests.support.upstreams import refusing_port, serve, url_of
 from tests.support.worker import EDGE_URL, Edge, running_edge, worker_config
 from worker.agent import Mode, WorkerAgent
 from worker.discovery import discover
-from worker.edge import MAX_PEERS, EdgeClient, Registered
+from worker.edge import DEFAULT_PEERS_TTL, MAX_PEERS, MAX_PEERS_TTL, EdgeClient, Registered
 from worker.errors import EdgeRefused, EdgeUnavailable
 from worker.load import HttpLoad, InFlightCounter, StaticLoad
 
@@ -167,6 +168,52 @@ async def test_a_bootstrap_answer_is_read_for_its_first_peers_only() -> None:
         finally:
             await edge.aclose()
     assert peers == tuple(("127.0.0.1", 1 + i) for i in range(MAX_PEERS))
+
+
+@pytest.mark.parametrize(
+    ("ttl", "good_for"),
+    [
+        (b"120", 120.0),
+        (b"1" + b"0" * 400, MAX_PEERS_TTL),  # float() of it raises OverflowError
+        (b"1e400", DEFAULT_PEERS_TTL),  # json reads it as inf
+        (b"Infinity", DEFAULT_PEERS_TTL),
+        (b"NaN", DEFAULT_PEERS_TTL),
+        (b"-5", DEFAULT_PEERS_TTL),
+        (b"true", DEFAULT_PEERS_TTL),
+        (b"1e9", MAX_PEERS_TTL),
+    ],
+)
+async def test_a_bootstrap_answers_ttl_is_finite_positive_and_capped(
+    ttl: bytes, good_for: float
+) -> None:
+    # Else a huge integer raised OverflowError out of start(), and Infinity meant the worker
+    # never asked the edge for peers again.
+    body = b'{"peers": [{"host": "127.0.0.1", "port": 9}], "ttl": ' + ttl + b"}"
+    edge = edge_with(httpx.MockTransport(lambda _: httpx.Response(200, content=body)))
+    try:
+        assert (await edge.bootstrap()).ttl == good_for
+    finally:
+        await edge.aclose()
+
+
+async def test_a_bootstrap_peer_whose_host_no_resolver_takes_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A label over 63 characters made getaddrinfo raise UnicodeError out of the agent's start.
+    async with network_of(3) as nodes:
+        bad = ["a" * 64 + ".example", "x\x00y", "é" * 10, "a..b", "-a.example", "a" * 254]
+        named = [{"host": host, "port": 4000} for host in bad]
+        good = [{"host": "localhost", "port": 1}, {"host": "::1", "port": 2}]
+        good.append({"host": nodes[0].address[0], "port": nodes[0].address[1]})
+        answer = {"peers": [*named, *good], "ttl": 60}
+        transport = httpx.MockTransport(lambda _: httpx.Response(200, json=answer))
+        agent = WorkerAgent(worker_config(tmp_path, "w-hosts"), edge_transport=transport)
+        with caplog.at_level(logging.WARNING, logger="worker.edge"):
+            async with agent:
+                assert agent.mode is Mode.DHT
+                assert agent._edge_peers is not None
+                assert agent._edge_peers.peers == (("localhost", 1), ("::1", 2), nodes[0].address)
+    assert f"3 of the {len(bad) + 3} peers the edge named are usable" in caplog.text
 
 
 @pytest.mark.parametrize(
