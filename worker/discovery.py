@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.storage import RecordStorage
 from dht_bridge.errors import ConfigError, DHTError
-from dht_bridge.records import WorkerRecord
+from dht_bridge.records import WorkerRecord, merge_into
 from worker.config import check_service
 from worker.edge import EdgeClient
 from worker.errors import EdgeError
@@ -123,7 +123,18 @@ async def discover(
         source = SOURCE_DHT if local else SOURCE_NONE
         return Discovery(service, local, source, _since(started), f"{reason}; edge: {exc}")
     logger.info("discovery of %s answered by the edge: %s", service, reason)
-    return Discovery(service, providers, SOURCE_EDGE, _since(started), reason)
+    live = _newest_live(providers, now=edge.clock())
+    return Discovery(service, live, SOURCE_EDGE, _since(started), reason)
+
+
+def _newest_live(records: list[WorkerRecord], *, now: float) -> list[WorkerRecord]:
+    """The edge's records merged as a DHT answer is: the newest per worker, tombstones and
+    lapsed leases left out, least loaded first. Each is signed, but an edge (or whatever
+    answers at its address) may list a worker's old seqs, its tombstone, or one record many
+    times."""
+    newest: dict[str, WorkerRecord] = {}
+    merge_into(newest, records, now=now)
+    return sorted((r for r in newest.values() if r.live), key=lambda r: (r.load, r.worker_id))
 
 
 def _since(started: float) -> float:

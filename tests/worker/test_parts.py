@@ -333,6 +333,34 @@ async def test_a_discovery_asks_the_edge_for_no_more_than_the_edge_accepts(
     assert (found.source, len(found.providers)) == ("edge", 3), found.detail
 
 
+async def test_a_discovery_through_the_edge_keeps_each_workers_newest_live_record() -> None:
+    # Signed records all, but an edge (or a replay at its address) may list a tombstone, an
+    # older seq of a worker, and one record many times: all came back as providers.
+    gone, busy, idle = Identity.generate(), Identity.generate(), Identity.generate()
+    newer = make_record(busy, seq=2, load=0.7)
+    listed = [
+        make_record(gone, seq=4, load=0.1),
+        make_record(gone, seq=5, tombstone=True),
+        make_record(busy, seq=1, load=0.0),
+        newer,
+        newer,
+        newer,
+        make_record(idle, seq=3, load=0.2),
+        make_record(idle, seq=1, now=0.0, ttl=10.0),  # lapsed long ago
+    ]
+    answer = {"providers": [record.to_dict() for record in listed]}
+    edge = edge_with(httpx.MockTransport(lambda _: httpx.Response(200, json=answer)))
+    try:
+        found = await discover("ocr", limit=10, node=None, edge=edge, deadline=0.5)
+    finally:
+        await edge.aclose()
+    assert found.source == "edge"
+    assert [(r.worker_id, r.seq) for r in found.providers] == [
+        (idle.worker_id, 3),
+        (busy.worker_id, 2),
+    ]
+
+
 @pytest.mark.parametrize(
     ("service", "limit", "wrong"),
     [
