@@ -29,6 +29,7 @@ from dht_bridge.errors import (
     DHTError,
     PublishError,
     RecordError,
+    RecordInvalid,
     RMAError,
 )
 from dht_bridge.identity import Identity
@@ -615,7 +616,31 @@ class WorkerAgent:
         self.state.seq += 1
         if self.state.seq > self._seq_reserved:
             await self._reserve()
+        load = 0.0 if tombstone else await self.load()
         host, port = self._advertised() if advertise else ("", 0)
+        try:
+            return self._sign(ttl=ttl, host=host, port=port, load=load, tombstone=tombstone)
+        except RecordInvalid as exc:
+            observed = self.reachability.observed if self.reachability else None
+            if exc.field not in ("dht_host", "dht_port") or (host, port) != observed:
+                raise
+            # A server's word put it there: were it kept, every beat would fail on it and the
+            # worker would stay off the DHT for good. Ask again (in server mode too: no verdict
+            # makes a check due); meanwhile advertise without it.
+            logger.warning(
+                "servers saw us at %s, which no record can hand out (%s): checking again",
+                format_hostport(host, port),
+                exc,
+            )
+            self.reachability = None
+            self._next_reach = _now()
+            host, port = self._advertised()
+            return self._sign(ttl=ttl, host=host, port=port, load=load, tombstone=tombstone)
+
+    def _sign(
+        self, *, ttl: float, host: str, port: int, load: float, tombstone: bool
+    ) -> WorkerRecord:
+        assert self.identity is not None
         return sign_record(
             self.identity,
             # What the user typed may be any spelling; what is signed is the one all read alike.
@@ -628,7 +653,7 @@ class WorkerAgent:
             dht_port=port,
             capabilities=self.config.capabilities,
             region=self.config.region,
-            load=0.0 if tombstone else await self.load(),
+            load=load,
             tombstone=tombstone,
         )
 

@@ -14,13 +14,15 @@ import asyncio
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
 
-from dht_bridge.dht.address import from_wire, to_wire
+from dht_bridge.dht.address import contact_address, from_wire, to_wire
+from dht_bridge.records import HOST_RE
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +64,16 @@ class Requester(Protocol):
 
 
 def parse_answer(reply: Any) -> tuple[bool, Address] | None:
-    """A server's answer to `reach`: (reachable, observed address), or None if malformed."""
+    """A server's answer to `reach`: (reachable, observed address), or None if malformed; so
+    is an observed address our record could not hand out (not an IP address, a port outside
+    1..65535, an IPv6 scope)."""
     if not isinstance(reply, dict):
         return None
-    reachable, host, port = reply.get("reachable"), reply.get("host"), reply.get("port")
-    if not (isinstance(reachable, bool) and isinstance(host, str) and isinstance(port, int)):
+    reachable = reply.get("reachable")
+    observed = contact_address(reply.get("host"), reply.get("port"))
+    if not isinstance(reachable, bool) or observed is None or not HOST_RE.fullmatch(observed[0]):
         return None
-    return reachable, (host, port)
+    return reachable, observed
 
 
 async def check(
@@ -91,8 +96,11 @@ async def check(
         logger.info("no server answered the reachability check (asked %d)", len(asked))
         return Reachability(None)
     confirmed = sum(1 for reachable, _ in answers if reachable)
-    observed = answers[0][1]
     verdict = confirmed * 2 > len(answers)
+    # The address most servers saw, among those that reached us when any did: one server's
+    # word (a liar's, or one behind a NAT of its own) must not choose what our record hands out.
+    seen = [addr for reachable, addr in answers if reachable == (confirmed > 0)]
+    observed = Counter(seen).most_common(1)[0][0]
     logger.debug("reachability: %d of %d say reachable at %s", confirmed, len(answers), observed)
     return Reachability(verdict, observed, len(answers), confirmed)
 

@@ -203,6 +203,35 @@ async def test_client_mode_records_carry_no_dht_address(
         assert (listed.dht_host, listed.dht_port) == ("", 0)
 
 
+async def test_an_observed_address_no_record_can_carry_is_dropped_and_checked_again(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    # A verdict naming port 70000 (the check now drops such answers; this is the agent's own
+    # guard) made every record unsignable: the worker fell off the DHT for good.
+    async with edge.agent(worker_config(tmp_path, "w-observed")) as agent:
+        await reach_checked(agent)
+        assert agent.node is not None
+        assert agent.reachability is not None
+        agent.reachability = replace(agent.reachability, observed=("127.0.0.1", 70000))
+        await agent.update(load=0.5)  # a beat now, signed with what servers "saw"
+
+        def republished() -> bool:
+            record = agent.record
+            return record is not None and record.load == 0.5
+
+        await wait_for(republished, timeout=10, message="the record republished")
+        assert agent.record is not None
+        assert agent.mode is Mode.DHT
+        assert (agent.record.dht_host, agent.record.dht_port) == agent.node.address
+        await wait_for(
+            lambda: agent.reachability is not None and agent.reachability.observed is not None,
+            timeout=15,
+            message="a new reachability check",
+        )
+        assert agent.reachability is not None
+        assert agent.reachability.observed == agent.node.address
+
+
 async def test_a_warm_discovery_is_answered_from_the_cache_and_refreshed_within_a_heartbeat(
     tmp_path: Path, network: list[DHTNode], edge: Edge
 ) -> None:
