@@ -193,6 +193,7 @@ class Bridge:
             "rma_bridge_journal_bytes": self.journal.size,
             "rma_bridge_journal_dropped_total": self.journal.dropped,
             "rma_bridge_journaled_total": c.journaled,
+            "rma_bridge_journal_write_failures_total": c.journal_failures,
             "rma_bridge_replayed_total": c.replayed,
             "rma_bridge_merged_to_redis_total": c.merged_to_redis,
             "rma_bridge_merged_to_dht_total": c.merged_to_dht,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -87,6 +88,9 @@ class Journal:
         self._depth = 0
         self._oldest: float | None = None
         self._compacted_at: int | None = None
+        # When enough of what the last compaction kept will have lapsed to make it worth
+        # compacting again, however little the file grew since (see `_may_compact`).
+        self._roomy_at = math.inf
         self._full_logged = False
         self.dropped = 0
         self.torn = 0
@@ -99,7 +103,7 @@ class Journal:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
-        self._file = self.path.open("ab")
+        self._file = _open_append(self.path)
         self._size = self._file.tell()
         self._recount()
         if self._depth:
@@ -142,19 +146,21 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, records: Iterable[WorkerRecord]) -> int:
-        """Write and fsync `records`; returns how many were journaled.
+    def append(self, records: Iterable[WorkerRecord]) -> list[WorkerRecord]:
+        """Write and fsync `records`; returns those journaled.
 
         Expired records are skipped (Redis would drop them too). When the limit is reached
         the journal compacts itself once; what still does not fit is dropped and logged.
+        Raises OSError when the write fails (a full disk): the file is then as it was.
         """
         now = self._clock()
-        lines = [_encode(r, now) for r in records if not r.is_expired(now)]
-        if not lines:
-            return 0
+        live = [r for r in records if not r.is_expired(now)]
+        if not live:
+            return []
+        lines = [_encode(r, now) for r in live]
         file = self._require_open()
         needed = sum(len(line) for line in lines)
-        if self._size + needed > self.max_bytes and self._may_compact():
+        if self._size + needed > self.max_bytes and self._may_compact(now):
             self._compact(now)
             file = self._require_open()
         room = self.max_bytes - self._size
@@ -166,16 +172,22 @@ class Journal:
             room -= len(line)
         refused = len(lines) - len(accepted)
         if accepted:
-            file.write(b"".join(accepted))
-            file.flush()
-            os.fsync(file.fileno())
-            self._size += sum(len(line) for line in accepted)
+            data = b"".join(accepted)
+            try:
+                _write_all(file, data)
+                os.fsync(file.fileno())
+            except OSError:
+                # A part may be on disk: cut it, or the journal's size would fall behind the
+                # file and a later truncate after replay would drop what was journaled since.
+                os.ftruncate(file.fileno(), self._size)
+                raise
+            self._size += len(data)
             self._depth += len(accepted)
             if self._oldest is None:
                 self._oldest = now
         if refused:
             self._refuse(refused)
-        return len(accepted)
+        return live[: len(accepted)]
 
     def _refuse(self, count: int) -> None:
         self.dropped += count
@@ -195,8 +207,8 @@ class Journal:
         else:
             logger.debug("journal full: %d more records not journaled", count)
 
-    def _may_compact(self) -> bool:
-        if self._compacted_at is None:
+    def _may_compact(self, now: float) -> bool:
+        if self._compacted_at is None or now >= self._roomy_at:
             return True
         return self._size - self._compacted_at >= RECOMPACT_GROWTH * self.max_bytes
 
@@ -204,10 +216,15 @@ class Journal:
         """Rewrite the file with the newest live entry per worker."""
         before_size, before_depth = self._size, self._depth
         entries = _newest(self._read()[0], now)
-        self._rewrite(b"".join(_encode(e.record, e.at) for e in entries))
+        lines = [_encode(e.record, e.at) for e in entries]
+        self._rewrite(b"".join(lines))
         self._depth = len(entries)
         self._oldest = min((e.at for e in entries), default=None)
         self._compacted_at = self._size
+        self._roomy_at = _lapsed_enough(
+            sorted(zip((e.record.expires_at for e in entries), map(len, lines), strict=True)),
+            RECOMPACT_GROWTH * self.max_bytes,
+        )
         logger.info(
             "journal %s compacted: %d entries (%d bytes) -> %d entries (%d bytes)",
             self.path,
@@ -243,6 +260,7 @@ class Journal:
             self._rewrite(rest)
             self._recount()
         self._compacted_at = None
+        self._roomy_at = math.inf
         self._full_logged = False
 
     # -- plumbing --------------------------------------------------------------------------
@@ -326,7 +344,7 @@ class Journal:
         self.close()
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
-        self._file = self.path.open("ab")
+        self._file = _open_append(self.path)
         self._size = len(data)
 
     def _require_open(self) -> IO[bytes]:
@@ -353,7 +371,7 @@ def _decode(line: bytes) -> JournalEntry | None:
         if isinstance(at, bool) or not isinstance(at, int | float):
             return None
         return JournalEntry(WorkerRecord.from_dict(data.get("record")), float(at))
-    except (ValueError, UnicodeDecodeError, RecordError):
+    except (ValueError, OverflowError, UnicodeDecodeError, RecordError):
         return None
 
 
@@ -370,6 +388,28 @@ def _newest(entries: Iterable[JournalEntry], now: float) -> list[JournalEntry]:
     live: dict[str, WorkerRecord] = {}
     merge_into(live, best.values(), now=now)
     return [JournalEntry(record, first_at[wid]) for wid, record in live.items()]
+
+
+def _lapsed_enough(lapses: list[tuple[float, int]], share: float) -> float:
+    """When entries of `share` bytes will have lapsed, from (expires_at, bytes) in order."""
+    freed = 0
+    for expires_at, size in lapses:
+        freed += size
+        if freed >= share:
+            return expires_at
+    return math.inf
+
+
+def _open_append(path: Path) -> IO[bytes]:
+    # Unbuffered: bytes a failed write leaves in a buffer would reach the file with the next.
+    return path.open("ab", buffering=0)
+
+
+def _write_all(file: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written or 0 :]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -37,6 +37,7 @@ class BridgeCounters:
     publish_attempts: int = 0
     publish_failures: int = 0
     journaled: int = 0
+    journal_failures: int = 0
     replayed: int = 0
     redis_outages: int = 0
     dht_outages: int = 0
@@ -59,6 +60,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "rma_bridge_journal_bytes": ("gauge", "Size of the local journal."),
     "rma_bridge_journal_dropped_total": ("counter", "Records refused by a full journal."),
     "rma_bridge_journaled_total": ("counter", "Records written to the journal."),
+    "rma_bridge_journal_write_failures_total": (
+        "counter",
+        "Journal writes that failed (a full disk); their records wait in memory.",
+    ),
     "rma_bridge_replayed_total": ("counter", "Journal records replayed into Redis."),
     "rma_bridge_merged_to_redis_total": ("counter", "Records applied in Redis (DHT to Redis)."),
     "rma_bridge_merged_to_dht_total": ("counter", "Records published into the DHT (Redis to DHT)."),

@@ -46,6 +46,7 @@ class RedisSide:
         self._backoff = Backoff(state.settings.backoff, state.rng)
         self._events_backoff = Backoff(state.settings.backoff, state.rng)
         self._write_lock = asyncio.Lock()
+        self._journal_failing = False  # said once per episode
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -80,10 +81,36 @@ class RedisSide:
                     state.counters.merged_to_redis += sum(applied)
                     state.counters.last_redis_sync = now
                     return
-            written = await asyncio.to_thread(self.journal.append, batch)
-            state.counters.journaled += written
-            for record in batch[:written]:
+            try:
+                written = await asyncio.to_thread(self.journal.append, batch)
+            except OSError as exc:
+                self._keep(batch, exc)
+                return
+            self._journal_failing = False
+            state.counters.journaled += len(written)
+            for record in written:
                 state.in_redis[record.worker_id] = record
+
+    def _keep(self, batch: list[WorkerRecord], exc: OSError) -> None:
+        """The journal could not be written (a full disk): keep the batch in memory, where
+        the next flush tries again, unless something newer came for a worker meanwhile."""
+        state = self.state
+        for record in batch:
+            waiting = state.pending.get(record.worker_id)
+            if waiting is None or supersedes(record, waiting):
+                state.pending[record.worker_id] = record
+        if state.pending_since is None:
+            state.pending_since = state.clock()
+        state.counters.journal_failures += 1
+        if not self._journal_failing:
+            self._journal_failing = True
+            logger.error(
+                "cannot write the journal %s (%s): %d records kept in memory until it can be "
+                "written or Redis is back; they are lost if the bridge stops meanwhile",
+                self.journal.path,
+                exc,
+                len(state.pending),
+            )
 
     def _usable(self, records: Iterable[WorkerRecord], now: float) -> list[WorkerRecord]:
         """Records that Redis would take: expired ones are dropped, invalid ones logged."""

@@ -5,6 +5,7 @@ during an outage. Nothing that happened during an outage may be lost."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dht_bridge.bridge.journal import Journal
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.records import WorkerRecord
 from tests.support.bridge import (
@@ -32,7 +34,7 @@ from tests.support.bridge import (
     start_bridge_node,
 )
 from tests.support.dht import start_network, start_node, stop_all
-from tests.support.helpers import free_port, wait_for
+from tests.support.helpers import free_port, make_record, wait_for
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -314,3 +316,40 @@ async def test_a_bridge_started_without_redis_says_so_once_and_when_it_is_back(
     finally:
         await stop_all([node])
         await registry.aclose()
+
+
+class FullDiskOnce(Journal):
+    """A journal whose first write fails as on a full disk."""
+
+    failed = False
+
+    def append(self, records: Iterable[WorkerRecord]) -> list[WorkerRecord]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().append(records)
+
+
+async def test_records_a_failed_journal_write_refused_wait_in_memory_and_are_journaled_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = fault_registry(f"redis://127.0.0.1:{free_port()}/0")  # Redis down throughout
+    nodes = await start_network(4)
+    bridge_node = await start_bridge_node(nodes[0])
+    path = tmp_path / "journal.jsonl"
+    record = make_record(services=("ocr",), ttl=300.0)
+    try:
+        async with running_bridge(
+            bridge_node, registry, path, bootstrap=[nodes[0].address], journal_type=FullDiskOnce
+        ) as bridge:
+            with caplog.at_level(logging.ERROR):
+                await nodes[1].publish(record)  # every node of four holds it, the bridge's too
+                await wait_for(
+                    lambda: record in journal_lines(path),
+                    timeout=CONVERGE,
+                    message="the record journaled after the failed write",
+                )
+            assert bridge.counters.journal_failures >= 1
+            assert "cannot write the journal" in caplog.text
+    finally:
+        await stop_all([*nodes, bridge_node])

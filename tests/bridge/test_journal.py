@@ -3,7 +3,11 @@ line after a crash, the size bound, and truncation that keeps later appends."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ def test_replay_merges_the_newest_live_record_per_worker(tmp_path: Path) -> None
     steady, leaving, lapsing = Identity.generate(), Identity.generate(), Identity.generate()
     last = _beat(leaving, 2, clock)
     with Journal(tmp_path / "j.jsonl", clock=clock) as journal:
-        assert journal.append([_beat(steady, 1, clock), _beat(steady, 3, clock)]) == 2
+        assert len(journal.append([_beat(steady, 1, clock), _beat(steady, 3, clock)])) == 2
         journal.append([_beat(steady, 2, clock), last, _beat(lapsing, 1, clock, ttl=5.0)])
         journal.append([tombstone_for(leaving, last, now=clock.now)])
         assert journal.depth == 6
@@ -53,7 +57,7 @@ def test_appends_survive_a_reopen(tmp_path: Path) -> None:
 def test_expired_records_are_not_journaled(tmp_path: Path) -> None:
     clock = ManualClock()
     with Journal(tmp_path / "j.jsonl", clock=clock) as journal:
-        assert journal.append([_beat(Identity.generate(), 1, clock, ttl=-1.0)]) == 0
+        assert journal.append([_beat(Identity.generate(), 1, clock, ttl=-1.0)]) == []
         assert journal.depth == 0
         assert journal.size == 0
 
@@ -90,10 +94,11 @@ def test_an_unreadable_line_is_skipped_with_a_warning(
     with path.open("ab") as file:
         file.write(b'{"at": 1, "record": {"worker_id": "nope"}}\n[1, 2]\n')
         file.write(b"[" * 5000 + b"]" * 5000 + b"\n")  # json.loads: RecursionError
+        file.write(b'{"at": 1' + b"0" * 400 + b', "record": {}}\n')  # float(): OverflowError
     with caplog.at_level(logging.WARNING), Journal(path, clock=clock) as journal:
         replay = journal.replay()
     assert replay.records == [record]
-    assert replay.skipped == 3
+    assert replay.skipped == 4
     assert "unreadable line" in caplog.text
 
 
@@ -103,7 +108,7 @@ def test_heartbeats_of_few_workers_compact_instead_of_filling(tmp_path: Path) ->
     with Journal(tmp_path / "j.jsonl", max_bytes=16 * 1024, clock=clock) as journal:
         for seq in range(1, 101):
             for identity in workers:
-                assert journal.append([_beat(identity, seq, clock)]) == 1
+                assert len(journal.append([_beat(identity, seq, clock)])) == 1
         assert journal.size <= journal.max_bytes
         assert journal.dropped == 0
         newest = {r.worker_id: r.seq for r in journal.replay().records}
@@ -119,8 +124,8 @@ def test_a_full_journal_refuses_with_one_clear_log_line(
         caplog.at_level(logging.ERROR),
         Journal(tmp_path / "j.jsonl", max_bytes=8 * 1024, clock=clock) as journal,
     ):
-        written = journal.append(batch[:30])
-        written += journal.append(batch[30:])
+        written = len(journal.append(batch[:30]))
+        written += len(journal.append(batch[30:]))
         assert 0 < written < 60
         assert journal.dropped == 60 - written
         assert journal.size <= journal.max_bytes
@@ -128,6 +133,54 @@ def test_a_full_journal_refuses_with_one_clear_log_line(
     assert kept == {r.worker_id for r in batch[:written]}
     full_lines = [r for r in caplog.records if "is FULL" in r.getMessage()]
     assert len(full_lines) == 1
+
+
+def test_a_journal_full_of_lapsed_entries_compacts_again(tmp_path: Path) -> None:
+    clock = ManualClock()
+    workers = [Identity.generate() for _ in range(16)]
+    with Journal(tmp_path / "j.jsonl", max_bytes=8 * 1024, clock=clock) as journal:
+        # 16 workers heartbeat while Redis is down; a compaction leaves the file nearly full.
+        for seq in range(1, 4):
+            for identity in workers:
+                journal.append([_beat(identity, seq, clock)])
+            clock.advance(1.0)
+        assert journal.size > 0.75 * journal.max_bytes
+        clock.advance(200.0)  # every lease in the file ends
+        fresh = [_beat(identity, 4, clock) for identity in workers[:4]]
+        fresh.append(_beat(Identity.generate(), 1, clock))
+        assert journal.append(fresh) == fresh
+        assert {r.worker_id for r in journal.replay().records} == {r.worker_id for r in fresh}
+
+
+def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    clock = ManualClock()
+    path = tmp_path / "j.jsonl"
+    first, second, third = (_beat(Identity.generate(), 1, clock) for _ in range(3))
+    with Journal(path, clock=clock) as journal:
+        journal.append([first])
+        size = path.stat().st_size
+        # The disk fills 200 bytes on: the write fails with part of the line written.
+        with _file_size_limit(size + 200), pytest.raises(OSError, match="too large"):
+            journal.append([second])
+        assert path.stat().st_size == journal.size == size
+        assert journal.append([third]) == [third]
+        replay = journal.replay()
+        assert (replay.records, replay.skipped) == ([first, third], 0)
+        journal.truncate(replay.end)
+        assert path.stat().st_size == 0
+
+
+@contextlib.contextmanager
+def _file_size_limit(size: int) -> Iterator[None]:
+    """RLIMIT_FSIZE for this process, with SIGXFSZ ignored: writes past `size` fail (EFBIG)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_truncate_drops_the_replayed_prefix_and_keeps_later_appends(tmp_path: Path) -> None:

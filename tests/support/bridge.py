@@ -233,10 +233,11 @@ async def running_bridge(
     *,
     bootstrap: Iterable[tuple[str, int]] = (),
     settings: BridgeSettings = BRIDGE_SETTINGS,
+    journal_type: type[Journal] = Journal,
     **kwargs: Any,
 ) -> AsyncIterator[Bridge]:
     """A bridge running in the background for the block; its journal closed after."""
-    journal = Journal(journal_path)
+    journal = journal_type(journal_path)
     bridge = Bridge(node, registry, journal, settings=settings, bootstrap=list(bootstrap), **kwargs)
     try:
         async with bridge.running():
