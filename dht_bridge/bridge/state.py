@@ -176,7 +176,7 @@ class BridgeState:
 
     def forget(self, now: float) -> None:
         """Drop what expired from memory, and services nobody offers any more."""
-        for table in (self.in_redis, self.dht_seen, self.fallback):
+        for table in (self.in_redis, self.dht_seen, self.fallback, self.to_publish):
             for wid in [wid for wid, r in table.items() if r.is_expired(now)]:
                 del table[wid]
         offered = {name for r in self.in_redis.values() for name in r.services}
