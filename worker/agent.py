@@ -137,6 +137,10 @@ class WorkerAgent:
         self._edge_peers_until = 0.0
         self._next_beat = 0.0
         self._next_dht_try = 0.0
+        # Bumped by every change to what the record says (`update`, a moved tunnel); a beat
+        # signed before the latest one is followed by another at once (`_beat_in`).
+        self._changes = 0
+        self._signed_changes = 0
         self._task: asyncio.Task[None] | None = None
         self.discovery = DiscoveryCache(self._discover_now, max_age=config.heartbeat)
         # Set by `update`: the loop wakes and republishes at once.
@@ -217,7 +221,7 @@ class WorkerAgent:
                 # Workers often start together (a host boots, an outage ends): spread their
                 # first renewal over half an interval so that their pulses never line up.
                 spread = self.rng.uniform(0.5, 1.0)
-                self._next_beat = _now() + self.config.heartbeat * spread
+                self._beat_in(self.config.heartbeat * spread)
             else:
                 why = "edge-only mode" if self.config.edge_only else "could not join the DHT"
                 await self._fall_back(why)
@@ -308,9 +312,7 @@ class WorkerAgent:
             return
         logger.warning("the quick tunnel moved from %s to %s: republishing", self.tunnel_url, url)
         self.tunnel_url = checked
-        if self.mode in (Mode.DHT, Mode.EDGE, Mode.OFFLINE):
-            self._next_beat = _now()
-            self._wake.set()
+        self._changed()
 
     # Live changes.
 
@@ -342,9 +344,22 @@ class WorkerAgent:
                 )
             self.load.value = clamp(load)
         self.config = config
+        self._changed()
+
+    def _changed(self) -> None:
+        """What the record says changed: republish at once (after a beat in flight, which
+        may have signed the old values, by `_beat_in`)."""
+        self._changes += 1
         if self.mode in (Mode.DHT, Mode.EDGE, Mode.OFFLINE):
             self._next_beat = _now()
             self._wake.set()
+
+    def _beat_in(self, delay: float) -> None:
+        """The next beat after `delay`, or at once when the record just sent predates a
+        change: an update that landed while the beat was in flight must not wait a whole
+        interval."""
+        stale = self._signed_changes != self._changes
+        self._next_beat = _now() + (0.0 if stale else delay)
 
     # Discovery.
 
@@ -617,6 +632,8 @@ class WorkerAgent:
         if self.state.seq > self._seq_reserved:
             await self._reserve()
         load = 0.0 if tombstone else await self.load()
+        # From here to the signature nothing awaits: the record holds every change made so far.
+        self._signed_changes = self._changes
         host, port = self._advertised() if advertise else ("", 0)
         try:
             return self._sign(ttl=ttl, host=host, port=port, load=load, tombstone=tombstone)
@@ -696,7 +713,7 @@ class WorkerAgent:
             # an hour) or a clean stop: a crash before that would cost a restart an edge request.
             await self._reserve()
         self._dht_retry.reset()
-        self._next_beat = _now() + jittered(self.config.heartbeat, self.config.jitter, self.rng)
+        self._beat_in(jittered(self.config.heartbeat, self.config.jitter, self.rng))
 
     async def _loop(self) -> None:
         while True:
@@ -796,8 +813,7 @@ class WorkerAgent:
             self.mode = Mode.EDGE
             self.state.edge_lease_until = record.expires_at
             self._edge_retry.reset()
-            interval = jittered(self.config.fallback_heartbeat, self.config.jitter, self.rng)
-            self._next_beat = _now() + interval
+            self._beat_in(jittered(self.config.fallback_heartbeat, self.config.jitter, self.rng))
             return
         self._next_beat = _now() + self._edge_retry.next()
 

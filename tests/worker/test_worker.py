@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from dht_bridge.dht.node import DHTNode
+from dht_bridge.dht.protocol import RMAProtocol
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.support.dht import TEST_SETTINGS, start_node, stop_all
@@ -230,6 +234,78 @@ async def test_an_observed_address_no_record_can_carry_is_dropped_and_checked_ag
         )
         assert agent.reachability is not None
         assert agent.reachability.observed == agent.node.address
+
+
+class HeldDatagrams(asyncio.DatagramProtocol):
+    """Between a node's socket and its protocol: keeps what arrives while `holding`, so that a
+    test can hold a publish open until the replies are let through."""
+
+    def __init__(self, protocol: RMAProtocol) -> None:
+        self.protocol = protocol
+        self.holding = False
+        self.held: list[tuple[bytes, tuple[str, int]]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport.
+        self.protocol.connection_made(cast(asyncio.DatagramTransport, transport))
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.holding:
+            self.held.append((data, addr))
+        else:
+            self.protocol.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.protocol.error_received(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.connection_lost(exc)
+
+    def release(self) -> None:
+        """Deliver what was held, and hold nothing more."""
+        self.holding = False
+        held, self.held = self.held, []
+        for data, addr in held:
+            self.protocol.datagram_received(data, addr)
+
+
+async def test_an_update_made_while_a_beat_is_in_flight_is_published_right_after_it(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    gates: list[HeldDatagrams] = []
+
+    async def endpoint(
+        factory: Callable[[], RMAProtocol], local_addr: tuple[str, int]
+    ) -> tuple[asyncio.DatagramTransport, RMAProtocol]:
+        protocol = factory()
+        gates.append(HeldDatagrams(protocol))
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: gates[-1], local_addr)
+        return transport, protocol
+
+    # A long interval: an update lost until the next regular beat shows as a 20 s wait.
+    config = worker_config(tmp_path, "w-update", heartbeat=20.0, ttl=60.0, dht_mode="client")
+    async with edge.agent(config, dht_endpoint=endpoint) as agent:
+        assert agent.mode is Mode.DHT
+        gate, seq = gates[-1], agent.state.seq
+        gate.holding = True
+        await agent.update(capabilities={"gpus": 1})  # a beat at once
+        # That beat has signed (its seq is taken) and its publish waits for the replies.
+        await wait_for(
+            lambda: agent.state.seq > seq and bool(gate.held),
+            timeout=10,
+            message="a beat waiting for its publish's replies",
+        )
+        await agent.update(services=["ocr", "gpu"])
+        gate.release()
+
+        def published() -> bool:
+            record = agent.record
+            return record is not None and "gpu" in record.services
+
+        await wait_for(published, timeout=5, message="the update made during the beat")
+        assert agent.record is not None
+        assert agent.record.capabilities == {"gpus": 1}
 
 
 async def test_a_warm_discovery_is_answered_from_the_cache_and_refreshed_within_a_heartbeat(
