@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from dht_bridge.backoff import Backoff, ExponentialBackoff, jittered
-from dht_bridge.dht.node import CLIENT, SERVER, DHTNode, Endpoint, udp_endpoint
+from dht_bridge.dht.node import CLIENT, SERVER, DHTNode, Endpoint, PublishReport, udp_endpoint
 from dht_bridge.dht.reach import Reachability
 from dht_bridge.errors import (
     BootstrapError,
@@ -693,14 +693,9 @@ class WorkerAgent:
         """Publish into the DHT; raises DHTError or RecordError when nobody stored it."""
         assert self.node is not None
         record = await self._sign_next(ttl=self.config.ttl, advertise=True)
-        before = _replies(self.node)
         # The next beat comes within the interval and its jitter (or sooner, after a check).
         again_within = self.config.heartbeat * (1 + self.config.jitter)
-        report = await self.node.publish(record, again_within=again_within)
-        if _replies(self.node) == before and not report.only_deferred:
-            # publish() counts our own storage as a holder: cut off from every peer it still
-            # "succeeds", and the record would live nowhere but here.
-            raise PublishError(f"no other DHT node answered the publish of seq {record.seq}")
+        report = await self._publish_out(record, again_within=again_within)
         self.dht_lease_until = min(record.expires_at, report.held_until)
         if self.mode is not Mode.DHT:
             logger.info("worker %s is on the DHT (seq %d)", self.worker_id, record.seq)
@@ -714,6 +709,19 @@ class WorkerAgent:
             await self._reserve()
         self._dht_retry.reset()
         self._beat_in(jittered(self.config.heartbeat, self.config.jitter, self.rng))
+
+    async def _publish_out(
+        self, record: WorkerRecord, *, again_within: float | None = None
+    ) -> PublishReport:
+        """Publish `record`; PublishError when no other DHT node answered."""
+        assert self.node is not None
+        before = _replies(self.node)
+        report = await self.node.publish(record, again_within=again_within)
+        if _replies(self.node) == before and not report.only_deferred:
+            # publish() counts our own storage as a holder: cut off from every peer it still
+            # "succeeds", and the record would live nowhere but here.
+            raise PublishError(f"no other DHT node answered the publish of seq {record.seq}")
+        return report
 
     async def _loop(self) -> None:
         while True:
@@ -844,22 +852,30 @@ class WorkerAgent:
         ttl = max(self.record.expires_at - now, self.state.edge_lease_until - now, self.config.ttl)
         tombstone = await self._sign_next(ttl=ttl, advertise=False, tombstone=True)
         jobs = []
-        if self.node is not None and self.node.protocol is not None and len(self.node.rpc.router):
-            jobs.append(self._leave_dht(tombstone))
-        if self.edge is not None and (
+        to_edge = self.edge is not None and (
             self.mode is not Mode.DHT or self.state.edge_lease_until > now
-        ):
+        )
+        if self.node is not None and self.node.protocol is not None and len(self.node.rpc.router):
+            jobs.append(self._leave_dht(tombstone, then_edge=self.edge is not None and not to_edge))
+        elif self.edge is not None:
+            to_edge = True  # no DHT contact left: the edge is the only way out
+        if to_edge:
             jobs.append(self._leave_edge(tombstone))
         await asyncio.gather(*jobs)
         self.record = tombstone
         logger.info("worker %s left with tombstone seq %d", self.worker_id, tombstone.seq)
 
-    async def _leave_dht(self, tombstone: WorkerRecord) -> None:
-        assert self.node is not None
+    async def _leave_dht(self, tombstone: WorkerRecord, *, then_edge: bool) -> None:
+        """The tombstone into the DHT; to the edge (`then_edge`) when no other node took it:
+        else our live record stays listed until its lease ends."""
         try:
-            await self.node.publish(tombstone)
+            await self._publish_out(tombstone)
+            return
         except (DHTError, RecordError) as exc:
             logger.warning("tombstone not stored in the DHT: %s", exc)
+        if then_edge:
+            logger.info("handing the tombstone to the edge instead")
+            await self._leave_edge(tombstone)
 
     async def _leave_edge(self, tombstone: WorkerRecord) -> None:
         assert self.edge is not None

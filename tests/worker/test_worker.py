@@ -15,7 +15,7 @@ from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.protocol import RMAProtocol
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
-from tests.support.dht import TEST_SETTINGS, start_node, stop_all
+from tests.support.dht import TEST_SETTINGS, NetworkFactory, start_node, stop_all
 from tests.support.helpers import POLICY, free_port, make_record, wait_for
 from tests.support.worker import (
     HEARTBEAT,
@@ -194,6 +194,32 @@ async def test_leaving_publishes_a_tombstone_that_lookups_honour_at_once(
         assert record.tombstone
         assert record.seq == leaver.state.seq
         assert leaver.edge_requests == {"bootstrap": 1}  # the edge never held it: no DELETE
+
+
+async def test_a_tombstone_no_dht_node_took_goes_to_the_edge(
+    tmp_path: Path, registry: Registry, edge: Edge, network_factory: NetworkFactory
+) -> None:
+    # The worker's DHT peers are gone at its stop (down, or UDP cut) while HTTPS to the edge
+    # works: the tombstone went nowhere, and the worker stayed listed until its lease ended.
+    peers = await network_factory(3)
+    config = worker_config(
+        tmp_path, "w-cut", bootstrap=tuple(n.address for n in peers), heartbeat=20.0, ttl=60.0
+    )
+    agent = edge.agent(config)
+    await agent.start()
+    try:
+        assert agent.mode is Mode.DHT
+        assert agent.record is not None
+        assert await registry.upsert(agent.record)  # as the bridge copies it from the DHT
+        assert await edge.lookup() == [agent.worker_id]
+        await stop_all(peers)
+    finally:
+        await agent.aclose()
+    assert agent.edge_requests == {"leave": 1}
+    assert await edge.lookup() == []
+    held = await registry.get(agent.worker_id)
+    assert held is not None
+    assert held.tombstone
 
 
 async def test_client_mode_records_carry_no_dht_address(
