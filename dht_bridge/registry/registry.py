@@ -111,14 +111,34 @@ PARSED_RECORDS = 4096
 # which reads the set in score order, lists every fresh provider before any stale one.
 STALE_SCORE = 2.0
 
-# Removes ids whose worker key is gone. Checked and removed in one step: a worker that
-# re-registers between a lookup's read and its prune must not be dropped from the set.
-# KEYS[1] the service set, KEYS[2..n] the worker keys of the candidates, ARGV the candidates' ids.
+# Removes ids whose worker key is gone, or whose record no longer offers the service: a
+# worker whose key lapsed and that came back offering other services was never taken out of
+# the old sets (the upsert could not see what the lapsed record offered). Checked and removed
+# in one step: a worker that re-registers between a lookup's read and its prune must not be
+# dropped from the set. KEYS[1] the service set, KEYS[2..n] the worker keys of the candidates;
+# ARGV[1] the service, ARGV[2..n] the candidates' ids.
 _PRUNE_SCRIPT = """
+local function offers(raw, service)
+  local ok, record = pcall(cjson.decode, raw)
+  if not ok or type(record) ~= "table" or record.tombstone == true then
+    return false
+  end
+  if type(record.services) ~= "table" then
+    return false
+  end
+  for _, name in ipairs(record.services) do
+    if name == service then
+      return true
+    end
+  end
+  return false
+end
+
 local removed = 0
 for i = 2, #KEYS do
-  if redis.call("EXISTS", KEYS[i]) == 0 then
-    removed = removed + redis.call("ZREM", KEYS[1], ARGV[i - 1])
+  local raw = redis.call("GET", KEYS[i])
+  if not raw or not offers(raw, ARGV[1]) then
+    removed = removed + redis.call("ZREM", KEYS[1], ARGV[i])
   end
 end
 return removed
@@ -438,7 +458,9 @@ class Registry:
             pruned = 0
             if reply.gone:
                 if reply.pruning is None:
-                    task = asyncio.get_running_loop().create_task(self._prune_ids(key, reply.gone))
+                    task = asyncio.get_running_loop().create_task(
+                        self._prune_ids(service, reply.gone)
+                    )
                     # Its error is every sharer's; read here too, in case all of them gave up.
                     task.add_done_callback(lambda done: done.cancelled() or done.exception())
                     reply.pruning = task
@@ -468,6 +490,8 @@ class Registry:
                 continue
             record = self._parse_kept(raw, wid)
             if record is None or record.tombstone or service not in record.services:
+                if wid not in page.gone:
+                    page.gone.append(wid)  # filed under a service it no longer offers
                 continue
             # A held record outlives its lease on purpose; any other expired one is on its way
             # out (its key's TTL and the record's lease end together).
@@ -476,15 +500,16 @@ class Registry:
             usable.append(Provider(record, held))
         return usable
 
-    async def _prune_ids(self, key: str, ids: Sequence[str]) -> int:
-        keys = [key, *(self.worker_key(wid) for wid in ids)]
-        removed = await self._prune_script(keys=keys, args=list(ids))
+    async def _prune_ids(self, service: str, ids: Sequence[str]) -> int:
+        keys = [self.service_key(service), *(self.worker_key(wid) for wid in ids)]
+        removed = await self._prune_script(keys=keys, args=[service, *ids])
         if removed:
-            log.debug("pruned %d expired ids from %s", removed, key)
+            log.debug("pruned %d ids from the set of %s", removed, service)
         return int(removed)
 
     async def prune(self, service: str) -> int:
-        """Remove every id whose record is gone from the set of `service`; returns how many."""
+        """Remove from the set of `service` every id whose record is gone or no longer offers
+        it; returns how many."""
         key = self.service_key(service)
         removed = 0
         start = 0
@@ -493,7 +518,7 @@ class Registry:
                 ids = _texts(await self._client.zrange(key, start, start + 499))
                 if not ids:
                     return removed
-                pruned = await self._prune_ids(key, ids)
+                pruned = await self._prune_ids(service, ids)
                 removed += pruned
                 start += len(ids) - pruned
 

@@ -228,6 +228,36 @@ async def test_an_ended_lease_removes_the_key_and_lookup_prunes_the_id(
     assert await registry.count("ocr") == 1
 
 
+async def test_a_worker_back_after_its_lease_ended_with_other_services_leaves_the_old_sets(
+    registry: Registry,
+) -> None:
+    identity = Identity.generate()
+    first = make_record(identity, seq=1, services=("ocr",), ttl=1.0)
+    assert await registry.upsert(first)
+
+    async def lapsed() -> bool:
+        return await registry.get(identity.worker_id) is None
+
+    await wait_for(lapsed, timeout=10.0, message="the first lease to end in Redis")
+    # Back, offering something else: the upsert cannot see what the lapsed record offered.
+    assert await registry.upsert(make_record(identity, seq=2, services=("gpu",)))
+    assert await registry.count("ocr") == 1
+    assert await registry.lookup("ocr") == []
+    assert await registry.count("ocr") == 0
+    assert "ocr" not in await registry.services()
+    assert [r.seq for r in await registry.lookup("gpu")] == [2]
+    # prune() does the same for a set nobody looks up.
+    other = Identity.generate()
+    assert await registry.upsert(make_record(other, seq=1, services=("tts",), ttl=1.0))
+
+    async def other_lapsed() -> bool:
+        return await registry.get(other.worker_id) is None
+
+    await wait_for(other_lapsed, timeout=10.0, message="the other lease to end in Redis")
+    assert await registry.upsert(make_record(other, seq=2, services=("gpu",)))
+    assert await registry.prune("tts") == 1
+
+
 async def test_prune_removes_ids_whose_record_is_gone(registry: Registry) -> None:
     batch = [make_record(load=i / 100) for i in range(10)]
     assert all(await registry.upsert_many(batch))
