@@ -226,13 +226,32 @@ class WorkerAgent:
                 why = "edge-only mode" if self.config.edge_only else "could not join the DHT"
                 await self._fall_back(why)
         except BaseException:
+            # Failed or cancelled (a stop during the start) after a first publish: that record
+            # must not stay listed until its lease ends.
+            await self._leave_bounded()
             await self._close_resources()
             raise
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="worker-loop")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start, work until `stop` is set, then leave and close."""
-        await self.start()
+        """Start, work until `stop` is set, then leave and close. A `stop` during the start
+        cancels it: a join or an edge request can take a timeout or more, and a volunteer's
+        Ctrl-C must not wait for them."""
+        loop = asyncio.get_running_loop()
+        starting = loop.create_task(self.start(), name="worker-start")
+        stopping = loop.create_task(stop.wait(), name="worker-stop")
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+                # The start leaves and closes what it opened on its way out.
+                await asyncio.gather(starting, return_exceptions=True)
+                logger.info("stopped during the start")
+        if starting.cancelled():
+            return
+        starting.result()  # the start's error, if it failed
         try:
             await stop.wait()
         finally:
@@ -248,15 +267,19 @@ class WorkerAgent:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self.mode is not Mode.STOPPED and self.identity is not None:
-            try:
-                async with asyncio.timeout(self.config.leave_timeout):
-                    await self._leave()
-            except TimeoutError:
-                logger.warning("leave did not finish within %gs", self.config.leave_timeout)
-            except (RMAError, OSError) as exc:
-                logger.warning("leave failed: %s", exc)
+            await self._leave_bounded()
         self.mode = Mode.STOPPED
         await self._close_resources()
+
+    async def _leave_bounded(self) -> None:
+        """`_leave` within `leave_timeout`; a failure is logged, not raised."""
+        try:
+            async with asyncio.timeout(self.config.leave_timeout):
+                await self._leave()
+        except TimeoutError:
+            logger.warning("leave did not finish within %gs", self.config.leave_timeout)
+        except (RMAError, OSError) as exc:
+            logger.warning("leave failed: %s", exc)
 
     async def _close_resources(self) -> None:
         if self.tunnel is not None:

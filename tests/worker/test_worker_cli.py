@@ -12,15 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.errors import ConfigError
 from dht_bridge.identity import Identity
 from dht_bridge.registry.registry import Registry
 from rma.cli import build_parser
+from rma.commands.worker import serve as serve_worker
 from tests.support.helpers import wait_for
 from tests.support.upstreams import serve
-from tests.support.worker import dht_ids, router_config, running_edge
+from tests.support.worker import dht_ids, router_config, running_edge, worker_config
 from worker.config import WorkerConfig, default_state_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,3 +178,35 @@ async def test_rma_worker_process_joins_through_the_router_and_leaves_on_sigterm
         assert "edge request GET /dht/bootstrap -> 200 (edge requests: 1 (bootstrap 1))" in output
         assert "left with tombstone" in output
         assert "POST /workers" not in output
+
+
+async def test_a_stop_during_a_slow_start_is_honoured_at_once(tmp_path: Path) -> None:
+    # An edge that takes the request and never answers (overloaded, a captive portal): the
+    # start waits out the edge's timeout twice (bootstrap, then the fallback registration),
+    # and SIGTERM or Ctrl-C was ignored until then.
+    asked = asyncio.Event()
+
+    async def silent_edge(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        asked.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async with serve(silent_edge) as url:
+        config = worker_config(tmp_path, "w-slow", edge_url=url, edge_timeout=60.0)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(serve_worker(config, stop))
+        try:
+            await wait_for(
+                lambda: asked.is_set() or running.done(),
+                timeout=START_TIMEOUT,
+                message="the start's first edge request",
+            )
+            assert not running.done(), running.result()
+            stop.set()  # the volunteer presses Ctrl-C
+            async with asyncio.timeout(STOP_SECONDS):
+                code = await running
+        finally:
+            running.cancel()
+    assert code == 0
