@@ -83,10 +83,10 @@ class Mode(enum.Enum):
 class WorkerAgent:
     """One worker: identity, record, heartbeats, discovery, leave.
 
-    Use `async with WorkerAgent(config) as agent:` (or `start()` then `aclose()`). Inject the
-    edge's httpx `edge_transport`, the DHT node's UDP `dht_endpoint` (a NAT, in tests), the
-    wall `clock`, the `load` source and `rng` in tests; the DHT settings and every interval
-    come from `config`.
+    Use `async with WorkerAgent(config) as agent:` (or `start()` then `aclose()`), once: a
+    new run takes a new agent. Inject the edge's httpx `edge_transport`, the DHT node's UDP
+    `dht_endpoint` (a NAT, in tests), the wall `clock`, the `load` source and `rng` in tests;
+    the DHT settings and every interval come from `config`.
     """
 
     def __init__(
@@ -142,6 +142,8 @@ class WorkerAgent:
         self._changes = 0
         self._signed_changes = 0
         self._task: asyncio.Task[None] | None = None
+        # A start closes the clients made here when it fails, and aclose() does at the end.
+        self._started = False
         self.discovery = DiscoveryCache(self._discover_now, max_age=config.heartbeat)
         # Set by `update`: the loop wakes and republishes at once.
         self._wake = asyncio.Event()
@@ -194,8 +196,14 @@ class WorkerAgent:
         Raises StartError when the DHT socket cannot be bound, another agent holds the state
         file (StateInUse) or there is nowhere to join, and IdentityError when the key file
         exists but cannot be used; nothing else stops a start: whatever side is out of reach
-        is retried in the background.
+        is retried in the background. An agent starts once: StartError for a second start.
         """
+        if self._started:
+            raise StartError(
+                "this agent was started already (a stopped or failed agent cannot start "
+                "again): make a new WorkerAgent"
+            )
+        self._started = True
         self._state_file.acquire()
         try:
             self.state, self.state_status = self._state_file.load()

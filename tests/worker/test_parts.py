@@ -31,7 +31,7 @@ from tests.support.worker import EDGE_URL, Edge, running_edge, worker_config
 from worker.agent import Mode, WorkerAgent
 from worker.discovery import discover
 from worker.edge import DEFAULT_PEERS_TTL, MAX_PEERS, MAX_PEERS_TTL, EdgeClient, Registered
-from worker.errors import EdgeRefused, EdgeUnavailable
+from worker.errors import EdgeRefused, EdgeUnavailable, StartError
 from worker.load import HttpLoad, InFlightCounter, StaticLoad
 
 
@@ -316,6 +316,25 @@ async def test_edge_only_worker_heartbeats_through_the_edge_and_recovers_a_stale
             assert await edge.lookup() == [agent.worker_id]
         assert agent.edge_requests["leave"] == 1
         assert await edge.lookup() == []
+
+
+async def test_a_stopped_agent_refuses_a_second_start_and_a_new_one_takes_over(
+    tmp_path: Path, registry: Registry
+) -> None:
+    # aclose() closes the edge client made with the agent: a second start failed later with
+    # httpx's RuntimeError ("the client has been closed"), in the middle of a join.
+    config = worker_config(tmp_path, "w-twice", edge_only=True)
+    async with running_edge(registry, RouterConfig()) as edge:
+        agent = edge.agent(config)
+        async with agent:
+            assert agent.mode is Mode.EDGE
+        with pytest.raises(StartError, match="make a new WorkerAgent"):
+            await agent.start()
+        assert agent.edge_requests == {"register": 1, "leave": 1}  # nothing more was sent
+        async with edge.agent(config) as again:  # the state file was left free
+            assert again.mode is Mode.EDGE
+            assert again.worker_id == agent.worker_id
+            assert await edge.lookup() == [again.worker_id]
 
 
 async def test_a_discovery_asks_the_edge_for_no_more_than_the_edge_accepts(
