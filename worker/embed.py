@@ -30,7 +30,8 @@ STOP_TIMEOUT = 30.0
 class BackgroundAgent:
     """A `WorkerAgent` running in a daemon thread; `start()`/`stop()` or a `with` block.
 
-    Keyword arguments go to `WorkerAgent` (a load source, say).
+    Keyword arguments go to `WorkerAgent` (a load source, say). Once stopped, or after a failed
+    start, it can be started again (each run with a new agent).
     """
 
     def __init__(self, config: WorkerConfig, **agent_kwargs: Any) -> None:
@@ -69,9 +70,10 @@ class BackgroundAgent:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the agent (join, first publish) and return once it has started."""
-        if self._thread is not None:
-            raise StartError("the background agent was started already")
+        if self._thread is not None and self._thread.is_alive():
+            raise StartError("the background agent is running already")
         self._thread = threading.Thread(target=self._run, name="rma-worker-agent", daemon=True)
+        self._started.clear()  # this run's start, not the last one's
         self._thread.start()
         if not self._started.wait(timeout):
             raise StartError(f"the agent did not start within {timeout:g} s")
@@ -102,28 +104,38 @@ class BackgroundAgent:
         return self._call(self.agent.discover(service, limit))
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = START_TIMEOUT) -> T:
-        if self._loop is None:
+        loop = self._loop
+        try:
+            if loop is None:
+                raise RuntimeError("no loop")
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # never started, stopped, or closing its loop just now
             coro.close()
-            raise StartError("the background agent is not running")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+            raise StartError("the background agent is not running") from None
+        return future.result(timeout)
 
     def _run(self) -> None:
+        self._failure = None
         asyncio.run(self._main())
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        agent = WorkerAgent(self.config, **self._kwargs)
-        self._agent = agent
         try:
-            await agent.start()
-        except BaseException as exc:
-            self._failure = exc
-            self._started.set()
-            return
-        self._started.set()
-        try:
-            await self._stop.wait()
+            agent = WorkerAgent(self.config, **self._kwargs)
+            self._agent = agent
+            try:
+                await agent.start()
+            except BaseException as exc:
+                self._failure = exc
+                return
+            finally:
+                self._started.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await agent.aclose()
         finally:
-            await agent.aclose()
+            # Before asyncio.run closes the loop: a later call says "not running", not
+            # "Event loop is closed".
             self._loop = None
