@@ -443,7 +443,9 @@ class WorkerAgent:
             )
             self.state = WorkerState(peers=self.state.peers)
         self.state.worker_id = identity.worker_id
-        self.state.key_file = str(path)
+        # Absolute: a later start (systemd, another shell) may run in another directory, and a
+        # relative path read there names no key, so a new identity would be made.
+        self.state.key_file = str(path.absolute())
         logger.info(
             "worker %s (state %s: %s, seq %d, %d saved peers)",
             identity.worker_id,

@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -22,10 +23,10 @@ from worker.errors import StartError, StateInUse
 from worker.state import LoadStatus, StateFile, WorkerState
 
 
-async def run_once(edge: Edge, config: WorkerConfig) -> tuple[str, int]:
-    """Start a worker, let it publish, stop it; its id and the last seq it used."""
+async def run_once(edge: Edge, config: WorkerConfig, mode: Mode = Mode.DHT) -> tuple[str, int]:
+    """Start a worker, let it publish (in `mode`), stop it; its id and the last seq it used."""
     async with edge.agent(config) as agent:
-        assert agent.mode is Mode.DHT
+        assert agent.mode is mode
         worker_id = agent.worker_id
     return worker_id, agent.state.seq
 
@@ -210,6 +211,24 @@ async def test_a_new_identity_only_when_the_key_file_is_gone(
             assert agent.record.seq == starting_records(agent)  # from 1: nothing to recover
     assert f"no key file at {key}: created a new identity" in caplog.text
     assert f"belongs to worker {worker_id}" in caplog.text
+
+
+async def test_a_relative_key_file_is_found_again_from_another_directory(
+    tmp_path: Path, edge: Edge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `rma worker --key-file keys/w.key` run once from home; later started (by systemd, say)
+    # elsewhere with no --key-file: the state file's key path was stored as typed.
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    config = worker_config(tmp_path, "w-rel", edge_only=True)
+    monkeypatch.chdir(home)
+    worker_id, _ = await run_once(edge, replace(config, key_file=Path("keys/w.key")), Mode.EDGE)
+    assert saved(config)["key_file"] == str(home / "keys" / "w.key")
+    monkeypatch.chdir(elsewhere)
+    again, _ = await run_once(edge, config, Mode.EDGE)
+    assert again == worker_id
+    assert list(elsewhere.iterdir()) == []  # no new key made here
 
 
 async def test_an_unusable_key_file_stops_the_start_instead_of_replacing_it(
