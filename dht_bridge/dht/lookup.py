@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from dht_bridge.dht import shards
 from dht_bridge.dht.host import NodeHost
 from dht_bridge.dht.storage import RecordStorage
-from dht_bridge.dht.values import backs_mark, decode_value, key_digest
+from dht_bridge.dht.values import backs_mark, decode_value, fills_proof_share, key_digest
 from dht_bridge.records import WorkerRecord, merge_into
 from dht_bridge.settings import DHTSettings
 
@@ -263,9 +263,16 @@ class Reader:
                 )
             )
             descend: list[int] = []
+            now = self.clock()
             for shard, got in zip(frontier, results, strict=True):
-                merge_into(found, got.records, now=self.clock())
-                if got.overflowed and shards.level_of(shard) < shards.MAX_LEVEL:
+                merge_into(found, got.records, now=now)
+                # A shard full enough to have turned newcomers away is read below even with no
+                # mark: holders whose copy predates the mark serve it bare, and a worker the
+                # walk misses reaches no bridge unless it copies to this one.
+                key = shards.service_key(service, shard)
+                live = [r for r in got.records if not r.is_expired(now)]
+                full = got.overflowed or fills_proof_share(key, live)
+                if full and shards.level_of(shard) < shards.MAX_LEVEL:
                     descend.extend(shards.children(shard))
             frontier = descend
         return sorted(found.values(), key=lambda r: (r.load, r.worker_id))

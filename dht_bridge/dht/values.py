@@ -93,10 +93,16 @@ def backs_mark(decoded: DecodedValue, verifier: RecordVerifier, now: float) -> b
     if not decoded.overflowed(now):
         return False
     live = [r for r in decoded.records if not r.is_expired(now)]
-    if len(encode_value(decoded.key, live)) < MARK_PROOF_SHARE * MAX_RECORDS_BYTES:
+    if not fills_proof_share(decoded.key, live):
         return False
     live = [r for r in live if r.signature not in decoded.unverified or verifier.confirm(r)]
-    return len(encode_value(decoded.key, live)) >= MARK_PROOF_SHARE * MAX_RECORDS_BYTES
+    return fills_proof_share(decoded.key, live)
+
+
+def fills_proof_share(key: str, records: Iterable[WorkerRecord]) -> bool:
+    """Do `records` fill at least MARK_PROOF_SHARE of a shard: as full as one that may have
+    turned newcomers away (and so as one whose overflow mark is believed)?"""
+    return len(encode_value(key, records)) >= MARK_PROOF_SHARE * MAX_RECORDS_BYTES
 
 
 def leaves_no_room(decoded: DecodedValue, record: WorkerRecord, now: float) -> bool:

@@ -27,6 +27,7 @@ from dht_bridge.dht.publish import PublishReport
 from dht_bridge.dht.storage import _Entry
 from dht_bridge.dht.values import (
     MAX_DATAGRAM_BODY,
+    MAX_RECORDS_BYTES,
     RecordVerifier,
     decode_value,
     encode_value,
@@ -866,6 +867,29 @@ async def test_a_full_read_drops_a_holders_value_at_its_first_forged_record(
     everything = await reader.service_records("ocr")
     assert {r.worker_id for r in everything} == {r.worker_id for r in records}
     assert reader.verifier.misses - checked < 10
+
+
+async def test_the_full_walk_looks_below_a_full_shard_its_holders_never_marked(
+    network: list[DHTNode],
+) -> None:
+    # Holders whose copy of a full root was made before it was marked (or that never heard
+    # the mark) serve it bare; a newcomer was filed one level down all the same.
+    root = shards.service_key("ocr", 0)
+    now = time.time()
+    filling: list[WorkerRecord] = []
+    while True:
+        record = make_record(services=["ocr"], now=now, ttl=3000)
+        if len(encode_value(root, [*filling, record])) > MAX_RECORDS_BYTES:
+            break
+        filling.append(record)
+    newcomer = make_record(services=["ocr"], now=now, ttl=3000)
+    below = shards.service_key("ocr", shards.shard_for(newcomer.worker_id, 1))
+    for node in network:
+        node.storage.merge(key_digest(root), encode_value(root, filling))
+        node.storage.merge(key_digest(below), encode_value(below, [newcomer]))
+    everything = await network[7].service_records("ocr")
+    assert newcomer.worker_id in {r.worker_id for r in everything}
+    assert len(everything) == len(filling) + 1
 
 
 async def test_one_node_publishing_many_workers_records_files_each_where_readers_look(
