@@ -215,6 +215,7 @@ class WorkerAgent:
             self._state_file.release()
             raise
         try:
+            await self._first_reserve()
             if self.tunnel is not None:
                 await self._start_proof_proxy()
                 self.tunnel_url = self._checked_tunnel_url(await self.tunnel.start())
@@ -474,6 +475,17 @@ class WorkerAgent:
         await asyncio.shield(asyncio.to_thread(self._state_file.save, snapshot))
         self._seq_reserved = ceiling  # only once it is on disk
         self._peers_on_disk = bool(snapshot.peers)
+
+    async def _first_reserve(self) -> None:
+        """Reserve the first seqs before anything is sent: a state file that cannot be written
+        (a full disk) stops the start saying so, not with an OSError from the first signature."""
+        try:
+            await self._reserve()
+        except OSError as exc:
+            raise StartError(
+                f"cannot write state file {self.config.state_file}: {exc.strerror or exc}; free "
+                "space there or give a --state-file (RMA_STATE_FILE) this user may write"
+            ) from exc
 
     def _remember_dht(self) -> None:
         """Copy what a restart needs from the node into the state (saved with the next seq

@@ -3,8 +3,11 @@ missing file handled with a clear log line (a new identity only when the key its
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
+import os
 import socket
 import stat
 from dataclasses import replace
@@ -15,6 +18,9 @@ import pytest
 
 from dht_bridge.dht.node import SERVER, DHTNode
 from dht_bridge.errors import IdentityError
+from dht_bridge.identity import Identity
+from rma.commands.worker import serve
+from rma.exits import Exit
 from tests.support.helpers import wait_for
 from tests.support.worker import Edge, reach_checked, worker_config
 from worker.agent import Mode, WorkerAgent
@@ -261,6 +267,28 @@ async def test_a_state_or_key_file_that_cannot_be_written_stops_the_start_saying
         await WorkerAgent(unwritable_key).start()
     # The refused start let go of its state: the next one may take it.
     again = StateFile(unwritable_key.state_file)
+    again.acquire()
+    again.release()
+
+
+async def test_a_state_file_that_cannot_be_written_at_start_is_a_start_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk: `rma worker` ended in an OSError traceback (exit 1) from the first
+    # signature instead of "worker failed to start" (exit 3).
+    config = worker_config(tmp_path, "w-full", edge_only=True)
+    Identity.generate().save(config.state_file.with_suffix(".key"))  # a worker that ran before
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # what the state file's save calls last
+    stop = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="rma"):
+        assert await serve(config, stop) == Exit.START_FAILED
+    assert f"cannot write state file {config.state_file}: No space left on device" in caplog.text
+    monkeypatch.undo()
+    again = StateFile(config.state_file)  # the refused start let go of its state
     again.acquire()
     again.release()
 
