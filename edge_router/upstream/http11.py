@@ -446,6 +446,10 @@ class _Answer:
         (the connection is then not used again)."""
         wire = self._wire
         fed = 0  # bytes of the current head parsed so far
+        # One deadline for the whole head, interim 1xx answers included: a timeout restarted by
+        # every arrival let a tunnel dripping a header line (or a 103) a second hold it forever.
+        loop = asyncio.get_running_loop()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
         while not self.status:
             buffer = wire.buffer
             # Strictly parsed, a head ends at its first CRLFCRLF; without one yet, all but the
@@ -458,7 +462,10 @@ class _Answer:
                 self._feed(take)
                 fed = 0 if end >= 0 else fed + take
             elif not wire.eof:
-                await wire.more(self._timeout)
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:  # bytes kept coming, never the head's end
+                    raise httpcore.ReadTimeout("timed out")
+                await wire.more(left)
             elif fed or buffer:
                 raise httpcore.RemoteProtocolError("connection closed in the answer's head")
             elif isinstance(wire.error, OSError):

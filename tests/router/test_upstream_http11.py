@@ -277,6 +277,43 @@ async def test_a_tunnel_that_closes_without_answering_and_one_that_is_slow() -> 
             await done.wait()  # the handler closed its side before the server is closed
 
 
+@pytest.mark.parametrize(
+    ("first", "drip"),
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"x-a: b\r\n"),  # one header line at a time
+        (b"", b"HTTP/1.1 103 Early Hints\r\n\r\n"),  # one interim answer at a time
+    ],
+    ids=["header-lines", "interim-answers"],
+)
+async def test_a_head_dripped_in_pieces_times_out_once_for_the_whole_head(
+    first: bytes, drip: bytes
+) -> None:
+    """The read timeout bounds the whole head: a piece arriving within it each time does not
+    start it again (a tunnel could hold a connection of the pool forever)."""
+
+    done = asyncio.Event()
+
+    async def dripping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(first)
+        with contextlib.suppress(ConnectionError):
+            while not reader.at_eof():  # until the client gives up and closes
+                writer.write(drip)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the hostile tunnel's pace, well inside the timeout
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(dripping, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = TunnelTransport(max_connections=4, keepalive_expiry=60.0)
+    async with server, httpx.AsyncClient(transport=transport, timeout=0.5) as client:
+        async with asyncio.timeout(10):  # far beyond the read timeout on a loaded machine
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(f"http://127.0.0.1:{port}/drip")
+            await done.wait()  # the handler saw the close and closed its side
+
+
 async def test_a_refused_connection_is_a_connect_error() -> None:
     listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
