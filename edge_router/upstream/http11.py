@@ -85,9 +85,18 @@ class _Wire(asyncio.Protocol):
         self._resume()  # a request body waiting to go out stops for an early answer
 
     def answered(self) -> bool:
-        """Has a final answer begun? An interim 1xx does not count: the body is wanted after it."""
+        """Has a final answer begun? An interim 1xx does not count: the body is wanted after it.
+        Whole 1xx heads are looked past (a 100 Continue then a 413 is an early answer)."""
         buffer = self.buffer
-        return len(buffer) >= 10 and buffer.startswith(b"HTTP/") and buffer[9:10] != b"1"
+        start = 0
+        while len(buffer) >= start + 10 and buffer.startswith(b"HTTP/", start):
+            if buffer[start + 9 : start + 10] != b"1":
+                return True
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0:
+                return False
+            start = end + 4
+        return False
 
     def taken(self) -> None:
         """The reader consumed from the buffer: read from the socket again below READ_LOW."""
@@ -559,7 +568,8 @@ class _Answer:
         version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise httpcore.RemoteProtocolError(f"unsupported HTTP version {version}")
-        if status < 100 or _BAD_REASON.search(self.reason):
+        # llhttp takes any three digits; a status over 599 is no HTTP status (RFC 9110 15).
+        if not 100 <= status <= 599 or _BAD_REASON.search(self.reason):
             raise httpcore.RemoteProtocolError(f"malformed status line {status} {self.reason!r}")
         if status < 200:
             return  # 1xx (103 Early Hints, say): informational, the answer follows

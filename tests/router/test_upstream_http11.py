@@ -196,6 +196,9 @@ async def test_trace_events_are_httpcores() -> None:
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok",
         b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n" + OK,
+        # No HTTP status is over 599 (RFC 9110 section 15); llhttp takes any three digits.
+        b"HTTP/1.1 600 Odd\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 999 Whatever\r\ncontent-length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;x=a b\r\nok\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nbad trailer\r\n\r\n",
     ],
@@ -364,8 +367,19 @@ def test_an_answer_before_the_whole_body_is_the_exchanges_answer(
         runner.run(answer_before_the_whole_body(then, streamed))
 
 
-async def answer_before_the_whole_body(then: str, streamed: bool) -> None:
-    """One case of the test above."""
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_an_early_answer_after_100_continue_is_the_exchanges_answer(loop: str) -> None:
+    """The same with a 100 Continue in front of the 413 (legal, even unasked): the interim
+    answer does not hide the final one when the tunnel resets the connection."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(answer_before_the_whole_body("close", True, interim=CONTINUE))
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def answer_before_the_whole_body(then: str, streamed: bool, *, interim: bytes = b"") -> None:
+    """One case of the tests above; `interim` goes before the 413."""
     release = asyncio.Event()
     connections = 0
 
@@ -377,7 +391,7 @@ async def answer_before_the_whole_body(then: str, streamed: bool) -> None:
             await reader.readexactly(2)
             writer.write(OK)
         else:
-            writer.write(TOO_LARGE)
+            writer.write(interim + TOO_LARGE)
         await writer.drain()
         if then == "hold":
             await release.wait()
