@@ -12,7 +12,10 @@ stored past it is missed by readers, who ask the closest first.
 
 One address cannot crowd a lookup: its shortlist (and the closest nodes it returns) holds at
 most a few candidates per IP and per subnet (the routing table's `DiversityLimits`, per
-bucket), so fakes minted next to the target at one address cannot hide the real holders.
+bucket), so fakes minted next to the target at one address cannot hide the real holders. Nor
+can it hold a lookup open: over the whole crawl an IP (a subnet) is asked at most as many
+times as it may have contacts in a routing table, and a crawl asks at most
+`MAX_QUERIES_FACTOR` times k contacts.
 A node that has not yet proved our address answers with a cut list naming us (see
 dht.protocol); it is asked once more, by which time it has our answer to its check. A value
 too big for what we paid comes back cut to a share of its records (`partial`): a crawl with
@@ -47,6 +50,10 @@ LAG_FACTOR = 2.0
 # key is likely to hold its value (the distances of the k closest to a point vary about
 # twofold from point to point): its FIND_VALUE is padded to pay for a cut value at once.
 NEAR_FACTOR = 4
+# A crawl asks at most this many times k contacts in all. An honest lookup asks a few dozen; a
+# host answering every request with a fresh id of its own a little nearer the key kept one
+# running for as long as it liked (and a node's refresh crawls, one after another, with it).
+MAX_QUERIES_FACTOR = 8
 
 
 class _State(Enum):
@@ -131,6 +138,10 @@ class Crawl:
         self._me = protocol.source_node.id
         self._candidates: dict[bytes, _Candidate] = {}
         self._pending: dict[asyncio.Task[Any], _Candidate] = {}
+        # Contacts asked per IP group and per subnet group, over the whole crawl.
+        self._asked_ip: Counter[str] = Counter()
+        self._asked_subnet: Counter[str] = Counter()
+        self._max_queries = MAX_QUERIES_FACTOR * ksize
         self.result = CrawlResult()
         for seed in seeds:
             self._learn(seed, hop=1)
@@ -149,6 +160,7 @@ class Crawl:
             if c.state is not _State.FAILED
             and (now is None or not self._stalled(c, now))
             and not self._others(c)
+            and (c.state is not _State.WAITING or self._askable(c))
         ]
         alive.sort(key=lambda c: c.node.long_id ^ self.target.long_id)
         return self._diverse(alive)
@@ -175,6 +187,24 @@ class Crawl:
             if len(kept) == self.ksize:
                 break
         return kept
+
+    def _askable(self, candidate: _Candidate) -> bool:
+        """May this candidate still be asked: its IP and subnet under their share of the
+        crawl, and the crawl under its query cap? (Retries of a cut answer are never refused.)"""
+        if candidate.retried:
+            return True
+        if self.result.queried >= self._max_queries:
+            return False
+        limits = self.protocol.router.limits
+        if not limits.enabled or (candidate.node.ip, candidate.node.port) in (
+            self.protocol.router.pinned
+        ):
+            return True
+        ip, subnet = candidate.groups
+        return (
+            self._asked_ip[ip] < limits.per_ip_table
+            and self._asked_subnet[subnet] < limits.per_subnet_table
+        )
 
     def _others(self, candidate: _Candidate) -> bool:
         """Has another path asked this node (so it is not ours to ask or count)?"""
@@ -267,6 +297,10 @@ class Crawl:
     def _ask(self, candidate: _Candidate, now: float) -> None:
         if self.claimed is not None:
             self.claimed[candidate.node.id] = self.path
+        if not candidate.retried:
+            ip, subnet = candidate.groups
+            self._asked_ip[ip] += 1
+            self._asked_subnet[subnet] += 1
         candidate.state = _State.ASKED
         candidate.asked_at = now
         self.result.queried += 1

@@ -1,0 +1,52 @@
+"""One hostile peer against a node, each case on real UDP sockets on 127.0.0.1: a crawl it
+would keep open with ever nearer ids of its own, holders it would mint next to a key, datagrams
+bigger than any node sends, entries it would leave in our memory for good, keys it would
+create without a record."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from kademlia.node import Node
+
+from dht_bridge.dht.crawl import MAX_QUERIES_FACTOR
+from dht_bridge.dht.values import key_digest
+from tests.support.dht import start_node
+from tests.support.raw_peer import open_raw_peer
+
+Address = tuple[str, int]
+
+
+async def test_a_peer_naming_ever_nearer_ids_of_its_own_cannot_hold_a_lookup_open() -> None:
+    victim = await start_node()
+    named = 0
+    home: list[Address] = []
+
+    def answer(sender: Address, name: str, args: list[Any]) -> Any:
+        nonlocal named
+        if name == "ping":
+            return os.urandom(20)
+        if name in ("find_node", "find_value"):
+            # One more id at its own address, a little nearer the key each time.
+            named += 1
+            key = int.from_bytes(args[1], "big")
+            return [((key ^ ((1 << 150) - named)).to_bytes(20, "big"), *home[0])]
+        return None
+
+    transport, peer = await open_raw_peer(answer)
+    home.append(peer.address)
+    try:
+        key = int.from_bytes(key_digest("svc:llm:0"), "big")
+        victim.rpc.router.add_contact(Node((key ^ (1 << 155)).to_bytes(20, "big"), *home[0]))
+        async with asyncio.timeout(10.0):
+            assert await victim.lookup("llm", limit=5) == []
+        asked = sum(peer.received.requests.get(n, 0) for n in ("find_node", "find_value"))
+        # Each level read at once is a crawl of its own; each asks one address a few times.
+        limits = victim.rpc.router.limits
+        assert asked <= 4 * limits.per_ip_table
+        assert asked < MAX_QUERIES_FACTOR * victim.ksize
+    finally:
+        transport.close()
+        await victim.aclose()
