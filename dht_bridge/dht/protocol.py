@@ -125,6 +125,10 @@ MAX_HELD = 8
 # What a FIND_VALUE to a likely holder is padded to: QUIC's 1200 bytes and DNS's 1232 (a
 # datagram no path cuts into fragments), so three times it pays for a value of about 3.5 KB.
 VALUE_PADDED = 1232
+# No node of ours sends a bigger datagram: a request body is at most MAX_DATAGRAM_BODY (as
+# rpcudp's), a reply carries a value that was once such a body. Bigger ones are dropped before
+# parsing (64 KB of empty msgpack arrays cost the loop 5 to 17 ms).
+MAX_DATAGRAM = 1 + MSG_ID_BYTES + MAX_DATAGRAM_BODY + 256
 # The key of a FIND_VALUE answer that carries a cut value (`RecordStorage.share`); the stock
 # library reads only "value" and ignores it.
 PARTIAL = "partial"
@@ -361,11 +365,13 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         logger.debug("socket error: %s", exc)
 
     def _dispatch(self, data: bytes, addr: Address) -> None:
-        if len(data) < 1 + MSG_ID_BYTES + 1:
-            raise ValueError("datagram too short")
+        if not 1 + MSG_ID_BYTES + 1 <= len(data) <= MAX_DATAGRAM:
+            raise ValueError(f"a datagram of {len(data)} bytes")
         kind, msg_id = data[:1], data[1 : 1 + MSG_ID_BYTES]
         if kind == REQUEST and not self._within_budget(addr, len(data)):
             return
+        if kind == RESPONSE and not self._awaited(msg_id, addr, len(data)):
+            return  # parsed only when it answers a request of ours, from where we sent it
         try:
             payload = msgpack.unpackb(data[1 + MSG_ID_BYTES :])
         except msgpack.ExtraData as extra:
@@ -383,7 +389,7 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         """Whether a request from `addr` is read: coordinators always (a bridge republishing
         Redis sends the most), others while their IP group has budget left."""
         budget = self.budget
-        if budget is None or addr in self.router.pinned or budget.allow(addr):
+        if budget is None or addr in self.router.pinned or budget.allow(addr, size):
             return True
         self.stats.over_budget += 1
         self.stats.count_rpc("over_budget", size)
@@ -486,15 +492,22 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         body: bytes = msgpack.packb(entries)
         return RESPONSE + msg_id + body
 
-    def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address, size: int) -> None:
+    def _awaited(self, msg_id: bytes, addr: Address, size: int) -> bool:
+        """Does a reply answer a request of ours, from the address it went to?"""
         pending = self._outstanding.get(msg_id)
         if pending is None:
             logger.debug("reply from %s to no outstanding request", addr)
             self.stats.count_rpc("unmatched", size)  # late, after its request timed out
-            return
+            return False
         if addr != pending.address:
             # Someone else answered in the callee's name; ignore it and keep waiting.
             raise ValueError(f"reply for {pending.address} came from {addr}")
+        return True
+
+    def _accept_reply(self, msg_id: bytes, payload: Any, addr: Address, size: int) -> None:
+        pending = self._outstanding.get(msg_id)
+        if pending is None:
+            return  # answered meanwhile (a duplicate of the reply in the same pass)
         del self._outstanding[msg_id]
         pending.timer.cancel()
         # It answered our random message id: the address receives what we send it.

@@ -14,7 +14,8 @@ from kademlia.node import Node
 from dht_bridge.dht.crawl import MAX_QUERIES_FACTOR
 from dht_bridge.dht.values import key_digest
 from tests.support.dht import start_node
-from tests.support.raw_peer import open_raw_peer
+from tests.support.helpers import wait_for
+from tests.support.raw_peer import REQUEST, RESPONSE, open_raw_peer
 
 Address = tuple[str, int]
 
@@ -47,6 +48,26 @@ async def test_a_peer_naming_ever_nearer_ids_of_its_own_cannot_hold_a_lookup_ope
         limits = victim.rpc.router.limits
         assert asked <= 4 * limits.per_ip_table
         assert asked < MAX_QUERIES_FACTOR * victim.ksize
+    finally:
+        transport.close()
+        await victim.aclose()
+
+
+async def test_datagrams_no_node_sends_and_replies_to_nothing_asked_are_dropped_unparsed() -> None:
+    victim = await start_node()
+    transport, _ = await open_raw_peer()
+    try:
+        stats = victim.rpc.stats
+        # Bigger than any node's datagram: 64 KB of empty msgpack arrays.
+        huge = REQUEST + os.urandom(20) + b"\xdc\xfd\xe8" + b"\x90" * 65000
+        # A reply to no request of the victim's, whose body would not even parse.
+        stray = RESPONSE + os.urandom(20) + b"\xc1" * 100
+        for datagram in (huge, stray):
+            transport.sendto(datagram, victim.address)
+        await wait_for(lambda: stats.packets_in >= 2, timeout=10.0, message="both datagrams read")
+        assert stats.malformed == 1  # the big one, refused by its size alone
+        assert stats.rpc_bytes.get("unmatched") == len(stray)
+        assert stats.requests_in == 0
     finally:
         transport.close()
         await victim.aclose()

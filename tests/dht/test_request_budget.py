@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import logging
 
+import msgpack
 import pytest
 
-from dht_bridge.dht.admission import DEFAULT_DIVERSITY, DiversityLimits, RequestBudget
+from dht_bridge.dht.admission import (
+    DEFAULT_DIVERSITY,
+    DiversityLimits,
+    RequestBudget,
+    cost_of,
+)
 from dht_bridge.errors import ConfigError
 from tests.support.dht import NetworkFactory
 from tests.support.helpers import wait_for
@@ -52,6 +58,14 @@ def test_ipv6_is_metered_per_64_and_loopback_per_port() -> None:
     assert not one_host.allow(("127.0.0.1", 5001))
 
 
+def test_a_big_request_takes_more_of_the_budget_than_a_small_one() -> None:
+    budget = RequestBudget(DEFAULT_DIVERSITY.groups, rate=1.0, burst=20.0, clock=Clock())
+    host = ("198.51.100.7", 4000)
+    # 9 tokens each for the biggest STOREs: parsing is what a request costs before refusal.
+    assert [budget.allow(host, 8192) for _ in range(3)] == [True, True, False]
+    assert [budget.allow(host, 40) for _ in range(2)] == [True, False]
+
+
 def test_the_group_heard_from_longest_ago_is_forgotten_first() -> None:
     budget = RequestBudget(DEFAULT_DIVERSITY.groups, rate=1.0, burst=1.0, capacity=2, clock=Clock())
     assert budget.allow(("192.0.2.1", 1))
@@ -78,7 +92,10 @@ async def test_a_node_drops_a_flood_over_its_budget_unread_and_says_so_once(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dht_bridge.dht.protocol")
     (node,) = await network_factory(1)
-    node.rpc.budget = RequestBudget(node.rpc.router.groups_at, rate=1.0, burst=20.0, clock=Clock())
+    # Room for 20 of the flood's requests (each costs a little over a token: its size).
+    size = 1 + 20 + len(msgpack.packb(["find_node", [b"f" * 20, b"k" * 20]]))
+    burst = 20 * cost_of(size) + 0.5
+    node.rpc.budget = RequestBudget(node.rpc.router.groups_at, rate=1.0, burst=burst, clock=Clock())
     transport, flooder = await open_raw_peer()
     try:
         asked = [
