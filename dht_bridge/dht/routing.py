@@ -208,6 +208,7 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         """Remove a contact (a replacement may take its place), noting that the table changed."""
         self.version += 1
         self._mutations += 1
+        self._failures.pop(node.id, None)
         super().remove_contact(node)
 
     async def _ping_head(self, head: Node) -> None:
@@ -231,11 +232,13 @@ class RMARoutingTable(RoutingTable):  # type: ignore[misc]
         return held
 
     def record_failure(self, node: Node) -> bool:
-        """A reply was missed; returns True when the contact was dropped for it. A miss at
-        another address than the one held (a forged contact in someone's answer) is not the
-        held contact's."""
+        """A reply was missed; returns True when the contact was dropped for it. Only a held
+        contact's misses count: one at another address than the one held (a forged contact
+        in someone's answer) is not the held contact's."""
         held = self.held(node)
-        if held is not None and (held.ip, held.port) != (node.ip, node.port):
+        if held is None or (held.ip, held.port) != (node.ip, node.port):
+            # Not ours to count: ids named in answers that never answer would each leave an
+            # entry here for good.
             return False
         misses = self._failures.get(node.id, 0) + 1
         if misses < self.max_failures:

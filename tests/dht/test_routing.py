@@ -155,3 +155,16 @@ async def test_only_buckets_nobody_searched_lately_are_refreshed() -> None:
         assert len(due) == len(router.buckets) - 1
     finally:
         await stop_all([node])
+
+
+def test_misses_are_counted_for_held_contacts_only_and_forgotten_with_them() -> None:
+    table = table_of(random.Random(7), 10)
+    # Ids named in answers that never answer: nothing of them stays in the table's memory.
+    for _ in range(500):
+        assert not table.record_failure(Node(random.randbytes(20), "127.0.0.1", 9))
+    assert table._failures == {}
+    held = table.contacts()[0]
+    assert not table.record_failure(held)
+    assert table.misses(held.id) == 1
+    table.remove_contact(held)
+    assert table.misses(held.id) == 0
