@@ -117,7 +117,7 @@ def within_limits(
     exempt: Callable[[T], bool] = lambda item: False,
 ) -> list[T]:
     """The first `count` of `ordered` with at most a bucket's share (`per_ip_bucket`,
-    `per_subnet_bucket`) per IP and subnet group; `exempt` ones (coordinators) count against none."""
+    `per_subnet_bucket`) per IP and subnet group; `exempt` ones (coordinators) count for none."""
     if not limits.enabled:
         return list(ordered)[:count]
     per_ip: Counter[str] = Counter()

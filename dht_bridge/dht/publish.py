@@ -9,7 +9,6 @@ short renewals), and the shards a holder proved full.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import math
@@ -24,6 +23,7 @@ from typing import Any
 from kademlia.node import Node
 
 from dht_bridge.dht import shards
+from dht_bridge.dht.admission import within_limits
 from dht_bridge.dht.crawl import parse_contacts
 from dht_bridge.dht.host import NodeHost
 from dht_bridge.dht.mode import DHTMode
@@ -575,27 +575,66 @@ class Publisher:
 
         A newcomer near a key makes itself known to the nodes near it when it joins, so the
         holders know of it: two questions instead of a crawl, whose last hops all go to the
-        same few nodes for every publisher of a busy shard. A newcomer that is not there after
-        all misses its STOREs and is replaced the same way (`_replace_gone`).
+        same few nodes for every publisher of a busy shard; one we have not heard from is pinged
+        first (see `_vetted`).
         """
         asked = random.sample(holders, min(RECHECK_ASKS, len(holders)))
         target = Node(digest)
         replies = await asyncio.gather(*(self.host.rpc.call_find_node(n, target) for n in asked))
         self.host.count_crawl("recheck", len(asked))
         known = {node.id: node for node in holders}
+        learned: dict[bytes, Node] = {}
         answered = False
         for ok, payload in replies:
             answered = answered or ok
             for node in parse_contacts(payload) if ok else []:
                 # Those just found silent stay out: their neighbours still list them.
-                if node.id != self.host.node.id and node.id not in exclude:
-                    known.setdefault(node.id, node)
-        return self._closest(digest, known.values()) if answered else []
+                if node.id not in known and node.id != self.host.node.id and node.id not in exclude:
+                    learned.setdefault(node.id, node)
+        if not answered:
+            return []
+        return await self._vetted(digest, known, learned)
+
+    async def _vetted(
+        self, digest: bytes, known: dict[bytes, Node], learned: dict[bytes, Node]
+    ) -> list[Node]:
+        """The closest of the `known` holders and the contacts `learned` from their answers,
+        a learned one only where our table holds it or it answers our ping under its id.
+
+        A holder's answer is its word alone: one socket that became a holder named 20 ids
+        next to the key at its own address, and they took every place, for good.
+        """
+        router = self.host.rpc.router
+        trusted = dict(known)
+        unheard: dict[bytes, Node] = {}
+        for node_id, node in learned.items():
+            held = router.held(node)
+            if held is not None:
+                trusted[node_id] = held  # at the address it answered our own check from
+            else:
+                unheard[node_id] = node
+        closest = self._closest(digest, [*trusted.values(), *unheard.values()])
+        ask = [node for node in closest if node.id in unheard]
+        if not ask:
+            return closest
+        self.host.count_crawl("recheck-ping", len(ask))
+        pings = await asyncio.gather(*(self.host.rpc.call_ping(node) for node in ask))
+        trusted.update((node.id, node) for node, (ok, _) in zip(ask, pings, strict=True) if ok)
+        return self._closest(digest, trusted.values())
 
     def _closest(self, digest: bytes, nodes: Iterable[Node]) -> list[Node]:
-        """The `replicas` nodes closest to `digest` among `nodes`, closest first."""
+        """The `replicas` nodes closest to `digest` among `nodes`, closest first, at most a
+        bucket's share per IP and subnet (as a crawl's): fakes one address mints next to the
+        key take at most two places."""
         target = int.from_bytes(digest, "big")
-        return heapq.nsmallest(self.settings.replicas, nodes, key=lambda n: n.long_id ^ target)
+        router = self.host.rpc.router
+        return within_limits(
+            sorted(nodes, key=lambda n: n.long_id ^ target),
+            router.limits,
+            self.settings.replicas,
+            groups=router.groups,
+            exempt=lambda n: (n.ip, n.port) in router.pinned,
+        )
 
     def _cache_holders(self, digest: bytes, holders: list[Node]) -> None:
         # Spread over the last fifth of the TTL: workers that joined together (a mass restart)
