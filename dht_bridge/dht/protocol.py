@@ -219,6 +219,8 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         # Set while answering a request from a client-mode node: its sender is not a contact.
         self._from_client = False
         self._probing = 0
+        # Held contacts that said they are clients now, being pinged before they are dropped.
+        self._leaving: set[bytes] = set()
         self.router = RMARoutingTable(
             self, ksize, source_node, max_failures=max_failures, limits=limits, pinned=pinned
         )
@@ -752,18 +754,32 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _caller(self, nodeid: Any, sender: Address) -> Node:
         """The caller: a server is checked before it becomes a contact (see `_consider`);
-        a client is forgotten (a server that turned client must leave every table it told,
-        at once), its address checked with `stun` so that it gets full answers."""
+        a client is forgotten (a server that turned client must leave every table it told)
+        once it no longer answers as a server, its address checked with `stun` so that it
+        gets full answers."""
         node = Node(_node_id(nodeid), sender[0], sender[1])
         if not self._from_client:
             self._consider(node, client=False)
             return node
-        # Only from the address we know it at: anyone can claim an id, not its address.
+        # Only from the address we know it at: anyone can claim an id, not its address. And
+        # not on the tag alone: a source address can be forged, one datagram per contact.
         known = self.router.buckets[self.router.get_bucket_for(node)].nodes.get(node.id)
-        if known is not None and (known.ip, known.port) == sender:
-            self.router.remove_contact(node)
+        if known is not None and (known.ip, known.port) == sender and known.id not in self._leaving:
+            self._leaving.add(known.id)
+            self.spawn(self._drop_if_client(known), name="client-check")
         self._consider(node, client=True)
         return node
+
+    async def _drop_if_client(self, contact: Node) -> None:
+        """Drop a held contact that said it is a client now, once a ping shows it: a client
+        answers only `stun`, a server whose address was forged answers and stays."""
+        try:
+            ok, _ = await self.request((contact.ip, contact.port), "ping", self.source_node.id)
+        finally:
+            self._leaving.discard(contact.id)
+        held = self.router.held(contact)
+        if not ok and held is not None and (held.ip, held.port) == (contact.ip, contact.port):
+            self.router.remove_contact(contact)
 
     def _start_probe(self, msg_id: bytes, addr: Address, args: list[Any]) -> None:
         """`reach(nodeid, port)`: probe the caller's IP on `port` (0: the port it wrote from)

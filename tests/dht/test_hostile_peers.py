@@ -9,11 +9,13 @@ import asyncio
 import os
 from typing import Any
 
+import msgpack
 from kademlia.node import Node
 
 from dht_bridge.dht.crawl import MAX_QUERIES_FACTOR
+from dht_bridge.dht.protocol import CLIENT_TAG
 from dht_bridge.dht.values import key_digest
-from tests.support.dht import start_node
+from tests.support.dht import start_network, start_node, stop_all
 from tests.support.helpers import wait_for
 from tests.support.raw_peer import REQUEST, RESPONSE, open_raw_peer
 
@@ -71,3 +73,25 @@ async def test_datagrams_no_node_sends_and_replies_to_nothing_asked_are_dropped_
     finally:
         transport.close()
         await victim.aclose()
+
+
+async def test_requests_forged_as_clients_from_contacts_addresses_evict_no_contact() -> None:
+    nodes = await start_network(12)
+    victim = nodes[0]
+    try:
+        contacts = victim.rpc.router.contacts()
+        assert len(contacts) >= 8
+        # What the kernel would hand the victim for a datagram whose source was forged as each
+        # contact's address: a PING tagged as from a client, naming the contact's id.
+        for contact in contacts:
+            forged = REQUEST + CLIENT_TAG + os.urandom(16) + msgpack.packb(["ping", [contact.id]])
+            victim.rpc.datagram_received(forged, (contact.ip, contact.port))
+        held = {c.id for c in contacts}
+        assert {c.id for c in victim.rpc.router.contacts()} >= held
+        # Each contact is pinged, answers as the server it is, and stays.
+        await wait_for(
+            lambda: not victim.rpc._leaving, timeout=10.0, message="the contacts checked"
+        )
+        assert {c.id for c in victim.rpc.router.contacts()} >= held
+    finally:
+        await stop_all(nodes)
