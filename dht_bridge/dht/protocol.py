@@ -84,6 +84,13 @@ MAX_PUSH_TASKS = 64
 # A contact that full buckets cannot keep is "new" at every request it sends; it is pushed the
 # values it should hold once per this many seconds, not at each of its heartbeat STOREs.
 WELCOME_MEMORY = 600.0
+# Newcomers pushed values, per IP group: a burst of a routing table's share of one address,
+# then one a minute. Finding what a newcomer should hold walks every stored key (0.1 s at
+# 20,000 keys, after a change of the table), and one host minting ids, each let in and then
+# dropped, could make every welcome such a walk. Over it, a newcomer is taken in unpushed:
+# the owners' next heartbeats reach it all the same.
+WELCOME_RATE = 1 / 60
+WELCOME_BURST = 4
 MAX_WELCOMED = 8192
 # A contact that joins again (see `_rejoining`) is pushed its values at most once this often:
 # anyone can send a join in a contact's name, and the check only shows the contact is there,
@@ -172,6 +179,9 @@ class TrafficStats:
     # refused them. Either way one peer's problem, never the socket's.
     unsendable: int = 0
     stores_pushed: int = 0
+    # Newcomers taken in without the values they should hold: their IP group was over its
+    # welcomes (see WELCOME_RATE).
+    unpushed: int = 0
     # Requests left unanswered in client mode: a server that treats us as a contact.
     ignored: int = 0
     # Requests from client-mode nodes answered (they never enter the routing table).
@@ -228,6 +238,9 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         # table's memo of groups by address: parsing the address was most of what a dropped
         # request cost.
         self.budget: RequestBudget | None = RequestBudget(self.router.groups_at)
+        self._welcomes = RequestBudget(
+            self.router.groups_at, rate=WELCOME_RATE, burst=WELCOME_BURST
+        )
         self._budget_warned = -math.inf
         # Addresses that answered one of our requests: they get full answers.
         self.validated = ValidatedAddresses()
@@ -899,6 +912,12 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         looked_up = self._joined.pop(node.id, None)
         if looked_up is None or time.monotonic() - looked_up >= self._join_span:
             _note(self._lookup_due, node.id)
+        if (node.ip, node.port) not in self.router.pinned and not self._welcomes.allow(
+            (node.ip, node.port)
+        ):
+            self.stats.unpushed += 1
+            self.router.add_contact(node)
+            return
         due = self._values_for(node)
         self.router.add_contact(node)
         if due and len(self._tasks) - len(self._checking) < MAX_PUSH_TASKS:

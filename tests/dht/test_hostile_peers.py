@@ -6,6 +6,7 @@ create without a record."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any
 
@@ -13,7 +14,8 @@ import msgpack
 from kademlia.node import Node
 
 from dht_bridge.dht.crawl import MAX_QUERIES_FACTOR
-from dht_bridge.dht.protocol import CLIENT_TAG
+from dht_bridge.dht.protocol import CLIENT_TAG, WELCOME_BURST
+from dht_bridge.dht.routing import RMARoutingTable
 from dht_bridge.dht.values import key_digest
 from tests.support.dht import start_network, start_node, stop_all
 from tests.support.helpers import wait_for
@@ -95,3 +97,35 @@ async def test_requests_forged_as_clients_from_contacts_addresses_evict_no_conta
         assert {c.id for c in victim.rpc.router.contacts()} >= held
     finally:
         await stop_all(nodes)
+
+
+async def test_one_address_minting_newcomers_gets_a_few_pushes_then_none() -> None:
+    victim = await start_node()
+    current: list[bytes] = []
+
+    def answer(sender: Address, name: str, args: list[Any]) -> Any:
+        return current[-1] if name == "ping" else None
+
+    transport, peer = await open_raw_peer(answer)
+    try:
+        router = victim.rpc.router
+        for _ in range(2 * WELCOME_BURST):
+            current.append(os.urandom(20))
+            newcomer = Node(current[-1], *peer.address)
+            # A fresh id pings; the victim checks the address and takes it in.
+            await peer.ask(victim.address, "ping", current[-1])
+            await wait_for(
+                functools.partial(_held, router, newcomer),
+                timeout=10.0,
+                message="the newcomer in the table",
+            )
+            router.remove_contact(newcomer)  # as a drop would, making room for the next id
+        # Each welcome beyond the burst would walk every stored key to find what to push.
+        assert victim.rpc.stats.unpushed == WELCOME_BURST
+    finally:
+        transport.close()
+        await victim.aclose()
+
+
+def _held(router: RMARoutingTable, node: Node) -> bool:
+    return router.held(node) is not None
