@@ -73,3 +73,9 @@ def parse_service_key(key: str) -> tuple[str, int] | None:
     """(service, shard) of a service key, or None for any other key."""
     match = _SVC_KEY.fullmatch(key)
     return (match.group(1), int(match.group(2))) if match else None
+
+
+def can_overflow(key: str) -> bool:
+    """Is `key` a service shard with a level below it, so one an overflow mark may be for?"""
+    parsed = parse_service_key(key)
+    return parsed is not None and level_of(parsed[1]) < MAX_LEVEL

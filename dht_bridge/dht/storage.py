@@ -13,6 +13,7 @@ from typing import Any
 
 from kademlia.storage import IStorage
 
+from dht_bridge.dht import shards
 from dht_bridge.dht.admission import Groups
 from dht_bridge.dht.renew import Renewal
 from dht_bridge.dht.values import (
@@ -133,6 +134,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         if not decoded.records and not decoded.overflowed(now):
             return StoreResult.INVALID
         entry = self._data.get(digest)
+        if not decoded.records and not self._may_mark(decoded.key, entry, source):
+            logger.debug("refused a bare overflow mark for %s from %s", decoded.key, source)
+            return StoreResult.INVALID
         if entry is None:
             if len(self._data) >= self.max_keys:
                 if time.monotonic() - self._culled_at >= FULL_CULL_EVERY:
@@ -146,6 +150,16 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 return StoreResult.FULL
             entry = _Entry(key=decoded.key, source=source)
         return self._merge_entry(digest, entry, decoded, now)
+
+    @staticmethod
+    def _may_mark(key: str, entry: _Entry | None, source: Groups | None) -> bool:
+        """May a value carrying a mark and no record land under `key`? Only a shard that can
+        overflow, and a new key only from us or a sender whose address answered us: nothing
+        in a mark is signed, and a bare one made a key of any name (up to 8 KB, kept and
+        pushed to newcomers for OVERFLOW_MEMORY) from any forged source."""
+        if not shards.can_overflow(key):
+            return False
+        return entry is not None or source != UNPROVEN
 
     def _over_quota(self, source: Groups) -> bool:
         if len(self._data) < QUOTA_FROM * self.max_keys:

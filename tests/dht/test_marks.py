@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
 import time
 
@@ -15,7 +16,8 @@ from kademlia.node import Node
 from dht_bridge.dht import lookup as reading
 from dht_bridge.dht import publish as publishing
 from dht_bridge.dht import shards
-from dht_bridge.dht.storage import OVERFLOW_MEMORY, RecordStorage, StoreResult
+from dht_bridge.dht.admission import Groups
+from dht_bridge.dht.storage import OVERFLOW_MEMORY, UNPROVEN, RecordStorage, StoreResult
 from dht_bridge.dht.values import (
     RecordVerifier,
     backs_mark,
@@ -34,17 +36,18 @@ from tests.support.dht import (
     stop_all,
 )
 from tests.support.helpers import POLICY, make_record
+from tests.support.raw_peer import open_raw_peer
 
 ROOT = shards.service_key("ocr", 0)
 DIGEST = key_digest(ROOT)
 
 
-def held_depth(storage: RecordStorage, now: float) -> tuple[bool, int]:
-    """(overflowed, deepest) of the value a holder serves for the root shard."""
-    value = storage.value(DIGEST)
+def held_depth(storage: RecordStorage, now: float, key: str = ROOT) -> tuple[bool, int]:
+    """(overflowed, deepest) of the value a holder serves for `key` (the root shard)."""
+    value = storage.value(key_digest(key))
     if value is None:
         return False, 0
-    decoded = decode_value(value, digest=DIGEST, verifier=RecordVerifier(POLICY), now=now)
+    decoded = decode_value(value, digest=key_digest(key), verifier=RecordVerifier(POLICY), now=now)
     return decoded.overflowed(now), decoded.deepest
 
 
@@ -380,3 +383,62 @@ async def test_a_lookup_passes_over_a_level_without_mark_when_the_level_below_ho
         assert [r.worker_id for r in report.providers] == [r.worker_id for r in below[:10]]
     finally:
         await stop_all([reader])
+
+
+def test_a_bare_mark_makes_a_key_only_for_a_shard_and_from_a_sender_that_proved_itself() -> None:
+    clock = ManualClock()
+    held = RecordStorage(POLICY, clock=clock)
+    proved = ("198.51.100.7", "198.51.100.0/24")
+
+    def mark(key: str, source: Groups | None) -> StoreResult:
+        return held.merge(
+            key_digest(key), encode_value(key, [], clock() + OVERFLOW_MEMORY, 3), source=source
+        )
+
+    # Nothing in a mark is signed: a name that is no shard never becomes a key, whoever sends it.
+    for junk in ("junk-" + "x" * 2000, shards.worker_key("ab" * 20)):
+        assert [mark(junk, s) for s in (UNPROVEN, proved, None)] == [StoreResult.INVALID] * 3
+    deepest = shards.service_key("ocr", shards.shard_id(shards.MAX_LEVEL, 0))
+    assert mark(deepest, proved) is StoreResult.INVALID  # nothing below it to send readers to
+    # A new shard key from a forged source: refused; from a proved one or our own: kept.
+    assert mark(ROOT, UNPROVEN) is StoreResult.INVALID
+    assert len(held) == 0
+    assert mark(ROOT, proved) is StoreResult.STALE
+    assert mark(shards.service_key("ocr", 1), None) is StoreResult.STALE
+    # Onto a held shard, a mark lands from anyone, as before.
+    other = shards.service_key("asr", 0)
+    record = make_record(services=("asr",), now=clock(), ttl=3000)
+    assert held.merge(key_digest(other), encode_value(other, [record])) is StoreResult.OK
+    assert mark(other, UNPROVEN) is StoreResult.STALE
+    assert held_depth(held, clock(), other) == (True, 3)
+    assert len(held) == 3
+
+
+async def test_bare_marks_from_an_address_that_never_answered_make_no_key_on_the_wire() -> None:
+    victim = await start_node()
+    peer_id = os.urandom(20)
+    answering = False
+
+    def answer(sender: tuple[str, int], name: str, args: list[object]) -> object:
+        return peer_id if name == "ping" and answering else None
+
+    transport, peer = await open_raw_peer(answer)
+    try:
+
+        async def store(key: str) -> object:
+            mark = encode_value(key, [], time.time() + 1e9, shards.MAX_LEVEL)
+            return await peer.ask(victim.address, "store", peer_id, key_digest(key), mark)
+
+        names = [f"junk-{i}-" + "x" * 2000 for i in range(20)]
+        assert [await store(name) for name in names] == ["invalid"] * 20
+        assert await store(ROOT) == "invalid"  # a shard, but the sender never answered us
+        assert victim.storage.digests() == []
+        answering = True
+        ok, _ = await victim.rpc.call_ping(Node(peer_id, *peer.address))
+        assert ok  # the peer's address now answers us
+        assert await store(ROOT) == "stale"
+        assert await store(names[0]) == "invalid"
+        assert [victim.storage.key_name(d) for d in victim.storage.digests()] == [ROOT]
+    finally:
+        transport.close()
+        await victim.aclose()
