@@ -155,7 +155,8 @@ ROUTER_OPTIONS = OptionTable(
     Option(
         "proxy_max_connections",
         "PROXY_MAX_CONNECTIONS",
-        "connections to workers' tunnels held open at once, all kept alive between requests",
+        "connections to workers' tunnels held open at once, all kept alive between requests; "
+        "one tunnel holds at most an eighth of them (at least 8)",
         "int",
         DEFAULT_PROXY_MAX_CONNECTIONS,
     ),

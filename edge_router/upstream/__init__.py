@@ -3,7 +3,8 @@
 - `proxy`   choosing a provider (the less loaded of two healthy ones), forwarding and
             streaming, retries of safe requests, ejection of failing providers.
 - `proof`   tunnel proofs: a provider is routed once its URL answered for its key.
-- `pool`    kept-alive connections per tunnel origin, bounded in all, O(1) a request.
+- `pool`    kept-alive connections per tunnel origin, bounded in all and per origin, O(1) a
+            request.
 - `http11`  the lean HTTP/1.1 connection each of them is, with a strict parser of answers.
 """
 

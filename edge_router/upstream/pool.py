@@ -1,4 +1,5 @@
-"""The routing proxy's connections to tunnels: kept alive per tunnel origin, bounded in all.
+"""The routing proxy's connections to tunnels: kept alive per tunnel origin, bounded in all and
+per origin.
 
 httpcore's own pool (httpx's default) walks every connection it holds on each request and on
 each release, polls the socket of each idle one, and counts idle connections once per connection
@@ -8,11 +9,17 @@ origin has a stack of idle HTTP/1.1 connections and a list of HTTP/2 ones that t
 requests at once; a request takes the most recently used idle connection and checks that one
 only. HTTP/1.1 connections are the lean ones of edge_router.upstream.http11 (httpcore's cost
 most of a routed request's CPU); with HTTP/2 enabled, httpcore's, which negotiate either.
+
+One origin (one worker's tunnel) holds at most `per_origin_limit` of them: a tunnel that
+stalls its answers ties up its own share, not the connections every other worker is reached
+by. A request finding its origin's share busy waits in line, and the next connection of that
+origin to come free (idle, or closed and replaced) is handed to the first in line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -23,17 +30,29 @@ import httpx
 
 from edge_router.upstream.http11 import LeanHTTP11Connection
 
-__all__ = ["TunnelClient", "TunnelPool", "TunnelTransport"]
+__all__ = ["TunnelClient", "TunnelPool", "TunnelTransport", "per_origin_limit"]
 
 # An origin as a dict key (httpcore's Origin is not hashable): scheme, host, port.
 _Key = tuple[bytes, bytes, int]
 _Connection = httpcore.AsyncConnectionInterface
+# A request waiting for a connection of its origin, and that origin (to open one for it).
+_Waiter = tuple["asyncio.Future[_Connection]", httpcore.Origin]
+
+# One origin's share of the pool: this fraction of it, and never fewer connections than
+# PER_ORIGIN_MIN (nor more than the pool). 64 of the default 512.
+PER_ORIGIN_SHARE = 8
+PER_ORIGIN_MIN = 8
+
+
+def per_origin_limit(max_connections: int) -> int:
+    """How many of `max_connections` one tunnel origin may hold open at once."""
+    return min(max_connections, max(PER_ORIGIN_MIN, max_connections // PER_ORIGIN_SHARE))
 
 
 class TunnelPool(httpcore.AsyncConnectionInterface):
-    """At most `max_connections` connections to all origins; idle ones kept `keepalive_expiry`
-    seconds. A request finding every connection busy waits for one to close, up to the pool
-    timeout of its request (httpcore.PoolTimeout)."""
+    """At most `max_connections` connections to all origins, `per_origin_limit` of them to one;
+    idle ones kept `keepalive_expiry` seconds. A request finding every connection busy waits for
+    one, up to the pool timeout of its request (httpcore.PoolTimeout)."""
 
     def __init__(
         self,
@@ -54,6 +73,9 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         self._shared: dict[_Key, list[_Connection]] = {}
         self._freed = asyncio.Condition()
         self._waiting = 0
+        self._per_origin = per_origin_limit(max_connections)
+        self._counts: dict[_Key, int] = {}  # open connections per origin
+        self._lines: dict[_Key, collections.deque[_Waiter]] = {}  # waiting for their origin's
 
     @property
     def connections(self) -> int:
@@ -110,6 +132,8 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         return None
 
     async def _new(self, origin: httpcore.Origin, key: _Key, wait: float | None) -> _Connection:
+        if self._counts.get(key, 0) >= self._per_origin:
+            return await self._in_line(origin, key, wait)
         if len(self._open) >= self._max:
             await self._evict_idle()
         if len(self._open) >= self._max:
@@ -123,6 +147,13 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
                 ) from None
             finally:
                 self._waiting -= 1
+            if self._counts.get(key, 0) >= self._per_origin:  # filled while this one waited
+                return await self._in_line(origin, key, wait)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return self._opened(origin, key)
+
+    def _opened(self, origin: httpcore.Origin, key: _Key) -> _Connection:
+        """A new connection to `origin`, counted open (it connects with its first request)."""
         connection: _Connection
         if self._http2:
             connection = httpcore.AsyncHTTPConnection(
@@ -139,6 +170,62 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         self._open[connection] = key
         return connection
 
+    async def _in_line(self, origin: httpcore.Origin, key: _Key, wait: float | None) -> _Connection:
+        """Wait, first come first served, for a connection of `key` that came free; an idle one
+        that the tunnel closed meanwhile is closed, and the wait goes on."""
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        while True:
+            future: asyncio.Future[_Connection] = loop.create_future()
+            waiter = (future, origin)
+            self._lines.setdefault(key, collections.deque()).append(waiter)
+            # A timer rather than a cancel scope: the future ends either handed a connection or
+            # timed out, never both, so no connection is lost to a timeout.
+            timer = None
+            if deadline is not None:
+                host = origin.host.decode("ascii")
+                busy = f"all {self._per_origin} connections to {host} stayed busy"
+                timer = loop.call_later(deadline - loop.time(), _too_late, future, busy)
+            try:
+                connection = await future
+            except BaseException:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    await self._give_back(future.result())  # handed over as this one was cancelled
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                line = self._lines.get(key)
+                if line is not None and waiter in line:
+                    line.remove(waiter)
+                    if not line:
+                        del self._lines[key]
+            if not connection.is_idle() or (
+                connection.is_available() and not connection.has_expired()
+            ):
+                return connection
+            await self._release(connection)
+
+    async def _give_back(self, connection: _Connection) -> None:
+        if connection.is_idle():
+            await self._returned(connection)
+        else:
+            await self._release(connection)  # opened for a waiter that left: never connected
+
+    def _hand_over(self, key: _Key, connection: _Connection | None) -> bool:
+        """Give the first request waiting for `key` this idle connection, or (None) a new one in
+        place of one closed; False when none waits."""
+        line = self._lines.get(key)
+        while line:
+            future, origin = line.popleft()
+            if not line:
+                del self._lines[key]
+            if future.done():
+                continue  # timed out or cancelled
+            future.set_result(connection or self._opened(origin, key))
+            return True
+        return False
+
     async def _evict_idle(self) -> None:
         """Close the longest idle connection of some origin, to make room for another."""
         for idle in self._idle.values():
@@ -151,6 +238,8 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         key = self._open.get(connection)
         if key is None or connection.is_closed():
             await self._release(connection)
+        elif connection.is_idle() and self._lines and self._hand_over(key, connection):
+            pass  # a request waiting for this origin's share has it
         elif connection.is_idle() and self._waiting:
             await self._release(connection)  # a request waits for room: this one's is freed
         elif connection.is_idle() and connection not in self._shared.get(key, ()):
@@ -165,9 +254,16 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
                     group.remove(connection)
                     if not group:
                         del groups[key]
-            if self._waiting:
-                async with self._freed:
-                    self._freed.notify_all()
+            # A request waiting for this origin's share takes the place (a new connection).
+            if not (self._lines and self._hand_over(key, None)):
+                left = self._counts[key] - 1
+                if left:
+                    self._counts[key] = left
+                else:
+                    del self._counts[key]
+                if self._waiting:
+                    async with self._freed:
+                        self._freed.notify_all()
         await connection.aclose()
 
     async def aclose(self) -> None:
@@ -176,6 +272,7 @@ class TunnelPool(httpcore.AsyncConnectionInterface):
         self._open.clear()
         self._idle.clear()
         self._shared.clear()
+        self._counts.clear()
         for connection in connections:
             await connection.aclose()
 
@@ -238,6 +335,11 @@ class TunnelTransport(httpx.AsyncHTTPTransport):
         )
         # httpx keeps its pool here and sends every request through it (httpx 0.2x).
         self._pool = self.pool  # type: ignore[assignment]
+
+
+def _too_late(future: asyncio.Future[_Connection], why: str) -> None:
+    if not future.done():
+        future.set_exception(httpcore.PoolTimeout(why))
 
 
 def _pool_timeout(request: httpcore.Request) -> float | None:

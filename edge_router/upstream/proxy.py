@@ -99,7 +99,8 @@ class ProxySettings:
     busy_max: float = 300.0  # cap on Retry-After
     replay_limit: int = 65536  # request bodies up to this size are buffered so they can be retried
     max_attempts: int = 2  # first try + one retry on another provider
-    max_connections: int = 512  # to all tunnels at once; every one is kept alive when idle
+    # To all tunnels at once, every one kept alive when idle; to one tunnel, per_origin_limit.
+    max_connections: int = 512
     # Seconds an idle connection is kept. A tunnel that closes one first costs nothing: the
     # request that finds it closed goes out again (see `_IDLE_CLOSE_ERRORS`).
     keepalive_expiry: float = 60.0
@@ -392,10 +393,10 @@ class Proxy:
                 f"{self.settings.write_timeout:g} s{before}"
             ) from exc
         except httpx.PoolTimeout as exc:
-            # Our own connection pool is full: not the provider's fault, and 503 says "later".
+            # Our own connection pool, or this provider's share of it, is full: 503 says "later".
             raise NoProvider(
                 f"router connection pool exhausted after {self.settings.pool_timeout:g} s "
-                f"while connecting to worker {wid}{before}"
+                f"while connecting to worker {wid} ({exc}){before}"
             ) from exc
         except httpx.TransportError as exc:
             self._failed(wid, exc)

@@ -1,6 +1,6 @@
-"""The proxy's connections to tunnels: kept alive and reused per origin, bounded in all, and
-a request that finds every connection busy waits (up to the pool timeout) instead of opening
-one more."""
+"""The proxy's connections to tunnels: kept alive and reused per origin, bounded in all and per
+origin, and a request that finds every connection busy waits (up to the pool timeout) instead
+of opening one more."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge_router.upstream.pool import TunnelTransport
+from edge_router.upstream.pool import TunnelTransport, per_origin_limit
 from edge_router.upstream.proxy import ProxySettings, upstream_client
 from tests.support.helpers import wait_for
 from tests.support.upstreams import serve
@@ -96,6 +96,37 @@ async def test_the_pool_is_bounded_and_a_waiting_request_times_out(
         answers = await asyncio.gather(*busy, later)
         assert transport.pool.connections <= 2
     assert [a.status_code for a in answers] == [200, 200, 200]
+
+
+async def test_a_stalled_tunnel_holds_its_share_of_the_pool_only(
+    upstream: tuple[str, Peers],
+) -> None:
+    """Requests to a tunnel that holds every answer take its share of the pool and then wait in
+    line: another tunnel is still reached, and the line is served by the stalled tunnel's own
+    connections once they come free (no new ones)."""
+    stalled_url, stalled = upstream
+    stalled.gate.clear()
+    share = per_origin_limit(16)
+    assert share == 8
+    transport = TunnelTransport(max_connections=16, keepalive_expiry=60.0)
+    async with (
+        serve(Peers().app()) as other_url,
+        httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(10.0)) as client,
+    ):
+        # As many requests as the whole pool: before, they took all of it.
+        held = [asyncio.create_task(client.get(stalled_url + "/e")) for _ in range(16)]
+        try:
+            await wait_for(lambda: stalled.held >= share, timeout=10, message="its share held")
+            other = await client.get(other_url + "/f", timeout=httpx.Timeout(10.0, pool=2.0))
+            assert other.status_code == 200
+            assert stalled.held == share
+            with pytest.raises(httpx.PoolTimeout, match=f"all {share} connections to 127"):
+                await client.get(stalled_url + "/g", timeout=httpx.Timeout(10.0, pool=0.2))
+        finally:
+            stalled.gate.set()  # the upstream stops only once its handlers have answered
+            answers = await asyncio.gather(*held)
+    assert [a.status_code for a in answers] == [200] * 16
+    assert len(stalled.ports) == share  # the line was handed the connections that came free
 
 
 async def test_a_connection_the_tunnel_closed_while_idle_is_not_reused() -> None:
