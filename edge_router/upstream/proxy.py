@@ -1,8 +1,12 @@
 """The routing proxy: `* /route/{service}/{path}` forwarded to a provider's tunnel URL.
 
-Providers are chosen load-aware (the less loaded of two random healthy ones). A connect failure,
-or a reused keep-alive connection that broke before any answer, is retried once on another
-provider; a record whose tunnel URL cannot be requested is skipped; a provider whose gateway
+Providers are chosen load-aware (the less loaded of two random healthy ones). A connect failure
+is retried once on another provider, and so is, as Go's net/http does it, a request that a
+reused keep-alive connection lost before any answer when it is idempotent (RFC 9110 section
+9.2.2) or carries an Idempotency-Key: the provider may have closed an idle connection as the
+request came, or taken the request and died, and only such a request may run twice (a pooled
+connection the provider closed before any byte went out is not used: see `pool`); a record
+whose tunnel URL cannot be requested is skipped; a provider whose gateway
 answers 502, 503 or 504 (its service is down behind cloudflared) fails the try, which a safe
 request retries elsewhere; a provider that keeps failing is ejected for a while; one that
 answers 429 (or 503 with Retry-After) is skipped for its Retry-After. Bodies
@@ -69,6 +73,10 @@ REQUEST_DROP = frozenset(
 RESPONSE_DROP = frozenset({b"date", b"server"})
 # Methods that may be sent again after the exchange broke mid-way (RFC 9110 section 9.2.1).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# And those, or a request with one of IDEMPOTENCY_HEADERS, after a reused connection closed
+# before any answer (RFC 9110 section 9.2.2; the headers as Go's net/http reads them).
+IDEMPOTENT_METHODS = SAFE_METHODS | {"PUT", "DELETE"}
+IDEMPOTENCY_HEADERS = frozenset({b"idempotency-key", b"x-idempotency-key"})
 # Cloudflare's answer when the tunnel behind a hostname is not connected (error 1033 and kin):
 # the worker never saw the request, so it is a connect failure in all but name.
 TUNNEL_DOWN = 530
@@ -101,8 +109,9 @@ class ProxySettings:
     max_attempts: int = 2  # first try + one retry on another provider
     # To all tunnels at once, every one kept alive when idle; to one tunnel, per_origin_limit.
     max_connections: int = 512
-    # Seconds an idle connection is kept. A tunnel that closes one first costs nothing: the
-    # request that finds it closed goes out again (see `_IDLE_CLOSE_ERRORS`).
+    # Seconds an idle connection is kept. A tunnel that closes one first costs little: the pool
+    # sees the close before reuse, and an idempotent request that races it goes out again
+    # (see `_IDLE_CLOSE_ERRORS`).
     keepalive_expiry: float = 60.0
     # HTTP/2 where a tunnel offers it by ALPN (needs the `h2` package; not yet measured, so off).
     http2: bool = False
@@ -400,10 +409,15 @@ class Proxy:
             ) from exc
         except httpx.TransportError as exc:
             self._failed(wid, exc)
-            if trace.reused and not trace.answered and isinstance(exc, _IDLE_CLOSE_ERRORS):
-                # The provider closed a kept-alive connection as the request went out (it
-                # stopped, or its idle timeout won the race): a server that closes an idle
-                # connection has not read the request, so another provider may take it.
+            if (
+                trace.reused
+                and not trace.answered
+                and isinstance(exc, _IDLE_CLOSE_ERRORS)
+                and _idempotent(method, headers)
+            ):
+                # The provider closed a kept-alive connection as the request went out: its idle
+                # timeout won the race, or it took the request and died. Which one cannot be
+                # told, so only a request that may run twice goes to another provider.
                 why = f"reused connection closed before any answer ({_describe(exc)})"
                 return None, why, body.resendable, True
             # The provider took the request and then broke the exchange: it may have acted on it.
@@ -474,6 +488,11 @@ class Proxy:
         ]
         counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
         return f"no healthy provider of {service!r} ({len(providers)} known: {counts})"
+
+
+def _idempotent(method: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """May the request run twice: an idempotent method, or an Idempotency-Key header?"""
+    return method in IDEMPOTENT_METHODS or any(n in IDEMPOTENCY_HEADERS for n, _ in headers)
 
 
 # What a reused connection that the provider had closed fails with, before any answer: httpcore
