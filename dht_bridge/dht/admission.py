@@ -29,6 +29,7 @@ __all__ = [
     "DiversityLimits",
     "Groups",
     "RequestBudget",
+    "TokenBuckets",
     "ValidatedAddresses",
     "within_limits",
 ]
@@ -54,6 +55,13 @@ REQUEST_BURST = 2000.0
 BYTES_PER_TOKEN = 1024
 # IP groups metered at once; the one idle longest is forgotten first (its bucket was full).
 MAX_METERED = 16384
+# Signature checks the records one IP group STOREs may cost a node a second, and at once. A
+# check costs about 0.2 to 0.35 ms: one host replaying some 4,200 records of its own (more than
+# the verifier remembers) made every record of every 8 KB STORE a check, 7.5 to 11 ms each, so
+# 90 to 130 STOREs a second took a whole core. Honest senders store one record a STORE, or push
+# a newcomer the values it should hold (the burst); coordinators are not metered.
+CHECK_RATE = 200.0
+CHECK_BURST = 1000.0
 
 # (IP group, subnet group) of an address; equal keys count against the same limit.
 Groups = tuple[str, str]
@@ -216,3 +224,42 @@ class RequestBudget:
 def cost_of(size: int) -> float:
     """The tokens a request of `size` bytes takes from its sender's budget."""
     return 1.0 + size / BYTES_PER_TOKEN
+
+
+class TokenBuckets:
+    """A token bucket per key (an IP group): `rate` tokens a second, `burst` at most; past
+    `capacity` keys the one idle longest is forgotten (its bucket was full)."""
+
+    def __init__(
+        self,
+        *,
+        rate: float = CHECK_RATE,
+        burst: float = CHECK_BURST,
+        capacity: int = MAX_METERED,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if rate <= 0 or burst < 1 or capacity < 1:
+            raise ConfigError("token buckets need rate > 0, burst >= 1 and capacity >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.capacity = capacity
+        self.clock = clock or time.monotonic
+        # key -> (tokens left, when counted); least recently used first.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, tokens: float = 1.0) -> bool:
+        """Take `tokens` from `key`'s bucket; False (and nothing taken) when it has fewer."""
+        now = self.clock()
+        held = self._buckets.pop(key, None)
+        if held is None:
+            left = self.burst
+            if len(self._buckets) >= self.capacity:
+                self._buckets.popitem(last=False)
+        else:
+            left = min(self.burst, held[0] + (now - held[1]) * self.rate)
+        allowed = left >= tokens
+        self._buckets[key] = (left - tokens if allowed else left, now)
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)

@@ -8,19 +8,20 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kademlia.storage import IStorage
 
 from dht_bridge.dht import shards
-from dht_bridge.dht.admission import Groups
+from dht_bridge.dht.admission import Groups, TokenBuckets
 from dht_bridge.dht.renew import Renewal
 from dht_bridge.dht.values import (
     MAX_RECORDS_BYTES,
     MAX_VALUE_BYTES,
     DecodedValue,
     RecordVerifier,
+    checks_due,
     cut_value,
     decode_value,
     encode_value,
@@ -112,15 +113,24 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._full_said: tuple[float, int] | None = None  # when, and the count then
         self._added: Counter[str] = Counter()  # keys held, by the groups of who added them
         self._culled_at = -math.inf
+        # Signature checks per sender's IP group (see `_within_checks`); `unmetered` says which
+        # senders' groups are exempt (a node's coordinators, set by its publishing half).
+        self.checks = TokenBuckets()
+        self.unmetered: Callable[[Groups], bool] | None = None
+        self.refused_checks = 0  # STOREs refused for their sender's budget of checks
+        self._checks_said = -math.inf
 
     def merge(self, digest: bytes, value: object, *, source: Groups | None = None) -> StoreResult:
         """Validate `value` and merge its records into what is held under `digest`. A new key
         from `source` (the sender's groups; None: our own) counts against its quota."""
         now = self.clock()
+        entry = self._data.get(digest)
+        # What the records' checks may cost is paid before any of them is parsed.
+        charged = checks_due(value, self.verifier, held=_signatures(entry, now))
+        if charged and not self._within_checks(source, charged):
+            return StoreResult.INVALID
         try:
-            decoded = decode_value(
-                value, digest=digest, verifier=self.verifier, now=now, forged_refuses_all=True
-            )
+            decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now, lazy=True)
         except ValueError as exc:
             logger.debug("refused STORE under %s: %s", digest.hex(), exc)
             return StoreResult.INVALID
@@ -133,7 +143,6 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             )
         if not decoded.records and not decoded.overflowed(now):
             return StoreResult.INVALID
-        entry = self._data.get(digest)
         if not decoded.records and not self._may_mark(decoded.key, entry, source):
             logger.debug("refused a bare overflow mark for %s from %s", decoded.key, source)
             return StoreResult.INVALID
@@ -149,7 +158,61 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 logger.debug("%s is over its quota of new keys; refusing %s", source, decoded.key)
                 return StoreResult.FULL
             entry = _Entry(key=decoded.key, source=source)
-        return self._merge_entry(digest, entry, decoded, now)
+        checked = self._checked(decoded, entry, source, now, charged)
+        if checked is None:
+            return StoreResult.INVALID
+        return self._merge_entry(digest, entry, checked, now)
+
+    def _checked(
+        self, decoded: DecodedValue, entry: _Entry, source: Groups | None, now: float, paid: int
+    ) -> DecodedValue | None:
+        """`decoded` with its signatures checked; None when one is forged (the whole value is
+        refused at it: an honest node only sends what it checked) or the sender's IP group has
+        no checks left this second (see CHECK_RATE) for those beyond the `paid` ones.
+
+        A record the verifier knows, or that cannot replace the live copy held (the same one
+        again, an older one), costs no check: the second is passed over, as the merge would.
+        """
+        due: list[WorkerRecord] = []
+        kept: list[WorkerRecord] = []
+        for record in decoded.records:
+            held = entry.records.get(record.worker_id)
+            if held is not None and not held.is_expired(now) and not supersedes(record, held):
+                continue
+            kept.append(record)
+            if record.signature in decoded.unverified:
+                due.append(record)
+        if len(due) > paid and not self._within_checks(source, len(due) - paid):
+            return None  # a held record's signature on other fields: checked all the same
+        for count, record in enumerate(due, 1):
+            if not self.verifier.confirm(record):
+                logger.debug(
+                    "refused STORE under %s at its forged record %d of %d",
+                    decoded.key,
+                    count,
+                    len(due),
+                )
+                return None
+        return replace(decoded, records=kept, unverified=set())
+
+    def _within_checks(self, source: Groups | None, count: int) -> bool:
+        """May `source` cost us `count` signature checks now? Our own merges and coordinators
+        (`unmetered`) always; senders whose address never answered us share one budget."""
+        if source is None or (self.unmetered is not None and self.unmetered(source)):
+            return True
+        if self.checks.take(source[0] or source[1], count):
+            return True
+        self.refused_checks += 1
+        now = time.monotonic()
+        if now - self._checks_said >= FULL_LOG_EVERY:
+            self._checks_said = now
+            logger.warning(
+                "refusing STOREs from %s: over %g signature checks a second (%d refused so far)",
+                source[0] or "senders that never answered us",
+                self.checks.rate,
+                self.refused_checks,
+            )
+        return False
 
     @staticmethod
     def _may_mark(key: str, entry: _Entry | None, source: Groups | None) -> bool:
@@ -352,6 +415,14 @@ class RecordStorage(IStorage):  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _signatures(entry: _Entry | None, now: float) -> set[bytes]:
+    """The signatures of the live records held in `entry`: the same record again costs no
+    check."""
+    if entry is None:
+        return set()
+    return {bytes.fromhex(r.signature) for r in entry.records.values() if not r.is_expired(now)}
 
 
 def _depth_after(entry: _Entry, reported: int, until: float, now: float) -> tuple[int, float]:
