@@ -81,6 +81,12 @@ class ClientResolver:
                 return connecting
         return peer
 
+    def cf_ray(self, request: Request) -> str | None:
+        """The CF-Ray header when the peer may set it (Cloudflare, or our Worker), else None."""
+        if not (self.peer_trusted(request) or self.from_our_worker(request)):
+            return None
+        return request.headers.get("cf-ray")
+
     def country(self, request: Request) -> str | None:
         """CF-IPCountry (lower-cased) when the peer may set it, else None."""
         if not (self.peer_trusted(request) or self.from_our_worker(request)):

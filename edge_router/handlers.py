@@ -423,10 +423,10 @@ async def route(request: Request) -> Response:
     return await state.proxy.forward(
         request,
         service,
-        request.path_params.get("path", ""),
+        f"/route/{service}",
         providers,
         client_ip=state.resolver.client_ip(request),
-        cf_ray=request.headers.get("cf-ray"),
+        cf_ray=state.resolver.cf_ray(request),
     )
 
 

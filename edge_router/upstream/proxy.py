@@ -27,6 +27,7 @@ import http.cookiejar
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,8 +54,9 @@ WORKER_HEADER = b"x-rma-worker"
 INTERNAL_PREFIX = b"x-rma-"
 # Host is set by httpx from the tunnel URL, and Content-Length from the body it sends (a client's
 # framing is never passed on); the X-Forwarded-* and CF-Ray are rebuilt from what the app
-# trusts; other client-address claims are unverified, and Expect: 100-continue is a
-# conversation with us, not with the provider.
+# trusts; other client-address and location claims (Forwarded, X-Client-IP, CF-IPCountry among
+# them) are unverified, and Expect: 100-continue is a conversation with us, not with the
+# provider.
 REQUEST_DROP = frozenset(
     {
         b"host",
@@ -66,6 +68,9 @@ REQUEST_DROP = frozenset(
         b"cf-connecting-ip",
         b"true-client-ip",
         b"x-real-ip",
+        b"x-client-ip",
+        b"forwarded",
+        b"cf-ipcountry",
         b"expect",
     }
 )
@@ -85,8 +90,13 @@ TUNNEL_DOWN = 530
 # as failures, as a connect failure is (Envoy's consecutive gateway failures), and a safe request
 # goes to another provider. 503 with Retry-After is a worker saying "later", as a 429 is.
 GATEWAY_ERRORS = frozenset({502, 503, 504})
-# A path is quoted back from its decoded form; these stay literal (RFC 3986 pchar and "/").
-_PATH_SAFE = "/:@!$&'()*+,;="
+# The path goes on as the client sent it (a %2F is not a "/"); what a request line cannot carry
+# or httpx refuses (a "#") is quoted, escapes and these kept (RFC 3986 pchar, "/" and "%").
+_PATH_SAFE = "/:@!$&'()*+,;=%"
+_NOT_IN_PATH = re.compile(rb"[^\x21-\x7e]|#")
+# A "." or ".." segment, its dots escaped or not, "/" or an escaped "/" around it: a server
+# that decodes before it resolves them would climb out of the tunnel URL's path.
+_DOT_SEGMENT = re.compile(rb"(?:^|/|%2f)(?:\.|%2e){1,2}(?:/|%2f|$)", re.IGNORECASE)
 # Answers declaring at most this many bytes are read whole before the client's answer starts.
 BUFFERED_ANSWER = 64 * 1024
 # ProviderHealth forgets idle entries beyond this many, so churned workers do not pile up.
@@ -282,17 +292,20 @@ class Proxy:
         self,
         request: Request,
         service: str,
-        path: str,
+        prefix: str,
         providers: Sequence[WorkerRecord],
         *,
         client_ip: str | None,
         cf_ray: str | None,
     ) -> Response:
-        """Proxy `request` to `<tunnel_url>/<path>` of a chosen provider, streaming both ways.
+        """Proxy `request` to `<tunnel_url>/<path>` of a chosen provider, streaming both ways;
+        `<path>` is what follows `prefix` (the route's own part, "/route/ocr") in the request's
+        path as the client sent it.
 
         Raises NoProvider (nothing healthy), UpstreamUnavailable (every try failed) or
         UpstreamTimeout (the provider did not answer in time).
         """
+        path = raw_path_after(request.scope, prefix)
         target = target_path(path, request.scope.get("query_string", b""))
         # The server refuses these already (edge_router.server); checked again so that the app
         # never forwards ambiguous framing whatever server runs it.
@@ -677,14 +690,30 @@ def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     return [(k, v) for k, v in end_to_end(raw, RESPONSE_DROP) if not k.startswith(INTERNAL_PREFIX)]
 
 
-def target_path(path: str, query: bytes) -> bytes:
-    """`/<path>?<query>` to append to a tunnel URL; `path` is decoded (as Starlette gives it).
+def raw_path_after(scope: Scope, prefix: str) -> bytes:
+    """What follows `prefix` (decoded, as the route matched it) in the path as the client sent
+    it. Raises BadRequest when the prefix itself came percent-encoded: what follows could not
+    be told apart from it."""
+    raw = scope.get("raw_path")
+    if raw is None:  # a server that gives none: the decoded path, quoted back
+        raw = quote(scope["path"], safe=_PATH_SAFE.replace("%", "")).encode("ascii")
+    start = (scope.get("root_path", "") + prefix).encode()
+    if not raw.startswith(start) or raw[len(start) : len(start) + 1] not in (b"", b"/"):
+        raise BadRequest(f"the path must begin with {prefix!r} as such, not percent-encoded")
+    return bytes(raw[len(start) :])
 
-    Raises BadRequest for `.` and `..` segments, which would climb out of the tunnel URL's path.
+
+def target_path(path: bytes, query: bytes) -> bytes:
+    """`/<path>?<query>` to append to a tunnel URL; `path` is raw (from `raw_path_after`).
+
+    Raises BadRequest for `.` and `..` segments, escaped or not, which would climb out of the
+    tunnel URL's path.
     """
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise BadRequest(f"path {path!r} contains a '.' or '..' segment")
-    target = b"/" + quote(path.lstrip("/"), safe=_PATH_SAFE).encode("ascii")
+    if _DOT_SEGMENT.search(path):
+        raise BadRequest(f"path {path.decode('latin-1')!r} contains a '.' or '..' segment")
+    if _NOT_IN_PATH.search(path):
+        path = quote(path, safe=_PATH_SAFE).encode("ascii")
+    target = b"/" + path.lstrip(b"/")
     return target + b"?" + query if query else target
 
 
@@ -728,6 +757,7 @@ __all__ = [
     "Proxy",
     "ProxySettings",
     "answer",
+    "raw_path_after",
     "relay",
     "request_headers",
     "response_headers",

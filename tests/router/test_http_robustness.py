@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -76,11 +78,14 @@ async def registry(redis_url: str) -> AsyncIterator[Registry]:
 
 @contextlib.asynccontextmanager
 async def running(
-    registry: Registry, limits: ServerLimits | None = None, refusals: RefusalLog | None = None
+    registry: Registry,
+    limits: ServerLimits | None = None,
+    refusals: RefusalLog | None = None,
+    settings: RouterConfig = ROBUSTNESS_CONFIG,
 ) -> AsyncIterator[Router]:
     """The router app (lifespan included) under uvicorn on an OS port, counting refusals in
     `refusals` if given, as the app's own (which /metrics exposes)."""
-    app = router_app(registry, config=ROBUSTNESS_CONFIG)
+    app = router_app(registry, config=settings)
     if refusals is not None:
         app.state.rma.refused = refusals
     protocol = protocol_class(limits, app.state.rma.refused)
@@ -245,6 +250,46 @@ async def test_a_loopback_client_cannot_name_its_address_in_x_forwarded_for(
     (seen,) = upstream.requests
     assert seen.header(b"x-forwarded-for") == b"127.0.0.1"
     assert seen.header(b"x-forwarded-proto") == b"http"
+
+
+CLAIMS = (
+    b"Forwarded: for=198.51.100.7;proto=https\r\nX-Client-IP: 198.51.100.7\r\n"
+    b"CF-IPCountry: NZ\r\nCF-Ray: 0000000000000000-SPOOF\r\n"
+)
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["any-peer", "trusted-proxy"])
+async def test_a_clients_address_claims_never_reach_the_worker_and_its_path_arrives_as_sent(
+    registry: Registry, trusted: bool
+) -> None:
+    """Forwarded, X-Client-IP and CF-IPCountry are dropped; CF-Ray passes only from a trusted
+    proxy; an escaped "/" in the path stays escaped (decoded, it named another resource)."""
+    settings = ROBUSTNESS_CONFIG
+    if trusted:
+        loopback = (ipaddress.ip_network("127.0.0.1"),)
+        settings = dataclasses.replace(settings, trusted_proxies=loopback)
+    upstream = RawUpstream()
+    async with upstream.running() as url, running(registry, settings=settings) as router:
+        await register(registry, url)
+        answer = await send_raw(
+            router.port,
+            b"GET /route/ocr/files/a%2Fb?x=%2F HTTP/1.1\r\nHost: router\r\n"
+            b"Connection: close\r\n" + CLAIMS + b"\r\n",
+            timeout=WAIT,
+        )
+        encoded = await send_raw(
+            router.port,
+            b"GET /route/o%63r/x HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n",
+            timeout=WAIT,
+        )
+
+    assert answer.status == 200, answer.raw[:200]
+    assert encoded.status == 400, encoded.raw[:200]  # the prefix itself must not be escaped
+    (seen,) = upstream.requests
+    assert seen.target == "/files/a%2Fb?x=%2F"
+    names = {name for name, _ in seen.headers}
+    assert not {b"forwarded", b"x-client-ip", b"cf-ipcountry"} & names
+    assert seen.header(b"cf-ray") == (b"0000000000000000-SPOOF" if trusted else None)
 
 
 async def test_chunked_and_streamed_bodies_reach_the_upstream_framed_by_the_router(
