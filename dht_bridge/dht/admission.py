@@ -122,7 +122,7 @@ def within_limits(
     count: int,
     *,
     groups: Callable[[T], Groups],
-    exempt: Callable[[T], bool] = lambda item: False,
+    exempt: Callable[[T], bool] | None = None,
 ) -> list[T]:
     """The first `count` of `ordered` with at most a bucket's share (`per_ip_bucket`,
     `per_subnet_bucket`) per IP and subnet group; `exempt` ones (coordinators) count for none."""
@@ -134,7 +134,7 @@ def within_limits(
     for item in ordered:
         if len(kept) >= count:
             break
-        if not exempt(item):
+        if exempt is None or not exempt(item):
             ip, subnet = groups(item)
             if per_ip[ip] >= limits.per_ip_bucket or per_subnet[subnet] >= limits.per_subnet_bucket:
                 continue
@@ -175,57 +175,6 @@ class ValidatedAddresses:
         return len(self._seen)
 
 
-class RequestBudget:
-    """A token bucket per sender's IP group (the first of `groups(ip, port)`, as
-    `DiversityLimits.groups` or the routing table's memo of it): `rate` requests a second,
-    `burst` at once (a request costs more tokens the bigger it is: `cost`); requests beyond
-    it are to be dropped unanswered."""
-
-    def __init__(
-        self,
-        groups: Callable[[str, int], Groups],
-        *,
-        rate: float = REQUEST_RATE,
-        burst: float = REQUEST_BURST,
-        capacity: int = MAX_METERED,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        if rate <= 0 or burst < 1 or capacity < 1:
-            raise ConfigError("a request budget needs rate > 0, burst >= 1 and capacity >= 1")
-        self.groups = groups
-        self.rate = rate
-        self.burst = burst
-        self.capacity = capacity
-        self.clock = clock or time.monotonic
-        # IP group -> (tokens left, when counted); least recently heard first.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def allow(self, addr: tuple[str, int], size: int = 0) -> bool:
-        """Take a request of `size` bytes from `addr`'s group; False when the group has not
-        enough tokens left."""
-        cost = cost_of(size)
-        group = self.groups(*addr)[0]
-        now = self.clock()
-        held = self._buckets.pop(group, None)
-        if held is None:
-            tokens = self.burst
-            if len(self._buckets) >= self.capacity:
-                self._buckets.popitem(last=False)
-        else:
-            tokens = min(self.burst, held[0] + (now - held[1]) * self.rate)
-        allowed = tokens >= cost
-        self._buckets[group] = (tokens - cost if allowed else tokens, now)
-        return allowed
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-
-def cost_of(size: int) -> float:
-    """The tokens a request of `size` bytes takes from its sender's budget."""
-    return 1.0 + size / BYTES_PER_TOKEN
-
-
 class TokenBuckets:
     """A token bucket per key (an IP group): `rate` tokens a second, `burst` at most; past
     `capacity` keys the one idle longest is forgotten (its bucket was full)."""
@@ -263,3 +212,36 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class RequestBudget:
+    """A token bucket per sender's IP group (the first of `groups(ip, port)`, as
+    `DiversityLimits.groups` or the routing table's memo of it): `rate` requests a second,
+    `burst` at once (a request costs more tokens the bigger it is: `cost`); requests beyond
+    it are to be dropped unanswered."""
+
+    def __init__(
+        self,
+        groups: Callable[[str, int], Groups],
+        *,
+        rate: float = REQUEST_RATE,
+        burst: float = REQUEST_BURST,
+        capacity: int = MAX_METERED,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.groups = groups
+        self.rate = rate
+        self._buckets = TokenBuckets(rate=rate, burst=burst, capacity=capacity, clock=clock)
+
+    def allow(self, addr: tuple[str, int], size: int = 0) -> bool:
+        """Take a request of `size` bytes from `addr`'s group; False when the group has not
+        enough tokens left."""
+        return self._buckets.take(self.groups(*addr)[0], cost_of(size))
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def cost_of(size: int) -> float:
+    """The tokens a request of `size` bytes takes from its sender's budget."""
+    return 1.0 + size / BYTES_PER_TOKEN

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from typing import Any
 from kademlia.node import Node
 
 from dht_bridge.dht.address import contact_address
-from dht_bridge.dht.admission import Groups
+from dht_bridge.dht.admission import Groups, within_limits
 from dht_bridge.dht.protocol import RMAProtocol, is_partial
 
 logger = logging.getLogger(__name__)
@@ -167,26 +168,15 @@ class Crawl:
 
     def _diverse(self, ordered: list[_Candidate]) -> list[_Candidate]:
         """The first k of `ordered` within the per-bucket diversity limits."""
-        limits = self.protocol.router.limits
-        if not limits.enabled:
-            return ordered[: self.ksize]
-        pinned = self.protocol.router.pinned
-        per_ip: Counter[str] = Counter()
-        per_subnet: Counter[str] = Counter()
-        kept: list[_Candidate] = []
-        for candidate in ordered:
-            ip, subnet = candidate.groups
-            if (candidate.node.ip, candidate.node.port) not in pinned:
-                if per_ip[ip] >= limits.per_ip_bucket:
-                    continue
-                if per_subnet[subnet] >= limits.per_subnet_bucket:
-                    continue
-                per_ip[ip] += 1
-                per_subnet[subnet] += 1
-            kept.append(candidate)
-            if len(kept) == self.ksize:
-                break
-        return kept
+        router = self.protocol.router
+        pinned = router.pinned
+        return within_limits(
+            ordered,
+            router.limits,
+            self.ksize,
+            groups=_GROUPS,
+            exempt=(lambda c: (c.node.ip, c.node.port) in pinned) if pinned else None,
+        )
 
     def _askable(self, candidate: _Candidate) -> bool:
         """May this candidate still be asked: its IP and subnet under their share of the
@@ -340,6 +330,9 @@ class Crawl:
             return
         for node in parse_contacts(payload):
             self._learn(node, candidate.hop + 1)
+
+
+_GROUPS = operator.attrgetter("groups")
 
 
 def _names(payload: Any, node_id: bytes) -> bool:

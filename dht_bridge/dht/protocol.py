@@ -837,7 +837,10 @@ class RMAProtocol(KademliaProtocol):  # type: ignore[misc]
         # The sender's groups count against its quota of new keys (see dht.storage), all
         # unproved senders as one: a STORE's source address can be forged.
         source = self.router.groups(caller) if sender in self.validated else UNPROVEN
-        return self.storage.merge(_node_id(key), value, source=source).value
+        # Coordinators' STOREs cost no budget of checks: a bridge republishing Redis sends
+        # the most.
+        metered = sender not in self.router.pinned
+        return self.storage.merge(_node_id(key), value, source=source, metered=metered).value
 
     def rpc_renew(self, sender: Address, nodeid: Any, key: Any, *renewal: Any) -> str:
         """Renew a held record (dht.renew); answers ok / stale / unknown / invalid / full."""

@@ -23,7 +23,7 @@ from typing import Any
 from kademlia.node import Node
 
 from dht_bridge.dht import shards
-from dht_bridge.dht.admission import Groups, within_limits
+from dht_bridge.dht.admission import within_limits
 from dht_bridge.dht.crawl import parse_contacts
 from dht_bridge.dht.host import NodeHost
 from dht_bridge.dht.mode import DHTMode
@@ -176,17 +176,6 @@ class Publisher:
         self.store_retries = 0
         # Shards a holder proved full, by digest, until when (monotonic); see `_full_proven`.
         self._proven_full: dict[bytes, float] = {}
-        # The storage meters the signature checks each sender's STOREs cost, but not the
-        # coordinators' (a bridge republishing Redis sends the most), whose addresses only the
-        # node knows: they may change at run time, so they are looked up at each STORE.
-        storage.unmetered = self._from_coordinator
-
-    def _from_coordinator(self, source: Groups) -> bool:
-        """Are `source`'s groups those of one of the node's coordinators (pinned addresses)?"""
-        if self.host.transport is None:
-            return False
-        router = self.host.rpc.router
-        return any(router.groups_at(*addr) == source for addr in router.pinned)
 
     def forget_holders(self) -> None:
         """Drop every cached holder set: after a change of mode the keys' holders are found

@@ -113,21 +113,22 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._full_said: tuple[float, int] | None = None  # when, and the count then
         self._added: Counter[str] = Counter()  # keys held, by the groups of who added them
         self._culled_at = -math.inf
-        # Signature checks per sender's IP group (see `_within_checks`); `unmetered` says which
-        # senders' groups are exempt (a node's coordinators, set by its publishing half).
+        # Signature checks per sender's IP group (see `_within_checks`).
         self.checks = TokenBuckets()
-        self.unmetered: Callable[[Groups], bool] | None = None
         self.refused_checks = 0  # STOREs refused for their sender's budget of checks
         self._checks_said = -math.inf
 
-    def merge(self, digest: bytes, value: object, *, source: Groups | None = None) -> StoreResult:
+    def merge(
+        self, digest: bytes, value: object, *, source: Groups | None = None, metered: bool = True
+    ) -> StoreResult:
         """Validate `value` and merge its records into what is held under `digest`. A new key
-        from `source` (the sender's groups; None: our own) counts against its quota."""
+        from `source` (the sender's groups; None: our own) counts against its quota; the
+        signature checks it costs against its budget, unless not `metered` (a coordinator)."""
         now = self.clock()
         entry = self._data.get(digest)
         # What the records' checks may cost is paid before any of them is parsed.
         charged = checks_due(value, self.verifier, held=_signatures(entry, now))
-        if charged and not self._within_checks(source, charged):
+        if charged and metered and not self._within_checks(source, charged):
             return StoreResult.INVALID
         try:
             decoded = decode_value(value, digest=digest, verifier=self.verifier, now=now, lazy=True)
@@ -196,9 +197,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         return replace(decoded, records=kept, unverified=set())
 
     def _within_checks(self, source: Groups | None, count: int) -> bool:
-        """May `source` cost us `count` signature checks now? Our own merges and coordinators
-        (`unmetered`) always; senders whose address never answered us share one budget."""
-        if source is None or (self.unmetered is not None and self.unmetered(source)):
+        """May `source` cost us `count` signature checks now? Our own merges always; senders
+        whose address never answered us share one budget."""
+        if source is None:
             return True
         if self.checks.take(source[0] or source[1], count):
             return True

@@ -66,9 +66,9 @@ def test_each_ip_group_has_a_budget_of_checks_and_over_it_nothing_is_checked() -
     # Others, our own node and unmetered senders (coordinators) are not held back by it.
     assert held.merge(*shard_value("s1", fresh(10)), source=other) is StoreResult.OK
     assert held.merge(*shard_value("s2", fresh(10))) is StoreResult.OK
-    held.unmetered = lambda source: source == flooder
-    assert held.merge(*shard_value("s3", fresh(10)), source=flooder) is StoreResult.OK
-    held.unmetered = None
+    assert held.merge(*shard_value("s3", fresh(10)), source=flooder, metered=False) is (
+        StoreResult.OK
+    )
     # The budget fills again with time.
     clock.advance(1.0)
     assert held.merge(*shard_value("s0", fresh(10)), source=flooder) is StoreResult.OK
