@@ -10,6 +10,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dht_bridge.logcontext import log_fields_bound
+from edge_router.errors import BROKEN_OFF, AnswerBroken
 from edge_router.metrics import ROUTED_SERVICE, Metrics, request_class, route_label
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,10 @@ class Accounting:
     """Counts every answered request by class and status, and logs CF-Ray with failures.
 
     A client that hangs up before its answer (ClientDisconnect, raised wherever its body is
-    read) is counted as 499 and logged at debug: it is not a server error.
+    read) is counted as 499 and logged at debug: it is not a server error. An answer its
+    provider broke off (BROKEN_OFF in the scope) is counted as 502, and AnswerBroken raised
+    here, outside Starlette's exception handlers (they cannot take one after the answer began),
+    makes the server abort the client's connection.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
@@ -56,6 +60,10 @@ class Accounting:
                 # Every line logged while serving it carries the request's CF-Ray (JSON logs).
                 with log_fields_bound(cf_ray=ray):
                     await self.app(scope, receive, send_counted)
+            broken = scope.get(BROKEN_OFF)
+            if broken is not None:
+                status = 502
+                raise AnswerBroken(broken)
         except ClientDisconnect:
             status = CLIENT_CLOSED
             logger.debug("%s %s: the client hung up first", scope["method"], scope["path"])

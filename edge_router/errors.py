@@ -77,6 +77,17 @@ class UpstreamUnavailable(RouterError):
     status, code = 502, "bad_gateway"
 
 
+class AnswerBroken(RouterError):
+    """A provider broke off an answer the client had begun to receive: too late for a status,
+    its connection is aborted (raised by edge_router.accounting once the app has returned)."""
+
+    status, code = 502, "bad_gateway"
+
+
+# The scope key where a response notes that its provider broke it off (why, as text).
+BROKEN_OFF = "rma.broken_off"
+
+
 class UpstreamTimeout(RouterError):
     """The provider did not answer in time."""
 
@@ -124,7 +135,9 @@ def error_response(exc: BaseException, *, headers: dict[str, str] | None = None)
 async def handle_error(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: every error the app raises ends here."""
     status, _ = status_for(exc)
-    if status >= 500 and not isinstance(exc, RMAError | HTTPException):
+    if isinstance(exc, AnswerBroken):
+        pass  # nothing can be answered any more, and the proxy logged the break
+    elif status >= 500 and not isinstance(exc, RMAError | HTTPException):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
     elif status >= 500:
         logger.warning("%s %s: %s", request.method, request.url.path, exc)

@@ -24,6 +24,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.server import ServerState
 
+from edge_router.errors import AnswerBroken
 from edge_router.framing import StrictConnection
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,16 @@ class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             self.logger.debug(msg, *args, **kwargs)
         else:
             self.logger.warning(msg, *args, **kwargs)
+
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """An answer a worker broke off (AnswerBroken: how the app aborts the connection, logged
+        where it happened) at debug without a traceback: a worker could otherwise write one a
+        request. The others as they were."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, AnswerBroken):
+            self.logger.debug("connection aborted: %s", exc)
+        else:
+            self.logger.error(msg, *args, **kwargs)
 
 
 class GuardedH11Protocol(H11Protocol):

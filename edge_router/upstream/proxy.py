@@ -38,11 +38,17 @@ import anyio
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from dht_bridge.httpwire import HOP_BY_HOP, connection_tokens, end_to_end
 from dht_bridge.records import WorkerRecord
-from edge_router.errors import BadRequest, NoProvider, UpstreamTimeout, UpstreamUnavailable
+from edge_router.errors import (
+    BROKEN_OFF,
+    BadRequest,
+    NoProvider,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from edge_router.framing import header_problem
 from edge_router.upstream.pool import TunnelClient, TunnelTransport
 
@@ -361,7 +367,7 @@ class Proxy:
             if reason is None and response is not None:
                 if self._observe is not None:
                     self._observe(service, time.perf_counter() - started)
-                return await answer(response, provider.worker_id)
+                return await answer(response, provider.worker_id, broken=self._failed)
             attempts += attempted
             reasons.append(f"worker {provider.worker_id}: {reason}")
             following = None
@@ -586,40 +592,68 @@ class _RequestBody:
             await self._rest.aclose()
 
 
-class _UpstreamResponse(StreamingResponse):
-    """Streams a provider's raw response bytes and always closes it, even if the client leaves."""
+# Told (worker id, error) when a provider breaks off an answer: the proxy counts a failure.
+Broken = Callable[[str, BaseException], None]
 
-    def __init__(self, upstream: httpx.Response, headers: list[tuple[bytes, bytes]]) -> None:
-        self._body = _relay_body(upstream)
+
+class _UpstreamResponse(StreamingResponse):
+    """Streams a provider's raw response bytes and always closes it, even if the client leaves.
+
+    One the provider breaks off ends without its last message (which would make a chunked
+    answer look complete), and notes BROKEN_OFF in the scope: the connection is then aborted
+    (edge_router.accounting), without a traceback.
+    """
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        headers: list[tuple[bytes, bytes]],
+        worker_id: str,
+        broken: Broken | None,
+    ) -> None:
+        self._body = self._relay(upstream)
         super().__init__(self._body, status_code=upstream.status_code)
         self.raw_headers = headers
         self._upstream = upstream
+        self._worker_id = worker_id
+        self._on_break = broken
+        self._broken: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def until_broken(message: Message) -> None:
+            if self._broken is None:
+                await send(message)
+
         # Closing in `finally` rather than in a BackgroundTask: a background task does not run
         # when the client disconnects, and the provider's connection would never go back.
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, until_broken)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._body.aclose()
                 await self._upstream.aclose()
+        if self._broken is not None:
+            scope[BROKEN_OFF] = self._broken
+
+    async def _relay(self, upstream: httpx.Response) -> AsyncGenerator[bytes, None]:
+        sent = 0
+        try:
+            async for chunk in upstream.aiter_raw():
+                sent += len(chunk)
+                yield chunk
+        except httpx.TransportError as exc:
+            # Too late for an error status: the client must see a truncated answer, not one
+            # that looks complete (see the class).
+            why = f"worker {self._worker_id} broke off its answer after {sent} bytes"
+            self._broken = f"{why} ({_describe(exc)})"
+            logger.info("%s", self._broken)
+            if self._on_break is not None:
+                self._on_break(self._worker_id, exc)
 
 
-async def _relay_body(upstream: httpx.Response) -> AsyncGenerator[bytes, None]:
-    sent = 0
-    try:
-        async for chunk in upstream.aiter_raw():
-            sent += len(chunk)
-            yield chunk
-    except httpx.TransportError as exc:
-        # Too late for an error status: re-raising makes the server abort the connection, so
-        # the client sees a truncated response instead of one that looks complete.
-        logger.warning("provider at %s broke off after %d bytes: %s", upstream.url, sent, exc)
-        raise
-
-
-async def answer(upstream: httpx.Response, worker_id: str) -> Response:
+async def answer(
+    upstream: httpx.Response, worker_id: str, *, broken: Broken | None = None
+) -> Response:
     """The client's response to a provider's answer: read whole when it declares a length up
     to BUFFERED_ANSWER, streamed otherwise (see `relay`).
 
@@ -629,11 +663,12 @@ async def answer(upstream: httpx.Response, worker_id: str) -> Response:
     """
     length = upstream.headers.get("content-length", "")
     if not (length.isdigit() and int(length) <= BUFFERED_ANSWER):
-        return relay(upstream, worker_id)
+        return relay(upstream, worker_id, broken=broken)
     try:
         body = b"".join([chunk async for chunk in upstream.aiter_raw()])
     except httpx.TransportError as exc:
-        logger.warning("provider at %s broke off its answer: %s", upstream.url, exc)
+        if broken is not None:
+            broken(worker_id, exc)
         why = f"worker {worker_id} broke off its answer ({_describe(exc)})"
         raise UpstreamUnavailable(why) from exc
     finally:
@@ -645,11 +680,12 @@ async def answer(upstream: httpx.Response, worker_id: str) -> Response:
     return response
 
 
-def relay(upstream: httpx.Response, worker_id: str) -> Response:
-    """The client's response: the provider's status, end-to-end headers and raw body."""
+def relay(upstream: httpx.Response, worker_id: str, *, broken: Broken | None = None) -> Response:
+    """The client's response: the provider's status, end-to-end headers and raw body; `broken`
+    is told when the provider breaks the body off."""
     headers = response_headers(upstream.headers.raw)
     headers.append((WORKER_HEADER, worker_id.encode("ascii")))
-    return _UpstreamResponse(upstream, headers)
+    return _UpstreamResponse(upstream, headers, worker_id, broken)
 
 
 def request_headers(

@@ -326,6 +326,44 @@ async def test_chunked_and_streamed_bodies_reach_the_upstream_framed_by_the_rout
     assert not upstream.errors
 
 
+async def test_an_answer_the_worker_breaks_off_aborts_the_client_without_a_traceback(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streamed answer broken off mid-chunk: the client's connection is closed with the answer
+    incomplete (no last chunk), nothing is logged at ERROR (a worker could write a traceback a
+    request), the request counts as 502 and the worker as failing."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="uvicorn.error")
+
+    async def breaking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nwo")
+        await writer.drain()
+        writer.close()  # mid-chunk
+
+    server = await asyncio.start_server(breaking, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, running(registry) as router:
+        record = await register(registry, url)
+        answer = await send_raw(
+            router.port,
+            b"GET /route/ocr/stream HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n",
+            timeout=WAIT,
+        )
+        await wait_for(lambda: router.count("route", 502) == 1, timeout=WAIT, message="a 502")
+        failures = router.app.state.rma.proxy.health.failures(record.worker_id)
+
+    assert answer.status == 200, answer.raw[:200]
+    assert answer.closed
+    assert b"hello" in answer.body  # what came before the break went on
+    assert not answer.body.endswith(b"0\r\n\r\n")  # does not look complete
+    assert router.count("route", 200) == 0
+    assert failures == 1
+    errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 # -- case 7: JSON limits, hang-ups, slow clients ---------------------------------------------
 
 
