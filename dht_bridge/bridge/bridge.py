@@ -219,6 +219,10 @@ class Bridge:
             "rma_bridge_dht_keys_refused_total": (
                 self.node.storage.refused_full + self.node.storage.refused_quota
             ),
+            "rma_bridge_dht_refused_total": (
+                self.node.storage.refused_checks
+                + (self.node.rpc.stats.over_budget if self.node.protocol is not None else 0)
+            ),
         }
 
 

@@ -93,6 +93,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "New keys the bridge node refused: its storage full, or the sender over its quota.",
     ),
+    "rma_bridge_dht_refused_total": (
+        "counter",
+        "Requests the bridge node dropped unread or STOREs it refused unchecked: the sender "
+        "over its budget of requests or of signature checks (one host flooding).",
+    ),
 }
 
 
