@@ -258,6 +258,9 @@ class WorkerAgent:
                 # The start leaves and closes what it opened on its way out.
                 await asyncio.gather(starting, return_exceptions=True)
                 logger.info("stopped during the start")
+        if self.identity is not None:
+            # The start ran in a task of its own, with a copy of our log context.
+            add_log_fields(worker=self.identity.worker_id)
         if starting.cancelled():
             return
         starting.result()  # the start's error, if it failed
