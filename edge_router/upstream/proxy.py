@@ -412,6 +412,10 @@ class Proxy:
             self._failed(wid, exc)
             return None, f"connection failed ({_describe(exc)})", body.resendable, True
         except httpx.ReadTimeout as exc:
+            # A failure towards ejection, as a gateway's 504 is (Envoy counts its own timeouts
+            # so): one slow answer ejects nobody, but a worker that never answers took half
+            # its service's requests, a read timeout each, for as long as its lease ran.
+            self._failed(wid, exc)
             raise UpstreamTimeout(
                 f"worker {wid} did not answer within {self.settings.read_timeout:g} s{before}"
             ) from exc

@@ -563,7 +563,24 @@ async def test_slow_upstream_gives_504(
     assert response.status_code == 504
     assert response.json()["error"] == "gateway_timeout"
     assert record.worker_id in response.json()["detail"]
-    assert proxy.health.failures(record.worker_id) == 0  # slow is not down
+    # A step towards ejection, as a gateway's 504 is; one slow answer ejects nobody.
+    assert proxy.health.failures(record.worker_id) == 1
+    assert proxy.health.available(record.worker_id)
+
+
+async def test_a_worker_that_never_answers_is_ejected_after_consecutive_timeouts(
+    stack: AsyncExitStack, http: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    silent = provider(await start(stack, Upstream("silent")), load=IDLE)
+    alive = provider(await start(stack, Upstream("alive")), load=BUSY)
+    proxy = make_proxy(http, clock, read_timeout=0.3, eject_after=3)
+    async with edge(proxy, [silent, alive]) as client:
+        for _ in range(3):  # the less loaded is tried first
+            assert (await client.get("/ocr/slow")).status_code == 504
+        assert proxy.health.status(silent.worker_id) == "ejected"
+        served = await client.get("/ocr/fast")
+    assert served.status_code == 200
+    assert served.headers["x-rma-worker"] == alive.worker_id
 
 
 async def test_dot_segments_are_refused(http: httpx.AsyncClient, clock: ManualClock) -> None:
