@@ -20,8 +20,8 @@ In one process, on 127.0.0.1:
             answers checks, into the bridge's node and into a reference node without storage
             quotas, both holding at most --fill-keys keys: what each kept, whether a worker
             that starts next is listed at the edge, and whether the reference still takes
-            a worker's new keys (both nodes' request budgets are off meanwhile: the one
-            socket stands for many addresses)
+            a worker's new keys (both nodes' budgets of requests and of signature checks
+            are off meanwhile: the one socket stands for many addresses)
 
     .venv/bin/python bench/attack_bench.py --nodes 100 --out bench/results/attack.json
 """
@@ -44,6 +44,7 @@ from common import ROOT, HelpFormatter, machine, text_table, write_json
 from kademlia.node import Node
 
 from dht_bridge.dht import shards
+from dht_bridge.dht.admission import TokenBuckets
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.storage import RecordStorage
 from dht_bridge.dht.values import encode_value, key_digest
@@ -182,15 +183,20 @@ async def fill(
     try:
         await reference.bootstrap([nodes[0].address])
         # One socket stands for a fill from many addresses here, as the quotas are measured:
-        # from one, both nodes would drop most of it unread (`RequestBudget`).
+        # from one, both nodes would drop most of it unread (`RequestBudget`), or refuse it
+        # unchecked (the storage's budget of signature checks).
         budgets = bridge_node.rpc.budget, reference.rpc.budget
+        checks = bridge_node.storage.checks, reference.storage.checks
         bridge_node.rpc.budget = reference.rpc.budget = None
+        bridge_node.storage.checks = TokenBuckets(rate=1e12, burst=1e12)
+        reference.storage.checks = TokenBuckets(rate=1e12, burst=1e12)
         values = [store_args(make_record(services=("fill",))) for _ in range(args.fill)]
         started = time.monotonic()
         kept = await flood_store(peer, bridge_node.address, values)
         kept_by_reference = await flood_store(peer, reference.address, values)
         flood_s = time.monotonic() - started
         bridge_node.rpc.budget, reference.rpc.budget = budgets
+        bridge_node.storage.checks, reference.storage.checks = checks
 
         newcomer = swarm.add(nodes[len(nodes) // 2], (SERVICE,))
         began = time.monotonic()
