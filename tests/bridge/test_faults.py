@@ -68,7 +68,7 @@ class JournalWatch:
         return not self.missing
 
 
-async def wait_journaled(watch: JournalWatch, what: str) -> None:
+async def wait_journaled(watch: JournalWatch, what: str | Callable[[], str]) -> None:
     """Wait for `watch`, naming what is missing on timeout."""
     try:
         await wait_for(watch, timeout=CONVERGE, message=what)
@@ -241,7 +241,7 @@ async def test_a_sigkilled_bridge_loses_nothing_that_reached_its_journal(
             await wait_for(
                 lambda: redis_has_at_least(registry, published),
                 timeout=CONVERGE,
-                message=f"workers in Redis through the bridge process; log: {_tail(log)}",
+                message=lambda: f"workers in Redis through the bridge process; log: {_tail(log)}",
             )
             server.kill()
             outage = await churn_during_outage(
@@ -249,7 +249,7 @@ async def test_a_sigkilled_bridge_loses_nothing_that_reached_its_journal(
             )
             tombstones = outage.tombstones
             await wait_journaled(
-                outage.watch, f"the outage journaled by the process; log: {_tail(log)}"
+                outage.watch, lambda: f"the outage journaled by the process; log: {_tail(log)}"
             )
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
@@ -263,7 +263,7 @@ async def test_a_sigkilled_bridge_loses_nothing_that_reached_its_journal(
             await wait_for(
                 lambda: redis_has_at_least(registry, journaled),
                 timeout=CONVERGE,
-                message=f"journaled records replayed; log: {_tail(log)}",
+                message=lambda: f"journaled records replayed; log: {_tail(log)}",
             )
             assert not await missing_in_redis(registry, journaled)
             for wid in tombstones:

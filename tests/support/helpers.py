@@ -35,9 +35,10 @@ async def wait_for(
     *,
     timeout: float,  # noqa: ASYNC109 - a deadline for polling, not a cancel scope
     interval: float = 0.02,
-    message: str = "condition",
+    message: str | Callable[[], str] = "condition",
 ) -> None:
-    """Poll `condition` until it is true; fail the test with `message` after `timeout` seconds."""
+    """Poll `condition` until it is true; fail the test with `message` after `timeout` seconds
+    (a callable message is read then: a log's tail at the time of the failure)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -46,7 +47,8 @@ async def wait_for(
         if result:
             return
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
+            said = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {said}")
         await asyncio.sleep(interval)
 
 
