@@ -114,6 +114,9 @@ class WorkerAgent:
         self._fresh_key = False
         self.node: DHTNode | None = None
         self.record: WorkerRecord | None = None
+        # The record being published or registered: it may be out there before the call
+        # returns, and a stop that cancels the call must still leave with a tombstone.
+        self._in_flight: WorkerRecord | None = None
         # When the earliest copy of our record in the DHT lapses: a holder whose renewal waits
         # for the next beat keeps an older copy than `record` (see dht.renew).
         self.dht_lease_until = 0.0
@@ -743,6 +746,7 @@ class WorkerAgent:
         record = await self._sign_next(ttl=self.config.ttl, advertise=True)
         # The next beat comes within the interval and its jitter (or sooner, after a check).
         again_within = self.config.heartbeat * (1 + self.config.jitter)
+        self._in_flight = record
         report = await self._publish_out(record, again_within=again_within)
         self.dht_lease_until = min(record.expires_at, report.held_until)
         if self.mode is not Mode.DHT:
@@ -854,6 +858,7 @@ class WorkerAgent:
             return
         for _ in range(2):  # a second try only after the edge said our seq was stale
             record = await self._sign_next(ttl=self.config.fallback_ttl, advertise=False)
+            self._in_flight = record
             try:
                 outcome = await self.edge.register(record)
             except EdgeRefused as exc:
@@ -893,11 +898,14 @@ class WorkerAgent:
     # Leaving.
 
     async def _leave(self) -> None:
-        if self.record is None:
+        # What we last sent counts, answered or not: a stop may have cut its publish short.
+        sent = [r for r in (self.record, self._in_flight) if r is not None]
+        if not sent:
             return
         now = self.clock()
         # The tombstone must outlive every live copy: the DHT lease and the edge's.
-        ttl = max(self.record.expires_at - now, self.state.edge_lease_until - now, self.config.ttl)
+        lease = max(r.expires_at for r in sent)
+        ttl = max(lease - now, self.state.edge_lease_until - now, self.config.ttl)
         tombstone = await self._sign_next(ttl=ttl, advertise=False, tombstone=True)
         jobs = []
         to_edge = self.edge is not None and (

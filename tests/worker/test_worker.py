@@ -9,10 +9,12 @@ import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from dht_bridge.dht.node import DHTNode
 from dht_bridge.dht.protocol import RMAProtocol
+from dht_bridge.dht.publish import PublishReport
+from dht_bridge.records import WorkerRecord
 from dht_bridge.registry.registry import Registry
 from edge_router.config import RouterConfig
 from tests.support.dht import TEST_SETTINGS, NetworkFactory, start_node, stop_all
@@ -353,3 +355,32 @@ async def test_a_warm_discovery_is_answered_from_the_cache_and_refreshed_within_
 
         # Never older than one heartbeat: the newcomer shows up without a fresh=True.
         await wait_for(seen, timeout=HEARTBEAT * 4 + 2, message="the refreshed answer")
+
+
+async def test_a_stop_while_the_first_publish_waits_leaves_with_a_tombstone(
+    tmp_path: Path, network: list[DHTNode], edge: Edge
+) -> None:
+    agent = edge.agent(worker_config(tmp_path, "w-stop-publishing", dht_mode="client"))
+    out = asyncio.Event()
+    publish = agent._publish_out
+
+    async def stays_open(record: WorkerRecord, **options: Any) -> PublishReport:
+        report = await publish(record, **options)
+        if record.tombstone:
+            return report
+        out.set()  # the record is out there; its publish has not returned yet
+        await asyncio.Event().wait()
+        return report
+
+    agent._publish_out = stays_open  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    await wait_for(out.is_set, timeout=10, message="the first record published")
+    assert agent.identity is not None
+    worker_id = agent.identity.worker_id
+    stop.set()  # a volunteer's Ctrl-C, while start() still waits for its publish
+    async with asyncio.timeout(10):
+        await running
+    record = await network[1].get_record(worker_id)
+    assert record is not None
+    assert record.tombstone
