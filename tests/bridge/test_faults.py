@@ -353,3 +353,4 @@ async def test_records_a_failed_journal_write_refused_wait_in_memory_and_are_jou
             assert "cannot write the journal" in caplog.text
     finally:
         await stop_all([*nodes, bridge_node])
+        await registry.aclose()
