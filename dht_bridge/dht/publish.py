@@ -575,8 +575,11 @@ class Publisher:
 
         A newcomer near a key makes itself known to the nodes near it when it joins, so the
         holders know of it: two questions instead of a crawl, whose last hops all go to the
-        same few nodes for every publisher of a busy shard; one we have not heard from is pinged
-        first (see `_vetted`).
+        same few nodes for every publisher of a busy shard. What a holder names is its word
+        alone: the holders keep a bucket's share per IP and subnet (`_closest`), so one socket
+        that became a holder and names 20 ids next to the key at its own address takes at most
+        two places. (Pinging each named node first cost lookups in the field: 29 of 1000
+        service lookups short on `world` at 2000 nodes, seed 2, against none without it.)
         """
         asked = random.sample(holders, min(RECHECK_ASKS, len(holders)))
         target = Node(digest)
@@ -593,34 +596,9 @@ class Publisher:
                     learned.setdefault(node.id, node)
         if not answered:
             return []
-        return await self._vetted(digest, known, learned)
-
-    async def _vetted(
-        self, digest: bytes, known: dict[bytes, Node], learned: dict[bytes, Node]
-    ) -> list[Node]:
-        """The closest of the `known` holders and the contacts `learned` from their answers,
-        a learned one only where our table holds it or it answers our ping under its id.
-
-        A holder's answer is its word alone: one socket that became a holder named 20 ids
-        next to the key at its own address, and they took every place, for good.
-        """
-        router = self.host.rpc.router
-        trusted = dict(known)
-        unheard: dict[bytes, Node] = {}
         for node_id, node in learned.items():
-            held = router.held(node)
-            if held is not None:
-                trusted[node_id] = held  # at the address it answered our own check from
-            else:
-                unheard[node_id] = node
-        closest = self._closest(digest, [*trusted.values(), *unheard.values()])
-        ask = [node for node in closest if node.id in unheard]
-        if not ask:
-            return closest
-        self.host.count_crawl("recheck-ping", len(ask))
-        pings = await asyncio.gather(*(self.host.rpc.call_ping(node) for node in ask))
-        trusted.update((node.id, node) for node, (ok, _) in zip(ask, pings, strict=True) if ok)
-        return self._closest(digest, trusted.values())
+            known.setdefault(node_id, node)
+        return self._closest(digest, known.values())
 
     def _closest(self, digest: bytes, nodes: Iterable[Node]) -> list[Node]:
         """The `replicas` nodes closest to `digest` among `nodes`, closest first, at most a
